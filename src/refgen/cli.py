@@ -1,29 +1,170 @@
-"""`refgen <command>`: each command maps onto one plain function; argparse only translates flags."""
+"""`refgen <command>`: each command maps onto one plain function; argparse only translates flags.
+
+Exit codes: 0 ok, 1 bad input or policy violation (the message names the culprit), 2 usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
-def _doctor(args) -> int:
+def parse_floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from e
+
+
+def parse_seeds(s: str) -> list[int]:
+    """'0-7' -> 0..7, '1,5,9' -> [1, 5, 9], '0-3,10' -> [0, 1, 2, 3, 10]."""
+    out: list[int] = []
+    try:
+        for part in s.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                if int(b) < int(a):
+                    raise ValueError
+                out += list(range(int(a), int(b) + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected seeds like '0-7' or '1,5,9', got {s!r}") from e
+    return out
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None,
+                   help="cuda (default) or cuda:N; 'cpu' only for tiny/toy models (< 200M parameters)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"],
+                   help="bf16 (default); fp16 is refused for Qwen-Image (overflows)")
+
+
+# ---- commands: each a thin wrapper over a library function --------------------------------------------
+
+def cmd_doctor(args) -> int:
     from refgen.runtime import doctor_json
 
     print(doctor_json())
     return 0
 
 
+def cmd_tiny_model(args) -> int:
+    from refgen.tiny import write_tiny_models
+
+    paths = write_tiny_models(args.out, seed=args.seed)
+    print(json.dumps(paths, indent=2))
+    return 0
+
+
+def cmd_scan(args) -> int:
+    from refgen.images import scan
+
+    res = scan(args.root)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2))
+        return 0
+    for ident in res.identities:
+        print(f"ok       {ident.id}: {len(ident.images)} images")
+    for s in res.skipped:
+        tag = "partial " if s.get("kept") else "skipped "
+        print(f"{tag} {Path(s['folder']).name}: {s['reason']}")
+        for b in s["bad_files"]:
+            print(f"           {b['file']}: {b['reason']}")
+    print(f"{len(res.identities)} identities, {sum(1 for s in res.skipped if not s.get('kept'))} folders skipped")
+    return 0
+
+
+def cmd_slots(args) -> int:
+    from refgen.identity.prompts import template_of, tokenize
+    from refgen.identity.render import load_tokenizer_only
+    from refgen.identity.slots import describe_slots
+
+    pipe = load_tokenizer_only(args.model)
+    tp = tokenize(pipe, args.prompt, n_identities=args.identities)
+    rows = describe_slots(pipe.tokenizer, tp, template_of(pipe)[1])
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "slots": rows, "tokens_after_prefix":
+                          len(tp.input_ids) - template_of(pipe)[1]}, indent=2))
+    else:
+        print(f"prompt: {args.prompt!r}")
+        for r in rows:
+            print(f"slot {r['slot']}: start={r['start']} L={r['length']} ids={r['token_ids']} tokens={r['tokens']}")
+        if not rows:
+            print("no ~ID~ placeholder in this prompt")
+    return 0
+
+
+def cmd_render(args) -> int:
+    from refgen.identity.inject import load_residual
+    from refgen.identity.render import RenderConfig, load_pipeline, render_grid
+
+    cfg = RenderConfig(prompt=args.prompt, alphas=args.alphas, seeds=args.seeds, steps=args.steps,
+                       true_cfg=args.true_cfg, negative_prompt=args.negative_prompt, height=args.height,
+                       width=args.width, batch_size=args.batch_size)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    res = [load_residual(f, pipe, pipe._execution_device, pipe.transformer.dtype) for f in args.residual]
+    rec = render_grid(pipe, cfg, res, args.out, residual_files=args.residual)
+    print(f"wrote {Path(args.out) / rec['grid']} ({len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds) and grid.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="refgen", description=__doc__)
+    p = argparse.ArgumentParser(prog="refgen", description="Identity injection for Qwen-Image; DiT training.")
     sub = p.add_subparsers(dest="command", required=True)
+
     d = sub.add_parser("doctor", help="JSON report: torch, CUDA runtime, driver, GPUs, bf16 support")
-    d.set_defaults(func=_doctor)
+    d.set_defaults(func=cmd_doctor)
+
+    t = sub.add_parser("tiny-model", help="write a tiny random Qwen-Image pipeline and Qwen3-VL model (offline)")
+    t.add_argument("out")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_tiny_model)
+
+    s = sub.add_parser("scan", help="list seed_* identity folders with >= 2 readable images, and skipped ones")
+    s.add_argument("root")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_scan)
+
+    sl = sub.add_parser("slots", help="show the token window of every ~ID~ in a prompt")
+    sl.add_argument("--model", required=True, help="Qwen-Image hub id or folder (only its tokenizer is read)")
+    sl.add_argument("--prompt", required=True)
+    sl.add_argument("--identities", type=int, default=None, help="check the prompt has this many placeholders")
+    sl.add_argument("--json", action="store_true")
+    sl.set_defaults(func=cmd_slots)
+
+    r = sub.add_parser("render", help="alpha x seed grid through QwenImagePipeline with injected residuals")
+    r.add_argument("--model", required=True)
+    r.add_argument("--prompt", required=True)
+    r.add_argument("--residual", action="append", default=[], help="slot residual .safetensors, one per ~ID~")
+    r.add_argument("--alphas", type=parse_floats, default=[0.5, 1.0, 1.5, 2.0])
+    r.add_argument("--seeds", type=parse_seeds, default=list(range(8)))
+    r.add_argument("--steps", type=int, default=28)
+    r.add_argument("--true-cfg", type=float, default=4.0)
+    r.add_argument("--negative-prompt", default=" ")
+    r.add_argument("--height", type=int, default=768)
+    r.add_argument("--width", type=int, default=512)
+    r.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    r.add_argument("--out", required=True)
+    _add_runtime(r)
+    r.set_defaults(func=cmd_render)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from refgen.identity.inject import ResidualMismatchError
+    from refgen.identity.slots import SlotError
+    from refgen.runtime import PolicyError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (PolicyError, SlotError, ResidualMismatchError, FileNotFoundError, ValueError) as e:
+        print(f"refgen {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refgen.cli import main
+from refgen.identity.inject import residual_metadata, save_residual
+from refgen.identity.prompts import encode_prompts
+from refgen.identity.render import RenderConfig, render_grid
+
+
+def test_encoding_matches_the_pipeline_bit_for_bit(pipe):
+    prompts = ["a dog on a beach", "two cats, one red, sitting in a forest at sunset"]
+    ref, ref_mask = pipe.encode_prompt(prompts, device="cpu")
+    enc = encode_prompts(pipe, prompts)
+    assert torch.equal(enc.embeds, ref)
+    assert enc.mask[0].sum() < enc.mask[1].sum() and enc.mask.shape == enc.embeds.shape[:2]
+    assert enc.embeds.dtype == pipe.transformer.dtype
+
+
+def test_slot_embeddings_depend_on_position_not_on_neighbour_merges(pipe):
+    # The placeholder's ids are identical at every occurrence; the embeddings of the same prefix
+    # before the slot are identical whatever follows it (causal text encoder).
+    a = encode_prompts(pipe, "a photo of ~ID~, studio lighting", n_identities=1)
+    b = encode_prompts(pipe, "a photo of ~ID~. studio lighting", n_identities=1)
+    s = a.slots[0][0]
+    assert s == b.slots[0][0]
+    assert torch.equal(a.embeds[0, :s.start + s.length], b.embeds[0, :s.start + s.length])
+
+
+def test_render_grid_is_deterministic_and_documented(pipe, tmp_path):
+    cfg = RenderConfig(prompt="a portrait photo of ~ID~, studio lighting", alphas=[0.0, 2.0], seeds=[3, 4],
+                       steps=2, true_cfg=2.0, height=32, width=32, batch_size=3)
+    L = encode_prompts(pipe, cfg.prompt).slots[0][0].length
+    r = torch.randn(L, pipe.transformer.config.joint_attention_dim) * 5
+    rec = render_grid(pipe, cfg, [r], tmp_path / "a", progress=False)
+    rec2 = render_grid(pipe, cfg, [r], tmp_path / "b", progress=False)
+    for f in rec["images"]:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / f)), np.asarray(Image.open(tmp_path / "b" / f)))
+    g = json.loads((tmp_path / "a" / "grid.json").read_text())
+    for k in ("alphas", "seeds", "steps", "true_cfg", "height", "width", "dtype", "model", "versions", "git_commit"):
+        assert k in g, k
+    assert g["alphas"] == [0.0, 2.0] and g["seeds"] == [3, 4] and g["layout"].startswith("rows=alphas")
+    grid = Image.open(tmp_path / "a" / "grid.png")
+    assert grid.width > 2 * 32 and grid.height > 2 * 32
+    im = lambda a, s: np.asarray(Image.open(tmp_path / "a" / "images" / f"a{a:g}_s{s}.png")).astype(int)  # noqa
+    assert (im(0, 3) != im(0, 4)).any()  # seeds differ
+    assert (im(0, 3) != im(2, 3)).any()  # alpha changes the image
+
+
+def test_render_config_validation():
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        RenderConfig(prompt="x", steps=1)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        RenderConfig(prompt="x", height=100)
+
+
+def test_render_cli_with_residual_file(pipe, tiny_models, tmp_path, capsys):
+    prompt = "~ID~ and ~ID~ on a beach"
+    enc = encode_prompts(pipe, prompt, n_identities=2)
+    L, H = enc.slots[0][0].length, enc.embeds.shape[2]
+    f = tmp_path / "r.safetensors"
+    save_residual(f, torch.randn(L, H), residual_metadata(pipe, tiny_models["qwen_image"]))
+    args = ["render", "--model", tiny_models["qwen_image"], "--prompt", prompt, "--residual", str(f),
+            "--residual", str(f), "--alphas", "1", "--seeds", "0-1", "--steps", "2", "--height", "32",
+            "--width", "32", "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "fp32"]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "grid.png").exists()
+    assert json.loads((tmp_path / "out" / "grid.json").read_text())["residuals"] == [str(f), str(f)]
+    # one residual for two placeholders is refused before rendering
+    bad = args.copy()
+    bad.remove(str(f))
+    bad.remove("--residual")
+    assert main(bad) == 1
+    assert "2 placeholder(s)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA abort")
+def test_render_without_cuda_aborts_before_loading(tmp_path, capsys):
+    rc = main(["render", "--model", str(tmp_path / "does-not-exist"), "--prompt", "x", "--out", str(tmp_path)])
+    assert rc == 1 and "CUDA is not available" in capsys.readouterr().err

@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from refgen.cli import main
+from refgen.identity.prompts import template_of, tokenize
+from refgen.identity.slots import PLACEHOLDER, SlotError, placeholder_ids, tokenize_with_slots
+
+
+@pytest.fixture(scope="module")
+def tok_pipe(tiny_models):
+    from refgen.identity.render import load_tokenizer_only
+
+    return load_tokenizer_only(tiny_models["qwen_image"])
+
+
+def test_bpe_really_merges_across_the_placeholder(tok_pipe):
+    # The reason the slot finder exists: in context the placeholder tokenizes differently.
+    tok = tok_pipe.tokenizer
+    alone = tok.convert_ids_to_tokens(placeholder_ids(tok))
+    in_context = tok.convert_ids_to_tokens(tok("of ~ID~, studio", add_special_tokens=False).input_ids)
+    assert "~," in in_context and in_context[1:4] != alone
+
+
+@pytest.mark.parametrize("prompt,n", [
+    ("~ID~ at the start", 1), ("a photo of ~ID~", 1), ("a photo of ~ID~, studio lighting", 1),
+    ("this is ~ID~.", 1), ("(~ID~) and [~ID~]", 2), ("~ID~~ID~ twins", 2), ("~ID~ and ~ID~ on a beach", 2),
+    ("~ID~,~ID~.~ID~", 3), ("\"~ID~\" riding a bike at sunset!", 1)])
+def test_every_occurrence_gets_the_same_ids(tok_pipe, prompt, n):
+    tok = tok_pipe.tokenizer
+    ph = placeholder_ids(tok)
+    tp = tokenize(tok_pipe, prompt, n_identities=n)
+    _, drop, _ = template_of(tok_pipe)
+    assert len(tp.slots) == n
+    starts = [s.start for s in tp.slots]
+    assert starts == sorted(starts) and len(set(starts)) == n  # left to right, distinct
+    for s in tp.slots:
+        assert s.length == len(ph)
+        assert tp.input_ids[drop + s.start: drop + s.start + s.length] == ph
+    # The text around the slots is preserved exactly.
+    assert tok.decode(tp.input_ids[drop:]).startswith(prompt)
+
+
+def test_prompt_without_placeholder_tokenizes_like_the_pipeline(tok_pipe):
+    template, drop, max_len = template_of(tok_pipe)
+    p = "a dog, on a beach (sunset)."
+    tp = tokenize(tok_pipe, p)
+    assert tp.slots == []
+    assert tp.input_ids == tok_pipe.tokenizer(template.format(p)).input_ids
+
+
+def test_errors(tok_pipe):
+    with pytest.raises(SlotError, match="no placeholder"):
+        tokenize(tok_pipe, "a dog on a beach", n_identities=1)
+    with pytest.raises(SlotError, match="2 placeholder.*3 identities"):
+        tokenize(tok_pipe, "~ID~ and ~ID~", n_identities=3)
+    template, drop, _ = template_of(tok_pipe)
+    long_prompt = "word " * 40 + "~ID~"
+    with pytest.raises(SlotError, match="cut off by truncation"):
+        tokenize_with_slots(tok_pipe.tokenizer, long_prompt, template, drop, drop + 20, 1)
+    with pytest.raises(SlotError, match="drops 30"):
+        tokenize_with_slots(tok_pipe.tokenizer, "~ID~", template, 30, 1000, 1)
+
+
+def test_tokenizer_without_a_fixed_placeholder_sequence_is_refused():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    wl = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "photo": 2}, unk_token="[UNK]"))
+    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=wl, unk_token="[UNK]")
+    with pytest.raises(SlotError, match="unknown token|fixed token"):
+        placeholder_ids(tok)
+
+
+def test_slots_cli(tiny_models, capsys):
+    assert main(["slots", "--model", tiny_models["qwen_image"], "--prompt", "~ID~ and ~ID~, hi", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["slots"]) == 2 and out["slots"][0]["start"] == 0
+    assert "".join(out["slots"][1]["tokens"]).replace("Ġ", " ") == PLACEHOLDER
+    assert main(["slots", "--model", tiny_models["qwen_image"], "--prompt", "no slot", "--identities", "1"]) == 1
+    assert "no placeholder" in capsys.readouterr().err
