@@ -1,0 +1,194 @@
+"""Typed configuration for NanoDiT: the model, its training run, named presets, YAML round trip.
+
+Every checkpoint carries `dataclasses.asdict(TrainConfig)`, so a checkpoint alone rebuilds its model.
+The YAML files in `configs/dit_*.yaml` mirror these dataclasses field for field; unknown keys are an
+error (a typo in a config must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """NanoDiT architecture. Dimensions of the conditioning come from the encoders the shards were made with:
+    T5-Large is 1024-d, T5-XXL 4096-d (seed 002 vs 003); DINOv3 ViT-L is 1024-d."""
+
+    latent_channels: int = 16      # FLUX VAE: 16
+    patch_size: int = 2            # seed 002 part C: 2 keeps the VAE's high frequencies
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    t5_dim: int = 1024
+    dino_dim: int = 1024
+    qk_norm: bool = True           # RMSNorm on q, k per head (SD3): keeps bf16 attention logits bounded
+    # DINOv3 uses RoPE, so its patch features carry little absolute position. Adding the same fixed 2D sin-cos
+    # as the image tokens lets the query at (i, j) find the DINO patch at (i, j) by dot product.
+    dino_patch_pos: bool = True
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("head dim must be even")
+        if self.hidden_size % 4:
+            raise ValueError("hidden_size must be divisible by 4 (2D sin-cos position embedding)")
+        for name in ("latent_channels", "patch_size", "hidden_size", "depth", "num_heads", "t5_dim", "dino_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1")
+        if self.mlp_ratio <= 0:
+            raise ValueError("model.mlp_ratio must be > 0")
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # seed 002 part B: the validation "toy" model
+    "nano": ModelConfig(hidden_size=384, depth=12, num_heads=6),
+    # seed 002 part C: ~400-600M. 22 blocks x ~23M (self-attn 4d^2, cross-attn 4d^2, MLP 8d^2, adaLN 6d^2)
+    # at d=1024 = ~510M; head dim 64 keeps SDPA on its fast kernels.
+    "base": ModelConfig(hidden_size=1024, depth=22, num_heads=16),
+    # CPU tests: 2 layers, width 32, tiny latents / encoders
+    "tiny": ModelConfig(latent_channels=4, hidden_size=32, depth=2, num_heads=2, t5_dim=16, dino_dim=16),
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
+    cfg = dataclasses.replace(MODEL_PRESETS[name], **overrides)
+    cfg.validate()
+    return cfg
+
+
+@dataclass
+class CFGDropout:
+    """Per-sample conditioning mode during training (seed 003, corrected in NOTES.md).
+
+    text_only drops DINO (CLS and patches together), dino_only drops the text, uncond drops both."""
+
+    uncond: float = 0.10
+    text_only: float = 0.30
+    dino_only: float = 0.05
+    both: float = 0.55
+
+    def validate(self) -> None:
+        p = [self.uncond, self.text_only, self.dino_only, self.both]
+        if any(x < 0 for x in p) or abs(sum(p) - 1.0) > 1e-6:
+            raise ValueError(f"cfg_dropout probabilities must be >= 0 and sum to 1, got {p}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    model_preset: str | None = "nano"   # informational; `model` holds the actual dimensions
+    data_dir: str | None = None          # shard directory (refgen dit prepare output)
+    out_dir: str = "runs/dit"
+    steps: int = 5000                    # optimizer steps
+    batch_size: int = 16                 # per device, per micro step
+    effective_batch: int = 16            # batch_size * world_size * grad_accum; seed 002 suggests 256
+    lr: float = 1e-4
+    lr_warmup_steps: int = 500
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    # decay_t = min(ema_decay, (1 + t) / (ema_warmup + t)): an EMA of 0.9999 needs ~10k steps to forget the
+    # random init; the warm-up lets short runs (validation, tests) get a meaningful EMA.
+    ema_warmup: float = 10.0
+    sigma_sampling: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    cfg_dropout: CFGDropout = field(default_factory=CFGDropout)
+    dtype: str = "bf16"                  # autocast dtype on CUDA; fp16 is refused (seed 002 part C)
+    device: str | None = None            # None = CUDA; "cpu" only for tiny models
+    seed: int = 0
+    ckpt_every: int = 5000
+    log_every: int = 10
+    resume: str | None = "auto"          # "auto": latest checkpoint in out_dir if any; a path; or None
+    init_from: str | None = None         # warm start: weights only, missing/unexpected keys reported
+    num_workers: int = 2
+    compile: bool = False                # torch.compile the model (recompiles once per bucket shape)
+    progress: bool = True
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.cfg_dropout.validate()
+        if self.dtype == "fp16":
+            raise ValueError("fp16 is refused for flow matching (seed 002 part C: the velocity field needs bf16's "
+                             "range); use bf16 or fp32")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
+        if self.sigma_sampling not in ("logit_normal", "uniform"):
+            raise ValueError(f"sigma_sampling must be logit_normal or uniform, got {self.sigma_sampling!r}")
+        for name in ("steps", "batch_size", "effective_batch", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.lr <= 0 or not 0 <= self.ema_decay < 1:
+            raise ValueError("lr must be > 0 and ema_decay in [0, 1)")
+
+    def grad_accum(self, world_size: int = 1) -> int:
+        per_step = self.batch_size * world_size
+        if self.effective_batch % per_step:
+            raise ValueError(f"effective_batch {self.effective_batch} is not a multiple of batch_size x world_size "
+                             f"= {per_step}")
+        return self.effective_batch // per_step
+
+
+# --------------------------------------------------------------------------- dict / YAML round trip
+
+def _from_dict(cls, d: dict[str, Any]):
+    if not isinstance(d, dict):
+        raise TypeError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kw = {}
+    for k, v in d.items():
+        if k == "model" and cls is TrainConfig:
+            v = v if isinstance(v, ModelConfig) else _from_dict(ModelConfig, v)
+        elif k == "cfg_dropout":
+            v = v if isinstance(v, CFGDropout) else _from_dict(CFGDropout, v)
+        elif k == "betas":
+            v = tuple(float(x) for x in v)
+        kw[k] = v
+    return cls(**kw)
+
+
+def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
+    """A dict (from YAML or a checkpoint) -> validated TrainConfig.
+
+    `model` may be a preset name (str), a mapping, or a mapping with `preset:` plus overrides."""
+    d = dict(d)
+    m = d.get("model", {})
+    if isinstance(m, str):
+        d["model_preset"] = m
+        d["model"] = model_preset(m)
+    elif isinstance(m, dict) and "preset" in m:
+        m = dict(m)
+        name = m.pop("preset")
+        d["model_preset"] = name
+        d["model"] = model_preset(name, **m)
+    cfg = _from_dict(TrainConfig, d)
+    cfg.validate()
+    return cfg
+
+
+def load_train_config(path: str | Path, **overrides) -> TrainConfig:
+    import yaml
+
+    with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    return train_config_from_dict(d)
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    if "betas" in d:
+        d["betas"] = list(d["betas"])
+    return d

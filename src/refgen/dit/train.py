@@ -1,0 +1,388 @@
+"""Training NanoDiT with rectified flow (seed 002 part C, seed 003 phases 3/5/7).
+
+One optimizer step = `grad_accum` micro batches (effective batch = batch_size x world_size x grad_accum):
+
+    sigma ~ logit-normal, noise ~ N(0, I), per-sample CFG mode ~ {uncond, text-only, DINO-only, both}
+    loss  = refgen.flow.loss(model, x0, cond)            MSE to v = noise - x0, bf16 autocast on CUDA
+    AdamW step after grad-norm clipping; EMA update with warm-up; JSONL metrics; checkpoint every N steps
+
+Determinism: the step's random draws come from a generator seeded by (seed, step, rank), and the data stream
+is replayed up to the number of batches already consumed, so a resumed run continues bit-exactly (on the same
+device and kernels). `torchrun --nproc_per_node=K refgen dit train ...` runs DDP; a plain run is one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from refgen import flow
+from refgen.artifacts import JsonlLogger, atomic_torch_save, atomic_write_json, provenance
+from refgen.dit.config import CFGDropout, TrainConfig, to_dict, train_config_from_dict
+from refgen.dit.model import Cond, NanoDiT, count_params
+from refgen.runtime import check_cpu_size, resolve_device, seed_everything
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest.json"
+
+
+# --------------------------------------------------------------------------- pieces
+
+def build_model(cfg: TrainConfig, device: torch.device) -> NanoDiT:
+    torch.manual_seed(cfg.seed)   # same init on every rank (DDP also broadcasts, this keeps single runs reproducible)
+    model = NanoDiT(cfg.model)
+    check_cpu_size(model, device, "NanoDiT")
+    return model.to(device)
+
+
+def ema_decay_at(step: int, decay: float, warmup: float) -> float:
+    """min(decay, (1 + step) / (warmup + step)): 0.1 at step 0 with warmup 10, 0.9 at step 80, 0.99 at ~900."""
+    return min(decay, (1 + step) / (warmup + step))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """W_ema <- decay * W_ema + (1 - decay) * W (seed 002 part C), in fp32."""
+    e = [p for p in ema.parameters()]
+    m = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def sample_cfg_drop(n: int, probs: CFGDropout, generator: torch.Generator,
+                    device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (drop_text, drop_dino), (n,) bool each.
+
+    uncond -> both dropped; text-only -> DINO dropped; DINO-only -> text dropped; both -> nothing dropped."""
+    p = torch.tensor([probs.uncond, probs.text_only, probs.dino_only, probs.both], dtype=torch.float32,
+                     device=device)
+    mode = torch.multinomial(p, n, replacement=True, generator=generator)
+    drop_text = (mode == 0) | (mode == 2)
+    drop_dino = (mode == 0) | (mode == 1)
+    return drop_text, drop_dino
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant (DiT trains at a constant 1e-4)."""
+    if cfg.lr_warmup_steps <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup_steps)
+
+
+def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """All random draws of one optimizer step: a pure function of (seed, step, rank), so resume needs no
+    generator state and DDP ranks draw different noise."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    return g
+
+
+def _strip_prefixes(sd: dict) -> dict:
+    """Checkpoints written from DDP (`module.`) or torch.compile (`_orig_mod.`) load into a plain model."""
+    out = {}
+    for k, v in sd.items():
+        for pre in ("module.", "_orig_mod."):
+            while k.startswith(pre):
+                k = k[len(pre):]
+        out[k] = v
+    return out
+
+
+def load_weights_report(model: nn.Module, state_dict: dict) -> dict:
+    """Load what fits; return {missing, unexpected, shape_mismatch}. Never raises on a key mismatch: a warm
+    start from a checkpoint without the DINO-patch parameters (seed 003 phase 5.2) keeps their fresh init."""
+    sd = _strip_prefixes(state_dict)
+    own = model.state_dict()
+    mismatch = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                for k, v in sd.items() if k in own and own[k].shape != v.shape]
+    sd = {k: v for k, v in sd.items() if not (k in own and own[k].shape != v.shape)}
+    res = model.load_state_dict(sd, strict=False)
+    return {"missing": sorted(res.missing_keys), "unexpected": sorted(res.unexpected_keys),
+            "shape_mismatch": sorted(mismatch)}
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    p = Path(out_dir) / CKPT_DIR / LATEST
+    if not p.is_file():
+        return None
+    return Path(out_dir) / CKPT_DIR / json.loads(p.read_text())["file"]
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def model_from_checkpoint(path: str | Path, device, use_ema: bool = True) -> tuple[NanoDiT, TrainConfig]:
+    """The EMA weights (seed 002: "only save and visualise model B") as an eval-mode NanoDiT."""
+    ck = load_checkpoint(path)
+    cfg = train_config_from_dict(ck["config"])
+    model = NanoDiT(cfg.model)
+    check_cpu_size(model, torch.device(device), "NanoDiT")
+    model.load_state_dict(_strip_prefixes(ck["ema" if use_ema else "model"]))
+    return model.to(device).eval().requires_grad_(False), cfg
+
+
+# --------------------------------------------------------------------------- distributed
+
+def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if cfg.device == "cpu":
+            dist.init_process_group("gloo")
+            return dist.get_rank(), world, torch.device("cpu")
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        return dist.get_rank(), world, torch.device("cuda", local)
+    return 0, 1, resolve_device(cfg.device)
+
+
+def _rank_slice(data: Iterable, rank: int, world: int) -> Iterable:
+    """Batch i goes to rank i % world: a rank-agnostic iterable (synthetic data, a plain list) under DDP."""
+    return data if world == 1 else itertools.islice(data, rank, None, world)
+
+
+class _Stream:
+    """Endless batches from a re-iterable source, counting what was consumed so resume can replay to it."""
+
+    def __init__(self, source: Iterable | Callable[[], Iterable], skip: int = 0):
+        self.source, self.consumed, self.epoch = source, 0, 0
+        self._it = self._new()
+        for _ in range(skip):
+            self.next()
+
+    def _new(self) -> Iterator:
+        src = self.source() if callable(self.source) else self.source
+        return iter(src)
+
+    def next(self) -> dict:
+        for _ in range(2):
+            try:
+                b = next(self._it)
+                self.consumed += 1
+                return b
+            except StopIteration:
+                self.epoch += 1
+                self._it = self._new()
+        raise RuntimeError("the training data yielded no batches")
+
+
+# --------------------------------------------------------------------------- training
+
+def shard_loader(cfg: TrainConfig, world: int):
+    """Batches from the shard directory written by `refgen dit prepare` (refgen.dit.shards).
+
+    One loader object for the whole run: re-iterating it starts the next epoch with a new (seeded) shard order,
+    and a resumed run replays the same sequence. webdataset splits shards over ranks itself; under DDP every
+    rank draws shards with replacement and yields the same number of batches, so no rank waits at an epoch end.
+    """
+    from refgen.dit import shards  # the data pipeline; imported lazily so tests need no shards
+
+    if not cfg.data_dir:
+        raise ValueError("no data: set data_dir in the config (a shard directory) or pass batches to train()")
+    kw = {}
+    if world > 1:
+        n = int(shards.load_index(cfg.data_dir).get("samples", 0))
+        kw = {"resampled": True, "epoch_batches": max(1, n // (cfg.batch_size * world))}
+    return shards.make_loader(cfg.data_dir, cfg.batch_size, num_workers=cfg.num_workers,
+                              pin_memory=torch.cuda.is_available(), seed=cfg.seed, **kw)
+
+
+def train(cfg: TrainConfig, data: Iterable | Callable[[], Iterable] | None = None) -> dict:
+    """Run (or resume) a training run; returns a summary. `data`: batches per the data contract (see
+    refgen.dit.model.Cond / refgen.dit.shards), a re-iterable or a zero-argument factory; None = shards."""
+    cfg.validate()
+    rank, world, device = _dist_setup(cfg)
+    try:
+        return _train(cfg, data, rank, world, device)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device) -> dict:
+    is_main = rank == 0
+    out = Path(cfg.out_dir)
+    accum = cfg.grad_accum(world)
+    seed_everything(cfg.seed)
+    use_amp = device.type == "cuda" and cfg.dtype == "bf16"   # CPU (tests) stays fp32: bit-exact and simple
+
+    model = build_model(cfg, device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=fused)
+    n_params = count_params(model)
+
+    # ---- resume, or warm start
+    step, consumed, resumed_from, warm = 0, 0, None, None
+    ckpt_path = latest_checkpoint(out) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
+    if ckpt_path is not None:
+        ck = load_checkpoint(ckpt_path)
+        saved = train_config_from_dict(ck["config"])
+        if to_dict(saved.model) != to_dict(cfg.model):
+            raise ValueError(f"cannot resume {ckpt_path}: its model config {to_dict(saved.model)} differs from "
+                             f"{to_dict(cfg.model)}; use init_from for a warm start instead")
+        model.load_state_dict(_strip_prefixes(ck["model"]))
+        ema.load_state_dict(_strip_prefixes(ck["ema"]))
+        opt.load_state_dict(ck["optimizer"])
+        step, consumed = int(ck["step"]), int(ck["batches_consumed"])
+        _set_rng_state(ck.get("rng"))
+        resumed_from = str(ckpt_path)
+    elif cfg.init_from:
+        ck = load_checkpoint(cfg.init_from)
+        # a full training checkpoint (prefer its EMA weights) or a bare state dict
+        if "ema" in ck or "model" in ck:
+            sd = ck["ema"] if "ema" in ck else ck["model"]
+        else:
+            sd = ck
+        warm = load_weights_report(model, sd)
+        ema.load_state_dict(model.state_dict())
+        warm["from"] = str(cfg.init_from)
+        if is_main:
+            print(f"[dit train] warm start from {cfg.init_from}: {len(warm['missing'])} missing (fresh init): "
+                  f"{warm['missing']}; {len(warm['unexpected'])} unexpected (ignored): {warm['unexpected']}; "
+                  f"shape mismatches (fresh init): {warm['shape_mismatch']}")
+            atomic_write_json(out / "warm_start.json", warm)
+
+    if is_main:
+        atomic_write_json(out / "config.json", provenance(cfg, n_params=n_params, world_size=world,
+                                                          grad_accum=accum, resumed_from=resumed_from))
+    train_model: nn.Module = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if data is None:
+        source = shard_loader(cfg, world)
+    else:
+        source = (lambda: _rank_slice(data() if callable(data) else data, rank, world))
+    stream = _Stream(source, skip=consumed)
+    logger = JsonlLogger(out / "metrics.jsonl") if is_main else None
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def fwd(x, sigma, cond):
+        v = train_model(x, sigma, cond)
+        captured["v"] = v.detach()
+        return v
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=cfg.steps, initial=step, desc="dit train", disable=not (is_main and cfg.progress))
+    last = {"loss": float("nan")}
+    # metrics of the steps since the last log line
+    win_loss, win_vnorm, win_images, win_steps, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+    model.train()
+    while step < cfg.steps:
+        gen = step_generator(cfg.seed, step, rank, device)
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        vnorm_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = stream.next()
+            x0 = batch["latent"].to(device, torch.float32, non_blocking=True)
+            B = x0.shape[0]
+            sigma = flow.sample_sigmas(B, cfg.sigma_sampling, mean=cfg.logit_mean, std=cfg.logit_std,
+                                       generator=gen, device=device)
+            noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
+            drop_text, drop_dino = sample_cfg_drop(B, cfg.cfg_dropout, gen, device)
+            cond = Cond.from_batch(batch, device).with_drop(drop_text, drop_dino)
+            sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else train_model.no_sync()
+            with sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = flow.loss(fwd, x0, cond, sigma=sigma, noise=noise)
+                (loss / accum).backward()
+            loss_sum += loss.detach()
+            vnorm_sum += captured["v"].float().pow(2).mean().sqrt()
+            win_images += B * world
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        decay = ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup)
+        ema_update(ema, model, decay)
+        step += 1
+        win_steps += 1
+        win_loss = win_loss + loss_sum / accum      # a tensor: no host sync until the log step
+        win_vnorm = win_vnorm + vnorm_sum / accum
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            loss_v = float(_mean_across_ranks(win_loss / win_steps, world))
+            elapsed = time.perf_counter() - t0
+            rec = {"step": step, "loss": loss_v, "grad_norm": float(grad_norm),
+                   "velocity_norm": float(win_vnorm / win_steps), "lr": lr, "ema_decay": decay,
+                   "images_per_s": win_images / max(elapsed, 1e-9), "epoch": stream.epoch}
+            last = rec
+            if is_main:
+                logger.log(**rec)
+                bar.set_postfix(loss=f"{loss_v:.4f}", gnorm=f"{float(grad_norm):.3f}")
+            win_loss, win_vnorm, win_images, win_steps, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if is_main:
+                save_checkpoint(out, cfg, model, ema, opt, step, stream.consumed)
+            if world > 1:
+                dist.barrier()
+    bar.close()
+    ck = latest_checkpoint(out)
+    return {"step": step, "last": last, "checkpoint": str(ck) if ck else None, "n_params": n_params,
+            "resumed_from": resumed_from, "warm_start": warm, "grad_accum": accum}
+
+
+def _mean_across_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.AVG)
+    return t
+
+
+def _rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict | None) -> None:
+    if not s:
+        return
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, ema: nn.Module, opt, step: int,
+                    consumed: int) -> Path:
+    """Everything resume needs, written atomically; `latest.json` is switched only after the file is complete."""
+    name = f"step_{step:07d}.pt"
+    path = out / CKPT_DIR / name
+    atomic_torch_save({
+        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+        "step": step, "batches_consumed": consumed, "config": to_dict(cfg), "rng": _rng_state(),
+        "provenance": provenance(None, step=step),
+    }, path)
+    atomic_write_json(out / CKPT_DIR / LATEST, {"file": name, "step": step})
+    return path
+
+
+def train_from_args(config_path: str, **overrides) -> dict:
+    from refgen.dit.config import load_train_config
+
+    return train(load_train_config(config_path, **overrides))
