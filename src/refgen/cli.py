@@ -112,6 +112,28 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_invert(args) -> int:
+    from refgen.identity.invert import InvertConfig, invert
+
+    overrides = {"steps": args.steps, "identities_per_batch": args.identities_per_batch,
+                 "height": args.height, "width": args.width, "gradient_checkpointing": args.gradient_checkpointing or None}
+    cfg = InvertConfig.from_yaml(args.config, **overrides) if args.config else InvertConfig(
+        **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        i, n = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    recs = invert(args.root, args.model, out=args.out, only=only, shard=(i, n), cfg=cfg, device=args.device,
+                  dtype=args.dtype)
+    for r in recs:
+        print(f"{r['identity']}: {r['stop_reason']} after {r['steps_run']} steps, loss {r['first_loss']:.4f} -> "
+              f"{r['final_loss']:.4f}, scale {r['scale']}" if r["final_loss"] is not None else
+              f"{r['identity']}: {r['stop_reason']} ({r['message']})")
+    failed = [r for r in recs if r["stop_reason"] in ("nan", "diverged")]
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refgen", description="Identity injection for Qwen-Image; DiT training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     _add_runtime(r)
     r.set_defaults(func=cmd_render)
+
+    v = sub.add_parser("invert", help="teacher inversion: one slot residual per identity folder (resumable)")
+    v.add_argument("root", help="folder of seed_<id>/ identity folders")
+    v.add_argument("--model", required=True)
+    v.add_argument("--out", default=None, help="output root (default: ROOT, next to the images)")
+    v.add_argument("--only", default=None, help="comma-separated identity folder names")
+    v.add_argument("--shard", default="0/1", help="i/n: this worker's share of the identities")
+    v.add_argument("--config", default=None, help="YAML mirroring InvertConfig (configs/invert.yaml)")
+    v.add_argument("--steps", type=int, default=None)
+    v.add_argument("--identities-per-batch", type=int, default=None, help="K identities per forward")
+    v.add_argument("--height", type=int, default=None)
+    v.add_argument("--width", type=int, default=None)
+    v.add_argument("--gradient-checkpointing", action="store_true")
+    _add_runtime(v)
+    v.set_defaults(func=cmd_invert)
     return p
 
 

@@ -111,10 +111,13 @@ def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[in
 
 
 def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir: str | Path,
-                residual_files: list[str] | None = None, progress: bool = True) -> dict:
+                residual_files: list[str] | None = None, progress: bool = True,
+                encoded: tuple | None = None, neg: tuple | None = None) -> dict:
     """Alpha x seed grid for one prompt. Every slot gets its residual times the row's alpha.
 
     With no residuals the placeholders stay as plain text (phase 1.3's empty-injection smoke test).
+    `encoded` = (embeds (1,S,H), mask (1,S), slots) and `neg` = (embeds, mask) skip the text encoder
+    (inversion has them already and has moved the text encoder off the GPU).
     Writes grid.png, grid.json and images/a{alpha}_s{seed}.png; returns the JSON record.
     """
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
@@ -123,17 +126,18 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     from refgen.identity.prompts import encode_prompts
 
     out_dir = Path(out_dir)
-    enc = encode_prompts(pipe, cfg.prompt, n_identities=len(residuals) if residuals else None)
-    slots = enc.slots[0]
+    if encoded is None:
+        enc = encode_prompts(pipe, cfg.prompt, n_identities=len(residuals) if residuals else None)
+        encoded = (enc.embeds, enc.mask, enc.slots[0])
+    embeds, mask, slots = encoded
     pairs = [(a, s) for a in cfg.alphas for s in cfg.seeds]  # row-major: alpha rows, seed columns
     B = len(pairs)
-    E = enc.embeds.expand(B, -1, -1)
-    M = enc.mask.expand(B, -1)
+    E = embeds.expand(B, -1, -1)
+    M = mask.expand(B, -1)
     if residuals:
         alpha = torch.tensor([a for a, _ in pairs], device=E.device)
         E = inject(E, slots, residuals, [alpha] * len(residuals))
-    neg = None
-    if cfg.true_cfg > 1:
+    if neg is None and cfg.true_cfg > 1:
         ne = encode_prompts(pipe, cfg.negative_prompt)
         neg = (ne.embeds, ne.mask)
     images = render_images(pipe, E, M, [s for _, s in pairs], cfg, neg, progress)
@@ -150,7 +154,7 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
         dtype=str(pipe.transformer.dtype).replace("torch.", ""), device=str(pipe._execution_device),
         alphas=cfg.alphas, seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg, height=cfg.height,
         width=cfg.width, negative_prompt=cfg.negative_prompt, residuals=residual_files or [],
-        slots=[dataclasses.asdict(s) for s in slots], S=enc.embeds.shape[1], H=enc.embeds.shape[2],
+        slots=[dataclasses.asdict(s) for s in slots], S=embeds.shape[1], H=embeds.shape[2],
         layout="rows=alphas, columns=seeds", images=files, grid="grid.png")
     atomic_write_json(out_dir / "grid.json", record)
     return record

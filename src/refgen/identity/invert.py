@@ -1,0 +1,441 @@
+"""Teacher inversion (seed 000, phase 2): one slot-only residual per identity, K identities per forward.
+
+Objective. The frozen Qwen-Image transformer should denoise an identity's images when its slot residual R
+is added to the base prompt's embeddings:  min_R  E_{sigma, eps, x0} || v(x_sigma, sigma, E_base + R) - (eps - x0) ||^2
+(flow matching, as the model was trained; the seed's epsilon/v-prediction branch is UNet thinking).
+
+Parametrisation (the seed's "Re-Parametrisierung"). R = clamp(exp(log_scale), 0.01, 1.5) * P / RMS(P) with
+P (L, H) living only in the slot window, so off-slot entries are exactly zero at every step and the seed's
+off-slot penalty is identically 0. P starts as a seeded Gaussian (not 0: P/RMS(P) would be 0/0) and
+log_scale at log(init_scale): a small random push away from the base prompt.
+
+Batching. Identities share the base prompt, so K of them go through one transformer forward (K x batch
+rows). Everything that makes one identity's run is its own: its parameters form their own AdamW param
+group (own lr), its gradient is clipped by its own norm, its images/sigmas/noise come from its own
+generator. So a batched run computes the same residual as K separate runs (tested), an identity can
+stop (plateau, NaN, divergence) while the others go on, and resuming does not depend on batch make-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from refgen import flow
+from refgen.artifacts import (JsonlLogger, atomic_torch_save, atomic_write_json, provenance)
+from refgen.identity.qwen import QwenFlowModel, encode_latents, pack
+from refgen.identity.slots import Slot
+from refgen.images import Identity, center_crop_resize, load_rgb
+
+
+@dataclass
+class InvertConfig:
+    base_prompt: str = "a portrait photo of ~ID~, studio lighting"
+    negative_prompt: str = " "
+    height: int = 768
+    width: int = 512
+    steps: int = 600
+    lr: float = 5e-3
+    weight_decay: float = 0.0  # decay would pull P toward 0, which the normalisation P/RMS(P) undoes anyway
+    grad_clip: float = 1.0
+    images_per_step: int = 2  # the seed's batch size, per identity
+    identities_per_batch: int = 4  # K identities per forward: raise it until the GPU is full
+    sigma_sampling: str = "uniform"  # or "logit_normal"
+    true_cfg: float = 1.0  # > 1: optimise through the pipeline's true CFG (two forwards per step)
+    init_scale: float = 0.1
+    scale_min: float = 0.01
+    scale_max: float = 1.5
+    rms_weight: float = 0.02
+    rms_ema: float = 0.99  # running mean of the per-token slot RMS for the seed's RMS regulariser
+    plateau_window: int = 100  # stop when mean loss of the last window improved < plateau_min_improvement
+    plateau_min_improvement: float = 0.01
+    diverge_steps: int = 50  # smoothed loss rising this many steps in a row = divergence
+    loss_smoothing: float = 0.9
+    checkpoint_every: int = 200
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    qa_alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    qa_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    qa_steps: int = 28
+    qa_true_cfg: float = 4.0
+    qa: bool = True
+
+    def __post_init__(self):
+        if self.sigma_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"sigma_sampling must be 'uniform' or 'logit_normal', got {self.sigma_sampling!r}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
+        if not (0 < self.scale_min <= self.init_scale <= self.scale_max):
+            raise ValueError(f"need 0 < scale_min <= init_scale <= scale_max, got {self.scale_min}, "
+                             f"{self.init_scale}, {self.scale_max}")
+        for name in ("steps", "images_per_step", "identities_per_batch", "plateau_window", "diverge_steps",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if "~ID~" not in self.base_prompt or self.base_prompt.count("~ID~") != 1:
+            raise ValueError(f"base_prompt must contain exactly one ~ID~: {self.base_prompt!r}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "InvertConfig":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown invert config keys {sorted(unknown)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+
+def identity_seed(base_seed: int, identity_id: str) -> int:
+    """A per-identity seed that does not depend on which batch or shard the identity lands in."""
+    return int(hashlib.sha256(f"{base_seed}:{identity_id}".encode()).hexdigest()[:12], 16)
+
+
+def shard_identities(identities: list[Identity], index: int, count: int) -> list[Identity]:
+    """Round-robin over identities sorted by id: every identity in exactly one of the `count` shards."""
+    if not (0 <= index < count):
+        raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
+    return [ident for j, ident in enumerate(sorted(identities, key=lambda x: x.id)) if j % count == index]
+
+
+@dataclass
+class _State:
+    """One identity's optimisation state; everything needed to resume it bit-exactly."""
+    ident: Identity
+    latents: torch.Tensor  # (N, C, h, w) cached normalised VAE latents
+    P: torch.nn.Parameter  # (L, H)
+    log_scale: torch.nn.Parameter  # ()
+    gen: torch.Generator
+    step: int = 0
+    lr: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    smooth: float | None = None
+    rising: int = 0
+    lr_halved: bool = False
+    rms_mean: torch.Tensor | None = None  # (L,)
+    stop_reason: str | None = None
+    message: str = ""
+    adam_state: dict | None = None  # AdamW moments restored from a checkpoint
+
+
+class Inverter:
+    """Runs teacher inversion for identities against one loaded QwenImagePipeline."""
+
+    def __init__(self, pipe, cfg: InvertConfig, out_root: str | Path, model_id: str = "", progress: bool = True):
+        from refgen.identity.prompts import encode_prompts
+
+        self.pipe, self.cfg, self.out_root, self.model_id, self.progress = pipe, cfg, Path(out_root), model_id, progress
+        self.device = pipe._execution_device
+        self.dtype = pipe.transformer.dtype
+        base = encode_prompts(pipe, cfg.base_prompt, n_identities=1)
+        self.E_base, self.slot = base.embeds, base.slots[0][0]  # (1, S, H), Slot
+        self.neg = None
+        if cfg.true_cfg > 1 or (cfg.qa and cfg.qa_true_cfg > 1):
+            ne = encode_prompts(pipe, cfg.negative_prompt)
+            self.neg = (ne.embeds, ne.mask)
+        # The text encoder is needed for nothing else: off the GPU with it (Qwen2.5-VL-7B is ~16 GB in bf16).
+        if self.device.type == "cuda":
+            pipe.text_encoder.to("cpu")
+            torch.cuda.empty_cache()
+        tr = pipe.transformer
+        tr.requires_grad_(False)
+        tr.eval()
+        if cfg.gradient_checkpointing:
+            tr.enable_gradient_checkpointing()
+        self.vae_scale = 2 ** len(pipe.vae.temperal_downsample)
+        self.latent_hw = (cfg.height // self.vae_scale, cfg.width // self.vae_scale)
+        self.model = QwenFlowModel(tr, self.latent_hw, cfg.true_cfg, self.neg)
+
+    # ---- paths -------------------------------------------------------------------------------------
+    def dir(self, ident: Identity) -> Path:
+        return self.out_root / ident.id
+
+    def is_complete(self, ident: Identity) -> bool:
+        return (self.dir(ident) / "teacher.json").exists()  # written last, atomically
+
+    # ---- state -------------------------------------------------------------------------------------
+    def _new_state(self, ident: Identity) -> _State:
+        images = [center_crop_resize(load_rgb(p), self.cfg.width, self.cfg.height) for p in ident.images]
+        latents = encode_latents(self.pipe.vae, images)  # (N, C, h, w)
+        gen = torch.Generator("cpu").manual_seed(identity_seed(self.cfg.seed, ident.id))
+        L, H = self.slot.length, self.E_base.shape[2]
+        P = torch.nn.Parameter(torch.randn(L, H, generator=gen).to(self.device, torch.float32))
+        ls = torch.nn.Parameter(torch.tensor(math.log(self.cfg.init_scale), device=self.device))
+        st = _State(ident, latents, P, ls, gen, lr=self.cfg.lr)
+        ckpt = self.dir(ident) / "teacher_ckpt.pt"
+        if ckpt.exists():
+            self._load_ckpt(st, ckpt)
+        return st
+
+    def residual(self, st: _State) -> torch.Tensor:
+        """(L, H) float32: clamp(exp(log_scale)) * P / RMS(P)."""
+        scale = st.log_scale.exp().clamp(self.cfg.scale_min, self.cfg.scale_max)
+        return scale * st.P / st.P.pow(2).mean().add(1e-12).sqrt()
+
+    def _ckpt_dict(self, st: _State, opt: torch.optim.Optimizer) -> dict:
+        return {"step": st.step, "P": st.P.detach().cpu(), "log_scale": st.log_scale.detach().cpu(),
+                "adam": {k: [opt.state[p].get(k) for p in (st.P, st.log_scale)] for k in ("step", "exp_avg", "exp_avg_sq")},
+                "gen": st.gen.get_state(), "lr": st.lr, "losses": st.losses, "smooth": st.smooth,
+                "rising": st.rising, "lr_halved": st.lr_halved, "rms_mean": st.rms_mean,
+                "config": dataclasses.asdict(self.cfg)}
+
+    def _load_ckpt(self, st: _State, path: Path) -> None:
+        d = torch.load(path, map_location="cpu", weights_only=False)
+        if d["config"] != dataclasses.asdict(self.cfg):
+            raise ValueError(f"{path}: checkpoint was made with another config; delete it or rerun with the same "
+                             f"config (differences: {_diff(d['config'], dataclasses.asdict(self.cfg))})")
+        with torch.no_grad():
+            st.P.copy_(d["P"].to(self.device))
+            st.log_scale.copy_(d["log_scale"].to(self.device))
+        st.gen.set_state(d["gen"])
+        st.step, st.lr, st.losses, st.smooth = d["step"], d["lr"], d["losses"], d["smooth"]
+        st.rising, st.lr_halved = d["rising"], d["lr_halved"]
+        st.rms_mean = None if d["rms_mean"] is None else d["rms_mean"].to(self.device)
+        st.adam_state = d["adam"]
+
+    # ---- one batch of identities ---------------------------------------------------------------------
+    def run_batch(self, idents: list[Identity], states: list[_State] | None = None) -> list[_State]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        states = states or [self._new_state(i) for i in idents]
+        opt = torch.optim.AdamW([{"params": [s.P, s.log_scale], "lr": s.lr} for s in states],
+                                lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for s in states:  # restore AdamW moments after a resume
+            ad = s.adam_state
+            if ad and ad["step"][0] is not None:
+                for j, p in enumerate((s.P, s.log_scale)):
+                    opt.state[p] = {k: ad[k][j].to(p.device) if k != "step" else ad[k][j] for k in ad}
+        loggers = {s.ident.id: JsonlLogger(self.dir(s.ident) / "teacher_metrics.jsonl") for s in states}
+        active = [s for s in states if s.stop_reason is None and s.step < cfg.steps]
+        for s in states:
+            if s.stop_reason is None and s.step >= cfg.steps:
+                s.stop_reason = "max_steps"
+        bar = tqdm(total=cfg.steps, initial=min(s.step for s in states), desc=f"invert x{len(states)}",
+                   disable=not self.progress, unit="step")
+        while active:
+            losses, metrics = self._step(active, opt)
+            for s, loss, m in zip(list(active), losses, metrics):
+                self._after_step(s, loss, m, opt, loggers[s.ident.id])
+                if s.stop_reason is None and (s.step % cfg.checkpoint_every == 0):
+                    atomic_torch_save(self._ckpt_dict(s, opt), self.dir(s.ident) / "teacher_ckpt.pt")
+            active = [s for s in active if s.stop_reason is None]
+            bar.n = min([s.step for s in active], default=cfg.steps)
+            bar.set_postfix(active=len(active), loss=f"{sum(s.smooth or 0 for s in states) / len(states):.4f}")
+            bar.refresh()
+        bar.close()
+        return states
+
+    def _step(self, active: list[_State], opt) -> tuple[list[float], list[dict]]:
+        cfg, n = self.cfg, self.cfg.images_per_step
+        x0s, noises, sigmas = [], [], []
+        for s in active:  # each identity draws from its own generator: batch make-up does not matter
+            idx = torch.randint(0, s.latents.shape[0], (n,), generator=s.gen)
+            x0 = s.latents[idx]
+            noises.append(torch.randn(x0.shape, generator=s.gen).to(x0))
+            sigmas.append(flow.sample_sigmas(n, cfg.sigma_sampling, generator=s.gen))
+            x0s.append(x0)
+        x0 = pack(torch.cat(x0s))  # (K*n, N_tok, 4C)
+        noise = pack(torch.cat(noises))
+        sigma = torch.cat(sigmas).to(self.device)
+        R = torch.stack([self.residual(s) for s in active])  # (K, L, H) float32
+        from refgen.identity.inject import inject
+
+        E = self.E_base.expand(len(active) * n, -1, -1)
+        E = inject(E, [self.slot], [R.to(self.dtype).repeat_interleave(n, 0)], [1.0])  # (K*n, S, H)
+        per = flow.loss(self.model, x0, (E, None), sigma=sigma, noise=noise, reduction="none")
+        per_id = per.view(len(active), n).mean(1)  # (K,)
+        tok_rms = R.pow(2).mean(-1).sqrt()  # (K, L) per-token RMS of the slot residual
+        reg = []
+        for k, s in enumerate(active):
+            ref = tok_rms[k].detach() if s.rms_mean is None else s.rms_mean
+            reg.append((tok_rms[k] - ref).abs().mean())
+        reg = torch.stack(reg)
+        total = per_id + cfg.rms_weight * reg  # (K,)
+        finite = torch.isfinite(total) & torch.stack([torch.isfinite(s.log_scale) for s in active])
+        opt.zero_grad(set_to_none=True)
+        if finite.any():
+            total[finite].sum().backward()  # params are disjoint: each identity gets its own gradient
+        with torch.no_grad():
+            for k, s in enumerate(active):
+                if not finite[k]:
+                    continue
+                grads = [p.grad for p in (s.P, s.log_scale) if p.grad is not None]
+                norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+                coef = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+                for g in grads:
+                    g.mul_(coef)
+            for k, s in enumerate(active):  # identities that failed take no step
+                if not finite[k]:
+                    s.P.grad = None
+                    s.log_scale.grad = None
+        opt.step()
+        metrics = []
+        with torch.no_grad():
+            delta = (E[::n].float() - self.E_base.float())  # (K, S, H): what the model actually saw
+            win = slice(self.slot.start, self.slot.start + self.slot.length)
+            off = delta.clone()
+            off[:, win] = 0
+            for k, s in enumerate(active):
+                s.rms_mean = tok_rms[k].detach() if s.rms_mean is None else (
+                    cfg.rms_ema * s.rms_mean + (1 - cfg.rms_ema) * tok_rms[k].detach())
+                metrics.append({"mse": per_id[k].item(), "rms_reg": reg[k].item(),
+                                "total_rms": delta[k].pow(2).mean().sqrt().item(),
+                                "slot_rms": delta[k, win].pow(2).mean().sqrt().item(),
+                                "offslot_rms": off[k].pow(2).mean().sqrt().item(),
+                                "scale": s.log_scale.exp().clamp(cfg.scale_min, cfg.scale_max).item()})
+        return total.detach().tolist(), metrics
+
+    def _after_step(self, s: _State, loss: float, m: dict, opt, log: JsonlLogger) -> None:
+        cfg = self.cfg
+        s.step += 1
+        if not math.isfinite(loss) or not math.isfinite(m["scale"]) or not torch.isfinite(s.log_scale):
+            s.stop_reason = "nan"
+            s.message = (f"{s.ident.id}: non-finite loss/scale at step {s.step} (loss={loss}, scale={m['scale']}); "
+                         "stopped. Try a lower lr, lower true_cfg, or fp32.")
+            print(f"refgen invert: {s.message}")
+            log.log(step=s.step, loss=loss, lr=s.lr, stop="nan", **m)
+            return
+        s.losses.append(loss)
+        prev = s.smooth
+        s.smooth = loss if prev is None else cfg.loss_smoothing * prev + (1 - cfg.loss_smoothing) * loss
+        s.rising = s.rising + 1 if prev is not None and s.smooth > prev else 0
+        log.log(step=s.step, loss=loss, lr=s.lr, **m)
+        if s.rising >= cfg.diverge_steps:
+            if not s.lr_halved:
+                s.lr /= 2
+                s.lr_halved, s.rising = True, 0
+                for g in opt.param_groups:
+                    if g["params"][0] is s.P:
+                        g["lr"] = s.lr
+                print(f"refgen invert: {s.ident.id}: loss rose {cfg.diverge_steps} steps in a row; lr halved to {s.lr:g}")
+            else:
+                s.stop_reason = "diverged"
+                s.message = f"loss rose {cfg.diverge_steps} steps in a row again after halving the lr"
+                return
+        w = cfg.plateau_window
+        if len(s.losses) >= 2 * w:
+            cur, before = sum(s.losses[-w:]) / w, sum(s.losses[-2 * w:-w]) / w
+            if before > 0 and (before - cur) / before < cfg.plateau_min_improvement:
+                s.stop_reason = "plateau"
+                return
+        if s.step >= cfg.steps:
+            s.stop_reason = "max_steps"
+
+    @torch.no_grad()
+    def eval_loss(self, st: _State, R: torch.Tensor | None, n_sigmas: int = 8) -> float:
+        """Flow-matching loss on a fixed set (every image x n_sigmas evenly spaced sigmas, noise from a fixed
+        seed): a noise-free number to compare the teacher residual against the bare base prompt (R=None)."""
+        g = torch.Generator("cpu").manual_seed(identity_seed(self.cfg.seed + 1, st.ident.id))
+        x0 = st.latents.repeat_interleave(n_sigmas, 0)
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        sigma = torch.linspace(0.05, 0.95, n_sigmas).repeat(st.latents.shape[0]).to(self.device)
+        E = self.E_base.expand(x0.shape[0], -1, -1)
+        if R is not None:
+            from refgen.identity.inject import inject
+
+            E = inject(E, [self.slot], [R.to(self.dtype)], [1.0])
+        per = [flow.loss(self.model, pack(x0[i:i + 8]), (E[i:i + 8], None), sigma=sigma[i:i + 8],
+                         noise=pack(noise[i:i + 8]), reduction="none") for i in range(0, x0.shape[0], 8)]
+        return torch.cat(per).mean().item()
+
+    # ---- artifacts ------------------------------------------------------------------------------------
+    def finish(self, s: _State) -> dict:
+        """teacher_prompt_embeds.pt, teacher_residual.safetensors, alpha_eval/, then teacher.json (last)."""
+        from refgen.identity.inject import residual_metadata, save_residual
+        from refgen.identity.render import RenderConfig, render_grid
+
+        d = self.dir(s.ident)
+        cfg = self.cfg
+        with torch.no_grad():
+            R = self.residual(s).detach()  # (L, H) float32
+            if not torch.isfinite(R).all():
+                R = None
+        record = provenance(cfg, kind="teacher", identity=s.ident.id, model=self.model_id,
+                            images=[str(p) for p in s.ident.images], S=self.E_base.shape[1], H=self.E_base.shape[2],
+                            L=self.slot.length, s=self.slot.start, dtype=str(self.dtype).replace("torch.", ""),
+                            scheduler=type(self.pipe.scheduler).__name__, true_cfg=cfg.true_cfg,
+                            steps_run=s.step, stop_reason=s.stop_reason, message=s.message,
+                            final_loss=(sum(s.losses[-10:]) / len(s.losses[-10:])) if s.losses else None,
+                            first_loss=(sum(s.losses[:10]) / len(s.losses[:10])) if s.losses else None,
+                            scale=float(s.log_scale.detach().exp().clamp(cfg.scale_min, cfg.scale_max))
+                            if R is not None else None,
+                            eval_loss_base=self.eval_loss(s, None), eval_loss_teacher=self.eval_loss(s, R) if R is not None else None)
+        if R is not None:
+            E_t = self.E_base.detach().clone().float().cpu()
+            E_t[0, self.slot.start:self.slot.start + self.slot.length] += R.cpu()  # off-slot untouched: Δ exactly 0
+            E_t = E_t.to(self.dtype)
+            atomic_torch_save(E_t, d / "teacher_prompt_embeds.pt")
+            atomic_torch_save(self.E_base.detach().cpu(), d / "base_prompt_embeds.pt")
+            md = residual_metadata(self.pipe, self.model_id, {"identity": s.ident.id, "base_prompt": cfg.base_prompt,
+                                                               "slot_start": str(self.slot.start)})
+            save_residual(d / "teacher_residual.safetensors", R, md)
+            record.update(teacher_prompt_embeds="teacher_prompt_embeds.pt", residual="teacher_residual.safetensors",
+                          slot_rms=R.pow(2).mean().sqrt().item(), offslot_rms=0.0)
+            if cfg.qa:
+                rc = RenderConfig(prompt=cfg.base_prompt, alphas=cfg.qa_alphas, seeds=cfg.qa_seeds, steps=cfg.qa_steps,
+                                  true_cfg=cfg.qa_true_cfg, negative_prompt=cfg.negative_prompt, height=cfg.height,
+                                  width=cfg.width)
+                render_grid(self.pipe, rc, [R.to(self.device, self.dtype)], d / "alpha_eval", progress=self.progress,
+                            encoded=(self.E_base, torch.ones(self.E_base.shape[:2], dtype=torch.long,
+                                                             device=self.device), [self.slot]), neg=self.neg)
+                record["alpha_eval"] = "alpha_eval/grid.png"
+        atomic_write_json(d / "teacher.json", record)
+        ck = d / "teacher_ckpt.pt"
+        if ck.exists():
+            ck.unlink()  # complete: teacher.json is the record now
+        return record
+
+
+def _diff(a: dict, b: dict) -> dict:
+    return {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+
+
+def distributed_shard() -> tuple[int, int]:
+    """(rank, world) under torchrun, (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def invert(root: str | Path, model: str, out: str | Path | None = None, only: list[str] | None = None,
+           shard: tuple[int, int] = (0, 1), cfg: InvertConfig | None = None, device: str | None = None,
+           dtype: str = "bf16", progress: bool = True) -> list[dict]:
+    """`refgen invert`: scan ROOT, pick this worker's identities, skip complete ones, invert the rest."""
+    from refgen.identity.render import load_pipeline
+    from refgen.images import scan
+
+    cfg = cfg or InvertConfig()
+    res = scan(root)
+    idents = res.identities
+    if only:
+        known = {i.id for i in idents}
+        missing = [o for o in only if o not in known]
+        if missing:
+            raise ValueError(f"--only names identities that are not valid folders under {root}: {missing}")
+        idents = [i for i in idents if i.id in set(only)]
+    rank, world = distributed_shard()
+    if world > 1:  # torchrun: one process per GPU, each its own slice of the shard
+        if device in (None, "cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(torch.device(device))
+        shard = (shard[0] * world + rank, shard[1] * world)
+    idents = shard_identities(idents, *shard)
+    out_root = Path(out or root)
+    pipe = load_pipeline(model, device, dtype)
+    inv = Inverter(pipe, cfg, out_root, model_id=model, progress=progress)
+    todo = [i for i in idents if not inv.is_complete(i)]
+    print(f"refgen invert: shard {shard[0]}/{shard[1]}: {len(idents)} identities, {len(idents) - len(todo)} "
+          f"complete, {len(todo)} to do")
+    records = []
+    K = cfg.identities_per_batch
+    for b in range(0, len(todo), K):
+        states = inv.run_batch(todo[b:b + K])
+        for s in states:
+            records.append(inv.finish(s))
+    return records

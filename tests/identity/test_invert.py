@@ -1,0 +1,156 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refgen.cli import main
+from refgen.identity.inject import load_residual
+from refgen.identity.invert import InvertConfig, Inverter, shard_identities
+from refgen.images import scan
+
+FAST = dict(height=32, width=32, steps=8, lr=5e-2, init_scale=1.0, qa=False, checkpoint_every=5)
+
+
+def make_identities(root, n=3, size=40):
+    rng = np.random.default_rng(0)
+    for k in range(n):
+        d = root / f"seed_{k}"
+        d.mkdir(parents=True)
+        base = rng.integers(0, 255, 3).astype(np.uint8)
+        for j in range(2 + k % 2):
+            a = np.zeros((size, size + 8, 3), np.uint8) + base  # not square: exercises the centre crop
+            a[10:30, 10 + 3 * j:25 + 3 * j] = 255 - base
+            Image.fromarray(a).save(d / f"img{j}.png")
+    return root
+
+
+def run(pipe, root, out, **kw):
+    cfg = InvertConfig(**{**FAST, **kw})
+    inv = Inverter(pipe, cfg, out, model_id="tiny", progress=False)
+    idents = scan(root).identities
+    states = []
+    K = cfg.identities_per_batch
+    for b in range(0, len(idents), K):
+        states += inv.run_batch(idents[b:b + K])
+    return inv, {s.ident.id: s for s in states}
+
+
+def test_loss_falls_offslot_zero_and_artifacts(pipe, tmp_path):
+    root = make_identities(tmp_path / "ids", n=1)
+    inv, states = run(pipe, root, root, steps=40, qa=True, qa_alphas=[1.0, 2.0], qa_seeds=[0], qa_steps=2)
+    rec = inv.finish(states["seed_0"])
+    assert rec["eval_loss_teacher"] < rec["eval_loss_base"]  # the residual helps denoise this identity
+    d = root / "seed_0"
+    E_t = torch.load(d / "teacher_prompt_embeds.pt")
+    E_b = torch.load(d / "base_prompt_embeds.pt")
+    S, H, L, s = rec["S"], rec["H"], rec["L"], rec["s"]
+    assert E_t.shape == (1, S, H) and E_t.device.type == "cpu"
+    diff = E_t - E_b
+    assert diff[:, :s].abs().max() == 0 and diff[:, s + L:].abs().max() == 0  # off-slot exactly zero
+    assert diff[:, s:s + L].abs().max() > 0
+    R = load_residual(d / "teacher_residual.safetensors", pipe, torch.device("cpu"), torch.float32)
+    assert R.shape == (L, H) and torch.allclose(diff[0, s:s + L], R)
+    meta = json.loads((d / "teacher.json").read_text())
+    for k in ("S", "H", "L", "s", "dtype", "scheduler", "true_cfg", "steps_run", "stop_reason", "final_loss", "scale",
+              "config", "versions", "git_commit"):
+        assert k in meta, k
+    assert meta["steps_run"] == 40 and meta["stop_reason"] == "max_steps" and 0.01 <= meta["scale"] <= 1.5
+    assert (d / "alpha_eval" / "grid.png").exists()
+    assert json.loads((d / "alpha_eval" / "grid.json").read_text())["alphas"] == [1.0, 2.0]
+    lines = [json.loads(x) for x in (d / "teacher_metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 40 and {"loss", "total_rms", "slot_rms", "offslot_rms", "scale", "lr"} <= set(lines[0])
+    assert all(x["offslot_rms"] == 0 for x in lines)
+    assert not (d / "teacher_ckpt.pt").exists()  # complete: the checkpoint is gone
+
+
+def test_batched_equals_sequential(pipe, tmp_path):
+    root = make_identities(tmp_path / "ids", n=3)
+    inv1, one = run(pipe, root, tmp_path / "a", identities_per_batch=1)
+    inv3, three = run(pipe, root, tmp_path / "b", identities_per_batch=3)
+    for k in one:
+        r1, r3 = inv1.residual(one[k]), inv3.residual(three[k])
+        assert torch.allclose(r1, r3, atol=1e-5, rtol=1e-4), k
+        assert one[k].losses == pytest.approx(three[k].losses, rel=1e-4)
+
+
+def test_nan_stops_one_identity_and_the_others_go_on(pipe, tmp_path):
+    root = make_identities(tmp_path / "ids", n=2)
+    cfg = InvertConfig(**{**FAST, "identities_per_batch": 2})
+    inv = Inverter(pipe, cfg, tmp_path / "out", progress=False)
+    states = [inv._new_state(i) for i in scan(root).identities]
+    with torch.no_grad():
+        states[0].log_scale.fill_(float("nan"))
+    inv.run_batch([s.ident for s in states], states)
+    assert states[0].stop_reason == "nan" and "non-finite" in states[0].message
+    assert states[1].stop_reason == "max_steps" and torch.isfinite(inv.residual(states[1])).all()
+    rec = inv.finish(states[0])
+    assert rec["stop_reason"] == "nan" and not (tmp_path / "out" / "seed_0" / "teacher_residual.safetensors").exists()
+
+
+def test_divergence_halves_lr_then_stops(pipe, tmp_path):
+    root = make_identities(tmp_path / "ids", n=1)
+    # lr 0 cannot lower the loss; with diverge_steps=1 any rise of the smoothed loss counts as divergence.
+    _, states = run(pipe, root, tmp_path / "o", steps=30, diverge_steps=1, lr=1e-9)
+    s = states["seed_0"]
+    assert s.lr_halved and s.lr == pytest.approx(0.5e-9) and s.stop_reason == "diverged"
+
+
+def test_shards_cover_every_identity_once(tmp_path):
+    root = make_identities(tmp_path / "ids", n=3)
+    idents = scan(root).identities * 1
+    ids = [i.id for n in (1, 2, 3, 5) for j in range(n) for i in shard_identities(idents, j, n)]
+    assert sorted(ids) == sorted([i.id for i in idents] * 4)
+    with pytest.raises(ValueError):
+        shard_identities(idents, 2, 2)
+
+
+def _invert_cmd(root, model, out, cfg_path):
+    return [sys.executable, "-m", "refgen.cli", "invert", str(root), "--model", model, "--out", str(out),
+            "--config", str(cfg_path), "--device", "cpu", "--dtype", "fp32"]
+
+
+def test_kill_and_resume_matches_uninterrupted(tiny_models, tmp_path):
+    import yaml
+
+    root = make_identities(tmp_path / "ids", n=1)
+    cfg_path = tmp_path / "inv.yaml"
+    cfg_path.write_text(yaml.safe_dump({**FAST, "steps": 24, "checkpoint_every": 8}))
+    model = tiny_models["qwen_image"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(_invert_cmd(root, model, tmp_path / "killed", cfg_path), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "seed_0" / "teacher_ckpt.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (tmp_path / "killed" / "seed_0" / "teacher.json").exists()
+    assert subprocess.run(_invert_cmd(root, model, tmp_path / "killed", cfg_path), env=env,
+                          capture_output=True).returncode == 0
+    assert subprocess.run(_invert_cmd(root, model, tmp_path / "clean", cfg_path), env=env,
+                          capture_output=True).returncode == 0
+    a = torch.load(tmp_path / "killed" / "seed_0" / "teacher_prompt_embeds.pt")
+    b = torch.load(tmp_path / "clean" / "seed_0" / "teacher_prompt_embeds.pt")
+    assert torch.equal(a, b)
+    # a third run finds everything complete and does nothing
+    out = subprocess.run(_invert_cmd(root, model, tmp_path / "clean", cfg_path), env=env, capture_output=True,
+                         text=True)
+    assert "1 complete, 0 to do" in out.stdout
+
+
+def test_cli_only_and_bad_only(tiny_models, tmp_path, capsys):
+    root = make_identities(tmp_path / "ids", n=2)
+    base = ["invert", str(root), "--model", tiny_models["qwen_image"], "--device", "cpu", "--dtype", "fp32",
+            "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "o")]
+    assert main(base + ["--only", "seed_9"]) == 1
+    assert "seed_9" in capsys.readouterr().err
+    assert main(base + ["--only", "seed_1", "--shard", "x"]) == 1
+    assert main(base + ["--only", "seed_1", "--config", str(tmp_path / "nope.yaml")]) == 1
