@@ -134,6 +134,70 @@ def cmd_invert(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_features(args) -> int:
+    from refgen.identity.features import FeatureConfig, extract_features
+
+    cfg = FeatureConfig(pixel_budget=args.pixel_budget * 1e6, max_side=args.max_side, max_images=args.max_images)
+    print(json.dumps(extract_features(args.root, args.vl_model, args.device, args.dtype, cfg, out=args.out)))
+    return 0
+
+
+def cmd_train_head(args) -> int:
+    from refgen.identity.head import HeadConfig, train_head
+    from refgen.runtime import resolve_device
+
+    cfg = HeadConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
+                     seed=args.seed)
+    device = str(resolve_device(args.device))
+    summary = train_head(args.root, args.out, cfg, device=device)
+    print(json.dumps(summary))
+    return 0
+
+
+class _PersonAction(argparse.Action):
+    """--ref and --residual append to one ordered list: the n-th person fills the n-th ~ID~."""
+
+    def __call__(self, parser, ns, values, option_string=None):
+        people = getattr(ns, "people", None) or []
+        kind = "ref" if self.dest == "ref" else "residual"
+        people.append((kind, values if isinstance(values, list) else [values]))
+        ns.people = people
+
+
+def cmd_generate(args) -> int:
+    from refgen.artifacts import JsonlLogger
+    from refgen.identity.generate import GenerateConfig, Person, assign_alphas, error_kind, generate
+
+    log = JsonlLogger(Path(args.out) / "generate_log.jsonl")
+    try:
+        people = getattr(args, "people", None) or []
+        alphas = assign_alphas(len(people), args.alpha)
+        cfg = GenerateConfig(prompt=args.prompt, people=[Person(k, v, a) for (k, v), a in zip(people, alphas)],
+                             seeds=args.seeds, steps=args.steps, true_cfg=args.true_cfg,
+                             negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                             batch_size=args.batch_size, grid_alphas=args.grid_alphas)
+        rec = generate(cfg, args.model, args.out, vl_model=args.vl_model, head=args.head, device=args.device,
+                       dtype=args.dtype)
+    except Exception as e:
+        log.log(kind=error_kind(e), prompt=args.prompt, error=str(e))
+        raise
+    log.log(kind="ok", prompt=args.prompt, images=rec["images"])
+    print(f"wrote {len(rec['images'])} images and generate.json to {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from refgen.artifacts import atomic_write_text
+    from refgen.identity.report import build_report, to_markdown
+
+    rep = build_report(args.head, args.runs)
+    if args.out:
+        atomic_write_text(Path(args.out).with_suffix(".md"), to_markdown(rep))
+        atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(rep, indent=2))
+    print(json.dumps(rep, indent=2) if args.json else to_markdown(rep))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refgen", description="Identity injection for Qwen-Image; DiT training.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -188,6 +252,54 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gradient-checkpointing", action="store_true")
     _add_runtime(v)
     v.set_defaults(func=cmd_invert)
+
+    f = sub.add_parser("features", help="Qwen3-VL features z per identity under a pixel budget (cached)")
+    f.add_argument("root")
+    f.add_argument("--vl-model", default="Qwen/Qwen3-VL-8B-Instruct")
+    f.add_argument("--out", default=None, help="output root (default: ROOT)")
+    f.add_argument("--pixel-budget", type=float, default=2.0, help="total megapixels per identity")
+    f.add_argument("--max-side", type=int, default=1536)
+    f.add_argument("--max-images", type=int, default=8)
+    _add_runtime(f)
+    f.set_defaults(func=cmd_features)
+
+    h = sub.add_parser("train-head", help="train the linear head z -> slot residual on teacher residuals")
+    h.add_argument("root", help="identity root with teacher_residual + vl_features per identity")
+    h.add_argument("--out", required=True)
+    h.add_argument("--epochs", type=int, default=20)
+    h.add_argument("--batch-size", type=int, default=32)
+    h.add_argument("--lr", type=float, default=1e-3)
+    h.add_argument("--val-fraction", type=float, default=0.1)
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--device", default=None, help="cuda (default) or cpu (the head is small)")
+    h.set_defaults(func=cmd_train_head)
+
+    g = sub.add_parser("generate", help="render 1-n people into a prompt with ~ID~ slots")
+    g.add_argument("--model", required=True)
+    g.add_argument("--vl-model", default=None)
+    g.add_argument("--head", default=None, help="head checkpoint (head.safetensors) for --ref people")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--ref", nargs="+", action=_PersonAction, help="a folder or image files: the next person")
+    g.add_argument("--residual", action=_PersonAction, help="a slot residual file: the next person")
+    g.add_argument("--alpha", type=float, action="append", default=[], help="one per person, or one for all")
+    g.add_argument("--seeds", type=parse_seeds, default=[0])
+    g.add_argument("--steps", type=int, default=28)
+    g.add_argument("--true-cfg", type=float, default=4.0)
+    g.add_argument("--negative-prompt", default=" ")
+    g.add_argument("--height", type=int, default=768)
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--grid-alphas", type=parse_floats, default=None, help="also write an alpha x seed QA grid")
+    g.add_argument("--out", required=True)
+    _add_runtime(g)
+    g.set_defaults(func=cmd_generate)
+
+    rp = sub.add_parser("report", help="monitoring: head val CosSim/RMS error, generate error counts")
+    rp.add_argument("--head", default=None, help="head.json from train-head")
+    rp.add_argument("--runs", nargs="*", default=[], help="generate output folders or generate_log.jsonl files")
+    rp.add_argument("--out", default=None, help="write OUT.md and OUT.json")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

@@ -1,0 +1,142 @@
+"""Qwen3-VL identity features under a pixel budget (seed 000, phase 3.1).
+
+z = L2-normalise( mean over images ( mean over that image's visual tokens ) ), with the visual tokens of
+the frozen vision tower after its 2x2 merge (`get_image_features(...).pooler_output`).
+
+The pixel budget is what keeps VRAM flat: all images of one identity are scaled down by one common
+factor until their total area is <= `pixel_budget` and no side exceeds `max_side`, then snapped to
+multiples of 32 (patch 16 x merge 2) so the processor does not resize them again. The number of
+patches reaching the tower is therefore <= pixel_budget / 256, however many or large the photos are.
+Only the vision tower is kept: the language model of Qwen3-VL-8B (~16 GB) is dropped after loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from refgen.images import load_rgb
+from refgen.runtime import check_cpu_size, parse_dtype, resolve_device
+
+MULTIPLE = 32  # patch 16 x spatial merge 2
+
+
+@dataclass
+class FeatureConfig:
+    pixel_budget: float = 2.0e6  # total pixels over all images of one identity
+    max_side: int = 1536
+    max_images: int = 8
+
+    def __post_init__(self):
+        if self.pixel_budget < MULTIPLE * MULTIPLE:
+            raise ValueError(f"pixel_budget must be >= {MULTIPLE * MULTIPLE}, got {self.pixel_budget}")
+        if self.max_side < MULTIPLE or self.max_images < 1:
+            raise ValueError(f"max_side >= {MULTIPLE} and max_images >= 1 required")
+
+
+def budget_sizes(sizes: list[tuple[int, int]], cfg: FeatureConfig) -> list[tuple[int, int]]:
+    """One common scale factor for all images, then each side floored to a multiple of 32 (min 32)."""
+    area = sum(w * h for w, h in sizes)
+    s = min(1.0, math.sqrt(cfg.pixel_budget / area), cfg.max_side / max(max(w, h) for w, h in sizes))
+    return [(max(MULTIPLE, int(w * s) // MULTIPLE * MULTIPLE), max(MULTIPLE, int(h * s) // MULTIPLE * MULTIPLE))
+            for w, h in sizes]
+
+
+class VisionFeatures:
+    """The frozen Qwen3-VL vision tower and its image processor."""
+
+    def __init__(self, model: str, device: str | None = None, dtype: str = "bf16", cfg: FeatureConfig | None = None):
+        from transformers import AutoImageProcessor, Qwen3VLForConditionalGeneration
+
+        self.device = resolve_device(device)
+        self.dtype = parse_dtype(dtype)
+        self.cfg = cfg or FeatureConfig()
+        self.model_id = str(model)
+        m = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=self.dtype)
+        m.model.language_model = None  # get_image_features uses only the vision tower
+        m.lm_head = None
+        check_cpu_size(m, self.device, what=f"Qwen3-VL vision tower {model!r}")
+        self.model = m.to(self.device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(model)
+        # Our sizes are final (multiples of 32, within the budget). The processor's own bounds would
+        # otherwise upscale small images (Qwen3-VL ships min 65536 px per image) and break the budget.
+        self.processor.size["shortest_edge"] = MULTIPLE * MULTIPLE
+        self.processor.size["longest_edge"] = max(self.processor.size["longest_edge"], int(self.cfg.pixel_budget))
+        self.dim = m.config.vision_config.out_hidden_size
+
+    def prepare(self, images: list[Image.Image]) -> dict:
+        images = images[: self.cfg.max_images]
+        sizes = budget_sizes([im.size for im in images], self.cfg)
+        images = [im.resize(sz, Image.BICUBIC) for im, sz in zip(images, sizes)]
+        return self.processor(images=images, return_tensors="pt")
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        """z (D,) float32, ||z|| = 1."""
+        if not images:
+            raise ValueError("no images given for feature extraction")
+        inp = self.prepare(images)
+        pv = inp["pixel_values"].to(self.device, self.dtype)  # (sum of patches, 3*2*16*16)
+        thw = inp["image_grid_thw"].to(self.device)  # (n, 3)
+        out = self.model.model.get_image_features(pv, thw)
+        per_image = per_image_embeds(out, thw, self.model.model.visual.spatial_merge_size)
+        z = torch.stack([e.float().mean(0) for e in per_image]).mean(0)  # (D,)
+        z = z / z.norm().clamp_min(1e-12)
+        if not torch.isfinite(z).all() or abs(z.norm().item() - 1) > 1e-4:
+            raise ValueError(f"feature vector is not unit-norm/finite (norm {z.norm().item()})")
+        return z
+
+
+def per_image_embeds(out, grid_thw: torch.Tensor, merge: int) -> list[torch.Tensor]:
+    """Per-image visual tokens from get_image_features: transformers 5.x returns an output object with
+    `pooler_output` (tuple per image); 4.57 returned a tuple (embeds, deepstack) with embeds split per image."""
+    emb = out.pooler_output if hasattr(out, "pooler_output") else out[0]
+    if isinstance(emb, torch.Tensor):
+        emb = torch.split(emb, (grid_thw.prod(-1) // merge**2).tolist())
+    return list(emb)
+
+
+def features_path(identity_dir: Path) -> Path:
+    return Path(identity_dir) / "vl_features.safetensors"
+
+
+def extract_features(root: str | Path, vl_model: str, device: str | None = None, dtype: str = "bf16",
+                     cfg: FeatureConfig | None = None, out: str | Path | None = None, progress: bool = True) -> dict:
+    """`refgen features`: cache z per identity as OUT/seed_<id>/vl_features.safetensors (skips cached ones
+    whose settings match)."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    from refgen.artifacts import atomic_save_safetensors, git_commit
+    from refgen.images import scan
+
+    cfg = cfg or FeatureConfig()
+    idents = scan(root).identities
+    out_root = Path(out or root)
+    settings = {"vl_model": str(vl_model), **{k: str(v) for k, v in dataclasses.asdict(cfg).items()}, "dtype": dtype}
+    todo = []
+    for ident in idents:
+        f = features_path(out_root / ident.id)
+        if f.exists():
+            with safe_open(str(f), framework="pt") as h:
+                md = h.metadata() or {}
+            if all(md.get(k) == v for k, v in settings.items()):
+                continue
+        todo.append(ident)
+    done = {"identities": len(idents), "skipped_cached": len(idents) - len(todo), "extracted": 0}
+    if not todo:
+        return done
+    fx = VisionFeatures(vl_model, device, dtype, cfg)
+    for ident in tqdm(todo, desc="features", disable=not progress):
+        z = fx([load_rgb(p) for p in ident.images])
+        md = {**settings, "D": str(z.shape[0]), "identity": ident.id, "git_commit": str(git_commit()),
+              "images": json.dumps([str(p) for p in ident.images[: cfg.max_images]])}
+        atomic_save_safetensors({"z": z.cpu()}, features_path(out_root / ident.id), md)
+        done["extracted"] += 1
+    return done

@@ -1,0 +1,194 @@
+"""The amortised residual head (seed 000, phase 3.2-3.5): z (D,) -> slot residual (L, H).
+
+Linear baseline, as the seed specifies: W z + b reshaped to (L, H), each token RMS-normalised, times one
+learned clamped scale exp(log_scale) in [0.01, 1.5]. Its targets are the teacher residuals of phase 2
+(not zeros, as the POC did). Loss: 0.7 (1 - cos) + 0.3 MSE + 0.05 |RMS(pred) - RMS(target)|.
+
+A checkpoint carries everything needed to refuse a mismatch at inference: L, H, the placeholder ids and
+tokenizer fingerprint of the Qwen-Image model the teachers were made with, and the Qwen3-VL model + pixel
+budget the features came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refgen.artifacts import JsonlLogger, atomic_save_safetensors, atomic_write_json, provenance
+
+
+class LinearHead(nn.Module):
+    def __init__(self, dim: int, L: int, H: int, scale_min: float = 0.01, scale_max: float = 1.5):
+        super().__init__()
+        self.L, self.H, self.scale_min, self.scale_max = L, H, scale_min, scale_max
+        self.proj = nn.Linear(dim, L * H)
+        self.log_scale = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, D) -> R (B, L, H)."""
+        raw = self.proj(z).view(-1, self.L, self.H)  # (B, L, H)
+        tok = raw / raw.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()  # per-token RMS 1
+        return self.log_scale.exp().clamp(self.scale_min, self.scale_max) * tok
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) -> (B,)"""
+    return x.pow(2).flatten(1).mean(1).sqrt()
+
+
+def head_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    cos = F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1)  # (B,)
+    mse = (pred - target).pow(2).flatten(1).mean(1)
+    rms_err = (rms(pred) - rms(target)).abs()
+    loss = (0.7 * (1 - cos) + 0.3 * mse + 0.05 * rms_err).mean()
+    return loss, {"cos": cos.mean().item(), "mse": mse.mean().item(), "rms_err": rms_err.mean().item()}
+
+
+@dataclass
+class HeadConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (0 <= self.val_fraction < 1):
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch_size must be >= 1 and lr > 0")
+
+
+def load_pairs(root: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor, dict, dict]:
+    """(ids, Z (N, D), R (N, L, H), residual metadata, feature metadata) for identities that have both a
+    teacher residual and cached features. All residuals must share L/H/tokenizer; all features one VL setup."""
+    from safetensors import safe_open
+
+    from refgen.identity.features import features_path
+    from refgen.identity.inject import read_residual
+
+    ids, zs, rs, rmd, fmd = [], [], [], None, None
+    for d in sorted(p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("seed_")):
+        rf, ff = d / "teacher_residual.safetensors", features_path(d)
+        if not (rf.exists() and ff.exists()):
+            continue
+        r, md = read_residual(rf)
+        with safe_open(str(ff), framework="pt") as h:
+            z, fm = h.get_tensor("z"), h.metadata()
+        key = {k: md[k] for k in ("L", "H", "placeholder_token_ids", "tokenizer_fingerprint")}
+        fkey = {k: fm[k] for k in ("vl_model", "pixel_budget", "max_side", "D")}
+        if rmd is None:
+            rmd, fmd, rkey0, fkey0 = md, fm, key, fkey
+        elif key != rkey0 or fkey != fkey0:
+            raise ValueError(f"{d.name}: teacher/feature settings {key} {fkey} differ from the first identity's "
+                             f"{rkey0} {fkey0}; train one head per model/tokenizer/VL setup")
+        ids.append(d.name)
+        zs.append(z.float())
+        rs.append(r.float())
+    if not ids:
+        raise ValueError(f"no identity under {root} has both teacher_residual.safetensors and vl_features.safetensors "
+                         "(run `refgen invert` and `refgen features` first)")
+    return ids, torch.stack(zs), torch.stack(rs), rmd, fmd
+
+
+def split_by_identity(ids: list[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(len(ids)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(ids) * val_fraction)) if len(ids) > 1 else 0
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+@torch.no_grad()
+def evaluate(head: nn.Module, Z: torch.Tensor, R: torch.Tensor) -> dict:
+    if len(Z) == 0:
+        return {}
+    _, m = head_loss(head(Z), R)
+    return m
+
+
+def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None, device: str = "cpu",
+               progress: bool = True) -> dict:
+    """`refgen train-head`. Data-parallel under torchrun (DDP, each rank its slice of every batch order)."""
+    from tqdm.auto import tqdm
+
+    cfg = cfg or HeadConfig()
+    out = Path(out)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    dev = torch.device(device)
+    ids, Z, R, rmd, fmd = load_pairs(root)
+    tr, va = split_by_identity(ids, cfg.val_fraction, cfg.seed)
+    Z, R = Z.to(dev), R.to(dev)
+    torch.manual_seed(cfg.seed)
+    L, H, D = R.shape[1], R.shape[2], Z.shape[1]
+    head = LinearHead(D, L, H).to(dev)
+    model = torch.nn.parallel.DistributedDataParallel(head) if world > 1 else head
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log = JsonlLogger(out / "metrics.jsonl") if rank == 0 else None
+    meta = {"L": str(L), "H": str(H), "D": str(D), "placeholder_token_ids": rmd["placeholder_token_ids"],
+            "tokenizer_fingerprint": rmd["tokenizer_fingerprint"], "qwen_image_model": rmd.get("model", ""),
+            "vl_model": fmd["vl_model"], "pixel_budget": fmd["pixel_budget"], "max_side": fmd["max_side"],
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    g = torch.Generator().manual_seed(cfg.seed)
+    summary = {}
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc="train-head", disable=not progress or rank != 0):
+        order = torch.tensor(tr)[torch.randperm(len(tr), generator=g)]  # identities mixed in every batch
+        head.train()
+        losses = []
+        for b in range(0, len(order), cfg.batch_size):
+            idx = order[b:b + cfg.batch_size][rank::world]  # each rank its share of the same batch
+            if len(idx) == 0:
+                continue
+            loss, _ = head_loss(model(Z[idx]), R[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        head.eval()
+        m_tr, m_va = evaluate(head, Z[tr], R[tr]), evaluate(head, Z[va], R[va])
+        rec = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)),
+               **{f"train_{k}": v for k, v in m_tr.items()}, **{f"val_{k}": v for k, v in m_va.items()}}
+        summary = rec
+        if rank == 0:
+            log.log(**rec)
+            md = {**meta, "epoch": str(epoch), "metrics": json.dumps(rec), "git_commit": str(provenance()["git_commit"]),
+                  "config": json.dumps(dataclasses.asdict(cfg))}
+            sd = {k: v.detach().cpu() for k, v in head.state_dict().items()}
+            atomic_save_safetensors(sd, out / f"head_epoch{epoch:03d}.safetensors", md)
+            atomic_save_safetensors(sd, out / "head.safetensors", md)
+            atomic_write_json(out / "head.json", provenance(cfg, kind="residual_head", **meta, epoch=epoch,
+                                                             metrics=rec, train_ids=[ids[i] for i in tr],
+                                                             val_ids=[ids[i] for i in va]))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def load_head(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[LinearHead, dict]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"head checkpoint not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if "L" not in md:
+        raise ValueError(f"{path} is not a refgen head checkpoint (no L/H metadata)")
+    head = LinearHead(int(md["D"]), int(md["L"]), int(md["H"]))
+    head.load_state_dict(sd)
+    return head.to(device, dtype).eval(), md
