@@ -137,7 +137,7 @@ def test_warm_start_reports_missing_and_unexpected_keys(tmp_path):
     # the weights that match were loaded
     m = NanoDiT(model_preset("tiny"))
     load_weights_report(m, old)
-    torch.testing.assert_close(m.blocks[1].mlp[0].weight, ck["ema"]["blocks.1.mlp[0].weight".replace("[0]", ".0")])
+    torch.testing.assert_close(m.blocks[1].mlp[0].weight, ck["ema"]["blocks.1.mlp.0.weight"])
 
 
 def test_cfg_dropout_frequencies():

@@ -29,8 +29,10 @@ def _sample(args) -> int:
 
     device = resolve_device(args.device)
     ckpt = Path(args.ckpt)
-    if ckpt.is_dir():
-        ckpt = latest_checkpoint(ckpt)
+    if ckpt.is_dir():   # a run's out_dir or its checkpoints/ folder: the latest checkpoint in it
+        ckpt = latest_checkpoint(ckpt) or latest_checkpoint(ckpt.parent if ckpt.name == "checkpoints" else ckpt)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoints/latest.json under {args.ckpt}")
     model, cfg = model_from_checkpoint(ckpt, device)
     from refgen.dit import shards
 
@@ -52,7 +54,8 @@ def _sample(args) -> int:
         mean, std = shards.load_latent_stats(args.data_dir)
         for img, key in zip(to_pil(decode(lat, vae, mean, std)), batch["key"]):
             atomic_save_image(img, out / f"{key}.png")
-    atomic_write_json(out / "sample.json", provenance(vars(args), checkpoint=str(ckpt), keys=batch["key"],
+    flags = {k: v for k, v in vars(args).items() if k != "func"}
+    atomic_write_json(out / "sample.json", provenance(flags, checkpoint=str(ckpt), keys=batch["key"],
                                                       captions=batch["caption"]))
     print(f"wrote {out}")
     return 0
