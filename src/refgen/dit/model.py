@@ -132,6 +132,19 @@ class TimestepEmbedder(nn.Module):
 
 # --------------------------------------------------------------------------- attention
 
+class RMSNorm(nn.Module):
+    """RMSNorm whose fp32 weight is cast to the activation dtype, so under bf16 autocast the fused kernel runs
+    (nn.RMSNorm with a bf16 input and an fp32 weight falls back to the slow composite path)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention (flash / memory-efficient kernels on CUDA).
 
@@ -146,8 +159,8 @@ class Attention(nn.Module):
             self.kv = nn.Linear(dim, 2 * dim)
         else:
             self.qkv = nn.Linear(dim, 3 * dim)
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
