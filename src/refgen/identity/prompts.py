@@ -54,16 +54,18 @@ def encode_prompts(pipe, prompts: str | list[str], n_identities: int | None = No
     _, drop, _ = template_of(pipe)
     tps = [tokenize(pipe, p, n_identities) for p in prompts]
     batch = pipe.tokenizer.pad({"input_ids": [tp.input_ids for tp in tps]}, padding=True, return_tensors="pt")
-    input_ids = batch["input_ids"].to(device)
-    attn = batch["attention_mask"].to(device)
-    check_tensors({"input_ids": input_ids, "attention_mask": attn}, next(pipe.text_encoder.parameters()).device,
-                  where="encode_prompts: ")
+    # Run the text encoder where it lives (it may be offloaded to the CPU once embeddings exist, to
+    # free ~16 GB for the transformer), and hand the embeddings to the pipeline's device.
+    te_device = next(pipe.text_encoder.parameters()).device
+    input_ids = batch["input_ids"].to(te_device)
+    attn = batch["attention_mask"].to(te_device)
+    check_tensors({"input_ids": input_ids, "attention_mask": attn}, te_device, where="encode_prompts: ")
     out = pipe.text_encoder(input_ids=input_ids, attention_mask=attn, output_hidden_states=True)
     hidden = out.hidden_states[-1]  # (B, T, H)
     rows = [h[m.bool()][drop:] for h, m in zip(hidden, attn)]  # each (S_b, H), the pipeline's masking
     S = max(r.shape[0] for r in rows)
     embeds = torch.stack([torch.cat([r, r.new_zeros(S - r.shape[0], r.shape[1])]) for r in rows])
-    mask = torch.stack([torch.cat([torch.ones(r.shape[0], dtype=torch.long, device=r.device),
-                                   torch.zeros(S - r.shape[0], dtype=torch.long, device=r.device)]) for r in rows])
+    mask = torch.stack([torch.cat([torch.ones(r.shape[0], dtype=torch.long, device=device),
+                                   torch.zeros(S - r.shape[0], dtype=torch.long, device=device)]) for r in rows])
     return Encoded(embeds.to(device=device, dtype=dtype), mask, [tp.slots for tp in tps], prompts,
                    [tp.input_ids for tp in tps])
