@@ -300,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_report)
+
+    from refgen.dit.cli_data import register as register_dit_data
+    from refgen.dit.cli_model import register as register_dit_model
+
+    dit = sub.add_parser("dit", help="DiT system: prepare shards, train/sample/validate NanoDiT")
+    dit_sub = dit.add_subparsers(dest="dit_command", required=True)
+    register_dit_data(dit_sub)
+    register_dit_model(dit_sub)
     return p
 
 
