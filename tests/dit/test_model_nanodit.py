@@ -152,3 +152,43 @@ def test_t5_dim_is_configurable():
     cond = make_cond(2, 8, 8)
     cond.t5 = torch.randn(2, 8, 40)
     assert m(torch.randn(2, 4, 8, 8), torch.rand(2), cond).shape == (2, 4, 8, 8)
+
+
+def test_no_mask_is_the_all_valid_mask(model):
+    """t5_mask=None (no padding, decided by the caller) is exactly an all-True mask, with and without CFG drop,
+    and Cond.cat fills a missing mask with True."""
+    B, h, w = 3, 8, 8
+    full = make_cond(B, h, w, pad=False)
+    none = Cond(full.t5, None, full.dino_cls, full.dino_patches)
+    x, s = torch.randn(B, 4, h, w), torch.rand(B)
+    torch.testing.assert_close(model(x, s, none), model(x, s, full), rtol=0, atol=0)
+    dt, dd = torch.tensor([True, False, False]), torch.tensor([False, True, False])
+    torch.testing.assert_close(model(x, s, none.with_drop(dt, dd)), model(x, s, full.with_drop(dt, dd)),
+                               rtol=0, atol=0)
+    padded = make_cond(B, h, w)
+    both = Cond.cat([none, padded])
+    assert both.t5_mask.shape == (2 * B, 8) and both.t5_mask[:B].all()
+    assert torch.equal(both.t5_mask[B:], padded.t5_mask)
+    assert Cond.cat([none, none]).t5_mask is None
+
+
+def test_compiles_as_one_graph(model):
+    """No graph break under torch.compile (the padding check is skipped there: a given mask is used as is),
+    and the compiled forward / backward equal eager ones."""
+    B, h, w = 4, 8, 8
+    cond = make_cond(B, h, w).with_drop(torch.tensor([True, False, False, False]), None)
+    x, s = torch.randn(B, 4, h, w), torch.rand(B)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+        for c in (cond, Cond(cond.t5, None, cond.dino_cls, cond.dino_patches),
+                  Cond(cond.t5, torch.ones_like(cond.t5_mask), cond.dino_cls, cond.dino_patches)):
+            torch.testing.assert_close(compiled(x, s, c), model(x, s, c), rtol=1e-5, atol=1e-6)
+        x.requires_grad_(True)
+        compiled(x, s, cond).square().mean().backward()
+        g = x.grad.clone()
+        x.grad = None
+        model(x, s, cond).square().mean().backward()
+        torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        torch._dynamo.reset()

@@ -7,7 +7,7 @@ T text tokens, d hidden size):
     x             (B, C, h, w)       normalised latents (one aspect bucket per batch: N varies between batches)
     sigma         (B,)               flow time in [0, 1], 1 = pure noise (see refgen.flow)
     t5            (B, T, D_t5)       T5 last hidden state; D_t5 = 1024 (Large) or 4096 (XXL)
-    t5_mask       (B, T) bool        True = real token
+    t5_mask       (B, T) bool        True = real token; None = every token real (no padding: no mask at all)
     dino_cls      (B, D_dino)        DINOv3 CLS
     dino_patches  (B, N, D_dino)     DINOv3 patches, row-major; FLUX /8 latents at p=2 -> one token = 16x16 px =
                                      exactly one DINOv3 patch, so the DINO grid IS the token grid
@@ -45,7 +45,7 @@ from refgen.dit.config import ModelConfig
 @dataclass
 class Cond:
     t5: torch.Tensor                         # (B, T, D_t5)
-    t5_mask: torch.Tensor                    # (B, T) bool
+    t5_mask: torch.Tensor | None             # (B, T) bool; None = no padding (lets SDPA take the flash kernel)
     dino_cls: torch.Tensor                   # (B, D_dino)
     dino_patches: torch.Tensor               # (B, N, D_dino)
     drop_text: torch.Tensor | None = None    # (B,) bool: replace text by the null token
@@ -88,6 +88,12 @@ class Cond:
                     out[f.name] = None
                     continue
                 vals = [v if v is not None else torch.zeros(c.batch_size, dtype=torch.bool, device=c.t5.device)
+                        for v, c in zip(vals, conds)]
+            elif f.name == "t5_mask":
+                if all(v is None for v in vals):
+                    out[f.name] = None
+                    continue
+                vals = [v if v is not None else torch.ones(c.t5.shape[:2], dtype=torch.bool, device=c.t5.device)
                         for v, c in zip(vals, conds)]
             out[f.name] = torch.cat(vals, 0)
         return Cond(**out)
@@ -260,15 +266,19 @@ class NanoDiT(nn.Module):
 
     # ---- conditioning
 
-    def apply_null(self, cond: Cond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def apply_null(self, cond: Cond) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Replace dropped inputs by the learned null tokens, per sample. Returns (t5, t5_mask, cls, patches).
 
         A dropped text becomes [null_text, <masked>...]: exactly one valid token whatever T is, so the
-        unconditional prediction does not depend on how long the batch's padding is."""
-        t5, mask, cls, patches = cond.t5, cond.t5_mask.bool(), cond.dino_cls, cond.dino_patches
+        unconditional prediction does not depend on how long the batch's padding is. The mask stays None only
+        when the input had none (no padding) and no text is dropped."""
+        t5, cls, patches = cond.t5, cond.dino_cls, cond.dino_patches
+        mask = cond.t5_mask.bool() if cond.t5_mask is not None else None
         B, T, _ = t5.shape
         if cond.drop_text is not None:
             dt = cond.drop_text.to(t5.device).bool()
+            if mask is None:
+                mask = torch.ones(B, T, dtype=torch.bool, device=t5.device)
             null_seq = torch.cat([self.null_text.to(t5.dtype).expand(B, 1, -1), t5.new_zeros(B, T - 1, t5.shape[2])], 1)
             null_mask = torch.arange(T, device=mask.device).expand(B, T) == 0
             t5 = torch.where(dt[:, None, None], null_seq, t5)
@@ -280,6 +290,9 @@ class NanoDiT(nn.Module):
         return t5, mask, cls, patches
 
     def pos_embed(self, gh: int, gw: int, device, dtype) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # inside torch.compile: computed in the graph (a constant of the shape), no cache mutation to guard on
+            return sincos_2d(gh, gw, self.cfg.hidden_size, device=device).to(dtype)
         key = (gh, gw, str(device), dtype)
         if key not in self._pos_cache:
             self._pos_cache[key] = sincos_2d(gh, gw, self.cfg.hidden_size, device=device).to(dtype)
@@ -309,8 +322,11 @@ class NanoDiT(nn.Module):
             patch_h = patch_h + pos
         ctx = torch.cat([self.text_proj(t5), cls_h.unsqueeze(1), patch_h], 1)       # (B, T+1+N, d)
         # DINO tokens are always valid (seed 003): mask = [t5_mask, True x (1+N)]. With no padding anywhere,
-        # pass no mask so SDPA can take the flash kernel.
-        if bool(t5_mask.all()):
+        # pass no mask so SDPA can take the flash kernel (any mask, even all-True, forces the slower
+        # memory-efficient kernel). t5_mask None (decided by the caller, on the host) = no padding, no check.
+        # In eager mode an all-True mask is also detected, at the price of one host sync; under torch.compile
+        # that data-dependent branch would break the graph, so a given mask is always used there.
+        if t5_mask is None or (not torch.compiler.is_compiling() and bool(t5_mask.all())):
             ctx_mask = None
         else:
             ones = torch.ones(B, 1 + N, dtype=torch.bool, device=t5_mask.device)
