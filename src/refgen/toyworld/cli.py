@@ -1,0 +1,110 @@
+"""`refgen toyworld ...` subcommands. `register(sub)` adds them to an argparse subparsers object;
+each maps onto one plain function and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _make_identities(args) -> int:
+    from refgen.toyworld.identities import make_identities
+
+    folders = make_identities(args.out, n=args.n, seed=args.seed, size=args.size, progress=not args.quiet)
+    print(f"{len(folders)} identities in {args.out} (seed_{args.seed} .. seed_{args.seed + args.n - 1})")
+    return 0
+
+
+def _train_recognizer(args) -> int:
+    from refgen.toyworld import recognizer as R
+
+    over = {k: v for k, v in {"steps": args.steps, "n_train": args.n_train, "batch": args.batch, "seed": args.seed,
+                              "n_eval": args.n_eval, "size": args.size}.items() if v is not None}
+    cfg = R.RecognizerConfig(**over)
+    _, info = R.train(cfg, args.out, device=args.device, progress=not args.quiet)
+    m = info["metrics"]
+    print(json.dumps({"joint_identity": m["clean"]["joint_identity"],
+                      "joint_identity_degraded": m["degraded"]["joint_identity"],
+                      "attribute": m["clean"]["attribute"], "scene": m["clean"]["scene"],
+                      "presence": m["clean"]["presence"], "train_s": round(info["train_s"], 1),
+                      "render_s": round(info["render_s"], 1)}, indent=2))
+    return 0
+
+
+def _eval_recognizer(args) -> int:
+    from refgen.toyworld import recognizer as R
+
+    net = R.load(args.weights, device=args.device or "cpu")
+    m = R.evaluate(net, args.n, device=args.device or "cpu", degrade_images=args.degraded)
+    print(json.dumps({k: v for k, v in m.items() if not k.startswith("acc/")}, indent=2))
+    return 0
+
+
+def _train_model(args) -> int:
+    from refgen.toyworld.train_model import ModelConfig, train_model
+
+    over = {"device": args.device, "seed": args.seed}
+    if args.tiny:
+        cfg = ModelConfig.tiny(**{k: v for k, v in over.items() if v is not None})
+    else:
+        if args.config is None:
+            raise SystemExit("train-model needs --config (e.g. configs/toyworld_model.yaml) or --tiny")
+        cfg = ModelConfig.from_yaml(args.config, **over)
+    out = train_model(cfg, args.out, progress=not args.quiet)
+    print(f"saved QwenImagePipeline to {out}")
+    return 0
+
+
+def register(toyworld_subparsers) -> None:
+    """Add make-identities, train-recognizer, eval-recognizer and train-model."""
+    s = toyworld_subparsers
+
+    p = s.add_parser("make-identities", help="write OUT/seed_<id>/ folders of 3-5 reference photos each")
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=50, help="number of identities (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="first identity id; ids are seed .. seed+n-1")
+    p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_make_identities)
+
+    p = s.add_parser("train-recognizer", help="train the attribute/scene recognizer and report held-out accuracy")
+    p.add_argument("--out", required=True, help="folder for model.safetensors, config.json, metrics.jsonl")
+    p.add_argument("--device", default=None, help="cuda (default) or cpu, explicitly")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--n-train", type=int)
+    p.add_argument("--n-eval", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_train_recognizer)
+
+    p = s.add_parser("eval-recognizer", help="held-out accuracy of a saved recognizer (default: the shipped one)")
+    p.add_argument("--weights", default=None, help="recognizer folder (default: refgen/assets/toyworld/recognizer)")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--degraded", action="store_true", help="blur + noise the images first")
+    p.add_argument("--device", default=None, help="cpu (default here: the recognizer is tiny) or cuda")
+    p.set_defaults(func=_eval_recognizer)
+
+    p = s.add_parser("train-model", help="train the toy Qwen-Image pipeline from scratch (recipe)")
+    p.add_argument("--config", default=None, help="YAML, e.g. configs/toyworld_model.yaml")
+    p.add_argument("--out", required=True, help="QwenImagePipeline folder to write")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke-test settings (a few steps, 32 px)")
+    p.add_argument("--device", default=None, help="override the config's device (cuda / cpu)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_train_model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (python -m refgen.toyworld.cli) until the lead wires `refgen toyworld`."""
+    ap = argparse.ArgumentParser(prog="refgen toyworld")
+    register(ap.add_subparsers(dest="toyworld_command", required=True))
+    args = ap.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""`refgen toyworld make-identities OUT --n 50`: reference photos of toy-world people.
+
+Layout (the one the identity commands consume):
+
+    OUT/seed_<id>/img_0.png ... img_<k-1>.png     3-5 photos of one person, alone, 64x64 by default
+    OUT/seed_<id>/identity.json                    attributes, per-image scene + captions, provenance
+
+`<id>` is the identity's integer seed: `world.identity_from_seed(id)` gives its attributes, so the
+folder name alone pins the person. Ids are `seed, seed+1, ..., seed+n-1`.
+
+Each folder is written into a hidden temporary folder and renamed into place, so a folder that
+exists is complete; a re-run skips complete folders (idempotent) and rebuilds anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
+from refgen.toyworld import world
+
+PLACEHOLDER = "~ID~"
+
+
+@dataclass(frozen=True)
+class IdentitySetConfig:
+    n: int = 50
+    seed: int = 0
+    size: int = 64
+    min_images: int = 3
+    max_images: int = 5
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.size < world.MIN_SIZE or self.size % 16:
+            raise ValueError(f"size must be a multiple of 16 and >= {world.MIN_SIZE}, got {self.size}")
+        if not 1 <= self.min_images <= self.max_images:
+            raise ValueError(f"need 1 <= min_images <= max_images, got {self.min_images}, {self.max_images}")
+
+
+def identity_record(ident_id: int, cfg: IdentitySetConfig) -> tuple[dict, list]:
+    """(identity.json content without provenance, [PIL images]) for one id; pure function of (id, cfg)."""
+    ident = world.identity_from_seed(ident_id)
+    rng = random.Random(world.derive_seed("identity-photos", ident_id))
+    k = rng.randint(cfg.min_images, cfg.max_images)
+    backgrounds = rng.sample(world.SCENES, min(k, len(world.SCENES)))  # different scenes per photo
+    images, entries = [], []
+    for i in range(k):
+        scene = world.sample_scene(rng, [ident], background=backgrounds[i % len(backgrounds)])
+        where = rng.choice(world.SCENE_PHRASES[scene.background])
+        images.append(world.render(scene, cfg.size))
+        entries.append({
+            "file": f"img_{i}.png",
+            "caption": world.caption(scene, rng, p_bare=0.0),
+            "prompt": f"A photo of {PLACEHOLDER} {where}.",
+            "scene": scene.to_dict(),
+        })
+    rec = {"id": ident_id, "name": f"seed_{ident_id}", "attributes": ident.to_dict(),
+           "description": world.describe_person(ident, None, random.Random(0), n_attrs=5),
+           "size": cfg.size, "images": entries}
+    return rec, images
+
+
+def is_complete(folder: Path) -> bool:
+    import json
+
+    meta = folder / "identity.json"
+    if not meta.is_file():
+        return False
+    try:
+        rec = json.loads(meta.read_text())
+        return all((folder / e["file"]).is_file() for e in rec["images"])
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
+def make_identities(out: str | Path, n: int = 50, seed: int = 0, *, size: int = 64, min_images: int = 3,
+                    max_images: int = 5, progress: bool = True) -> list[Path]:
+    """Write n identity folders under `out`; returns their paths (complete ones are skipped)."""
+    cfg = IdentitySetConfig(n=n, seed=seed, size=size, min_images=min_images, max_images=max_images)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = range(cfg.seed, cfg.seed + cfg.n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        ids = tqdm(ids, desc="identities")
+    folders = []
+    for i in ids:
+        final = out / f"seed_{i}"
+        folders.append(final)
+        if is_complete(final):
+            continue
+        rec, images = identity_record(i, cfg)
+        tmp = Path(tempfile.mkdtemp(prefix=f".seed_{i}.", suffix=".tmp", dir=out))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; the final folder should read like any other
+        try:
+            for e, im in zip(rec["images"], images):
+                atomic_save_image(im, tmp / e["file"])
+            atomic_write_json(tmp / "identity.json", {**rec, "provenance": provenance(asdict(cfg))})
+            for f in tmp.iterdir():  # atomic writes come out owner-only (mkstemp); these are shared data
+                os.chmod(f, 0o644)
+            if final.exists():  # an incomplete folder from an older/killed run: replaced, not merged
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return folders

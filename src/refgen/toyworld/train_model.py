@@ -1,0 +1,613 @@
+"""Recipe for the toy world's text-to-image model: a small model of the real Qwen-Image classes.
+
+`refgen toyworld train-model --config configs/toyworld_model.yaml --out OUT` builds, from scratch:
+
+    tokenizer     byte-level BPE trained on world captions, wrapped as transformers' Qwen2 tokenizer
+                  with Qwen's special tokens (<|im_start|>, <|im_end|>, <|endoftext|>, vision tokens)
+    text_encoder  Qwen2_5_VLForConditionalGeneration, small, random init, frozen (like the real one,
+                  whose weights the image model never changes)
+    vae           AutoencoderKLQwenImage trained as an autoencoder on world images; latents_mean/std
+                  measured on the data and written into its config (the pipeline de-normalises with them)
+    transformer   QwenImageTransformer2DModel trained with refgen.flow (rectified flow)
+    scheduler     FlowMatchEulerDiscreteScheduler
+
+and saves them as a standard `QwenImagePipeline` folder, so every identity command loads it with
+`QwenImagePipeline.from_pretrained(OUT)` exactly as it loads the real model.
+
+Why the details are what they are:
+- Text embeddings come from the pipeline's own `encode_prompt` (chat template, last hidden layer,
+  the first 34 template tokens dropped). The tokenizer is checked to split the template prefix into
+  exactly 34 tokens, or the drop would cut caption tokens (or leave template tokens) silently.
+- Training matches the pipeline's sampling exactly: latents normalised (z - mean) / std, packed 2x2
+  with `QwenImagePipeline._pack_latents`, `img_shapes=[(1, h/2, w/2)]`, transformer timestep = sigma
+  (the pipeline passes t / 1000 with t = 1000 sigma), target noise - x0.
+- Captions are re-drawn every step from the stored scene (random attribute subsets, 25% of people
+  described only as 'a person'), so the model learns each attribute alone and the placeholder-free
+  phrase; 10% of captions are dropped to '' or ' ' so classifier-free guidance has an unconditional.
+- Weights are stored in bf16 (as Qwen-Image ships) to stay under 30 MB; load with
+  torch_dtype=torch.float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from refgen import flow
+from refgen.artifacts import JsonlLogger, atomic_save_image, atomic_write_json, provenance
+from refgen.toyworld import world
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+TEMPLATE_DROP = 34  # QwenImagePipeline.prompt_template_encode_start_idx
+DATA_SEED_BASE = 3_000_000_000  # training scenes; disjoint from the recognizer's train/eval ranges
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class VaeConfig:
+    base_dim: int = 32
+    z_dim: int = 16
+    dim_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 2])  # 4 levels: 3 downsamples, 64 -> 8
+    num_res_blocks: int = 1
+    steps: int = 4000
+    batch: int = 64
+    lr: float = 4e-4
+    kl_weight: float = 1e-6   # an autoencoder in all but name: the latent scale is fixed by mean/std later
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 1024
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 256
+
+
+@dataclass
+class TransformerConfig:
+    layers: int = 6
+    heads: int = 6
+    head_dim: int = 32
+    axes_dims_rope: list[int] = field(default_factory=lambda: [8, 12, 12])  # sums to head_dim
+    steps: int = 20000
+    batch: int = 128
+    lr: float = 3e-4
+    warmup: int = 500
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    sigma_mode: str = "logit_normal"
+    caption_dropout: float = 0.1
+    p_bare: float = 0.25
+
+
+@dataclass
+class ModelConfig:
+    size: int = 64
+    n_images: int = 30000
+    seed: int = 0
+    device: str = "cuda"
+    shift: float = 1.0          # sampling time shift exp(mu); 1 = none (16 latent tokens need none)
+    max_minutes: float = 14.0   # safety stop for the whole run (issue: <= 15 min on one H100)
+    log_every: int = 100
+    eval_samples: int = 64      # generated images checked by the recognizer at the end (0 = skip)
+    eval_steps: int = 30
+    workers: int = 8            # processes rendering the data set
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+
+    def __post_init__(self):
+        for name, cls in (("vae", VaeConfig), ("text", TextConfig), ("transformer", TransformerConfig)):
+            v = getattr(self, name)
+            if isinstance(v, dict):
+                known = {f.name for f in fields(cls)}
+                bad = sorted(set(v) - known)
+                if bad:
+                    raise ValueError(f"unknown keys {bad} in config section '{name}'; known: {sorted(known)}")
+                setattr(self, name, cls(**v))
+        v, t, x = self.vae, self.text, self.transformer
+        down = 2 ** (len(v.dim_mult) - 1)
+        if self.size % (down * 2) or self.size < world.MIN_SIZE:
+            raise ValueError(f"size={self.size} must be >= {world.MIN_SIZE} and a multiple of {down * 2} "
+                             f"(VAE downsampling {down} x 2x2 packing)")
+        if sum(x.axes_dims_rope) != x.head_dim:
+            raise ValueError(f"transformer.axes_dims_rope {x.axes_dims_rope} must sum to head_dim={x.head_dim}")
+        if t.hidden % t.heads or t.heads % t.kv_heads:
+            raise ValueError(f"text: hidden={t.hidden} must divide by heads={t.heads}, heads by kv_heads={t.kv_heads}")
+        hd = t.hidden // t.heads
+        if hd % 2 or hd // 2 < 3:
+            raise ValueError(f"text head dim {hd} must be even and >= 6 (multimodal rope splits it in 3)")
+        if not 0 <= x.caption_dropout < 1 or not 0 <= x.p_bare <= 1:
+            raise ValueError("transformer.caption_dropout must be in [0,1) and p_bare in [0,1]")
+        for k in ("n_images",):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1")
+        for sec, k in (("vae", "steps"), ("vae", "batch"), ("transformer", "steps"), ("transformer", "batch")):
+            if getattr(getattr(self, sec), k) < 1:
+                raise ValueError(f"{sec}.{k} must be >= 1")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> ModelConfig:
+        import yaml
+
+        d = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"{path}: unknown keys {bad}; known: {sorted(known)}")
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**d)
+
+    @classmethod
+    def tiny(cls, **overrides) -> ModelConfig:
+        """CPU smoke test: a handful of steps on a handful of 32 px images, same code path."""
+        d = dict(size=32, n_images=16, device="cpu", eval_samples=0, workers=0, log_every=1,
+                 vae=VaeConfig(base_dim=8, dim_mult=[1, 2, 2, 2], steps=2, batch=4),
+                 text=TextConfig(vocab_size=400, hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
+                 transformer=TransformerConfig(layers=1, heads=2, head_dim=16, axes_dims_rope=[4, 6, 6], steps=2,
+                                               batch=4, warmup=1))
+        d.update(overrides)
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# components
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE with Qwen2's own pre-tokenizer regex, trained on `texts`, returned as a
+    transformers Qwen2 tokenizer with Qwen's special tokens: eos <|im_end|>, pad <|endoftext|>, no bos.
+
+    The corpus also holds placeholder prompts ('~ID~', '~ID~,', '(~ID~)'), so the toy tokenizer makes
+    the same context-sensitive merges around the placeholder the real one does.
+    (refgen.tiny.build_tokenizer is the same idea for random test pipelines; the two can merge.)
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    prefix, suffix = _template_parts()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    rng = random.Random(0)
+    placeholder = [f"{rng.choice(world.OPENERS[:3]).capitalize()} {rng.choice(['~ID~', '~ID~,', '(~ID~)', '~ID~.'])} "
+                   f"{rng.choice(world.SCENE_PHRASES[rng.choice(world.SCENES)])}." for _ in range(300)]
+    # the template is repeated so every template word becomes one token (34 in all, like Qwen's)
+    corpus = list(texts) + [prefix + suffix] * 200 + world.template_texts() * 20 + placeholder
+    tok.train_from_iterator(corpus, trainer)
+    hf = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                            unk_token=None, bos_token=None)
+    hf.model_max_length = 1024 + TEMPLATE_DROP
+    n = len(hf(prefix).input_ids)
+    if n != TEMPLATE_DROP:
+        raise RuntimeError(f"the tokenizer splits the Qwen-Image template prefix into {n} tokens, not "
+                           f"{TEMPLATE_DROP}; QwenImagePipeline drops exactly {TEMPLATE_DROP}. Raise text.vocab_size "
+                           f"(now {vocab_size}) so every template word is merged into one token.")
+    return hf
+
+
+def _template_parts() -> tuple[str, str]:
+    """(prefix, suffix) of QwenImagePipeline's prompt template, read from the installed diffusers
+    (a pipeline with no components is enough: the template is set in __init__)."""
+    from diffusers import QwenImagePipeline
+
+    template = QwenImagePipeline(None, None, None, None, None).prompt_template_encode
+    prefix, suffix = template.split("{}")
+    return prefix, suffix
+
+
+def build_text_encoder(tokenizer, cfg: TextConfig, seed: int):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hd = cfg.hidden // cfg.heads
+    half = hd // 2
+    sec = [half - 2 * (half // 3), half // 3, half // 3]  # multimodal rope sections (t, h, w) sum to hd/2
+    ids = tokenizer.convert_tokens_to_ids
+    tc = dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+              num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+              max_position_embeddings=2048, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                             "mrope_section": sec},
+              pad_token_id=tokenizer.pad_token_id, bos_token_id=None, eos_token_id=tokenizer.eos_token_id)
+    # the vision tower is never used (text-only prompts) but is part of the class; keep it minimal
+    vc = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=cfg.hidden,
+              fullatt_block_indexes=[0])
+    c = Qwen2_5_VLConfig(text_config=tc, vision_config=vc, image_token_id=ids("<|image_pad|>"),
+                         video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                         vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    te = Qwen2_5_VLForConditionalGeneration(c).eval()
+    te.requires_grad_(False)
+    return te
+
+
+def build_vae(cfg: VaeConfig):
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+                                  num_res_blocks=cfg.num_res_blocks,
+                                  temperal_downsample=[False] * (len(cfg.dim_mult) - 1),  # images: no time axis
+                                  latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim)
+
+
+def build_transformer(cfg: TransformerConfig, z_dim: int, text_hidden: int):
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=4 * z_dim, out_channels=z_dim,
+                                       num_layers=cfg.layers, attention_head_dim=cfg.head_dim,
+                                       num_attention_heads=cfg.heads, joint_attention_dim=text_hidden,
+                                       axes_dims_rope=tuple(cfg.axes_dims_rope))
+
+
+def build_scheduler(shift: float):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # dynamic shifting with base_shift == max_shift: the pipeline's mu is then log(shift) at every size
+    mu = math.log(shift)
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=mu, max_shift=mu,
+                                           base_image_seq_len=256, max_image_seq_len=4096,
+                                           time_shift_type="exponential")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def _render_one(args):
+    seed, size = args
+    sc = world.scene_from_seed(seed)
+    return np.asarray(world.render(sc, size)), sc
+
+
+def render_dataset(cfg: ModelConfig, progress: bool = True) -> tuple[torch.Tensor, list[world.Scene]]:
+    """uint8 (N,3,H,W) images and their scenes, for scene seeds DATA_SEED_BASE + seed*1e7 + [0, N)."""
+    base = DATA_SEED_BASE + cfg.seed * 10_000_000
+    jobs = [(base + i, cfg.size) for i in range(cfg.n_images)]
+    if cfg.workers > 0:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(cfg.workers) as pool:
+            it = pool.imap(_render_one, jobs, chunksize=256)
+            res = list(_tq(it, progress, "render", len(jobs)))
+    else:
+        res = [_render_one(j) for j in _tq(jobs, progress, "render")]
+    imgs = torch.from_numpy(np.stack([r[0] for r in res])).permute(0, 3, 1, 2).contiguous()
+    return imgs, [r[1] for r in res]
+
+
+def _tq(it, progress: bool, desc: str, total: int | None = None):
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, total=total)
+
+
+def to_vae_input(x_uint8: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> (B,3,1,H,W) in [-1,1]: the VAE is a video VAE, one frame per image."""
+    return (x_uint8.to(device=device, dtype=dtype) / 127.5 - 1.0).unsqueeze(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# training stages
+
+
+class _Clock:
+    def __init__(self, max_minutes: float):
+        self.t0, self.limit = time.time(), max_minutes * 60
+
+    def over(self) -> bool:
+        return time.time() - self.t0 > self.limit
+
+
+def _lr_lambda(warmup: int, total: int):
+    return lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+
+
+def train_vae(vae, images: torch.Tensor, cfg: ModelConfig, dev, log: JsonlLogger, clock: _Clock, progress: bool) -> dict:
+    vc = cfg.vae
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=vc.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(max(1, vc.steps // 20), vc.steps))
+    amp = _autocast(dev)
+    vae.train()
+    it = _tq(range(vc.steps), progress, "vae")
+    recent, done = [], 0
+    for step in it:
+        idx = torch.randint(0, images.shape[0], (vc.batch,), generator=g)
+        x = to_vae_input(images[idx], dev)
+        with amp:
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(dev, post.mean.dtype)
+            rec = vae.decode(z).sample
+        rec = rec.float()
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = 0.5 * (post.mean.float().pow(2) + post.var.float() - 1 - post.logvar.float()).mean()
+        loss = l1 + mse + vc.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        done = step + 1
+        recent.append(float(mse.detach()))
+        if done % cfg.log_every == 0 or done == vc.steps:
+            rec_ = {"stage": "vae", "step": done, "mse": sum(recent) / len(recent), "l1": float(l1.detach()),
+                    "kl": float(kl.detach()), "lr": sched.get_last_lr()[0], "elapsed_s": time.time() - clock.t0}
+            log.log(**rec_)
+            recent = []
+            if progress:
+                it.set_postfix(mse=f"{rec_['mse']:.5f}")
+        if clock.over():
+            log.log(stage="vae", stopped_early=True, step=done)
+            break
+    vae.eval()
+    return {"vae_steps_done": done}
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, dev, batch: int = 256) -> torch.Tensor:
+    """Posterior means (N, z, h, w): deterministic, as the pipelines' retrieve_latents(sample_mode='argmax')."""
+    out = []
+    for i in range(0, images.shape[0], batch):
+        with _autocast(dev):
+            out.append(vae.encode(to_vae_input(images[i:i + batch], dev)).latent_dist.mode()[:, :, 0].float().cpu())
+    return torch.cat(out)
+
+
+def set_latent_stats(vae, latents: torch.Tensor) -> tuple[list[float], list[float]]:
+    mean = latents.mean(dim=(0, 2, 3))
+    std = latents.std(dim=(0, 2, 3)).clamp_min(1e-4)
+    m, s = [round(float(v), 5) for v in mean], [round(float(v), 5) for v in std]
+    vae.register_to_config(latents_mean=m, latents_std=s)  # saved in vae/config.json; the pipeline reads these
+    return m, s
+
+
+def _autocast(dev):
+    if dev.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def draw_captions(scenes: list[world.Scene], idx: list[int], rng: random.Random, tc: TransformerConfig) -> list[str]:
+    caps = []
+    for i in idx:
+        if rng.random() < tc.caption_dropout:
+            caps.append(rng.choice(["", " "]))  # both are common negative prompts; both mean 'unconditional'
+        else:
+            caps.append(world.caption(scenes[i], rng, p_bare=tc.p_bare))
+    return caps
+
+
+def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev, log: JsonlLogger, clock: _Clock,
+                      progress: bool) -> tuple[dict, dict]:
+    from diffusers import QwenImagePipeline
+
+    tc = cfg.transformer
+    tf = pipe.transformer
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1)
+    z_all = (latents - mean) / std
+    B, (C, h, w) = tc.batch, z_all.shape[1:]
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    rng = random.Random(cfg.seed + 3)
+    ema = copy.deepcopy(tf).requires_grad_(False)
+    opt = torch.optim.AdamW(tf.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup, tc.steps))
+    img_shapes = [(1, h // 2, w // 2)] * B
+    tf.train()
+    it = _tq(range(tc.steps), progress, "transformer")
+    recent, done = [], 0
+    for step in it:
+        idx = torch.randint(0, z_all.shape[0], (B,), generator=g)
+        x0 = QwenImagePipeline._pack_latents(z_all[idx], B, C, h, w).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        sigma = flow.sample_sigmas(B, tc.sigma_mode, generator=g).to(dev)
+        x_t = flow.add_noise(x0, noise, sigma)
+        with torch.no_grad():
+            emb, mask = pipe.encode_prompt(draw_captions(scenes, idx.tolist(), rng, tc), device=dev)
+        if mask is None:
+            mask = torch.ones(emb.shape[:2], dtype=torch.long, device=dev)
+        with _autocast(dev):
+            v = tf(hidden_states=x_t, encoder_hidden_states=emb, encoder_hidden_states_mask=mask, timestep=sigma,
+                   img_shapes=img_shapes, return_dict=False)[0]
+        loss = F.mse_loss(v.float(), flow.velocity_target(x0, noise).float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(tf.parameters(), tc.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # EMA weights are what ship: smoother samples for the same steps
+            d = min(tc.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(tf.parameters()), 1 - d)
+        done = step + 1
+        recent.append(float(loss.detach()))
+        if done % cfg.log_every == 0 or done == tc.steps:
+            r = {"stage": "transformer", "step": done, "loss": sum(recent) / len(recent), "grad_norm": float(gn),
+                 "lr": sched.get_last_lr()[0], "elapsed_s": time.time() - clock.t0}
+            log.log(**r)
+            recent = []
+            if progress:
+                it.set_postfix(loss=f"{r['loss']:.4f}")
+        if clock.over():
+            log.log(stage="transformer", stopped_early=True, step=done)
+            break
+    return {"transformer_steps_done": done}, ema
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation with the recognizer
+
+
+@torch.no_grad()
+def evaluate_with_recognizer(pipe, vae_images: torch.Tensor, cfg: ModelConfig, dev, out: Path) -> dict:
+    """Does the model draw what the caption says? Generated images of fully described single people
+    are read by the recognizer; also how well identities survive the VAE alone (reconstructions)."""
+    from refgen.toyworld import recognizer as R
+
+    try:
+        net = R.load(device=str(dev))
+    except FileNotFoundError as e:
+        return {"skipped": str(e)}
+    res: dict = {}
+    # 1. VAE round trip
+    x = vae_images[:256]
+    rec = []
+    for i in range(0, x.shape[0], 64):
+        with _autocast(dev):
+            r = pipe.vae.decode(pipe.vae.encode(to_vae_input(x[i:i + 64], dev)).latent_dist.mode()).sample
+        rec.append(((r[:, :, 0].float().clamp(-1, 1) + 1) / 2).cpu())
+    rec = torch.cat(rec)
+    P_orig, P_rec = R.predict_logits(net, x, str(dev)), R.predict_logits(net, rec, str(dev))
+    agree = [float((P_orig[f"p0.{k}"].argmax(-1) == P_rec[f"p0.{k}"].argmax(-1)).float().mean())
+             for k in world.ATTRIBUTES]
+    res["vae_recon_attr_agreement"] = sum(agree) / len(agree)
+    # 2. generation from full descriptions
+    rng = random.Random(12345)
+    idents = [world.sample_identity(rng) for _ in range(cfg.eval_samples)]
+    prompts = [f"A photo of {world.describe_person(i, None, rng, n_attrs=5)} "
+               f"{rng.choice(world.SCENE_PHRASES[rng.choice(world.SCENES)])}." for i in idents]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    imgs = []
+    for i in range(0, len(prompts), 16):
+        imgs += pipe(prompts[i:i + 16], negative_prompt=[" "] * len(prompts[i:i + 16]), true_cfg_scale=4.0,
+                     height=cfg.size, width=cfg.size, num_inference_steps=cfg.eval_steps, generator=gen,
+                     output_type="pil").images
+    preds = R.predict(net, imgs, str(dev))
+    per = {k: 0 for k in world.ATTRIBUTES}
+    n_person = 0
+    for ident, p in zip(idents, preds):
+        if not p["people"]:
+            continue
+        n_person += 1
+        for k in world.ATTRIBUTES:
+            per[k] += int(p["people"][0][k] == getattr(ident, k))
+    res["gen_person_found"] = n_person / max(1, len(prompts))
+    res["gen_attr_accuracy"] = {k: v / max(1, len(prompts)) for k, v in per.items()}
+    res["gen_attr_accuracy_mean"] = sum(per.values()) / max(1, len(prompts) * len(per))
+    grid = _grid(imgs[:64], cfg.size)
+    atomic_save_image(grid, out / "samples.png")
+    atomic_write_json(out / "samples.json", {"prompts": prompts[:64]})
+    return res
+
+
+def _grid(imgs, size: int):
+    from PIL import Image
+
+    n = len(imgs)
+    cols = min(8, n)
+    rows = (n + cols - 1) // cols
+    g = Image.new("RGB", (cols * size, rows * size))
+    for i, im in enumerate(imgs):
+        g.paste(im, ((i % cols) * size, (i // cols) * size))
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+def train_model(cfg: ModelConfig, out: str | Path, *, progress: bool = True) -> Path:
+    """Run the whole recipe and save a QwenImagePipeline folder at `out`. Returns `out`."""
+    from diffusers import QwenImagePipeline
+
+    from refgen.runtime import check_cpu_size, resolve_device, seed_everything
+
+    out = Path(out)
+    dev = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    work = out.parent / f".{out.name}.work"  # logs live beside, so a half-done run never looks like a model
+    log = JsonlLogger(work / "metrics.jsonl")
+    clock = _Clock(cfg.max_minutes)
+    t = {}
+
+    images, scenes = render_dataset(cfg, progress)
+    t["render_s"] = time.time() - clock.t0
+
+    # tokenizer: trained on captions of the data set (several draws per scene: all attribute words)
+    rng = random.Random(cfg.seed)
+    cap_sample = [world.caption(scenes[i % len(scenes)], rng, p_bare=0.0) for i in range(min(20000, 4 * len(scenes)))]
+    tokenizer = build_tokenizer(cap_sample, cfg.text.vocab_size)
+    text_encoder = build_text_encoder(tokenizer, cfg.text, cfg.seed).to(dev)
+
+    torch.manual_seed(cfg.seed + 10)
+    vae = build_vae(cfg.vae).to(dev)
+    torch.manual_seed(cfg.seed + 20)
+    transformer = build_transformer(cfg.transformer, cfg.vae.z_dim, cfg.text.hidden).to(dev)
+    for name, m in (("vae", vae), ("transformer", transformer), ("text_encoder", text_encoder)):
+        check_cpu_size(m, dev, name)
+
+    stats = train_vae(vae, images, cfg, dev, log, clock, progress)
+    t["vae_s"] = time.time() - clock.t0 - t["render_s"]
+    vae.requires_grad_(False)
+    latents = encode_latents(vae, images, dev)
+    lat_mean, lat_std = set_latent_stats(vae, latents)
+
+    pipe = QwenImagePipeline(scheduler=build_scheduler(cfg.shift), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    st2, ema = train_transformer(pipe, latents, scenes, cfg, dev, log, clock, progress)
+    stats.update(st2)
+    t["transformer_s"] = time.time() - clock.t0 - t["render_s"] - t["vae_s"]
+    transformer.load_state_dict(ema.state_dict())
+    transformer.eval()
+    del ema
+
+    evals = {}
+    if cfg.eval_samples > 0:
+        evals = evaluate_with_recognizer(pipe, images, cfg, dev, work)
+        log.log(stage="eval", **{k: v for k, v in evals.items() if not isinstance(v, dict)})
+
+    # save: bf16 weights (fits the 30 MB budget); written to a temp folder, then renamed into place
+    import os
+    import shutil
+
+    pipe.to(torch.bfloat16)
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    size_mb = sum(p.stat().st_size for p in tmp.rglob("*.safetensors")) / 2**20
+    report = {**stats, "timings_s": t, "total_s": time.time() - clock.t0, "latents_mean": lat_mean,
+              "latents_std": lat_std, "weights_mb": size_mb, "eval": evals, "device": str(dev),
+              "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+              "stopped_early": clock.over()}
+    atomic_write_json(tmp / "refgen_toyworld.json", provenance(asdict(cfg), report=report))
+    os.chmod(tmp / "refgen_toyworld.json", 0o644)  # atomic writes are owner-only (mkstemp); this ships
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    if (work / "metrics.jsonl").exists():
+        shutil.copy2(work / "metrics.jsonl", out / "metrics.jsonl")
+    for extra in ("samples.png", "samples.json"):
+        if (work / extra).exists():
+            shutil.copy2(work / extra, out / extra)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
