@@ -52,6 +52,12 @@ def provenance(config: Any = None, **extra) -> dict:
     return d
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +65,7 @@ def _atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files owner-only; artifacts read like any file
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
     except BaseException:
         if os.path.exists(tmp):

@@ -308,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     dit_sub = dit.add_subparsers(dest="dit_command", required=True)
     register_dit_data(dit_sub)
     register_dit_model(dit_sub)
+
+    from refgen.toyworld.cli import register as register_toyworld
+
+    tw = sub.add_parser("toyworld", help="toy identity world: identities, recognizer, toy Qwen-Image recipe")
+    register_toyworld(tw.add_subparsers(dest="toyworld_command", required=True))
     return p
 
 

@@ -36,7 +36,7 @@ def test_render_grid_is_deterministic_and_documented(pipe, tmp_path):
     L = encode_prompts(pipe, cfg.prompt).slots[0][0].length
     r = torch.randn(L, pipe.transformer.config.joint_attention_dim) * 5
     rec = render_grid(pipe, cfg, [r], tmp_path / "a", progress=False)
-    rec2 = render_grid(pipe, cfg, [r], tmp_path / "b", progress=False)
+    render_grid(pipe, cfg, [r], tmp_path / "b", progress=False)
     for f in rec["images"]:
         assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / f)), np.asarray(Image.open(tmp_path / "b" / f)))
     g = json.loads((tmp_path / "a" / "grid.json").read_text())

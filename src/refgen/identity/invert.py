@@ -31,7 +31,6 @@ import yaml
 from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_torch_save, atomic_write_json, provenance)
 from refgen.identity.qwen import QwenFlowModel, encode_latents, pack
-from refgen.identity.slots import Slot
 from refgen.images import Identity, center_crop_resize, load_rgb
 
 

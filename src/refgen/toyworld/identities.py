@@ -106,8 +106,6 @@ def make_identities(out: str | Path, n: int = 50, seed: int = 0, *, size: int = 
             for e, im in zip(rec["images"], images):
                 atomic_save_image(im, tmp / e["file"])
             atomic_write_json(tmp / "identity.json", {**rec, "provenance": provenance(asdict(cfg))})
-            for f in tmp.iterdir():  # atomic writes come out owner-only (mkstemp); these are shared data
-                os.chmod(f, 0o644)
             if final.exists():  # an incomplete folder from an older/killed run: replaced, not merged
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -312,8 +311,6 @@ def save(net: RecognizerNet, cfg: RecognizerConfig, out: str | Path, metrics: di
         "config": asdict(cfg), "heads": heads(), "attributes": world.ATTRIBUTES, "states": world.STATES,
         "scenes": world.SCENES, "metrics": metrics or {}, "provenance": provenance(),
     })
-    for f in ("model.safetensors", "config.json"):  # atomic writes are owner-only (mkstemp); these ship
-        os.chmod(out / f, 0o644)
 
 
 def load(path: str | Path | None = None, device: str = "cpu") -> RecognizerNet:

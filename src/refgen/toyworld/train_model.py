@@ -600,7 +600,6 @@ def train_model(cfg: ModelConfig, out: str | Path, *, progress: bool = True) -> 
               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
               "stopped_early": clock.over()}
     atomic_write_json(tmp / "refgen_toyworld.json", provenance(asdict(cfg), report=report))
-    os.chmod(tmp / "refgen_toyworld.json", 0o644)  # atomic writes are owner-only (mkstemp); this ships
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
