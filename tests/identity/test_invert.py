@@ -154,3 +154,17 @@ def test_cli_only_and_bad_only(tiny_models, tmp_path, capsys):
     assert "seed_9" in capsys.readouterr().err
     assert main(base + ["--only", "seed_1", "--shard", "x"]) == 1
     assert main(base + ["--only", "seed_1", "--config", str(tmp_path / "nope.yaml")]) == 1
+
+
+def test_resume_under_another_batch_size_but_not_another_objective(pipe, tmp_path):
+    root = make_identities(tmp_path / "ids", n=2)
+    out = tmp_path / "o"
+    run(pipe, root, out, identities_per_batch=2, steps=6, checkpoint_every=3)  # finish() not called: ckpt at step 3
+    ident = scan(root).identities[0]
+    assert (out / ident.id / "teacher_ckpt.pt").exists()
+    inv = Inverter(pipe, InvertConfig(**{**FAST, "identities_per_batch": 1, "steps": 6, "checkpoint_every": 3}),
+                   out, progress=False)
+    assert inv._new_state(ident).step == 3
+    inv = Inverter(pipe, InvertConfig(**{**FAST, "lr": 1e-3, "steps": 6, "checkpoint_every": 3}), out, progress=False)
+    with pytest.raises(ValueError, match="another config.*lr"):
+        inv._new_state(ident)

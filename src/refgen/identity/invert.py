@@ -187,9 +187,10 @@ class Inverter:
 
     def _load_ckpt(self, st: _State, path: Path) -> None:
         d = torch.load(path, map_location="cpu", weights_only=False)
-        if d["config"] != dataclasses.asdict(self.cfg):
+        diff = {k: v for k, v in _diff(d["config"], dataclasses.asdict(self.cfg)).items() if k not in _RESUMABLE}
+        if diff:
             raise ValueError(f"{path}: checkpoint was made with another config; delete it or rerun with the same "
-                             f"config (differences: {_diff(d['config'], dataclasses.asdict(self.cfg))})")
+                             f"config (differences: {diff})")
         with torch.no_grad():
             st.P.copy_(d["P"].to(self.device))
             st.log_scale.copy_(d["log_scale"].to(self.device))
@@ -391,6 +392,11 @@ class Inverter:
         if ck.exists():
             ck.unlink()  # complete: teacher.json is the record now
         return record
+
+
+# Settings that do not change one identity's optimisation: a run may resume under other values
+# (e.g. a worker with a smaller GPU picks a smaller K).
+_RESUMABLE = {"identities_per_batch", "gradient_checkpointing", "checkpoint_every"}
 
 
 def _diff(a: dict, b: dict) -> dict:
