@@ -46,10 +46,16 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 1000):
-    """A Qwen2Tokenizer with a byte-level BPE trained offline and Qwen's special tokens."""
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_qwen_bpe(corpus: list[str], vocab_size: int, min_frequency: int = 2,
+                   special_tokens: list[str] = QWEN_SPECIAL_TOKENS):
+    """A byte-level BPE with Qwen2's own pre-tokenizer regex trained on `corpus`, as a transformers Qwen2
+    tokenizer with Qwen's special tokens (pad/unk <|endoftext|>, eos <|im_end|>, <|im_start|>, no bos).
+    Shared by the tiny test models and the toy world."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
+    from transformers import Qwen2TokenizerFast
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
@@ -58,15 +64,17 @@ def build_tokenizer(vocab_size: int = 1000):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    import json
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                  min_frequency=min_frequency, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              unk_token="<|endoftext|>", bos_token=None)
 
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    qtok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
-    qtok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+
+def build_tokenizer(vocab_size: int = 1000):
+    """The tiny models' tokenizer: `train_qwen_bpe` on caption-like text with placeholders."""
+    qtok = train_qwen_bpe(_corpus(), vocab_size)
     qtok.model_max_length = 32768
     return qtok
 

@@ -176,29 +176,16 @@ def build_tokenizer(texts: list[str], vocab_size: int):
 
     The corpus also holds placeholder prompts ('~ID~', '~ID~,', '(~ID~)'), so the toy tokenizer makes
     the same context-sensitive merges around the placeholder the real one does.
-    (refgen.tiny.build_tokenizer is the same idea for random test pipelines; the two can merge.)
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from refgen.tiny import train_qwen_bpe
 
     prefix, suffix = _template_parts()
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     rng = random.Random(0)
     placeholder = [f"{rng.choice(world.OPENERS[:3]).capitalize()} {rng.choice(['~ID~', '~ID~,', '(~ID~)', '~ID~.'])} "
                    f"{rng.choice(world.SCENE_PHRASES[rng.choice(world.SCENES)])}." for _ in range(300)]
     # the template is repeated so every template word becomes one token (34 in all, like Qwen's)
     corpus = list(texts) + [prefix + suffix] * 200 + world.template_texts() * 20 + placeholder
-    tok.train_from_iterator(corpus, trainer)
-    hf = Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                            unk_token=None, bos_token=None)
+    hf = train_qwen_bpe(corpus, vocab_size, special_tokens=SPECIAL_TOKENS)
     hf.model_max_length = 1024 + TEMPLATE_DROP
     n = len(hf(prefix).input_ids)
     if n != TEMPLATE_DROP:
