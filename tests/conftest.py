@@ -1,6 +1,18 @@
 """Shared fixtures: the tiny random Qwen-Image + Qwen3-VL models, built once per test session (offline)."""
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    # Every test runs tiny models: intra-op threads gain nothing, and on a shared 2-core box OpenMP barriers
+    # between two threads made tiny ops ~100x slower (measured: a 32->64 Linear, 0.05 ms vs 16 ms under load).
+    # Subprocesses the tests start (torchrun, the CLI) set their own.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

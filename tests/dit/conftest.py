@@ -3,13 +3,11 @@ prepared shard folder (built once per session; tests that modify it copy it firs
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 TEST_BUCKETS = "64x64,64x128,128x64"
@@ -62,25 +60,6 @@ def make_image_folder(root, rng_seed=0) -> dict:
             "skipped_encode": {"sub/truncated.jpg"}}
 
 
-@contextlib.contextmanager
-def one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core box OpenMP barriers between two
-    # threads make each tiny op ~100x slower (measured: a 32->64 Linear, 0.05 ms vs 16 ms under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def data_one_thread():
-    """Use with `pytestmark = pytest.mark.usefixtures("data_one_thread")`; restores the thread count after."""
-    with one_torch_thread():
-        yield
-
-
 @pytest.fixture(scope="session")
 def data_tiny_models(tmp_path_factory):
     from refgen.dit.tiny import write_tiny_models
@@ -117,6 +96,5 @@ def data_prepared(tmp_path_factory, data_tiny_models, data_images):
 
     src, expect = data_images
     out = tmp_path_factory.mktemp("shards")
-    with one_torch_thread():
-        index = prepare(prepare_config(src, out, data_tiny_models), progress=False)
+    index = prepare(prepare_config(src, out, data_tiny_models), progress=False)
     return out, index, expect, data_tiny_models

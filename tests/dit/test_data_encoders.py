@@ -10,7 +10,6 @@ from refgen.dit.encoders import (dino_input, encode_dino, encode_latents, encode
                                  vae_downsample)
 from refgen.dit.tiny import tiny_dino
 
-pytestmark = pytest.mark.usefixtures("data_one_thread")
 
 CPU = torch.device("cpu")
 

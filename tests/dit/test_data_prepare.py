@@ -14,7 +14,6 @@ from refgen.artifacts import read_jsonl
 from refgen.dit.prepare import PrepareConfig, make_key, prepare
 from refgen.runtime import PolicyError
 
-pytestmark = pytest.mark.usefixtures("data_one_thread")
 
 TEST_BUCKETS = "64x64,64x128,128x64"
 

@@ -7,7 +7,6 @@ import torch
 
 from refgen.dit.shards import load_latent_stats, make_dataset, make_loader, shard_urls
 
-pytestmark = pytest.mark.usefixtures("data_one_thread")
 
 
 def _epoch(ds):

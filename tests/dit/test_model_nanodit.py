@@ -11,15 +11,6 @@ from refgen.dit.model import Cond, NanoDiT, count_params, forward_flops
 from refgen.dit.sample import sample, velocity_fn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: one thread is faster than two and does not fight other processes for the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_cond(B: int, h: int, w: int, T: int = 8, D: int = 16, seed: int = 0, pad: bool = True) -> Cond:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, T + 1, (B, 1), generator=g) if pad else torch.full((B, 1), T)

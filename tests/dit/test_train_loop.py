@@ -22,14 +22,6 @@ from refgen.dit.train import (ema_decay_at, latest_checkpoint, load_checkpoint, 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def synthetic_batches(n: int = 4, B: int = 4, seed: int = 0) -> list[dict]:
     """Batches in the data contract's format, alternating two buckets (8x8 and 8x16 latents)."""
     g = torch.Generator().manual_seed(seed)

@@ -6,13 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
 from refgen.dit.cli_model import register
 
-pytestmark = pytest.mark.usefixtures("data_one_thread")
 
 
 def _cli(argv: list[str]) -> int:
