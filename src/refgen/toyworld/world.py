@@ -247,6 +247,37 @@ def _draw_background(d: ImageDraw.ImageDraw, C: int, scene: Scene) -> None:
         d.rectangle([0, 0.7 * C, C, C], fill=_jit((60, 36, 50), rng))
 
 
+def _face_geometry(shape: str, cx: float, hy: float, r: float) -> tuple[list[float], str]:
+    """(bounding box, drawing kind) of the face. Widths at 64 px (r is about 7 px): round 2r, square
+    2.4r, long 1.3r; heights: round and square 2r, long 2.6r."""
+    if shape == "round":
+        return [cx - r, hy - r, cx + r, hy + r], "ellipse"
+    if shape == "square":
+        return [cx - 1.2 * r, hy - r, cx + 1.2 * r, hy + r], "box"
+    return [cx - 0.65 * r, hy - 1.15 * r, cx + 0.65 * r, hy + 1.45 * r], "ellipse"
+
+
+def _draw_face_shape(d: ImageDraw.ImageDraw, kind: str, box: list[float], fill) -> None:
+    if kind == "box":
+        d.rounded_rectangle(box, radius=0.06 * (box[2] - box[0]), fill=fill)
+    else:
+        d.ellipse(box, fill=fill)
+
+
+def _draw_clipped(d: ImageDraw.ImageDraw, kind: str, box: list[float], fill, y_max: float) -> None:
+    """The part of the shape (ellipse or box) above the line y = y_max."""
+    x0, y0, x1, y1 = box
+    if kind == "box":
+        d.rounded_rectangle([x0, y0, x1, y_max], radius=0.06 * (x1 - x0), fill=fill)
+        return
+    # ellipse above a horizontal line: a chord between the two points where the line crosses it
+    a, b = (x1 - x0) / 2, (y1 - y0) / 2
+    cy = (y0 + y1) / 2
+    t = max(-1.0, min(1.0, (y_max - cy) / b))
+    ang = np.degrees(np.arcsin(t))      # PIL angles: 0 = 3 o'clock, clockwise (y down)
+    d.chord(box, 180 - ang, 360 + ang, fill=fill)
+
+
 def _draw_person(d: ImageDraw.ImageDraw, C: int, p: Person) -> None:
     rng = random.Random(p.color_seed)
     ident, st = p.identity, p.state
@@ -269,9 +300,15 @@ def _draw_person(d: ImageDraw.ImageDraw, C: int, p: Person) -> None:
         lx = cx + s * 0.55 * leg_w
         d.rectangle([lx - leg_w / 2, torso_b - 0.02 * H, lx + leg_w / 2, foot], fill=TROUSERS)
 
-    # long hair hangs behind the head and shoulders
+    # face silhouette: the three shapes differ by several output pixels in width and height
+    # (round: circle of radius r; square: wide box with hard corners; long: tall narrow oval)
+    face_box, face_kind = _face_geometry(ident.face_shape, cx, hy, r)
+    fw = (face_box[2] - face_box[0]) / 2        # face half width
+
+    # long hair: a mane behind the head, wider than any face, down to the shoulders
     if ident.hair_style == "long":
-        d.rounded_rectangle([cx - 1.18 * r, hy - 0.9 * r, cx + 1.18 * r, neck + 0.55 * r], radius=0.4 * r, fill=hair)
+        d.rounded_rectangle([cx - fw - 0.42 * r, hy - 1.12 * r, cx + fw + 0.42 * r, neck + 0.3 * r],
+                            radius=0.5 * r, fill=hair)
 
     # arms (drawn before the torso so the shoulder joint hides under the shirt)
     for s in (-1, 1):
@@ -300,23 +337,29 @@ def _draw_person(d: ImageDraw.ImageDraw, C: int, p: Person) -> None:
             for x in np.arange(box[0] + 0.5 * step + off, box[2] - 0.3 * step, step):
                 d.ellipse([x - dr, y - dr, x + dr, y + dr], fill=patt)
 
+    # long hair: two locks falling in front of the shoulders down to the chest
+    if ident.hair_style == "long":
+        lw = 0.42 * r
+        for sgn in (-1, 1):
+            x_in, x_out = cx + sgn * (fw - 0.05 * r), cx + sgn * (fw + 0.42 * r)
+            d.rectangle([min(x_in, x_out), hy, max(x_in, x_out), neck + 0.2 * H], fill=hair)
+            d.ellipse([min(x_in, x_out), neck + 0.2 * H - lw / 2, max(x_in, x_out), neck + 0.2 * H + lw / 2],
+                      fill=hair)
+
     # neck and face
     d.rectangle([cx - 0.35 * r, hy + 0.6 * r, cx + 0.35 * r, neck + 0.1 * r], fill=skin)
-    if ident.face_shape == "round":
-        face = [cx - r, hy - r, cx + r, hy + r]
-        d.ellipse(face, fill=skin)
-    elif ident.face_shape == "square":
-        face = [cx - r, hy - r, cx + r, hy + r]
-        d.rounded_rectangle(face, radius=0.18 * r, fill=skin)
-    else:  # long: narrow and tall, reaching lower than the others
-        face = [cx - 0.72 * r, hy - r, cx + 0.72 * r, hy + 1.3 * r]
-        d.ellipse(face, fill=skin)
+    _draw_face_shape(d, face_kind, face_box, skin)
 
-    # hair on top of the head (all styles), bun on top of that
-    d.chord([cx - 1.08 * r, hy - 1.12 * r, cx + 1.08 * r, hy + 0.5 * r], 180, 360, fill=hair)
+    # hair on top of the head (all styles): a cap that follows the face outline, covering only its
+    # top, so the silhouette of the face stays visible; a big bun sits clearly above the head
+    cap_bottom = face_box[1] + 0.55 * r
+    m = 0.1 * r
+    cap_box = [face_box[0] - m, face_box[1] - m, face_box[2] + m, face_box[3] + m]
+    _draw_clipped(d, face_kind, cap_box, hair, cap_bottom)
     if ident.hair_style == "bun":
-        br = 0.5 * r
-        d.ellipse([cx - br, hy - 1.05 * r - 1.6 * br, cx + br, hy - 1.05 * r + 0.4 * br], fill=hair)
+        br = 0.62 * r
+        by = face_box[1] - 0.75 * br
+        d.ellipse([cx - br, by - br, cx + br, by + br], fill=hair)
 
     # eyes / glasses
     ey, ex = hy + 0.05 * r, 0.42 * r
