@@ -73,3 +73,26 @@ def test_config_validation_names_the_field(tmp_path):
 
     cfg = T.ModelConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "toyworld_model.yaml")
     assert cfg.size == 64 and cfg.transformer.head_dim == sum(cfg.transformer.axes_dims_rope)
+
+
+def test_text_bank_rows_are_the_pipelines_own_embeddings(tiny_model):
+    """The bank must hold exactly what encode_prompt gives for each caption (padding only adds masked
+    zeros), and its last two rows must be the unconditional prompts '' and ' '."""
+    import random
+
+    from diffusers import QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(tiny_model, torch_dtype=torch.float32)
+    cfg = T.ModelConfig.tiny(transformer=T.TransformerConfig(layers=1, heads=2, head_dim=16, axes_dims_rope=[4, 6, 6],
+                                                             captions_per_image=2, p_bare=0.5))
+    scenes = [world.scene_from_seed(s) for s in range(3)]
+    emb, mask = T.build_text_bank(pipe, scenes, cfg, torch.device("cpu"), progress=False)
+    assert emb.shape[0] == 3 * 2 + 2 and mask.dtype == torch.bool
+    rng = random.Random(cfg.seed + 3)
+    caps = [world.caption(scenes[i], rng, p_bare=0.5) for i in range(3) for _ in range(2)] + ["", " "]
+    for r, c in enumerate(caps):
+        e, m = pipe.encode_prompt([c], device="cpu")
+        n = e.shape[1]
+        assert int(mask[r].sum()) == n and bool(mask[r, :n].all())
+        torch.testing.assert_close(emb[r, :n], e[0], rtol=1e-5, atol=1e-5)
+        assert not emb[r, n:].any()

@@ -21,9 +21,10 @@ Why the details are what they are:
 - Training matches the pipeline's sampling exactly: latents normalised (z - mean) / std, packed 2x2
   with `QwenImagePipeline._pack_latents`, `img_shapes=[(1, h/2, w/2)]`, transformer timestep = sigma
   (the pipeline passes t / 1000 with t = 1000 sigma), target noise - x0.
-- Captions are re-drawn every step from the stored scene (random attribute subsets, 25% of people
+- Each image gets `captions_per_image` caption draws (random attribute subsets, 25% of people
   described only as 'a person'), so the model learns each attribute alone and the placeholder-free
-  phrase; 10% of captions are dropped to '' or ' ' so classifier-free guidance has an unconditional.
+  phrase; they are encoded once into a bank (the text encoder is frozen). 10% of steps' captions are
+  dropped to '' or ' ' so classifier-free guidance has an unconditional.
 - Weights are stored in bf16 (as Qwen-Image ships) to stay under 30 MB; load with
   torch_dtype=torch.float32 on the CPU.
 """
@@ -92,6 +93,8 @@ class TransformerConfig:
     sigma_mode: str = "logit_normal"
     caption_dropout: float = 0.1
     p_bare: float = 0.25
+    captions_per_image: int = 3  # caption draws per image, encoded once (the text encoder is frozen)
+    compile: bool = False        # diffusers' compile_repeated_blocks (CUDA only)
 
 
 @dataclass
@@ -141,6 +144,10 @@ class ModelConfig:
                 raise ValueError(f"{sec}.{k} must be >= 1")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if x.captions_per_image < 1:
+            raise ValueError(f"transformer.captions_per_image must be >= 1, got {x.captions_per_image}")
+        if x.compile and self.device != "cuda":
+            raise ValueError(f"transformer.compile is for CUDA runs; device is {self.device!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ModelConfig:
@@ -380,14 +387,38 @@ def _autocast(dev):
     return contextlib.nullcontext()
 
 
-def draw_captions(scenes: list[world.Scene], idx: list[int], rng: random.Random, tc: TransformerConfig) -> list[str]:
-    caps = []
-    for i in idx:
-        if rng.random() < tc.caption_dropout:
-            caps.append(rng.choice(["", " "]))  # both are common negative prompts; both mean 'unconditional'
-        else:
-            caps.append(world.caption(scenes[i], rng, p_bare=tc.p_bare))
-    return caps
+@torch.no_grad()
+def build_text_bank(pipe, scenes: list[world.Scene], cfg: ModelConfig, dev, progress: bool = True):
+    """Embeddings of `captions_per_image` caption draws per scene plus the two unconditional prompts
+    ('' and ' ', rows -2 and -1), all through the pipeline's own `encode_prompt`.
+
+    Why a bank: the text encoder is frozen, so its output is a pure function of the caption. Encoding
+    once up front removes the tokenizer, the Qwen2.5-VL rope-index loop and the text forward from every
+    training step (they were most of the step time at this model size). Rows are padded to one length
+    with mask 0; the transformer masks padded keys and gives text rope positions by index, so padding
+    length does not change the result.
+    Returns (embeds (R, L, D) bf16/fp32 on dev, mask (R, L) bool on dev)."""
+    tc = cfg.transformer
+    rng = random.Random(cfg.seed + 3)
+    M = tc.captions_per_image
+    caps = [world.caption(scenes[i], rng, p_bare=tc.p_bare) for i in range(len(scenes)) for _ in range(M)]
+    caps += ["", " "]
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    chunks = []
+    for i in _tq(range(0, len(caps), 2048), progress, "text bank"):
+        e, m = pipe.encode_prompt(caps[i:i + 2048], device=dev)
+        if m is None:
+            m = torch.ones(e.shape[:2], dtype=torch.bool, device=dev)
+        chunks.append((e.to(dtype), m.bool()))
+    L = max(e.shape[1] for e, _ in chunks)
+    emb = torch.zeros(len(caps), L, chunks[0][0].shape[2], dtype=dtype, device=dev)
+    mask = torch.zeros(len(caps), L, dtype=torch.bool, device=dev)
+    r = 0
+    for e, m in chunks:
+        emb[r:r + e.shape[0], :e.shape[1]] = e
+        mask[r:r + e.shape[0], :e.shape[1]] = m
+        r += e.shape[0]
+    return emb, mask
 
 
 def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev, log: JsonlLogger, clock: _Clock,
@@ -398,30 +429,36 @@ def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev
     tf = pipe.transformer
     mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1)
     std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1)
-    z_all = (latents - mean) / std
-    B, (C, h, w) = tc.batch, z_all.shape[1:]
-    g = torch.Generator().manual_seed(cfg.seed + 2)
-    rng = random.Random(cfg.seed + 3)
+    N, (C, h, w) = latents.shape[0], latents.shape[1:]
+    z_all = QwenImagePipeline._pack_latents((latents - mean) / std, N, C, h, w).to(dev)  # (N, h*w/4, 4C)
+    t0 = time.time()
+    emb_bank, mask_bank = build_text_bank(pipe, scenes, cfg, dev, progress)
+    text_s = time.time() - t0
+    M, B = tc.captions_per_image, tc.batch
+    # every random draw comes from one generator on the training device: reproducible, and no host sync
+    g = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
     ema = copy.deepcopy(tf).requires_grad_(False)
-    opt = torch.optim.AdamW(tf.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(tf.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.99),
+                            fused=dev.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup, tc.steps))
     img_shapes = [(1, h // 2, w // 2)] * B
+    if tc.compile:
+        tf.compile_repeated_blocks(fullgraph=True)  # diffusers' regional compile: one graph per block type
     tf.train()
     it = _tq(range(tc.steps), progress, "transformer")
-    recent, done = [], 0
+    recent, done, t_loop = [], 0, time.time()
     for step in it:
-        idx = torch.randint(0, z_all.shape[0], (B,), generator=g)
-        x0 = QwenImagePipeline._pack_latents(z_all[idx], B, C, h, w).to(dev)
-        noise = torch.randn(x0.shape, generator=g).to(dev)
-        sigma = flow.sample_sigmas(B, tc.sigma_mode, generator=g).to(dev)
+        idx = torch.randint(0, N, (B,), generator=g, device=dev)
+        row = idx * M + torch.randint(0, M, (B,), generator=g, device=dev)
+        drop = torch.rand(B, generator=g, device=dev) < tc.caption_dropout  # -> '' or ' ': the CFG unconditional
+        row = torch.where(drop, emb_bank.shape[0] - 1 - torch.randint(0, 2, (B,), generator=g, device=dev), row)
+        x0 = z_all[idx]
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        sigma = flow.sample_sigmas(B, tc.sigma_mode, generator=g, device=dev)
         x_t = flow.add_noise(x0, noise, sigma)
-        with torch.no_grad():
-            emb, mask = pipe.encode_prompt(draw_captions(scenes, idx.tolist(), rng, tc), device=dev)
-        if mask is None:
-            mask = torch.ones(emb.shape[:2], dtype=torch.long, device=dev)
         with _autocast(dev):
-            v = tf(hidden_states=x_t, encoder_hidden_states=emb, encoder_hidden_states_mask=mask, timestep=sigma,
-                   img_shapes=img_shapes, return_dict=False)[0]
+            v = tf(hidden_states=x_t, encoder_hidden_states=emb_bank[row], encoder_hidden_states_mask=mask_bank[row],
+                   timestep=sigma, img_shapes=img_shapes, return_dict=False)[0]
         loss = F.mse_loss(v.float(), flow.velocity_target(x0, noise).float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -432,10 +469,11 @@ def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev
             d = min(tc.ema, (1 + step) / (10 + step))
             torch._foreach_lerp_(list(ema.parameters()), list(tf.parameters()), 1 - d)
         done = step + 1
-        recent.append(float(loss.detach()))
+        recent.append(loss.detach())
         if done % cfg.log_every == 0 or done == tc.steps:
-            r = {"stage": "transformer", "step": done, "loss": sum(recent) / len(recent), "grad_norm": float(gn),
-                 "lr": sched.get_last_lr()[0], "elapsed_s": time.time() - clock.t0}
+            r = {"stage": "transformer", "step": done, "loss": float(torch.stack(recent).mean()), "grad_norm": float(gn),
+                 "lr": sched.get_last_lr()[0], "steps_per_s": done / (time.time() - t_loop),
+                 "elapsed_s": time.time() - clock.t0}
             log.log(**r)
             recent = []
             if progress:
@@ -443,7 +481,8 @@ def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev
         if clock.over():
             log.log(stage="transformer", stopped_early=True, step=done)
             break
-    return {"transformer_steps_done": done}, ema
+    return {"transformer_steps_done": done, "text_bank_s": text_s, "text_bank_rows": emb_bank.shape[0],
+            "text_bank_len": emb_bank.shape[1], "transformer_steps_per_s": done / (time.time() - t_loop)}, ema
 
 
 # ---------------------------------------------------------------------------------------------
