@@ -1,0 +1,132 @@
+"""`refgen demo`: the whole identity path on the embedded toy model, on a CPU, in a few minutes.
+
+1. two people from the toy world become reference folders (`seed_<id>/`, 3-5 photos each)
+2. teacher inversion of both, briefly (the real `refgen invert` code, toy-sized settings)
+3. an alpha x seed grid per person, and one image with both people (left, right)
+4. the recognizer reads every picture; the demo prints what it saw and where the pictures are
+
+Nothing here is special to the demo: it calls the functions behind `refgen invert`, `refgen render` and
+`refgen generate`. Re-running reuses the finished inversions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class DemoConfig:
+    model: str = ""                     # "" = the embedded toy model
+    device: str = "cpu"                 # the toy model is ~12M parameters: the CPU is allowed
+    identities: list[int] = field(default_factory=lambda: [200_003, 200_011])
+    invert_steps: int = 400
+    images_per_step: int = 4
+    lr: float = 0.05
+    alphas: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.4, 1.8])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    scene: str = "beach"
+    render_steps: int = 20
+    true_cfg: float = 4.0
+    threads: int = 0                    # torch CPU threads; 0 = leave torch's default
+
+    def __post_init__(self):
+        from refgen.toyworld import world
+
+        if len(self.identities) != 2:
+            raise ValueError(f"the demo uses exactly two identities, got {self.identities}")
+        if self.scene not in world.SCENES:
+            raise ValueError(f"scene {self.scene!r} is not one of {world.SCENES}")
+        if self.invert_steps < 1 or self.render_steps < 2:
+            raise ValueError("invert_steps >= 1 and render_steps >= 2 required")
+
+
+def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
+    from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
+    from refgen.grid import make_grid
+    from refgen.identity.inject import inject
+    from refgen.identity.invert import InvertConfig, Inverter
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.render import RenderConfig, load_pipeline, render_grid, render_images
+    from refgen.images import scan
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld import world
+    from refgen.toyworld.benchmark import PAIR_PROMPT, SCENE_PROMPT, attributes_of, default_model, score
+    from refgen.toyworld.identities import make_identities
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    t0 = time.time()
+    model = cfg.model or default_model()
+    ids_root = out / "identities"
+    for i in cfg.identities:
+        make_identities(ids_root, n=1, seed=i, progress=False)
+    idents = {x.id: x for x in scan(ids_root).identities}
+    chosen = [idents[f"seed_{i}"] for i in cfg.identities]
+
+    dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
+    pipe = load_pipeline(model, cfg.device, dtype)
+    icfg = InvertConfig(base_prompt="A photo of ~ID~.", height=64, width=64, steps=cfg.invert_steps, lr=cfg.lr,
+                        images_per_step=cfg.images_per_step, identities_per_batch=2, plateau_window=10_000, qa=False)
+    inv = Inverter(pipe, icfg, out / "teacher", model_id=model, progress=progress)
+    todo = [i for i in chosen if not inv.is_complete(i)]
+    if todo:
+        for s in inv.run_batch(todo):
+            inv.finish(s)
+    t_inv = time.time() - t0
+
+    from refgen.identity.inject import load_residual
+
+    dev, dt = pipe._execution_device, pipe.transformer.dtype
+    res = [load_residual(out / "teacher" / i.id / "teacher_residual.safetensors", pipe, dev, dt) for i in chosen]
+    where = world.SCENE_PHRASES[cfg.scene][0]
+    net = R.load(device=cfg.device)
+    ne = encode_prompts(pipe, " ")
+    neg = (ne.embeds, ne.mask)
+    summary = {"identities": {}, "pictures": {}}
+    for ident, r in zip(chosen, res):
+        rc = RenderConfig(prompt=SCENE_PROMPT.format(where=where), alphas=cfg.alphas, seeds=cfg.seeds,
+                          steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64)
+        rec = render_grid(pipe, rc, [r], out / "grids" / ident.id, progress=False, neg=neg)
+        from PIL import Image
+
+        images = [Image.open(out / "grids" / ident.id / f) for f in rec["images"]]
+        preds = R.predict(net, images, cfg.device)
+        per_alpha = {}
+        for a in cfg.alphas:
+            sel = [k for k, f in enumerate(rec["images"]) if Path(f).name.startswith(f"a{a:g}_")]
+            per_alpha[f"{a:g}"] = score([preds[k] for k in sel],
+                                        [{"people": [attributes_of(ident.path)], "scene": cfg.scene}] * len(sel))
+        summary["identities"][ident.id] = {"attributes": attributes_of(ident.path), "per_alpha": per_alpha}
+        summary["pictures"][f"alpha grid {ident.id}"] = str(out / "grids" / ident.id / "grid.png")
+
+    # both people in one prompt, left then right, each with its own residual at alpha 1.4
+    enc = encode_prompts(pipe, PAIR_PROMPT.format(where=where), n_identities=2)
+    B = len(cfg.seeds)
+    E = inject(enc.embeds.expand(B, -1, -1), enc.slots[0], res, [1.4, 1.4])
+    rc = RenderConfig(prompt="", steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64)
+    pair_imgs = render_images(pipe, E, enc.mask.expand(B, -1), cfg.seeds, rc, neg, progress=False)
+    two = score(R.predict(net, pair_imgs, cfg.device),
+                [{"people": [attributes_of(i.path) for i in chosen], "scene": cfg.scene}] * B)
+    refs = [[R_img for R_img in _ref_images(i)] for i in chosen]
+    atomic_save_image(make_grid([pair_imgs], ["two people"], [f"seed {s}" for s in cfg.seeds]),
+                      out / "two_people.png")
+    atomic_save_image(make_grid([r[:3] for r in refs], [i.id for i in chosen], ["ref 1", "ref 2", "ref 3"]),
+                      out / "references.png")
+    summary["two_people"] = two
+    summary["pictures"]["two people"] = str(out / "two_people.png")
+    summary["pictures"]["references"] = str(out / "references.png")
+    summary["seconds"] = {"identities+inversion": t_inv, "total": time.time() - t0}
+    atomic_write_json(out / "demo.json", provenance(dataclasses.asdict(cfg), model=model, **summary))
+    return summary
+
+
+def _ref_images(ident):
+    from refgen.images import load_rgb
+
+    return [load_rgb(p) for p in ident.images]
