@@ -55,8 +55,24 @@ def _train_model(args) -> int:
     return 0
 
 
+def _train_vl(args) -> int:
+    from refgen.toyworld import vl
+
+    over = {k: v for k, v in {"steps": args.steps, "n_train_ids": args.n_train_ids, "seed": args.seed,
+                              "threads": args.threads, "save_dtype": args.save_dtype}.items() if v is not None}
+    cfg = vl.VLConfig.tiny(**over) if args.tiny else vl.VLConfig(**over)
+    info = vl.train(cfg, args.out, device=args.device, progress=not args.quiet)
+    m = info["metrics"]
+    print(json.dumps({"out": args.out, "joint_probe_image": m["probe_image"]["joint"],
+                      "joint_probe_set3": m["probe_set3"]["joint"], "attribute": m["probe_image"]["attribute"],
+                      "retrieval_top1": m["retrieval"]["top1"], "retrieval_n": m["retrieval"]["n_identities"],
+                      "steps_done": info["steps_done"], "stopped_early": info["stopped_early"],
+                      "weights_bytes": info["weights_bytes"], "timings": info["timings"]}, indent=2))
+    return 0
+
+
 def register(toyworld_subparsers) -> None:
-    """Add make-identities, train-recognizer, eval-recognizer and train-model."""
+    """Add make-identities, train-recognizer, eval-recognizer, train-model and train-vl."""
     s = toyworld_subparsers
 
     p = s.add_parser("make-identities", help="write OUT/seed_<id>/ folders of 3-5 reference photos each")
@@ -94,6 +110,19 @@ def register(toyworld_subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train_model)
+
+    p = s.add_parser("train-vl", help="train the toy Qwen3-VL vision tower (identity features) and save the folder")
+    p.add_argument("--out", required=True,
+                   help="Qwen3-VL folder to write (model, processor, tokenizer, refgen_vl.json)")
+    p.add_argument("--device", default=None, help="cuda (default) or cpu, explicitly")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--n-train-ids", type=int, help="training identities (4 photos each)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int, help="torch threads on the CPU (default 1)")
+    p.add_argument("--save-dtype", choices=["bf16", "fp32"])
+    p.add_argument("--tiny", action="store_true", help="smoke-test settings (a few seconds on a CPU)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_train_vl)
 
 
 def main(argv: list[str] | None = None) -> int:
