@@ -239,11 +239,12 @@ class Inverter:
         for s in active:  # each identity draws from its own generator: batch make-up does not matter
             idx = torch.randint(0, s.latents.shape[0], (n,), generator=s.gen)
             x0 = s.latents[idx]
-            noises.append(torch.randn(x0.shape, generator=s.gen).to(x0))
+            noises.append(torch.randn(x0.shape, generator=s.gen))
             sigmas.append(flow.sample_sigmas(n, cfg.sigma_sampling, generator=s.gen))
             x0s.append(x0)
-        x0 = pack(torch.cat(x0s))  # (K*n, N_tok, 4C)
-        noise = pack(torch.cat(noises))
+        x0 = torch.cat(x0s)
+        noise = pack(torch.cat(noises).to(x0))  # one host-to-device copy for the batch
+        x0 = pack(x0)  # (K*n, N_tok, 4C)
         sigma = torch.cat(sigmas).to(self.device)
         R = torch.stack([self.residual(s) for s in active])  # (K, L, H) float32
         from refgen.identity.inject import inject
@@ -259,44 +260,45 @@ class Inverter:
             reg.append((tok_rms[k] - ref).abs().mean())
         reg = torch.stack(reg)
         total = per_id + cfg.rms_weight * reg  # (K,)
-        finite = torch.isfinite(total) & torch.stack([torch.isfinite(s.log_scale) for s in active])
+        finite = torch.isfinite(total) & torch.isfinite(torch.stack([s.log_scale for s in active]))
+        ok = finite.tolist()  # one host sync for the whole batch, not one per identity
         opt.zero_grad(set_to_none=True)
-        if finite.any():
+        if any(ok):
             total[finite].sum().backward()  # params are disjoint: each identity gets its own gradient
         with torch.no_grad():
             for k, s in enumerate(active):
-                if not finite[k]:
+                if not ok[k]:
+                    s.P.grad = None  # identities that failed take no step
+                    s.log_scale.grad = None
                     continue
                 grads = [p.grad for p in (s.P, s.log_scale) if p.grad is not None]
                 norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
                 coef = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
                 for g in grads:
                     g.mul_(coef)
-            for k, s in enumerate(active):  # identities that failed take no step
-                if not finite[k]:
-                    s.P.grad = None
-                    s.log_scale.grad = None
         opt.step()
-        metrics = []
         with torch.no_grad():
+            # per-identity metrics as (K,) tensors, read back to the host once per step
             delta = (E[::n].float() - self.E_base.float())  # (K, S, H): what the model actually saw
             win = slice(self.slot.start, self.slot.start + self.slot.length)
             off = delta.clone()
             off[:, win] = 0
+            log_scale = torch.stack([s.log_scale.detach() for s in active])  # (K,)
+            cols = torch.stack([per_id.detach(), reg.detach(), delta.pow(2).mean((1, 2)).sqrt(),
+                                delta[:, win].pow(2).mean((1, 2)).sqrt(), off.pow(2).mean((1, 2)).sqrt(),
+                                log_scale.exp().clamp(cfg.scale_min, cfg.scale_max), log_scale,
+                                total.detach()], 1).tolist()  # (K, 8)
             for k, s in enumerate(active):
                 s.rms_mean = tok_rms[k].detach() if s.rms_mean is None else (
                     cfg.rms_ema * s.rms_mean + (1 - cfg.rms_ema) * tok_rms[k].detach())
-                metrics.append({"mse": per_id[k].item(), "rms_reg": reg[k].item(),
-                                "total_rms": delta[k].pow(2).mean().sqrt().item(),
-                                "slot_rms": delta[k, win].pow(2).mean().sqrt().item(),
-                                "offslot_rms": off[k].pow(2).mean().sqrt().item(),
-                                "scale": s.log_scale.exp().clamp(cfg.scale_min, cfg.scale_max).item()})
-        return total.detach().tolist(), metrics
+        metrics = [dict(zip(("mse", "rms_reg", "total_rms", "slot_rms", "offslot_rms", "scale", "log_scale"), c[:7]))
+                   for c in cols]
+        return [c[7] for c in cols], metrics
 
     def _after_step(self, s: _State, loss: float, m: dict, opt, log: JsonlLogger) -> None:
         cfg = self.cfg
         s.step += 1
-        if not math.isfinite(loss) or not math.isfinite(m["scale"]) or not torch.isfinite(s.log_scale):
+        if not math.isfinite(loss) or not math.isfinite(m["scale"]) or not math.isfinite(m["log_scale"]):
             s.stop_reason = "nan"
             s.message = (f"{s.ident.id}: non-finite loss/scale at step {s.step} (loss={loss}, scale={m['scale']}); "
                          "stopped. Try a lower lr, lower true_cfg, or fp32.")
