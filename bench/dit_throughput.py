@@ -4,20 +4,34 @@ Builds `nano` and `base` with random weights on CUDA and times full training ste
 grad clipping + fused AdamW, fp32 master weights under bf16 autocast: exactly what `refgen dit train` runs) on
 random latents and random conditioning, at 256^2 and 512^2 images (16-channel latents of 32^2 / 64^2; 256 / 1024
 image tokens). Conditioning: no text padding, 10% of the samples with text and DINO dropped (as in training, so
-the cross-attention carries a key mask; `--no-drop` measures the unmasked flash path).
+the cross-attention carries a key mask; `--no-drop` measures the unmasked path).
 
 MFU = images/s x training FLOPs per image / peak. Training FLOPs per image = 3 x the analytic forward count
 (`refgen.dit.model.forward_flops`: every matmul and the attention products, 2 FLOPs per multiply-add). Peak =
-989 TFLOP/s, the H100 SXM's dense bf16 figure.
+989 TFLOP/s, the H100 SXM's dense bf16 figure. Every option below keeps the same model FLOPs and the same count.
 
-Modes: `eager`, and `compile` = `torch.compile(model, dynamic=False)` (default inductor mode; every row compiles
-afresh, its warm-up time is reported). `--sdpa cudnn` puts cuDNN attention first in SDPA's priority order (it
-takes masks; the default order sends a masked attention to the memory-efficient kernel). `--profile` adds, per
-row, the GPU time of 3 profiled steps split into GEMM / attention / optimizer / other kernels.
+Modes: `eager`; `compile` = `torch.compile(model, dynamic=False)` (default inductor mode; every row compiles
+afresh, its warm-up time is reported); `compile-blocks` = regional compilation (`NanoDiT.compile_blocks`: each
+DiT block compiled in place, all 22 share one graph, so it compiles in ~1/10 of the time);
+`compile-blocks-max` = the same with mode="max-autotune-no-cudagraphs" (Triton GEMM templates with fused
+epilogues; slow to compile). `--sdpa cudnn` puts cuDNN attention first in SDPA's priority order. `--profile`
+adds, per row, the GPU time of 3 profiled steps split into GEMM / attention / optimizer / other kernels.
+
+Options per row (preset `mfu40`): `xattn` = how the cross-attention handles padded text keys
+(`refgen.dit.model.cross_attention`: "mask" = SDPA with a boolean mask, the reference; "zpad" = padded keys
+zeroed, one unmasked kernel, exact softmax correction; "split" = text part by hand, DINO part unmasked, merged by
+log-sum-exp), `kernel` = the fused kernel zpad/split call (cudnn | flash), `opt` = "clip" (clip_grad_norm_ then
+fused AdamW) or "clip-in-adam" (the same clip folded into fused AdamW's grad_scale: one pass over the grads
+less), `heads` = a num_heads override (an ARCHITECTURE change, not an exact option: 8 heads = head dim 128).
+Before the rows, `mfu40` checks every exact option against an fp32 reference on one attention of `base`'s shape
+(bf16; the masked SDPA's own error is the yardstick). A row that fails (compile error, OOM) is recorded with its
+error and the run goes on; later rows of the same failing attention option are not retried.
 
     python bench/dit_throughput.py --out bench_dit.json                   # the full grid, on an H100
     python bench/dit_throughput.py --preset sweep --profile --out s.json  # base: eager vs compile, batches (<8 min)
+    python bench/dit_throughput.py --preset mfu40 --profile --out m.json   # base 256^2 b128, < 4 min
     python bench/dit_throughput.py --tiny --out /tmp/t.json               # CPU smoke test, seconds
+    python bench/dit_throughput.py --tiny --preset mfu40 --out /tmp/t.json   # every mfu40 option, tiny, CPU
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ import torch
 
 from refgen.artifacts import atomic_write_json, provenance
 from refgen.dit.config import model_preset
-from refgen.dit.model import Cond, NanoDiT, count_params, forward_flops
+from refgen.dit.model import Cond, NanoDiT, count_params, cross_attention, forward_flops
 from refgen import flow
 
 H100_BF16_DENSE = 989e12
@@ -44,9 +58,13 @@ class Run(NamedTuple):     # (a NamedTuple: the tests load this file without reg
     model: str
     px: int
     batch: int
-    mode: str = "eager"          # eager | compile
+    mode: str = "eager"          # eager | compile | compile-blocks | compile-blocks-max
     sdpa: str = "default"        # default | cudnn
     drop: bool = True            # 10% CFG drop (a key mask in the cross-attention)
+    xattn: str = "mask"          # mask | zpad | split (NanoDiT.set_attention)
+    kernel: str = "auto"         # fused kernel of zpad / split: auto (cudnn on sm90+) | cudnn | flash
+    opt: str = "clip"            # clip | clip-in-adam
+    heads: int = 0               # num_heads override (0 = the preset's); an architecture change
 
 
 # Rows in priority order: the sweep stops starting rows once its time budget would be exceeded.
@@ -63,6 +81,25 @@ SWEEP = [
     Run("base", 256, 128, "compile", sdpa="cudnn"),
     Run("base", 512, 64, "compile"),
 ]
+
+# Issue 8 item 5 (MFU >= 40% for base on one H100): before (masked SDPA) vs each option, base 256^2 batch 128.
+MFU40 = [
+    Run("base", 256, 128, "compile-blocks"),                                        # before: masked SDPA
+    Run("base", 256, 128, "compile-blocks", xattn="zpad"),                          # exact, no mask
+    Run("base", 256, 128, "compile-blocks", xattn="zpad", opt="clip-in-adam"),      # + clip folded into AdamW
+    Run("base", 256, 128, "compile-blocks", xattn="zpad", opt="clip-in-adam", heads=8),   # ARCH: head dim 128
+    Run("base", 256, 128, "compile-blocks", xattn="split"),                         # exact, text part by hand
+    Run("base", 256, 128, "compile-blocks", xattn="zpad", kernel="flash"),          # zpad through FA2
+    Run("base", 256, 128, "compile-blocks", drop=False),                            # control: no mask at all
+    Run("base", 256, 128, "compile", xattn="zpad", opt="clip-in-adam"),             # whole-model compile
+    Run("base", 256, 128, "compile"),                                               # the documented 35.3%
+    Run("base", 256, 128, "compile-blocks-max", xattn="zpad", opt="clip-in-adam"),  # GEMM epilogue fusion
+]
+
+PRESETS = {"sweep": SWEEP, "mfu40": MFU40}
+DEFAULT_BUDGET_S = {"sweep": 400.0, "mfu40": 180.0}
+# seconds a row takes before one of its mode was measured (compile: cold caches)
+EST_S = {"eager": 20.0, "compile": 150.0, "compile-blocks": 60.0, "compile-blocks-max": 240.0}
 
 
 def _sdpa_ctx(sdpa: str):
@@ -113,19 +150,63 @@ def profile_steps(step, n: int = 3, top: int = 8) -> dict:
             "top_kernels_ms": [(k[:90], v / n / 1e3) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]}
 
 
+def clip_into_adam_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float):
+    """`clip_grad_norm_(params, max_norm); opt.step()` with the clip folded into fused AdamW: the grads are
+    divided by `grad_scale` = max((norm + 1e-6) / max_norm, 1) inside the fused kernel (the hook GradScaler
+    uses), instead of a separate multiply pass over all gradients. Same total norm (per-tensor norms, then the
+    norm of those, as clip_grad_norm_), same update up to fp32 rounding. Non-fused optimizers: the plain way."""
+    if not all(g.get("fused") for g in opt.param_groups):
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        return total
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    opt.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0)
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale
+    return total
+
+
+def _label(run: Run) -> str:
+    lab = run.mode + ("" if run.sdpa == "default" else "+" + run.sdpa)
+    if run.xattn != "mask":
+        lab += f" {run.xattn}" + ("" if run.kernel == "auto" else f"[{run.kernel}]")
+    if run.opt != "clip":
+        lab += f" {run.opt}"
+    if run.heads:
+        lab += f" heads={run.heads}"
+    if not run.drop:
+        lab += " nodrop"
+    return lab
+
+
 def bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warmup: int, peak: float,
               profile: bool = False) -> dict:
-    cfg = model_preset(run.model)
+    cfg = model_preset(run.model, **({"num_heads": run.heads} if run.heads else {}))
     batch, vae_down = run.batch, 8
     h = w = run.px // vae_down
-    compile_model = run.mode == "compile"
+    compiled = run.mode != "eager"
     torch.manual_seed(0)
-    if compile_model:
+    if compiled:
         torch._dynamo.reset()     # a fresh compile per row (no shape state carried over from the previous row)
     with torch.device(device):              # initialised on the device: seconds saved for `base`
         model = NanoDiT(cfg)
-    train_model = torch.compile(model, dynamic=False) if compile_model else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    model.set_attention(run.xattn, run.kernel)
+    train_model = model
+    if run.mode == "compile":
+        train_model = torch.compile(model, dynamic=False)
+    elif run.mode in ("compile-blocks", "compile-blocks-max"):
+        model.check_padding = False         # as under a whole-model compile: no host sync on the mask
+        kw = {"mode": "max-autotune-no-cudagraphs"} if run.mode == "compile-blocks-max" else {}
+        model.compile_blocks(dynamic=False, **kw)
+    elif run.mode != "eager":
+        raise ValueError(f"unknown mode {run.mode!r}")
+    if run.opt not in ("clip", "clip-in-adam"):
+        raise ValueError(f"unknown optimizer option {run.opt!r}")
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     N = (h // cfg.patch_size) * (w // cfg.patch_size)
     x0 = torch.randn(batch, cfg.latent_channels, h, w, device=device)
     # no text padding: t5_mask None (decided here, on the host). The CFG drop still masks the dropped captions.
@@ -143,11 +224,17 @@ def bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warm
         with _sdpa_ctx(run.sdpa), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = flow.loss(train_model, x0, cond, sigma=sigma, noise=noise)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        if run.opt == "clip-in-adam":
+            clip_into_adam_step(opt, params, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    from torch._dynamo.utils import counters
+    graphs0 = counters["stats"]["unique_graphs"]
+    breaks0 = sum(counters["graph_break"].values())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t_first = time.perf_counter()
     step()
@@ -169,66 +256,150 @@ def bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warm
     ips = batch / dt
     rec = {"model": run.model, "params_M": round(count_params(model) / 1e6, 1), "image_px": run.px,
            "latent": [cfg.latent_channels, h, w], "tokens": N, "text_len": text_len, "batch": batch,
-           "mode": run.mode, "compile": compile_model, "sdpa": run.sdpa, "cfg_drop": run.drop,
+           "mode": run.mode, "compile": compiled, "sdpa": run.sdpa, "cfg_drop": run.drop,
+           "xattn": run.xattn, "kernel": run.kernel, "opt": run.opt, "num_heads": cfg.num_heads,
+           "label": _label(run),
            "step_s": dt, "images_per_s": ips,
            "train_gflop_per_image": 3 * fwd / 1e9, "achieved_tflops": ips * 3 * fwd / 1e12,
            "mfu": ips * 3 * fwd / peak, "first_step_s": t_first, "warmup_s": t_warm,
            "loss": float(loss.detach())}
+    if compiled:
+        rec["dynamo_graphs"] = counters["stats"]["unique_graphs"] - graphs0
+        rec["graph_breaks"] = sum(counters["graph_break"].values()) - breaks0
     if device.type == "cuda":
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if profile:
             rec["profile"] = profile_steps(step)
-    del model, train_model, opt
-    if compile_model:
+    del model, train_model, opt, params
+    if compiled:
         torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rec
 
 
-def _fmt_row(r: dict) -> str:
-    mode = r["mode"] + ("" if r.get("sdpa", "default") == "default" else "+" + r["sdpa"])
-    mode += "" if r.get("cfg_drop", True) else " nodrop"
+def check_attention(device: torch.device, *, B: int = 4, H: int = 16, N: int = 256, T: int = 128, hd: int = 64,
+                    dtype: torch.dtype = torch.bfloat16,
+                    options=(("zpad", "cudnn"), ("zpad", "flash"), ("split", "cudnn"), ("split", "flash"))) -> list:
+    """Each exact cross-attention option vs an fp32 reference (masked SDPA on the same rounded inputs), on one
+    attention of NanoDiT's shape: keys [text (T), CLS, patches (N)], rows with some padding, no text at all,
+    a dropped caption (one valid token) and no padding. Error = max |x - ref| / max |ref| for the output and
+    dq, dk, dv (grads w.r.t. the keys/values BEFORE any zeroing, as in the model). The masked SDPA in `dtype`
+    is the yardstick ("mask" row): an option is as exact as the reference when its errors are of that size."""
+    g = torch.Generator(device=device).manual_seed(0)
+    L = T + 1 + N
+    q0 = torch.randn(B, N, H, hd, generator=g, device=device).to(dtype)
+    kv0 = torch.randn(B, L, 2, H, hd, generator=g, device=device).to(dtype)
+    dout = torch.randn(B, H, N, hd, generator=g, device=device).to(dtype)
+    valid = torch.ones(B, L, dtype=torch.bool, device=device)
+    valid[0, T // 6:T] = False           # a short caption
+    valid[1, :T] = False                 # no text at all
+    valid[2, 1:T] = False                # dropped caption: the null token only
+
+    def run(impl, kernel, dt):
+        q = q0.to(dt).requires_grad_(True)
+        kv = kv0.to(dt).requires_grad_(True)
+        k, v = kv.unbind(2)
+        out = cross_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), valid, impl=impl,
+                              kernel=kernel)
+        dq, dkv = torch.autograd.grad(out, (q, kv), dout.to(dt))
+        return {"out": out.detach().transpose(1, 2), "dq": dq, "dk": dkv[:, :, 0], "dv": dkv[:, :, 1]}
+
+    ref = {k: v.float() for k, v in run("mask", "math", torch.float32).items()}
+    rows = []
+    for impl, kernel in (("mask", "sdpa"),) + tuple(options):
+        r = {"xattn": impl, "kernel": kernel, "dtype": str(dtype).replace("torch.", "")}
+        try:
+            got = run(impl, kernel, dtype)
+            for name, x in got.items():
+                r[f"err_{name}"] = float((x.float() - ref[name]).abs().max() / ref[name].abs().max())
+            r["finite"] = bool(all(torch.isfinite(x).all() for x in got.values()))
+        except Exception as e:  # noqa: BLE001 - report, do not stop the benchmark
+            r["error"] = f"{type(e).__name__}: {e}"[:300]
+        rows.append(r)
+    base = max(v for k, v in rows[0].items() if k.startswith("err_")) if "error" not in rows[0] else None
+    for r in rows[1:]:
+        if "error" not in r and base is not None:
+            worst = max(v for k, v in r.items() if k.startswith("err_"))
+            r["ok"] = bool(r["finite"] and worst <= 2 * base + 1e-6)
+    return rows
+
+
+def _fmt_check(r: dict) -> str:
     if "error" in r:
-        return f"{r['model']:6} {'':8} {r['image_px']:5} {'':5} {r['batch']:5} {mode:>20}  {r['error'][:60]}"
+        return f"  {r['xattn']:6} {r['kernel']:6} ERROR {r['error'][:90]}"
+    errs = " ".join(f"{k[4:]} {r[k]:.1e}" for k in ("err_out", "err_dq", "err_dk", "err_dv"))
+    return f"  {r['xattn']:6} {r['kernel']:6} {errs}" + ("" if "ok" not in r else ("  ok" if r["ok"] else "  CHECK"))
+
+
+def _fmt_row(r: dict) -> str:
+    lab = r.get("label") or (r["mode"] + ("" if r.get("sdpa", "default") == "default" else "+" + r["sdpa"])
+                             + ("" if r.get("cfg_drop", True) else " nodrop"))
+    if "error" in r:
+        return f"{r['model']:6} {'':8} {r['image_px']:5} {'':5} {r['batch']:5} {lab:>40}  {r['error'][:90]}"
     mem = f"{r['peak_mem_gib']:7.1f}" if "peak_mem_gib" in r else f"{'-':>7}"
-    return (f"{r['model']:6} {r['params_M']:7.1f}M {r['image_px']:5} {r['tokens']:5} {r['batch']:5} {mode:>20} "
+    return (f"{r['model']:6} {r['params_M']:7.1f}M {r['image_px']:5} {r['tokens']:5} {r['batch']:5} {lab:>40} "
             f"{r['images_per_s']:9.1f} {r['train_gflop_per_image']:10.1f} {r['achieved_tflops']:8.1f} "
-            f"{100 * r['mfu']:5.1f}% {mem} {r['first_step_s']:8.1f}")
+            f"{100 * r['mfu']:5.1f}% {mem} {r['first_step_s']:8.1f} {r['loss']:8.4f}")
 
 
-HEADER = (f"{'model':6} {'params':>8} {'px':>5} {'tok':>5} {'batch':>5} {'mode':>20} {'img/s':>9} "
-          f"{'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'memGiB':>7} {'first_s':>8}")
+HEADER = (f"{'model':6} {'params':>8} {'px':>5} {'tok':>5} {'batch':>5} {'mode / options':>40} {'img/s':>9} "
+          f"{'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} {'memGiB':>7} {'first_s':>8} {'loss':>8}")
+
+
+def _tiny(run: Run, batch: int | None) -> Run:
+    """A preset row on the tiny model, eager, CPU: the same options, seconds instead of minutes."""
+    return run._replace(model="tiny", px=64, batch=batch or 2, mode="eager", heads=0)
+
+
+def _error_row(run: Run, msg: str) -> dict:
+    return {"model": run.model, "image_px": run.px, "batch": run.batch, "mode": run.mode, "sdpa": run.sdpa,
+            "cfg_drop": run.drop, "xattn": run.xattn, "kernel": run.kernel, "opt": run.opt,
+            "num_heads": run.heads or None, "label": _label(run), "error": msg[:300]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON results (rewritten after every row)")
-    ap.add_argument("--preset", choices=["grid", "sweep"], default="grid",
+    ap.add_argument("--preset", choices=["grid", "sweep", "mfu40"], default="grid",
                     help="grid: --models x --px x --modes; sweep: base, eager vs compile, batch sizes, SDPA "
-                         "backends (fixed rows, priority order, stops at --budget-s)")
+                         "backends; mfu40: base 256^2 b128, masked SDPA vs each MFU option (fixed rows, priority "
+                         "order, stops at --budget-s)")
+    ap.add_argument("--rows", help="sweep/mfu40: only these rows of the preset (1-based, comma separated)")
     ap.add_argument("--models", default="nano,base")
     ap.add_argument("--px", default="256,512", help="image sizes (latents are /8)")
     ap.add_argument("--batch", type=int, help="per-step batch for every run (default: per model/size table)")
     ap.add_argument("--text-len", type=int, default=128, help="T5 tokens (padded to the longest caption)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5, help="steps before timing (the first one compiles)")
-    ap.add_argument("--modes", default="eager,compile", help="eager and/or compile")
+    ap.add_argument("--modes", default="eager,compile", help="grid preset: eager, compile, compile-blocks, "
+                                                             "compile-blocks-max")
     ap.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
                     help="SDPA backend put first in the priority order (grid preset)")
+    ap.add_argument("--xattn", default="mask", choices=["mask", "zpad", "split"],
+                    help="cross-attention with padded keys (grid preset)")
+    ap.add_argument("--opt", default="clip", choices=["clip", "clip-in-adam"], help="grid preset")
     ap.add_argument("--no-drop", action="store_true", help="no CFG drop: no attention mask at all (grid preset)")
     ap.add_argument("--profile", action="store_true", help="per row: GPU time by kernel class over 3 steps")
-    ap.add_argument("--budget-s", type=float, default=400.0,
-                    help="do not start a row that would likely end after this many seconds (sweep preset)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="do not start a row that would likely end after this many seconds from the start "
+                         "(sweep: 400, mfu40: 180 by default)")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12)
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny model, one step")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny model, one step (with "
+                                                        "--preset mfu40: every option of the preset, eager)")
     a = ap.parse_args(argv)
 
     t_start = time.perf_counter()
     budget = float("inf")
+    preset_rows = None
+    if a.preset in PRESETS:
+        preset_rows = list(PRESETS[a.preset])
+        if a.rows:
+            preset_rows = [preset_rows[int(i) - 1] for i in a.rows.split(",")]
     if a.tiny:
         device = torch.device("cpu")
-        runs = [Run("tiny", 64, a.batch or 2)]
+        runs = ([_tiny(r, a.batch) for r in preset_rows] if a.preset == "mfu40"
+                else [Run("tiny", 64, a.batch or 2, xattn=a.xattn, opt=a.opt)])
         a.steps, a.warmup, a.text_len = 1, 1, 8
     else:
         from refgen.runtime import resolve_device
@@ -236,43 +407,59 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device("cuda")
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        if a.preset == "sweep":
-            runs, budget = list(SWEEP), a.budget_s
+        if preset_rows is not None:
+            runs = preset_rows
+            budget = a.budget_s if a.budget_s is not None else DEFAULT_BUDGET_S[a.preset]
         else:
-            runs = [Run(m, px, a.batch or DEFAULT_BATCH.get((m, px), 16), mode, a.sdpa, not a.no_drop)
+            runs = [Run(m, px, a.batch or DEFAULT_BATCH.get((m, px), 16), mode, a.sdpa, not a.no_drop,
+                        xattn=a.xattn, opt=a.opt)
                     for mode in a.modes.split(",") for m in a.models.split(",")
                     for px in map(int, a.px.split(","))]
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results: list[dict] = []
-    est = {"eager": 20.0, "compile": 120.0}          # seconds a row takes: a guess, then the longest measured
-    seen: dict[str, float] = {}
+    checks: list[dict] = []
+    est = dict(EST_S)                      # seconds a row takes: a guess, then the last one measured
+    failed: dict[tuple, str] = {}          # (xattn, kernel) -> error: later rows with it are not retried
 
     def save():
         atomic_write_json(a.out, provenance(None, device=dev_name, peak_tflops=a.peak_tflops, results=results,
-                                            torch=torch.__version__, argv=sys.argv[1:] if argv is None else argv))
+                                            attention_check=checks, torch=torch.__version__,
+                                            argv=sys.argv[1:] if argv is None else argv))
 
+    if a.preset == "mfu40":
+        print("attention check (error vs fp32 reference, max|x - ref| / max|ref|):", flush=True)
+        checks.extend(check_attention(device, **({"B": 3, "H": 2, "N": 16, "T": 8, "hd": 16, "dtype": torch.float32}
+                                                 if a.tiny else {})))
+        for r in checks:
+            print(_fmt_check(r), flush=True)
+        save()
     print(HEADER, flush=True)
     for run in runs:
         elapsed = time.perf_counter() - t_start
-        if elapsed + est[run.mode] > budget:
-            print(f"skipped {run} (elapsed {elapsed:.0f}s + ~{est[run.mode]:.0f}s > budget {budget:.0f}s)",
+        guess = est.get(run.mode, 60.0)
+        if elapsed + guess > budget:
+            print(f"skipped {_label(run)} (elapsed {elapsed:.0f}s + ~{guess:.0f}s > budget {budget:.0f}s)",
                   flush=True)
             continue
+        key = (run.xattn, run.kernel)
         t_row = time.perf_counter()
-        try:
-            r = bench_one(run, device=device, text_len=a.text_len, steps=a.steps, warmup=a.warmup,
-                          peak=a.peak_tflops * 1e12, profile=a.profile)
-        except torch.OutOfMemoryError as e:
-            r = {"model": run.model, "image_px": run.px, "batch": run.batch, "mode": run.mode, "sdpa": run.sdpa,
-                 "cfg_drop": run.drop, "error": f"OOM: {e}"[:300]}
-        except Exception as e:  # noqa: BLE001 - a failing backend/compile must not lose the other rows
-            r = {"model": run.model, "image_px": run.px, "batch": run.batch, "mode": run.mode, "sdpa": run.sdpa,
-                 "cfg_drop": run.drop, "error": f"{type(e).__name__}: {e}"[:300]}
-        if "error" in r and device.type == "cuda":
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-        seen[run.mode] = max(seen.get(run.mode, 0.0), time.perf_counter() - t_row)
-        est[run.mode] = seen[run.mode] + 5
+        if run.xattn != "mask" and key in failed:
+            r = _error_row(run, f"not run: {run.xattn}[{run.kernel}] failed before: {failed[key]}")
+        else:
+            try:
+                r = bench_one(run, device=device, text_len=a.text_len, steps=a.steps, warmup=a.warmup,
+                              peak=a.peak_tflops * 1e12, profile=a.profile)
+            except torch.OutOfMemoryError as e:
+                r = _error_row(run, f"OOM: {e}")
+            except Exception as e:  # noqa: BLE001 - a failing backend/compile must not lose the other rows
+                r = _error_row(run, f"{type(e).__name__}: {e}")
+                if run.xattn != "mask" and run.mode != "compile-blocks-max":
+                    failed[key] = r["error"][:120]
+            if "error" in r and device.type == "cuda":
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+            if "error" not in r:       # caches are warm after a row: the next one of its mode takes about as long
+                est[run.mode] = time.perf_counter() - t_row + 10
         results.append(r)
         print(_fmt_row(r), flush=True)
         if "profile" in r:
