@@ -45,14 +45,18 @@ def test_config_validation():
 
 
 def test_benchmark_runs_every_stage_and_is_idempotent(tmp_path):
-    cfg = B.BenchmarkConfig.tiny(n_train=0)
+    cfg = B.BenchmarkConfig.tiny()
     r = B.run_benchmark(cfg, tmp_path, progress=False)
     per = r["teacher"]["per_alpha"]
     assert set(per) == {"0", "1"}
     n = cfg.n_test * len(cfg.scenes) * len(cfg.seeds)
     assert all(m["n_images"] == n for m in per.values())
     assert r["two_slot"]["teacher"]["n_images"] == cfg.n_pairs * len(cfg.scenes) * len(cfg.seeds)
-    assert r["inversion"]["test"]["identities"] == cfg.n_test
+    assert r["head"]["n_train_identities"] == cfg.n_train  # the head saw training identities only
+    head_ids = json.loads((tmp_path / "head" / "head.json").read_text())["train_ids"]
+    assert all(cfg.train_seed <= int(i.split("_")[1]) < cfg.train_seed + cfg.n_train for i in head_ids)
+    assert len(head_ids) == cfg.n_train
+    assert r["inversion"]["all"]["identities"] == cfg.n_test + cfg.n_train
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["teacher"]["per_alpha"] == json.loads(json.dumps(per))
     md = (tmp_path / "benchmark.md").read_text()

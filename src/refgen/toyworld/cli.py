@@ -71,6 +71,21 @@ def _train_vl(args) -> int:
     return 0
 
 
+def _benchmark(args) -> int:
+    from refgen.toyworld.benchmark import BenchmarkConfig, run_benchmark
+
+    over = {"device": args.device, "model": args.model, "vl_model": args.vl_model}
+    if args.tiny:
+        cfg = BenchmarkConfig.tiny(**{k: v for k, v in over.items() if v is not None})
+    elif args.config:
+        cfg = BenchmarkConfig.from_yaml(args.config, **over)
+    else:
+        cfg = BenchmarkConfig(**{k: v for k, v in over.items() if v is not None})
+    r = run_benchmark(cfg, args.out, progress=not args.quiet)
+    print((__import__("pathlib").Path(args.out) / "benchmark.md").read_text())
+    return 0 if r else 1
+
+
 def register(toyworld_subparsers) -> None:
     """Add make-identities, train-recognizer, eval-recognizer, train-model and train-vl."""
     s = toyworld_subparsers
@@ -110,6 +125,17 @@ def register(toyworld_subparsers) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train_model)
+
+    p = s.add_parser("benchmark", help="identity benchmark on the toy model: teacher alpha sweep, head on unseen "
+                                      "identities, two-slot prompts (JSON + markdown)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=None, help="YAML, e.g. configs/toyworld_benchmark.yaml (default: built-in)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke settings")
+    p.add_argument("--device", default=None)
+    p.add_argument("--model", default=None, help="QwenImagePipeline folder (default: the embedded toy model)")
+    p.add_argument("--vl-model", default=None, help="Qwen3-VL folder (default: the embedded toy vision encoder)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_benchmark)
 
     p = s.add_parser("train-vl", help="train the toy Qwen3-VL vision tower (identity features) and save the folder")
     p.add_argument("--out", required=True,
