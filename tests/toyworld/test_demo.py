@@ -1,0 +1,36 @@
+"""`refgen demo` at smoke-test settings: the real pieces (identities, inversion, grids, two-person image,
+recognizer) on the embedded toy model, on the CPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from refgen.cli import main
+from refgen.toyworld.demo import DemoConfig
+
+
+def test_demo_writes_pictures_and_reuses_finished_inversions(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--invert-steps", "3", "--render-steps", "2", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    rec = json.loads((out / "demo.json").read_text())
+    assert set(rec["identities"]) == {"seed_200003", "seed_200011"}
+    for path in rec["pictures"].values():
+        assert path in printed and Path(path).exists()
+    grid = json.loads((out / "grids" / "seed_200003" / "grid.json").read_text())
+    assert len(grid["images"]) == len(DemoConfig().alphas) * len(DemoConfig().seeds)
+    assert rec["two_people"]["n_images"] == len(DemoConfig().seeds)
+    teacher = out / "teacher" / "seed_200003" / "teacher.json"
+    assert json.loads(teacher.read_text())["steps_run"] == 3
+    before = teacher.stat().st_mtime_ns
+    assert main(argv) == 0  # second run: inversions are complete and are not redone
+    assert teacher.stat().st_mtime_ns == before
+
+
+def test_demo_config_validation():
+    with pytest.raises(ValueError, match="two identities"):
+        DemoConfig(identities=[1])
+    with pytest.raises(ValueError, match="scene"):
+        DemoConfig(scene="moon")
