@@ -208,3 +208,16 @@ def test_throughput_bench_tiny(tmp_path):
     assert mod.main(["--tiny", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["results"][0]
     assert r["images_per_s"] > 0 and r["train_gflop_per_image"] > 0 and 0 < r["mfu"] < 1
+
+
+def test_cross_attention_choice_trains_the_same_model(tmp_path):
+    """The training config's cross_attention only changes how padded text keys are skipped: the masked
+    reference and the unmasked exact paths give the same losses and weights (fp32 on the CPU)."""
+    data = synthetic_batches()
+    runs = {c: train(tiny_cfg(tmp_path / c, steps=3, effective_batch=8, cross_attention=c), data)
+            for c in ("mask", "zpad")}
+    la = [r["loss"] for r in read_jsonl(tmp_path / "mask" / "metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_jsonl(tmp_path / "zpad" / "metrics.jsonl") if "loss" in r]
+    assert len(la) == 3 and la == pytest.approx(lb, rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="cross_attention"):
+        tiny_cfg(tmp_path / "bad", cross_attention="flex").validate()

@@ -259,8 +259,11 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device) 
     if is_main:
         atomic_write_json(out / "config.json", provenance(cfg, n_params=n_params, world_size=world,
                                                           grad_accum=accum, resumed_from=resumed_from))
+    model.set_attention(cfg.cross_attention)  # exact either way; no parameters change
     train_model: nn.Module = model
-    if cfg.compile:
+    if cfg.compile and cfg.compile_regional:
+        model.compile_blocks()  # in place: state-dict keys stay plain
+    elif cfg.compile:
         train_model = torch.compile(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
