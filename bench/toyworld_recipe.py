@@ -16,7 +16,6 @@ CPU smoke:     python bench/toyworld_recipe.py --tiny --device cpu
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time

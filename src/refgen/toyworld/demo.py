@@ -50,7 +50,9 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
     from refgen.grid import make_grid
-    from refgen.identity.inject import inject
+    from PIL import Image
+
+    from refgen.identity.inject import inject, load_residual
     from refgen.identity.invert import InvertConfig, Inverter
     from refgen.identity.prompts import encode_prompts
     from refgen.identity.render import RenderConfig, load_pipeline, render_grid, render_images
@@ -83,8 +85,6 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
             inv.finish(s)
     t_inv = time.time() - t0
 
-    from refgen.identity.inject import load_residual
-
     dev, dt = pipe._execution_device, pipe.transformer.dtype
     res = [load_residual(out / "teacher" / i.id / "teacher_residual.safetensors", pipe, dev, dt) for i in chosen]
     where = world.SCENE_PHRASES[cfg.scene][0]
@@ -96,8 +96,6 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
         rc = RenderConfig(prompt=SCENE_PROMPT.format(where=where), alphas=cfg.alphas, seeds=cfg.seeds,
                           steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64)
         rec = render_grid(pipe, rc, [r], out / "grids" / ident.id, progress=False, neg=neg)
-        from PIL import Image
-
         images = [Image.open(out / "grids" / ident.id / f) for f in rec["images"]]
         preds = R.predict(net, images, cfg.device)
         per_alpha = {}
@@ -116,7 +114,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     pair_imgs = render_images(pipe, E, enc.mask.expand(B, -1), cfg.seeds, rc, neg, progress=False)
     two = score(R.predict(net, pair_imgs, cfg.device),
                 [{"people": [attributes_of(i.path) for i in chosen], "scene": cfg.scene}] * B)
-    refs = [[R_img for R_img in _ref_images(i)] for i in chosen]
+    refs = [_ref_images(i) for i in chosen]
     atomic_save_image(make_grid([pair_imgs], ["two people"], [f"seed {s}" for s in cfg.seeds]),
                       out / "two_people.png")
     atomic_save_image(make_grid([r[:3] for r in refs], [i.id for i in chosen], ["ref 1", "ref 2", "ref 3"]),
