@@ -35,6 +35,16 @@ def test_best_alpha_skips_alphas_that_lose_the_scene():
     assert B._best_alpha({"0": pa["0"], "2": pa["2"]}) is None
 
 
+def test_yaml_mirrors_the_dataclass_defaults():
+    import dataclasses
+    from pathlib import Path
+
+    y = B.BenchmarkConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "toyworld_benchmark.yaml")
+    d = B.BenchmarkConfig()
+    assert dataclasses.asdict(y) | {"invert": None} == dataclasses.asdict(d) | {"invert": None}
+    assert y.invert_config() == d.invert_config()  # the YAML spells out what the code defaults to
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="overlap"):
         B.BenchmarkConfig(n_train=10, n_test=5, train_seed=0, test_seed=5)

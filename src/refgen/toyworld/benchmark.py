@@ -57,7 +57,7 @@ def _invert_defaults() -> dict:
     # bench/toyworld_invert_sweep.py on 16 test identities (H100): best-alpha identity accuracy 11% at 600
     # uniform-sigma steps, 33% at 1500, 47% at 1500 with logit-normal sigmas (more weight mid-path,
     # where attributes are decided)
-    return dict(base_prompt="A photo of ~ID~.", height=64, width=64, steps=2000, lr=0.05, images_per_step=8,
+    return dict(base_prompt="A photo of ~ID~.", height=64, width=64, steps=1500, lr=0.05, images_per_step=8,
                 sigma_sampling="logit_normal", identities_per_batch=256, plateau_window=10_000, qa=False)
 
 
@@ -67,8 +67,8 @@ class BenchmarkConfig:
     vl_model: str = ""         # Qwen3-VL folder for features; "" = the embedded toy vision encoder
     device: str = "cuda"
     dtype: str = "bf16"
-    n_train: int = 200         # identities whose teachers train the head
-    n_test: int = 40           # held-out identities: teacher sweep, head, two-slot pairs
+    n_train: int = 64          # identities whose teachers train the head
+    n_test: int = 24           # held-out identities: teacher sweep, head, two-slot pairs
     train_seed: int = 100_000  # identity ids train_seed .. train_seed + n_train - 1
     test_seed: int = 200_000
     size: int = 64
@@ -79,7 +79,7 @@ class BenchmarkConfig:
     render_steps: int = 20
     true_cfg: float = 4.0
     render_batch: int = 256
-    n_pairs: int = 20
+    n_pairs: int = 12
     invert: dict = field(default_factory=dict)   # InvertConfig overrides on top of _invert_defaults()
     head: dict = field(default_factory=lambda: {"epochs": 300, "batch_size": 32, "lr": 3e-3, "val_fraction": 0.1})
     short_steps: list[int] = field(default_factory=list)  # extra inversions of the test set with fewer steps
