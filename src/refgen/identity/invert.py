@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_torch_save, atomic_write_json, provenance)
@@ -83,13 +82,9 @@ class InvertConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "InvertConfig":
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"{path}: unknown invert config keys {sorted(unknown)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        from refgen.config import from_yaml
+
+        return from_yaml(cls, path, **overrides)
 
 
 def identity_seed(base_seed: int, identity_id: str) -> int:

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -113,14 +113,9 @@ class BenchmarkConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> BenchmarkConfig:
-        import yaml
+        from refgen.config import from_yaml
 
-        d = yaml.safe_load(Path(path).read_text()) or {}
-        bad = sorted(set(d) - {f.name for f in fields(cls)})
-        if bad:
-            raise ValueError(f"{path}: unknown keys {bad}")
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**d)
+        return from_yaml(cls, path, **overrides)
 
     @classmethod
     def tiny(cls, **overrides) -> BenchmarkConfig:

@@ -151,15 +151,9 @@ class ModelConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ModelConfig:
-        import yaml
+        from refgen.config import from_yaml
 
-        d = yaml.safe_load(Path(path).read_text()) or {}
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"{path}: unknown keys {bad}; known: {sorted(known)}")
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**d)
+        return from_yaml(cls, path, **overrides)
 
     @classmethod
     def tiny(cls, **overrides) -> ModelConfig:
