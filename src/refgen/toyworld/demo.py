@@ -98,12 +98,10 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
         rec = render_grid(pipe, rc, [r], out / "grids" / ident.id, progress=False, neg=neg)
         images = [Image.open(out / "grids" / ident.id / f) for f in rec["images"]]
         preds = R.predict(net, images, cfg.device)
-        per_alpha = {}
-        for a in cfg.alphas:
-            sel = [k for k, f in enumerate(rec["images"]) if Path(f).name.startswith(f"a{a:g}_")]
-            per_alpha[f"{a:g}"] = score([preds[k] for k in sel],
-                                        [{"people": [attributes_of(ident.path)], "scene": cfg.scene}] * len(sel))
-        summary["identities"][ident.id] = {"attributes": attributes_of(ident.path), "per_alpha": per_alpha}
+        attrs, S = attributes_of(ident.path), len(cfg.seeds)
+        per_alpha = {f"{a:g}": score(preds[i * S:(i + 1) * S], [{"people": [attrs], "scene": cfg.scene}] * S)
+                     for i, a in enumerate(cfg.alphas)}  # render_grid's images are row-major: alpha rows
+        summary["identities"][ident.id] = {"attributes": attrs, "per_alpha": per_alpha}
         summary["pictures"][f"alpha grid {ident.id}"] = str(out / "grids" / ident.id / "grid.png")
 
     # both people in one prompt, left then right, each with its own residual

@@ -271,7 +271,7 @@ def _draw_clipped(d: ImageDraw.ImageDraw, kind: str, box: list[float], fill, y_m
         d.rounded_rectangle([x0, y0, x1, y_max], radius=0.06 * (x1 - x0), fill=fill)
         return
     # ellipse above a horizontal line: a chord between the two points where the line crosses it
-    a, b = (x1 - x0) / 2, (y1 - y0) / 2
+    b = (y1 - y0) / 2  # vertical semi-axis
     cy = (y0 + y1) / 2
     t = max(-1.0, min(1.0, (y_max - cy) / b))
     ang = np.degrees(np.arcsin(t))      # PIL angles: 0 = 3 o'clock, clockwise (y down)
