@@ -76,6 +76,15 @@ def cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Ten
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+def true_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Qwen-Image's "true CFG" (as `QwenImagePipeline` computes it): `cfg`, then every token's prediction
+    rescaled to the norm of the conditional one (norm over the last, channel axis). Large scales then move
+    the direction of v but not its per-token magnitude, which keeps scale 4 from over-saturating.
+    Written with the pipeline's exact operations, so the same inputs give bit-identical results."""
+    comb = cfg(v_cond, v_uncond, scale)
+    return comb * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+
 def dual_cfg(v_uncond: torch.Tensor, v_text: torch.Tensor, v_dino: torch.Tensor,
              s_text: float, s_dino: float) -> torch.Tensor:
     """Two independent guidance directions (seed 003), each measured from the unconditional point:

@@ -4,6 +4,11 @@ Rendering goes through diffusers' own QwenImagePipeline with `prompt_embeds`/`pr
 (and negative embeds for true CFG). An alpha x seed grid is one prompt encoded once, then batched:
 each pipeline call renders `batch_size` images of the grid, each row with its own alpha and its own
 seeded generator, so an image depends on (alpha, seed) and not on which batch it fell into.
+
+With true CFG the pipeline runs two transformer forwards per step (prompt, then negative prompt).
+`RenderConfig.cfg_batch` runs both in ONE forward of 2B rows instead (`sample_batched_cfg`): the same
+scheduler, latents, guidance formula and decoder as the pipeline, so the images equal the pipeline's up to
+the float rounding of a larger batch (tested); what it buys on an H100 is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -17,21 +22,65 @@ import torch
 from refgen.runtime import check_cpu_size, check_dtype_for_model, check_tensors, parse_dtype, resolve_device
 
 
-def load_pipeline(model: str, device: str | None = None, dtype: str = "bf16"):
+OFFLOAD_MODES = ("none", "model", "group")
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: str = "bf16", offload: str = "none",
+                  compile: bool = False):
     """QwenImagePipeline on `device`/`dtype` under the policy: CUDA unless 'cpu' is asked for, and then
-    only for models under 200M parameters (counted from the configs before any weight is loaded)."""
+    only for models under 200M parameters (counted from the configs before any weight is loaded).
+
+    offload (for cards smaller than the ~56 GiB everything-on-GPU needs; peaks in docs/benchmarks.md):
+      none   every component on the GPU;
+      model  diffusers' model CPU offload: each component moves to the GPU while it runs (the 41 GB
+             transformer alone is resident while denoising);
+      group  diffusers' group offload, leaf level with a CUDA stream: weights stream in layer by layer,
+             so only a few layers are resident (for 24 GB cards; slow, bound by host-to-device copies).
+    compile: `torch.compile` of the transformer's repeated blocks (diffusers' regional compilation: one
+      block compiled once, reused by all 60), paid for once per process and shape.
+    """
     from diffusers import QwenImagePipeline
 
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
     dev = resolve_device(device)
     dt = parse_dtype(dtype)
     check_dtype_for_model(dt, "qwen-image")
     if dev.type == "cpu":
         check_cpu_size(_count_params(model), dev, what=f"Qwen-Image model {model!r}")
+        if offload != "none":
+            raise ValueError(f"--offload {offload} moves weights between the CPU and a GPU; it needs --device cuda")
     pipe = QwenImagePipeline.from_pretrained(model, torch_dtype=dt)
-    pipe.to(dev)
+    place(pipe, dev, offload)
+    if compile:
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.refgen_model_id = str(model)
     return pipe
+
+
+def place(pipe, device: torch.device, offload: str = "none") -> None:
+    """Put a pipeline on `device` by one of OFFLOAD_MODES; records the choice as `pipe.refgen_offload`."""
+    if offload == "none":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "group":
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                  offload_type="leaf_level", use_stream=True)
+    else:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+    pipe.refgen_offload = offload
+
+
+def release_text_encoder(pipe) -> None:
+    """Once every prompt is encoded the text encoder (Qwen2.5-VL-7B, ~16 GB in bf16) is dead weight on the
+    GPU: move it to the CPU. Under offload the hooks already do this, so it is left alone."""
+    if getattr(pipe, "refgen_offload", "none") != "none" or pipe.text_encoder is None:
+        return
+    if next(pipe.text_encoder.parameters()).device.type == "cuda":
+        pipe.text_encoder.to("cpu")
+        torch.cuda.empty_cache()
 
 
 def load_tokenizer_only(model: str):
@@ -69,6 +118,7 @@ class RenderConfig:
     height: int = 768
     width: int = 512
     batch_size: int = 4  # images per pipeline call
+    cfg_batch: bool = True  # true CFG's two forwards as one batched forward (see sample_batched_cfg)
 
     def __post_init__(self):
         if not self.alphas or not self.seeds:
@@ -86,8 +136,10 @@ class RenderConfig:
 
 
 def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[int], cfg: RenderConfig,
-                  neg: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True):
-    """Render one image per row of `embeds` (B, S, H) with seeds[b]; returns PIL images."""
+                  neg: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
+                  output_type: str = "pil"):
+    """Render one image per row of `embeds` (B, S, H) with seeds[b]; returns PIL images (or, with
+    output_type="latent", one packed latent (N, 4C) per image)."""
     from tqdm.auto import tqdm
 
     device, dtype = pipe._execution_device, pipe.transformer.dtype
@@ -103,11 +155,77 @@ def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[in
                   "negative_prompt_embeds_mask": neg[1].expand(n, -1)}
         # CPU generators: the same seed gives the same noise on any device.
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[sl]]
+        if kw and cfg.cfg_batch:
+            images += sample_batched_cfg(pipe, embeds[sl], mask[sl], kw["negative_prompt_embeds"],
+                                         kw["negative_prompt_embeds_mask"], gens, cfg, output_type)
+            continue
+        # encode_prompt cuts BOTH prompt and negative embeddings to max_sequence_length: it must cover the
+        # longer of the two, or a negative prompt longer than the prompt is silently truncated.
+        max_len = max(embeds.shape[1], neg[0].shape[1] if kw else 0)
         out = pipe(prompt_embeds=embeds[sl], prompt_embeds_mask=mask[sl], true_cfg_scale=cfg.true_cfg,
                    num_inference_steps=cfg.steps, height=cfg.height, width=cfg.width, generator=gens,
-                   max_sequence_length=embeds.shape[1], output_type="pil", **kw)
-        images += out.images
+                   max_sequence_length=max_len, output_type=output_type, **kw)
+        images += list(out.images)
     return images
+
+
+def _pad_to(x: torch.Tensor, S: int) -> torch.Tensor:
+    """Zero-pad dim 1 of (B, S_x, ...) to S."""
+    pad = x.new_zeros(x.shape[0], S - x.shape[1], *x.shape[2:])
+    return torch.cat([x, pad], 1)
+
+
+@torch.no_grad()
+def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embeds: torch.Tensor,
+                       neg_mask: torch.Tensor, generators: list[torch.Generator], cfg: RenderConfig,
+                       output_type: str = "pil"):
+    """QwenImagePipeline's denoising loop with true CFG, the prompt and negative rows in one forward.
+
+    Everything but the batching is the pipeline's own: `prepare_latents` (so a seed gives the pipeline's
+    noise), `calculate_shift` + `retrieve_timesteps` (Qwen-Image's shifted schedule), the guidance formula
+    (`refgen.flow.true_cfg`), `scheduler.step`, the VAE's latents_mean/std and `postprocess`.
+    The negative rows are zero-padded to the prompt's length (or the other way round) with mask 0, the way
+    the pipeline pads prompts of different lengths within a batch: padded keys are masked out and the real
+    tokens keep their RoPE positions. Returns what `pipe(...).images` would: PIL images or a tensor.
+    """
+    import numpy as np
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+    from refgen.flow import true_cfg
+
+    tr = pipe.transformer
+    if tr.config.guidance_embeds:  # a guidance-distilled model takes no true CFG; the pipeline handles it
+        raise ValueError("cfg_batch needs a model without guidance embeddings; set cfg_batch=False")
+    B, device = embeds.shape[0], pipe._execution_device
+    S = max(embeds.shape[1], neg_embeds.shape[1])
+    E = torch.cat([_pad_to(embeds, S), _pad_to(neg_embeds, S)])                        # (2B, S, H)
+    M = torch.cat([_pad_to(mask, S), _pad_to(neg_mask, S)]).bool()                      # (2B, S)
+    M = None if bool(M.all()) else M  # as encode_prompt does: no mask -> the unmasked attention kernel
+    latents = pipe.prepare_latents(B, tr.config.in_channels // 4, cfg.height, cfg.width, embeds.dtype, device,
+                                   generators)                                          # (B, h*w/4, 4C)
+    h, w = cfg.height // pipe.vae_scale_factor // 2, cfg.width // pipe.vae_scale_factor // 2
+    sc = pipe.scheduler.config
+    mu = calculate_shift(latents.shape[1], sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
+                         sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
+    sigmas = np.linspace(1.0, 1 / cfg.steps, cfg.steps)
+    timesteps, _ = retrieve_timesteps(pipe.scheduler, cfg.steps, device, sigmas=sigmas, mu=mu)
+    pipe.scheduler.set_begin_index(0)
+    for t in timesteps:
+        x = torch.cat([latents, latents])                                                # (2B, N, 4C)
+        v = tr(hidden_states=x, timestep=t.expand(2 * B).to(x.dtype) / 1000, encoder_hidden_states=E,
+               encoder_hidden_states_mask=M, img_shapes=[[(1, h, w)]] * (2 * B), return_dict=False)[0]
+        v_cond, v_uncond = v.chunk(2)
+        latents = pipe.scheduler.step(true_cfg(v_cond, v_uncond, cfg.true_cfg), t, latents, return_dict=False)[0]
+    if output_type == "latent":
+        return latents
+    vae = pipe.vae
+    z = pipe._unpack_latents(latents, cfg.height, cfg.width, pipe.vae_scale_factor).to(vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+    image = vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
+    image = pipe.image_processor.postprocess(image, output_type=output_type)
+    pipe.maybe_free_model_hooks()
+    return image
 
 
 def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir: str | Path,
