@@ -65,6 +65,9 @@ class Run(NamedTuple):     # (a NamedTuple: the tests load this file without reg
     kernel: str = "auto"         # fused kernel of zpad / split: auto (cudnn on sm90+) | cudnn | flash
     opt: str = "clip"            # clip | clip-in-adam
     heads: int = 0               # num_heads override (0 = the preset's); an architecture change
+    accum: int = 1               # micro batches per optimizer step (gradient accumulation; effective batch
+                                 # = batch x accum, as TrainConfig.effective_batch / batch_size)
+    ind: str = ""                # inductor knobs, comma separated (INDUCTOR_KNOBS); no effect on the math
 
 
 # Rows in priority order: the sweep stops starting rows once its time budget would be exceeded.
@@ -96,8 +99,36 @@ MFU40 = [
     Run("base", 256, 128, "compile-blocks-max", xattn="zpad", opt="clip-in-adam"),  # GEMM epilogue fusion
 ]
 
-PRESETS = {"sweep": SWEEP, "mfu40": MFU40}
-DEFAULT_BUDGET_S = {"sweep": 400.0, "mfu40": 180.0}
+# Issue 8 item 5, second round (helper-9): the best exact row so far (zpad + clip-in-adam, 35.6 %) against each
+# untried knob alone; cheap rows first (the blocks' graph is cached after the first row).
+_B = Run("base", 256, 128, "compile-blocks", xattn="zpad", opt="clip-in-adam")
+MFU40B = [
+    _B,                                                  # reference (35.6 % on 2026-11-22)
+    _B._replace(accum=2),                                # effective batch 256 = 128 x 2 micro steps
+    _B._replace(kernel="flash", sdpa="flash"),           # FA2 for both attentions instead of cuDNN
+    _B._replace(ind="cdt"),                              # coordinate-descent tuning of the Triton kernels
+    _B._replace(mode="compile-blocks-max"),              # Triton GEMM templates, epilogue fusion
+    _B._replace(mode="compile"),                         # whole model: fuses what lies between the blocks
+]
+
+PRESETS = {"sweep": SWEEP, "mfu40": MFU40, "mfu40b": MFU40B}
+DEFAULT_BUDGET_S = {"sweep": 400.0, "mfu40": 180.0, "mfu40b": 500.0}
+
+# torch._inductor.config settings per knob name (Run.ind): code generation only, the model's math is unchanged
+INDUCTOR_KNOBS = {
+    "cdt": {"coordinate_descent_tuning": True},          # tune each Triton kernel's block sizes by benchmark
+    "agg": {"aggressive_fusion": True},                  # fuse kernels even without shared reads
+    "pw": {"max_autotune_pointwise": True},              # autotune pointwise/reduction configs
+}
+
+
+def _inductor_patch(ind: str) -> dict:
+    out: dict = {}
+    for k in filter(None, ind.split(",")):
+        if k not in INDUCTOR_KNOBS:
+            raise ValueError(f"unknown inductor knob {k!r}; choose from {sorted(INDUCTOR_KNOBS)}")
+        out.update(INDUCTOR_KNOBS[k])
+    return out
 # seconds a row takes before one of its mode was measured (compile: cold caches)
 EST_S = {"eager": 20.0, "compile": 150.0, "compile-blocks": 60.0, "compile-blocks-max": 240.0}
 
@@ -127,8 +158,9 @@ def _kernel_class(name: str) -> str:
     return "other (aten elementwise/norm/copy)"
 
 
-def profile_steps(step, n: int = 3, top: int = 8) -> dict:
-    """GPU kernel time of `n` steps by class, and the top kernels (ms per step)."""
+def profile_steps(step, n: int = 3, top: int = 8, top_per_class: int = 0) -> dict:
+    """GPU kernel time of `n` steps by class, and the top kernels (ms per step); with top_per_class, also the
+    top kernels of each class with their call counts per step (what the class is made of)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -138,16 +170,23 @@ def profile_steps(step, n: int = 3, top: int = 8) -> dict:
             torch.cuda.synchronize()
     by_class: dict[str, float] = {}
     by_name: dict[str, float] = {}
+    calls: dict[str, int] = {}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         us = e.time_range.elapsed_us()
         by_class[_kernel_class(e.name)] = by_class.get(_kernel_class(e.name), 0.0) + us
         by_name[e.name] = by_name.get(e.name, 0.0) + us
+        calls[e.name] = calls.get(e.name, 0) + 1
     total = sum(by_class.values())
-    return {"gpu_ms_per_step": total / n / 1e3,
-            "by_class_ms": {k: v / n / 1e3 for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": [(k[:90], v / n / 1e3) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]]}
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])
+    out = {"gpu_ms_per_step": total / n / 1e3,
+           "by_class_ms": {k: v / n / 1e3 for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+           "top_kernels_ms": [(k[:90], v / n / 1e3) for k, v in ranked[:top]]}
+    if top_per_class:
+        out["top_by_class"] = {c: [(k[:110], round(v / n / 1e3, 3), calls[k] / n) for k, v in ranked
+                                   if _kernel_class(k) == c][:top_per_class] for c in by_class}
+    return out
 
 
 def clip_into_adam_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float):
@@ -177,13 +216,28 @@ def _label(run: Run) -> str:
         lab += f" {run.opt}"
     if run.heads:
         lab += f" heads={run.heads}"
+    if run.accum != 1:
+        lab += f" accum={run.accum}"
+    if run.ind:
+        lab += f" ind={run.ind}"
     if not run.drop:
         lab += " nodrop"
     return lab
 
 
-def bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warmup: int, peak: float,
-              profile: bool = False) -> dict:
+def bench_one(run: Run, **kw) -> dict:
+    """One row under its inductor knobs (`Run.ind`), see `_bench_one`."""
+    patch = _inductor_patch(run.ind)
+    if not patch:
+        return _bench_one(run, **kw)
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(patch):
+        return _bench_one(run, **kw)
+
+
+def _bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warmup: int, peak: float,
+               profile: bool = False, top_per_class: int = 0) -> dict:
     cfg = model_preset(run.model, **({"num_heads": run.heads} if run.heads else {}))
     batch, vae_down = run.batch, 8
     h = w = run.px // vae_down
@@ -205,6 +259,8 @@ def bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warm
         raise ValueError(f"unknown mode {run.mode!r}")
     if run.opt not in ("clip", "clip-in-adam"):
         raise ValueError(f"unknown optimizer option {run.opt!r}")
+    if run.accum < 1:
+        raise ValueError(f"accum must be >= 1, got {run.accum}")
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     N = (h // cfg.patch_size) * (w // cfg.patch_size)
@@ -219,11 +275,13 @@ def bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warm
     amp = device.type == "cuda"
 
     def step():
-        sigma = flow.sample_sigmas(batch, "logit_normal", device=device)
-        noise = torch.randn_like(x0)
-        with _sdpa_ctx(run.sdpa), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = flow.loss(train_model, x0, cond, sigma=sigma, noise=noise)
-        loss.backward()
+        # one optimizer step = `accum` micro batches of `batch` (as refgen.dit.train: loss / accum per micro)
+        for _ in range(run.accum):
+            sigma = flow.sample_sigmas(batch, "logit_normal", device=device)
+            noise = torch.randn_like(x0)
+            with _sdpa_ctx(run.sdpa), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = flow.loss(train_model, x0, cond, sigma=sigma, noise=noise)
+            (loss / run.accum if run.accum > 1 else loss).backward()
         if run.opt == "clip-in-adam":
             clip_into_adam_step(opt, params, 1.0)
         else:
@@ -253,12 +311,12 @@ def bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warm
     sync()
     dt = (time.perf_counter() - t0) / steps
     fwd = forward_flops(cfg, h, w, text_len)
-    ips = batch / dt
+    ips = batch * run.accum / dt
     rec = {"model": run.model, "params_M": round(count_params(model) / 1e6, 1), "image_px": run.px,
            "latent": [cfg.latent_channels, h, w], "tokens": N, "text_len": text_len, "batch": batch,
            "mode": run.mode, "compile": compiled, "sdpa": run.sdpa, "cfg_drop": run.drop,
            "xattn": run.xattn, "kernel": run.kernel, "opt": run.opt, "num_heads": cfg.num_heads,
-           "label": _label(run),
+           "accum": run.accum, "inductor": _inductor_patch(run.ind), "label": _label(run),
            "step_s": dt, "images_per_s": ips,
            "train_gflop_per_image": 3 * fwd / 1e9, "achieved_tflops": ips * 3 * fwd / 1e12,
            "mfu": ips * 3 * fwd / peak, "first_step_s": t_first, "warmup_s": t_warm,
@@ -269,7 +327,7 @@ def bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warm
     if device.type == "cuda":
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if profile:
-            rec["profile"] = profile_steps(step)
+            rec["profile"] = profile_steps(step, top_per_class=top_per_class)
     del model, train_model, opt, params
     if compiled:
         torch._dynamo.reset()
@@ -355,16 +413,17 @@ def _tiny(run: Run, batch: int | None) -> Run:
 def _error_row(run: Run, msg: str) -> dict:
     return {"model": run.model, "image_px": run.px, "batch": run.batch, "mode": run.mode, "sdpa": run.sdpa,
             "cfg_drop": run.drop, "xattn": run.xattn, "kernel": run.kernel, "opt": run.opt,
-            "num_heads": run.heads or None, "label": _label(run), "error": msg[:300]}
+            "num_heads": run.heads or None, "accum": run.accum, "ind": run.ind, "label": _label(run),
+            "error": msg[:300]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON results (rewritten after every row)")
-    ap.add_argument("--preset", choices=["grid", "sweep", "mfu40"], default="grid",
+    ap.add_argument("--preset", choices=["grid", "sweep", "mfu40", "mfu40b"], default="grid",
                     help="grid: --models x --px x --modes; sweep: base, eager vs compile, batch sizes, SDPA "
-                         "backends; mfu40: base 256^2 b128, masked SDPA vs each MFU option (fixed rows, priority "
-                         "order, stops at --budget-s)")
+                         "backends; mfu40: base 256^2 b128, masked SDPA vs each MFU option; mfu40b: the best of mfu40 vs "
+                         "each untried knob (fixed rows, priority order, stops at --budget-s)")
     ap.add_argument("--rows", help="sweep/mfu40: only these rows of the preset (1-based, comma separated)")
     ap.add_argument("--models", default="nano,base")
     ap.add_argument("--px", default="256,512", help="image sizes (latents are /8)")
@@ -381,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opt", default="clip", choices=["clip", "clip-in-adam"], help="grid preset")
     ap.add_argument("--no-drop", action="store_true", help="no CFG drop: no attention mask at all (grid preset)")
     ap.add_argument("--profile", action="store_true", help="per row: GPU time by kernel class over 3 steps")
+    ap.add_argument("--top-per-class", type=int, default=0,
+                    help="with --profile: also list each class's top N kernels (name, ms/step, calls/step)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="do not start a row that would likely end after this many seconds from the start "
                          "(sweep: 400, mfu40: 180 by default)")
@@ -398,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             preset_rows = [preset_rows[int(i) - 1] for i in a.rows.split(",")]
     if a.tiny:
         device = torch.device("cpu")
-        runs = ([_tiny(r, a.batch) for r in preset_rows] if a.preset == "mfu40"
+        runs = ([_tiny(r, a.batch) for r in preset_rows] if a.preset in ("mfu40", "mfu40b")
                 else [Run("tiny", 64, a.batch or 2, xattn=a.xattn, opt=a.opt)])
         a.steps, a.warmup, a.text_len = 1, 1, 8
     else:
@@ -448,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             try:
                 r = bench_one(run, device=device, text_len=a.text_len, steps=a.steps, warmup=a.warmup,
-                              peak=a.peak_tflops * 1e12, profile=a.profile)
+                              peak=a.peak_tflops * 1e12, profile=a.profile, top_per_class=a.top_per_class)
             except torch.OutOfMemoryError as e:
                 r = _error_row(run, f"OOM: {e}")
             except Exception as e:  # noqa: BLE001 - a failing backend/compile must not lose the other rows
@@ -468,6 +529,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    GPU {p['gpu_ms_per_step']:.1f} ms/step (wall {1e3 * r['step_s']:.1f}): {cls}", flush=True)
             for name, ms in p["top_kernels_ms"]:
                 print(f"      {ms:7.2f} ms  {name}", flush=True)
+            for c, rows in p.get("top_by_class", {}).items():
+                print(f"    [{c}]", flush=True)
+                for name, ms, ncall in rows:
+                    print(f"      {ms:7.2f} ms {ncall:5.0f}x  {name}", flush=True)
         save()
     save()
     print(f"total {time.perf_counter() - t_start:.0f}s", flush=True)

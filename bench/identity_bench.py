@@ -1,33 +1,45 @@
-"""Identity system at full size with random weights: refgen vs plain diffusers, on one GPU.
+"""Identity system at full size with random weights: refgen vs plain diffusers, speed and memory, on one GPU.
 
 Builds the real architectures directly on the GPU in bf16 (same FLOPs as the trained models, no download):
 QwenImageTransformer2DModel (20.4B, defaults = Qwen/Qwen-Image), AutoencoderKLQwenImage, a Qwen2.5-VL-7B
 text encoder, and the Qwen3-VL-8B vision tower. The tokenizer is refgen's offline byte-level BPE (the real
 one cannot be downloaded here), so prompt lengths differ slightly from the real tokenizer's.
 
-    python bench/identity_bench.py --out bench_out.json            # full size, CUDA
-    python bench/identity_bench.py --tiny --out /tmp/b.json        # tiny models on CPU: checks the code runs
+Two sections, each sized for one device call (< 10 min on an H100):
 
-Prints a table and writes all numbers as JSON. Timings are medians of repeats after a warm-up.
+    python bench/identity_bench.py --section render --out render.json   # plain vs refgen, batched CFG, grid,
+                                                                        # offload modes, features, head
+    python bench/identity_bench.py --section invert --out invert.json   # inversion K/checkpointing/offload,
+                                                                        # torch.compile (inversion and render)
+    python bench/identity_bench.py --tiny --section all --out /tmp/b.json   # tiny models on CPU: code runs
+
+Every row records its time and the peak GPU memory of that row alone (torch's max_memory_allocated, and
+max_memory_reserved: what the caching allocator held, the figure to compare with a card's size). Timings are
+medians of repeats after a warm-up unless the row says otherwise. A row that fails (OOM, an error) is
+recorded with the error and the run goes on. Prints a table and writes all numbers as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+CUDA = torch.cuda.is_available()
+
 
 def sync():
-    if torch.cuda.is_available():
+    if CUDA:
         torch.cuda.synchronize()
 
 
@@ -45,14 +57,66 @@ def timed(fn, repeat=3, warmup=1):
 
 
 def peak_reset():
-    if torch.cuda.is_available():
+    gc.collect()
+    if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_gib():
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+def peaks(base: float = 0.0) -> dict:
+    """Peak allocated/reserved GiB since the last peak_reset; `extra_gib` = peak over what was resident before."""
+    if not CUDA:
+        return {"peak_gib": 0.0, "reserved_gib": 0.0, "extra_gib": 0.0}
+    p = torch.cuda.max_memory_allocated() / 2**30
+    return {"peak_gib": p, "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "extra_gib": p - base}
 
+
+def resident_gib() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if CUDA else 0.0
+
+
+class Bench:
+    """Rows of (label, text), printed as measured (a crash later keeps what was measured), and a JSON dict."""
+
+    def __init__(self, out: str, meta: dict):
+        self.out, self.res, self.rows = Path(out), dict(meta), []
+
+    def row(self, label: str, text: str):
+        print(f"| {label} | {text} |", flush=True)
+        self.rows.append((label, text))
+
+    def save(self):
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.res, indent=2))
+
+    def measure(self, key: str, label: str, fn, repeat=2, warmup=1, per: int = 1):
+        """Time fn (median of `repeat` after `warmup`), record time, time per item and the row's peaks."""
+        peak_reset()
+        base = resident_gib()
+        try:
+            t = timed(fn, repeat=repeat, warmup=warmup)
+        except Exception as e:  # noqa: BLE001 -- a bench row's failure is a result, not the end of the run
+            traceback.print_exc()
+            msg = "out of memory" if isinstance(e, torch.OutOfMemoryError) else f"{type(e).__name__}: {e}"[:300]
+            self.res[key] = {"error": msg, **peaks(base)}
+            self.row(label, f"FAILED: {msg}")
+            peak_reset()
+            return None
+        r = {"s": t, "per_item_s": t / per, "n": per, "repeat": repeat, "warmup": warmup, **peaks(base)}
+        self.res[key] = r
+        each = f" ({t / per:.2f} s each)" if per > 1 else ""
+        self.row(label, f"{t:.3f} s{each}, peak {r['peak_gib']:.1f} GiB (reserved {r['reserved_gib']:.1f}, "
+                        f"{r['extra_gib']:.1f} over resident)")
+        self.save()
+        return r
+
+    def table(self, title: str):
+        print(f"\n## {title}\n| what | measured |\n|---|---|")
+        for a, b in self.rows:
+            print(f"| {a} | {b} |")
+
+
+# --------------------------------------------------------------------------- models
 
 def build_full_pipeline(tokenizer):
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
@@ -80,6 +144,7 @@ def build_full_pipeline(tokenizer):
                              scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     pipe.refgen_model_id = "random-full-size"
+    pipe.refgen_offload = "none"
     return pipe
 
 
@@ -101,14 +166,6 @@ def build_vision_tower(tiny: bool):
     return Qwen3VLVisionModel._from_config(cfg).to(dev, dt).eval(), vc["out_hidden_size"]
 
 
-class Rows(list):
-    """Table rows, also printed as they are measured (a crash later keeps what was measured)."""
-
-    def append(self, row):
-        print(f"| {row[0]} | {row[1]} |", flush=True)
-        super().append(row)
-
-
 def make_identities(root: Path, n: int, size=(512, 768)):
     import numpy as np
     from PIL import Image
@@ -121,177 +178,278 @@ def make_identities(root: Path, n: int, size=(512, 768)):
             Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(d / f"{j}.png")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true", help="tiny models on CPU, 1 step: checks the code runs")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: plain,grid,invert,features")
-    args = ap.parse_args()
-    skip = set(args.skip.split(","))
+# --------------------------------------------------------------------------- sections
+
+PROMPT = "a portrait photo of ~ID~, studio lighting"
+
+
+def section_render(b: Bench, pipe, S: dict):
+    """Plain pipeline vs refgen; batched CFG before/after; grid; text encoder release; offload modes."""
+    from refgen.identity.inject import inject
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.render import RenderConfig, place, release_text_encoder, render_grid, render_images
+
+    H, W, steps, n_seeds, reps, big = S["H"], S["W"], S["steps"], S["grid_seeds"], S["reps"], S["grid_bs"]
+    R = S["R"]
+    rc = lambda **kw: RenderConfig(prompt=PROMPT, alphas=[1.0], seeds=[0], steps=steps, height=H, width=W,  # noqa
+                                   **kw)
+
+    # 1. plain diffusers, one image per call (the seed's way of rendering a grid)
+    gen = lambda: torch.Generator("cpu").manual_seed(0)  # noqa: E731
+    b.measure("plain_1", "plain QwenImagePipeline(prompt=...), 1 image/call",
+              lambda: pipe(prompt="a portrait photo of a person, studio lighting", negative_prompt=" ",
+                           true_cfg_scale=4.0, num_inference_steps=steps, height=H, width=W, generator=gen()),
+              repeat=reps)
+
+    # 2. refgen single render (encode, inject, render), CFG as two forwards (pipeline) vs one batched forward
+    neg = encode_prompts(pipe, " ")
+    negt = (neg.embeds, neg.mask)
+
+    def one(prompt_, residuals, alphas, cfg_batch, bs=1):
+        enc = encode_prompts(pipe, prompt_, n_identities=len(residuals))
+        E = inject(enc.embeds.expand(bs, -1, -1), enc.slots[0], residuals, alphas)
+        return render_images(pipe, E, enc.mask.expand(bs, -1), list(range(bs)), rc(cfg_batch=cfg_batch,
+                             batch_size=bs), negt, progress=False)
+
+    for cb in (False, True):
+        b.measure(f"refgen_1_cfgbatch{int(cb)}", f"refgen render, 1 image, CFG {'batched' if cb else '2 forwards'}",
+                  lambda: one(PROMPT, [R], [1.0], cb), repeat=reps)
+    b.measure("refgen_two_slot", "refgen generate, two slots, 1 image, CFG batched",
+              lambda: one("~ID~ and ~ID~ on a beach", [R, R], [1.2, 0.9], True), repeat=reps)
+
+    # 3. injection overhead: encode + inject vs the render (the render dominates both)
+    enc = encode_prompts(pipe, PROMPT, n_identities=1)
+    t_enc = timed(lambda: encode_prompts(pipe, PROMPT, n_identities=1), repeat=5)
+    t_inj = timed(lambda: inject(enc.embeds, enc.slots[0], [R], [1.0]), repeat=20)
+    render_s = b.res.get("refgen_1_cfgbatch1", {}).get("s") or float("nan")
+    b.res.update(encode_s=t_enc, inject_s=t_inj, inject_overhead_pct_of_render=100 * t_inj / render_s)
+    b.row("prompt encode (text encoder on the GPU)", f"{t_enc * 1e3:.1f} ms")
+    b.row("inject (1 slot)", f"{t_inj * 1e3:.3f} ms = {100 * t_inj / render_s:.4f}% of a render")
+
+    # 4. the text encoder leaves the GPU once the prompts are encoded (refgen render / generate do this)
+    release_text_encoder(pipe)
+    b.res["text_encoder_released"] = True
+    b.measure("refgen_1_te_off", "refgen render, 1 image, CFG batched, text encoder released",
+              lambda: one_pre(pipe, enc, R, negt, rc(cfg_batch=True), 1), repeat=reps)
+
+    # 5. one pipeline call of `big` images: CFG as two forwards vs one batched forward
+    for cb in (False, True):
+        b.measure(f"refgen_{big}_cfgbatch{int(cb)}",
+                  f"refgen render, {big} images in one call, CFG {'batched' if cb else '2 forwards'}",
+                  lambda: one_pre(pipe, enc, R, negt, rc(cfg_batch=cb, batch_size=big), big), repeat=1, warmup=0,
+                  per=big)
+
+    # 6. alpha grid 4 x n_seeds, `big` images per call, batched CFG, prompt encoded once (text encoder off)
+    gc_ = RenderConfig(prompt=PROMPT, alphas=[0.5, 1.0, 1.5, 2.0], seeds=list(range(n_seeds)), steps=steps,
+                       height=H, width=W, batch_size=big, cfg_batch=True)
+    with tempfile.TemporaryDirectory() as td:
+        b.measure("grid", f"alpha grid 4x{n_seeds}, {big} images/call, CFG batched (writes grid + PNGs)",
+                  lambda: render_grid(pipe, gc_, [R], td, progress=False, encoded=(enc.embeds, enc.mask, enc.slots[0]),
+                                      neg=negt), repeat=1, warmup=0, per=4 * n_seeds)
+    if "plain_1" in b.res and "s" in b.res["plain_1"]:
+        b.res["plain_grid_computed_s"] = b.res["plain_1"]["s"] * 4 * n_seeds
+        b.row(f"plain grid 4x{n_seeds} = {4 * n_seeds} x plain per-image (computed, not run)",
+              f"{b.res['plain_grid_computed_s']:.1f} s")
+
+    # 7. features + head (their peak: `extra_gib`, over the pipeline still resident)
+    section_features(b, S, tiny=not CUDA)
+    if not CUDA:
+        return
+    # 8. offload modes (what 48 GB and 24 GB cards can run): model offload, then group offload (layer streaming)
+    dev = torch.device("cuda")
+    place(pipe, dev, "model")
+    b.measure("offload_model_encode", "offload=model: encode a prompt (text encoder moves in)",
+              lambda: encode_prompts(pipe, PROMPT, n_identities=1), repeat=reps)
+    b.measure("offload_model_1", "offload=model: render 1 image, CFG batched (transformer moves in per call)",
+              lambda: one_pre(pipe, enc, R, negt, rc(cfg_batch=True), 1), repeat=reps)
+    b.measure(f"offload_model_{big}", f"offload=model: {big} images in one call, CFG batched",
+              lambda: one_pre(pipe, enc, R, negt, rc(cfg_batch=True, batch_size=big), big), repeat=1, warmup=0,
+              per=big)
+    pipe.remove_all_hooks()
+    pipe.to("cpu")
+    peak_reset()
+    t = time.perf_counter()
+    place(pipe, dev, "group")
+    b.res["offload_group_setup_s"] = time.perf_counter() - t
+    b.row("offload=group: setup (pin + hooks)", f"{b.res['offload_group_setup_s']:.1f} s")
+    gsteps = S["group_steps"]
+    b.measure("offload_group_encode", "offload=group: encode a prompt",
+              lambda: encode_prompts(pipe, PROMPT, n_identities=1), repeat=1)
+    for bs in (1, 4):
+        cfg_g = RenderConfig(prompt=PROMPT, alphas=[1.0], seeds=[0], steps=gsteps, height=H, width=W,
+                             batch_size=bs, cfg_batch=True)
+        b.measure(f"offload_group_{bs}_{gsteps}steps",
+                  f"offload=group: {bs} image(s) in one call, {gsteps} steps (not 28), CFG batched",
+                  lambda: one_pre(pipe, enc, R, negt, cfg_g, bs), repeat=1, warmup=1 if bs == 1 else 0, per=bs)
+    pipe.remove_all_hooks()
+
+
+def one_pre(pipe, enc, R, negt, cfg, bs):
+    """Render `bs` images of an already encoded prompt (no text encoder involved)."""
+    from refgen.identity.inject import inject
+    from refgen.identity.render import render_images
+
+    E = inject(enc.embeds.expand(bs, -1, -1), enc.slots[0], [R], [1.0])
+    dev = pipe._execution_device
+    return render_images(pipe, E.to(dev), enc.mask.expand(bs, -1).to(dev), list(range(bs)), cfg,
+                         (negt[0].to(dev), negt[1].to(dev)), progress=False)
+
+
+def section_invert(b: Bench, pipe, S: dict, tiny: bool):
+    """Inversion step time and peak memory vs K, checkpointing, torch.compile and model offload."""
+    from refgen.identity.invert import InvertConfig, Inverter
+    from refgen.identity.render import RenderConfig, place
+    from refgen.images import scan
+
+    H, W, reps = S["H"], S["W"], S["reps"]
+    td = tempfile.TemporaryDirectory()
+    root = Path(td.name)
+    make_identities(root, 4, size=(W + 64, H + 64))
+    idents = scan(root).identities
+    cfg = InvertConfig(height=H, width=W, identities_per_batch=4, steps=10 ** 6, qa=False, checkpoint_every=10 ** 6)
+    peak_reset()
+    inv = Inverter(pipe, cfg, root / "out", progress=False)  # encodes, then moves the text encoder off the GPU
+    states = [inv._new_state(i) for i in idents]
+    b.res["invert_setup"] = peaks()
+    b.row("inversion setup (encode, text encoder off, 4 x 3 photos through the VAE)",
+          f"peak {b.res['invert_setup']['peak_gib']:.1f} GiB")
+    n_rep = 1 if tiny else 4
+
+    def steps(key, label, K, ckpt, warmup=1):
+        tr = pipe.transformer
+        tr.enable_gradient_checkpointing() if ckpt else tr.disable_gradient_checkpointing()
+        opt = torch.optim.AdamW([{"params": [s.P, s.log_scale], "lr": cfg.lr} for s in states[:K]])
+        r = b.measure(key, f"{label}: K={K} ({K * cfg.images_per_step} rows){' +ckpt' if ckpt else ''}",
+                      lambda: inv._step(states[:K], opt), repeat=n_rep, warmup=warmup)
+        if r:
+            r["identities_per_gpu_hour_at_600_steps"] = 3600 * K / (600 * r["s"])
+            b.row(f"  -> {label} K={K}{' +ckpt' if ckpt else ''}",
+                  f"{r['identities_per_gpu_hour_at_600_steps']:.1f} identities/GPU-hour at 600 steps")
+            b.save()
+
+    for K, ckpt in ([(1, False), (2, False), (1, True), (2, True), (4, True)] if not tiny else [(1, False), (2, True)]):
+        steps(f"invert_K{K}{'_ckpt' if ckpt else ''}", "inversion step", K, ckpt)
+
+    if CUDA:
+        # torch.compile of the 60 repeated blocks (regional), for inversion and then rendering
+        pipe.transformer.compile_repeated_blocks(fullgraph=True)
+        t = time.perf_counter()
+        steps("invert_K2_compile", "inversion step, compiled", 2, False, warmup=2)
+        b.res["invert_compile_warmup_s"] = time.perf_counter() - t
+        rc = RenderConfig(prompt=PROMPT, alphas=[1.0], seeds=[0], steps=S["steps"], height=H, width=W,
+                          batch_size=1, cfg_batch=True)
+        from refgen.identity.render import render_images
+
+        neg_e = torch.zeros(1, 4, inv.E_base.shape[2], device=inv.device, dtype=inv.dtype)
+        neg_m = torch.ones(1, 4, dtype=torch.long, device=inv.device)
+        mask = torch.ones(inv.E_base.shape[:2], dtype=torch.long, device=inv.device)
+        big = S["grid_bs"]
+        t = time.perf_counter()
+        b.measure("render_1_compile", "render 1 image, CFG batched, compiled", lambda: render_images(
+            pipe, inv.E_base, mask, [0], rc, (neg_e, neg_m), progress=False), repeat=reps, warmup=1)
+        b.res["render_compile_warmup_and_runs_s"] = time.perf_counter() - t
+        rcb = RenderConfig(prompt=PROMPT, alphas=[1.0], seeds=[0], steps=S["steps"], height=H, width=W,
+                           batch_size=big, cfg_batch=True)
+        b.measure(f"render_{big}_compile", f"render {big} images in one call, CFG batched, compiled (1st call "
+                  "of this shape is the warm-up)", lambda: render_images(
+            pipe, inv.E_base.expand(big, -1, -1), mask.expand(big, -1), list(range(big)), rcb, (neg_e, neg_m),
+            progress=False), repeat=1, warmup=1, per=big)
+
+        # model offload: the transformer is the only resident component during inversion (48 GB cards)
+        place(pipe, torch.device("cuda"), "model")
+        peak_reset()
+        try:
+            inv2 = Inverter(pipe, cfg, root / "out2", progress=False)
+            states[:] = [inv2._new_state(i) for i in idents[:2]]
+            inv = inv2
+            b.res["invert_offload_model_setup"] = peaks()
+            for K in (1, 2):
+                steps(f"invert_offload_model_K{K}_ckpt", "inversion step, offload=model, compiled", K, True, warmup=2)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            b.res["invert_offload_model"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            b.row("inversion, offload=model", f"FAILED: {type(e).__name__}")
+    td.cleanup()
+
+
+def section_features(b: Bench, S: dict, tiny: bool):
+    """Qwen3-VL-8B vision tower, 3 photos under a 2 MP budget (clean peak: nothing else on the GPU); head."""
+    from PIL import Image
 
     from refgen.identity.features import FeatureConfig, budget_sizes
     from refgen.identity.head import LinearHead
-    from refgen.identity.inject import inject
-    from refgen.identity.invert import InvertConfig, Inverter
+    from refgen.tiny import build_qwen3_vl_image_processor
+
+    peak_reset()
+    before = resident_gib()
+    vis, D = build_vision_tower(tiny)
+    b.res["features_weights_gib"] = resident_gib() - before
+    proc = build_qwen3_vl_image_processor()
+    proc.size["shortest_edge"] = 32 * 32
+    fc = FeatureConfig(pixel_budget=0.05e6 if tiny else 2.0e6)
+    proc.size["longest_edge"] = max(proc.size["longest_edge"], int(fc.pixel_budget))
+    photos = [Image.new("RGB", (1200, 1600), (i * 60, 90, 30)) for i in range(3)]
+    sizes = budget_sizes([p.size for p in photos], fc)
+    inp = proc(images=[p.resize(s) for p, s in zip(photos, sizes)], return_tensors="pt")
+    vdev = next(vis.parameters()).device
+    pv, thw = inp["pixel_values"].to(vdev, next(vis.parameters()).dtype), inp["image_grid_thw"].to(vdev)
+    with torch.no_grad():
+        r = b.measure("features", f"Qwen3-VL-8B vision tower, 3 photos @2 MP budget ({pv.shape[0]} patches)",
+                      lambda: vis(pv, grid_thw=thw), repeat=3 if not tiny else 1)
+        head = LinearHead(D, S["L"], S["Hd"]).to(vdev, pv.dtype)
+        z = torch.randn(1, D, device=vdev, dtype=pv.dtype)
+        t_head = timed(lambda: head(z), repeat=20)
+    b.res.update(head_s=t_head, features_patches=int(pv.shape[0]))
+    b.row("linear head z -> (L, H)", f"{t_head * 1e3:.3f} ms")
+    if r:
+        b.res["new_identity_s"] = r["s"] + t_head
+        b.row("new identity: features + head", f"{r['s'] + t_head:.3f} s")
+    del vis, head
+    peak_reset()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="tiny models on CPU, 2 steps: checks the code runs")
+    ap.add_argument("--section", choices=["render", "invert", "all"], default="all")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
     from refgen.identity.prompts import encode_prompts
-    from refgen.identity.render import RenderConfig, render_grid, render_images
-    from refgen.images import scan
-    from refgen.tiny import build_qwen_image, build_qwen3_vl_image_processor, build_tokenizer
+    from refgen.tiny import build_qwen_image, build_tokenizer
 
     tok = build_tokenizer()
+    t = time.perf_counter()
     if args.tiny:
         pipe = build_qwen_image(tok)
         pipe.set_progress_bar_config(disable=True)
-        pipe.refgen_model_id = "tiny"
-        H_img, W_img, steps, grid_seeds, reps = 32, 32, 2, 2, 1
+        pipe.refgen_model_id, pipe.refgen_offload = "tiny", "none"
+        S = dict(H=32, W=32, steps=2, grid_seeds=2, reps=1, grid_bs=2, group_steps=2)
     else:
-        t = time.perf_counter()
         pipe = build_full_pipeline(tok)
-        build_s = time.perf_counter() - t
-        H_img, W_img, steps, grid_seeds, reps = 768, 512, 28, 8, 2
-    res: dict = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                 "torch": torch.__version__, "size": f"{W_img}x{H_img}", "steps": steps, "true_cfg": 4.0}
-    if not args.tiny:
-        res["build_s"] = build_s
-        res["params_transformer_B"] = sum(p.numel() for p in pipe.transformer.parameters()) / 1e9
-        res["params_text_encoder_B"] = sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e9
-    dev, dt = pipe._execution_device, pipe.transformer.dtype
-    prompt = "a portrait photo of ~ID~, studio lighting"
-    plain_prompt = "a portrait photo of a person, studio lighting"
-    L = encode_prompts(pipe, prompt).slots[0][0].length
-    Hd = pipe.transformer.config.joint_attention_dim
-    R = torch.randn(L, Hd, device=dev, dtype=dt) * 0.5
-    rows = Rows()
+        S = dict(H=768, W=512, steps=28, grid_seeds=8, reps=2, grid_bs=8, group_steps=4)
+    import diffusers
+    import transformers
 
-    # 1. plain diffusers, one image per call (the seed's way of rendering a grid)
-    if "plain" not in skip:
-        peak_reset()
-        gen = lambda: torch.Generator("cpu").manual_seed(0)  # noqa: E731
-        f = lambda: pipe(prompt=plain_prompt, negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=steps,  # noqa
-                         height=H_img, width=W_img, generator=gen())
-        res["plain_per_image_s"] = timed(f, repeat=reps, warmup=1)
-        res["plain_peak_gib"] = peak_gib()
-        rows.append(("plain QwenImagePipeline, 1 image/call", f"{res['plain_per_image_s']:.2f} s/image"))
-
-    # 2. refgen single render and two-slot generate (encode once, inject, prompt_embeds)
-    rc = RenderConfig(prompt=prompt, alphas=[1.0], seeds=[0], steps=steps, height=H_img, width=W_img, batch_size=1)
-    neg = encode_prompts(pipe, " ")
-
-    def one(prompt_, residuals, alphas):
-        enc = encode_prompts(pipe, prompt_, n_identities=len(residuals))
-        E = inject(enc.embeds, enc.slots[0], residuals, alphas)
-        return render_images(pipe, E, enc.mask, [0], rc, (neg.embeds, neg.mask), progress=False)
-
-    peak_reset()
-    res["refgen_single_s"] = timed(lambda: one(prompt, [R], [1.0]), repeat=reps)
-    res["refgen_two_slot_s"] = timed(lambda: one("~ID~ and ~ID~ on a beach", [R, R], [1.2, 0.9]), repeat=reps)
-    res["refgen_render_peak_gib"] = peak_gib()
-    rows.append(("refgen render, 1 image", f"{res['refgen_single_s']:.2f} s"))
-    rows.append(("refgen generate, two slots, 1 image", f"{res['refgen_two_slot_s']:.2f} s"))
-
-    # 3. injection overhead: encode + inject vs encode alone (the render dominates both)
-    enc = encode_prompts(pipe, prompt, n_identities=1)
-    t_enc = timed(lambda: encode_prompts(pipe, prompt, n_identities=1), repeat=5)
-    t_inj = timed(lambda: inject(enc.embeds, enc.slots[0], [R], [1.0]), repeat=20)
-    res["encode_s"], res["inject_s"] = t_enc, t_inj
-    res["inject_overhead_pct_of_render"] = 100 * t_inj / res["refgen_single_s"]
-    rows.append(("inject (1 slot)", f"{t_inj * 1e3:.3f} ms = {res['inject_overhead_pct_of_render']:.4f}% of a render"))
-
-    # 4. alpha grid 4 x grid_seeds, batched (8 images per pipeline call)
-    if "grid" not in skip:
-        for bs in ([2] if args.tiny else [8]):
-            gc = RenderConfig(prompt=prompt, alphas=[0.5, 1.0, 1.5, 2.0], seeds=list(range(grid_seeds)), steps=steps,
-                              height=H_img, width=W_img, batch_size=bs)
-            peak_reset()
-            with tempfile.TemporaryDirectory() as td:
-                sync()
-                t = time.perf_counter()
-                render_grid(pipe, gc, [R], td, progress=False)
-                sync()
-                res[f"grid_bs{bs}_s"] = time.perf_counter() - t
-            res[f"grid_bs{bs}_peak_gib"] = peak_gib()
-            n = 4 * grid_seeds
-            rows.append((f"alpha grid 4x{grid_seeds}, {bs} images/call",
-                         f"{res[f'grid_bs{bs}_s']:.1f} s ({res[f'grid_bs{bs}_s'] / n:.2f} s/image), "
-                         f"peak {res[f'grid_bs{bs}_peak_gib']:.1f} GiB"))
-        if "plain_per_image_s" in res:
-            res["plain_grid_extrapolated_s"] = res["plain_per_image_s"] * 4 * grid_seeds
-            rows.append((f"plain grid 4x{grid_seeds} (= {4 * grid_seeds} x measured per-image)",
-                         f"{res['plain_grid_extrapolated_s']:.1f} s"))
-
-    # 5. teacher inversion: steps/s and peak memory vs identities per batch and checkpointing
-    if "invert" not in skip:
-        with tempfile.TemporaryDirectory() as td:
-            root = Path(td)
-            make_identities(root, 4, size=(W_img + 64, H_img + 64))
-            idents = scan(root).identities
-            grid = [(1, False), (2, False), (2, True), (4, True)] if not args.tiny else [(1, False), (2, True)]
-            for K, ckpt in grid:
-                cfg = InvertConfig(height=H_img, width=W_img, identities_per_batch=K, steps=10 ** 6, qa=False,
-                                   gradient_checkpointing=ckpt, checkpoint_every=10 ** 6)
-                if not ckpt:
-                    pipe.transformer.disable_gradient_checkpointing()
-                pipe.text_encoder.to(dev)  # the last Inverter offloaded it; encoding an 8B model on the CPU is slow
-                peak_reset()
-                try:
-                    inv = Inverter(pipe, cfg, root / "out", progress=False)
-                    states = [inv._new_state(i) for i in idents[:K]]
-                    opt = torch.optim.AdamW([{"params": [s.P, s.log_scale], "lr": cfg.lr} for s in states])
-                    n_rep = 1 if args.tiny else 5
-                    step_s = timed(lambda: inv._step(states, opt), repeat=n_rep, warmup=1)
-                    key = f"invert_K{K}{'_ckpt' if ckpt else ''}"
-                    res[key] = {"step_s": step_s, "peak_gib": peak_gib(), "rows": K * cfg.images_per_step,
-                                "identities_per_gpu_hour_at_600_steps": 3600 * K / (600 * step_s)}
-                    rows.append((f"inversion K={K} ({K * cfg.images_per_step} rows){' +ckpt' if ckpt else ''}",
-                                 f"{step_s * 1e3:.0f} ms/step, peak {peak_gib():.1f} GiB, "
-                                 f"{res[key]['identities_per_gpu_hour_at_600_steps']:.1f} id/GPU-h @600 steps"))
-                except torch.OutOfMemoryError:
-                    rows.append((f"inversion K={K}{' +ckpt' if ckpt else ''}", "out of memory"))
-                    res[f"invert_K{K}{'_ckpt' if ckpt else ''}"] = "OOM"
-                finally:
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-
-    # 6. features: Qwen3-VL-8B vision tower, 3 photos under a 2 MP budget; then the head
-    if "features" not in skip:
-        del pipe
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        from PIL import Image
-
-        vis, D = build_vision_tower(args.tiny)
-        proc = build_qwen3_vl_image_processor()
-        proc.size["shortest_edge"] = 32 * 32
-        fc = FeatureConfig(pixel_budget=0.05e6 if args.tiny else 2.0e6)
-        proc.size["longest_edge"] = max(proc.size["longest_edge"], int(fc.pixel_budget))
-        photos = [Image.new("RGB", (1200, 1600), (i * 60, 90, 30)) for i in range(3)]
-        sizes = budget_sizes([p.size for p in photos], fc)
-        inp = proc(images=[p.resize(s) for p, s in zip(photos, sizes)], return_tensors="pt")
-        vdev = next(vis.parameters()).device
-        pv, thw = inp["pixel_values"].to(vdev, next(vis.parameters()).dtype), inp["image_grid_thw"].to(vdev)
-        peak_reset()
-        with torch.no_grad():
-            t_feat = timed(lambda: vis(pv, grid_thw=thw), repeat=3 if not args.tiny else 1)
-            head = LinearHead(D, L, Hd).to(vdev, pv.dtype)
-            z = torch.randn(1, D, device=vdev, dtype=pv.dtype)
-            t_head = timed(lambda: head(z), repeat=20)
-        res["features_s_per_identity"] = t_feat
-        res["features_images_per_s"] = 3 / t_feat
-        res["features_patches"] = int(pv.shape[0])
-        res["features_peak_gib"] = peak_gib()
-        res["head_s"] = t_head
-        rows.append(("Qwen3-VL-8B vision tower, 3 photos @2 MP budget",
-                     f"{t_feat * 1e3:.0f} ms ({3 / t_feat:.1f} images/s, {pv.shape[0]} patches), "
-                     f"peak {res['features_peak_gib']:.1f} GiB"))
-        rows.append(("linear head z -> (L, H)", f"{t_head * 1e3:.3f} ms"))
-        rows.append(("new identity: features + head", f"{(t_feat + t_head):.3f} s"))
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"\n## identity bench ({res['device']}, torch {res['torch']}, {res['size']}, {steps} steps, true CFG 4)")
-    print("| what | measured |\n|---|---|")
-    for a, b in rows:
-        print(f"| {a} | {b} |")
+    meta = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "date": time.strftime("%Y-%m-%d"), "size_WxH": f"{S['W']}x{S['H']}", "steps": S["steps"],
+            "true_cfg": 4.0, "build_s": time.perf_counter() - t,
+            "params_transformer_B": sum(p.numel() for p in pipe.transformer.parameters()) / 1e9,
+            "params_text_encoder_B": sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e9}
+    b = Bench(args.out, meta)
+    S["L"] = encode_prompts(pipe, PROMPT).slots[0][0].length
+    S["Hd"] = pipe.transformer.config.joint_attention_dim
+    S["R"] = torch.randn(S["L"], S["Hd"], device=pipe._execution_device, dtype=pipe.transformer.dtype) * 0.5
+    if args.section in ("render", "all"):
+        section_render(b, pipe, S)
+    if args.section in ("invert", "all"):
+        if args.section == "all" and CUDA:
+            raise SystemExit("--section all is for --tiny; on a GPU run render and invert as two calls")
+        section_invert(b, pipe, S, args.tiny)
+    b.save()
+    b.table(f"identity bench, section {args.section} ({b.res['device']}, torch {b.res['torch']}, "
+            f"{S['W']}x{S['H']} WxH, {S['steps']} steps, true CFG 4)")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,16 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
                    help="bf16 (default); fp16 is refused for Qwen-Image (overflows)")
 
 
+def _add_speed(p: argparse.ArgumentParser, offload_modes=("none", "model", "group"), render: bool = True) -> None:
+    p.add_argument("--offload", default="none", choices=offload_modes,
+                   help="none: all on the GPU; model: one component at a time (48 GB cards); group: layer by "
+                        "layer (24 GB cards, slow). Peaks per mode: docs/benchmarks.md")
+    if render:
+        p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks")
+        p.add_argument("--no-cfg-batch", action="store_true",
+                       help="true CFG as two forwards per step (the pipeline's way) instead of one batched forward")
+
+
 # ---- commands: each a thin wrapper over a library function --------------------------------------------
 
 def cmd_doctor(args) -> int:
@@ -100,14 +110,23 @@ def cmd_slots(args) -> int:
 
 def cmd_render(args) -> int:
     from refgen.identity.inject import load_residual
-    from refgen.identity.render import RenderConfig, load_pipeline, render_grid
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.render import RenderConfig, load_pipeline, release_text_encoder, render_grid
 
     cfg = RenderConfig(prompt=args.prompt, alphas=args.alphas, seeds=args.seeds, steps=args.steps,
                        true_cfg=args.true_cfg, negative_prompt=args.negative_prompt, height=args.height,
-                       width=args.width, batch_size=args.batch_size)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+                       width=args.width, batch_size=args.batch_size, cfg_batch=not args.no_cfg_batch)
+    pipe = load_pipeline(args.model, args.device, args.dtype, offload=args.offload, compile=args.compile)
     res = [load_residual(f, pipe, pipe._execution_device, pipe.transformer.dtype) for f in args.residual]
-    rec = render_grid(pipe, cfg, res, args.out, residual_files=args.residual)
+    # Encode once, then free the text encoder's GPU memory before the transformer runs.
+    enc = encode_prompts(pipe, cfg.prompt, n_identities=len(res) if res else None)
+    neg = None
+    if cfg.true_cfg > 1:
+        ne = encode_prompts(pipe, cfg.negative_prompt)
+        neg = (ne.embeds, ne.mask)
+    release_text_encoder(pipe)
+    rec = render_grid(pipe, cfg, res, args.out, residual_files=args.residual,
+                      encoded=(enc.embeds, enc.mask, enc.slots[0]), neg=neg)
     print(f"wrote {Path(args.out) / rec['grid']} ({len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds) and grid.json")
     return 0
 
@@ -125,7 +144,7 @@ def cmd_invert(args) -> int:
         raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     recs = invert(args.root, args.model, out=args.out, only=only, shard=(i, n), cfg=cfg, device=args.device,
-                  dtype=args.dtype)
+                  dtype=args.dtype, offload=args.offload)
     for r in recs:
         print(f"{r['identity']}: {r['stop_reason']} after {r['steps_run']} steps, loss {r['first_loss']:.4f} -> "
               f"{r['final_loss']:.4f}, scale {r['scale']}" if r["final_loss"] is not None else
@@ -175,9 +194,10 @@ def cmd_generate(args) -> int:
         cfg = GenerateConfig(prompt=args.prompt, people=[Person(k, v, a) for (k, v), a in zip(people, alphas)],
                              seeds=args.seeds, steps=args.steps, true_cfg=args.true_cfg,
                              negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                             batch_size=args.batch_size, grid_alphas=args.grid_alphas)
+                             batch_size=args.batch_size, grid_alphas=args.grid_alphas,
+                             cfg_batch=not args.no_cfg_batch)
         rec = generate(cfg, args.model, args.out, vl_model=args.vl_model, head=args.head, device=args.device,
-                       dtype=args.dtype)
+                       dtype=args.dtype, offload=args.offload, compile=args.compile)
     except Exception as e:
         log.log(kind=error_kind(e), prompt=args.prompt, error=str(e))
         raise
@@ -236,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
     r.add_argument("--out", required=True)
     _add_runtime(r)
+    _add_speed(r)
     r.set_defaults(func=cmd_render)
 
     v = sub.add_parser("invert", help="teacher inversion: one slot residual per identity folder (resumable)")
@@ -251,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--width", type=int, default=None)
     v.add_argument("--gradient-checkpointing", action="store_true")
     _add_runtime(v)
+    _add_speed(v, offload_modes=("none", "model"), render=False)
     v.set_defaults(func=cmd_invert)
 
     f = sub.add_parser("features", help="Qwen3-VL features z per identity under a pixel budget (cached)")
@@ -292,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid-alphas", type=parse_floats, default=None, help="also write an alpha x seed QA grid")
     g.add_argument("--out", required=True)
     _add_runtime(g)
+    _add_speed(g)
     g.set_defaults(func=cmd_generate)
 
     rp = sub.add_parser("report", help="monitoring: head val CosSim/RMS error, generate error counts")

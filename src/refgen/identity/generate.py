@@ -42,6 +42,7 @@ class GenerateConfig:
     width: int = 512
     batch_size: int = 4
     grid_alphas: list[float] | None = None  # optional QA grid: rows multiply every person's alpha
+    cfg_batch: bool = True  # true CFG's prompt and negative rows in one forward (RenderConfig.cfg_batch)
 
 
 def assign_alphas(n_people: int, alphas: list[float]) -> list[float]:
@@ -75,13 +76,15 @@ def check_head_fits(md: dict, pipe, vl_model: str, head_path) -> None:
 
 
 def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | None = None,
-             head: str | None = None, device: str | None = None, dtype: str = "bf16", progress: bool = True) -> dict:
+             head: str | None = None, device: str | None = None, dtype: str = "bf16", progress: bool = True,
+             offload: str = "none", compile: bool = False) -> dict:
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
     from refgen.identity.features import FeatureConfig, VisionFeatures
     from refgen.identity.head import load_head
     from refgen.identity.inject import inject, load_residual, read_residual
     from refgen.identity.prompts import encode_prompts, tokenize
-    from refgen.identity.render import RenderConfig, load_pipeline, load_tokenizer_only, render_grid, render_images
+    from refgen.identity.render import (RenderConfig, load_pipeline, load_tokenizer_only, release_text_encoder,
+                                        render_grid, render_images)
     from refgen.images import load_rgb, resolve_refs
 
     out = Path(out)
@@ -89,7 +92,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
         raise ValueError("no people given: use --ref DIR_OR_FILES or --residual FILE, one per ~ID~")
     rc = RenderConfig(prompt=cfg.prompt, alphas=[1.0], seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg,
                       negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width,
-                      batch_size=cfg.batch_size)
+                      batch_size=cfg.batch_size, cfg_batch=cfg.cfg_batch)
     # Cheap checks first: slots (tokenizer only), reference files, residual files' format.
     tokenize(load_tokenizer_only(model), cfg.prompt, n_identities=len(cfg.people))
     refs = {k: resolve_refs(p.source) for k, p in enumerate(cfg.people) if p.kind == "ref"}
@@ -99,7 +102,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     if refs and not (vl_model and head):
         raise ValueError("--ref needs --vl-model and --head (a head checkpoint from `refgen train-head`)")
 
-    pipe = load_pipeline(model, device, dtype)
+    pipe = load_pipeline(model, device, dtype, offload=offload, compile=compile)
     dev, dt = pipe._execution_device, pipe.transformer.dtype
     residuals: list[torch.Tensor] = [None] * len(cfg.people)  # type: ignore[list-item]
     for k, p in enumerate(cfg.people):
@@ -123,6 +126,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     if cfg.true_cfg > 1:
         ne = encode_prompts(pipe, cfg.negative_prompt)
         neg = (ne.embeds, ne.mask)
+    release_text_encoder(pipe)  # every prompt is encoded: ~16 GB less on the GPU while denoising
     B = len(cfg.seeds)
     E = inject(enc.embeds.expand(B, -1, -1), slots, residuals, alphas)
     images = render_images(pipe, E, enc.mask.expand(B, -1), cfg.seeds, rc, neg, progress)

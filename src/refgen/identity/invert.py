@@ -30,6 +30,7 @@ import torch
 from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_torch_save, atomic_write_json, provenance)
 from refgen.identity.qwen import QwenFlowModel, encode_latents, pack
+from refgen.identity.render import release_text_encoder
 from refgen.images import Identity, center_crop_resize, load_rgb
 
 
@@ -135,9 +136,7 @@ class Inverter:
             ne = encode_prompts(pipe, cfg.negative_prompt)
             self.neg = (ne.embeds, ne.mask)
         # The text encoder is needed for nothing else: off the GPU with it (Qwen2.5-VL-7B is ~16 GB in bf16).
-        if self.device.type == "cuda":
-            pipe.text_encoder.to("cpu")
-            torch.cuda.empty_cache()
+        release_text_encoder(pipe)
         tr = pipe.transformer
         tr.requires_grad_(False)
         tr.eval()
@@ -407,8 +406,13 @@ def distributed_shard() -> tuple[int, int]:
 
 def invert(root: str | Path, model: str, out: str | Path | None = None, only: list[str] | None = None,
            shard: tuple[int, int] = (0, 1), cfg: InvertConfig | None = None, device: str | None = None,
-           dtype: str = "bf16", progress: bool = True) -> list[dict]:
-    """`refgen invert`: scan ROOT, pick this worker's identities, skip complete ones, invert the rest."""
+           dtype: str = "bf16", progress: bool = True, offload: str = "none") -> list[dict]:
+    """`refgen invert`: scan ROOT, pick this worker's identities, skip complete ones, invert the rest.
+
+    offload "model" (diffusers' model CPU offload) keeps only the running component on the GPU: the text
+    encoder while the prompts are encoded, then the transformer, so a 48 GB card can invert (with
+    gradient checkpointing; measured peaks in docs/benchmarks.md). Group offload is refused: the backward
+    pass needs every layer's weights after its forward hook has already sent them back to the CPU."""
     from refgen.identity.render import load_pipeline
     from refgen.images import scan
 
@@ -429,7 +433,10 @@ def invert(root: str | Path, model: str, out: str | Path | None = None, only: li
         shard = (shard[0] * world + rank, shard[1] * world)
     idents = shard_identities(idents, *shard)
     out_root = Path(out or root)
-    pipe = load_pipeline(model, device, dtype)
+    if offload not in ("none", "model"):
+        raise ValueError(f"invert supports --offload none or model, not {offload!r} (group offload sends each "
+                         "layer's weights back to the CPU after its forward, and the backward pass needs them)")
+    pipe = load_pipeline(model, device, dtype, offload=offload)
     inv = Inverter(pipe, cfg, out_root, model_id=model, progress=progress)
     todo = [i for i in idents if not inv.is_complete(i)]
     print(f"refgen invert: shard {shard[0]}/{shard[1]}: {len(idents)} identities, {len(idents) - len(todo)} "

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from refgen.flow import true_cfg
+
 
 def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL RGB images of one size -> (N, 3, 1, H, W) float32 in [-1, 1]."""
@@ -25,13 +27,13 @@ def encode_latents(vae, images: list[Image.Image], batch: int = 4) -> torch.Tens
     """Normalised VAE latents (N, C, h, w) on the VAE's device/dtype. Uses the posterior mode (mean), so
     the cache is deterministic; the noise of flow matching is added later, per step."""
     x = images_to_tensor(images)
-    dev, dt = vae.device, vae.dtype
-    mean = torch.tensor(vae.config.latents_mean, device=dev, dtype=dt).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=dev, dtype=dt).view(1, -1, 1, 1, 1)
+    dev, dt = vae.device, vae.dtype  # under model offload: the CPU, and the hook moves VAE and input
+    mean = torch.tensor(vae.config.latents_mean, dtype=dt).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=dt).view(1, -1, 1, 1, 1)
     out = []
     for i in range(0, x.shape[0], batch):
         z = vae.encode(x[i:i + batch].to(dev, dt)).latent_dist.mode()  # (b, C, 1, h, w)
-        out.append(((z - mean) / std)[:, :, 0])
+        out.append(((z - mean.to(z.device)) / std.to(z.device))[:, :, 0])
     return torch.cat(out)
 
 
@@ -39,12 +41,6 @@ def pack(z: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, h/2 * w/2, 4C), QwenImagePipeline._pack_latents."""
     B, C, h, w = z.shape
     return z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
-
-
-def true_cfg(v_cond: torch.Tensor, v_neg: torch.Tensor, scale: float) -> torch.Tensor:
-    """The pipeline's true CFG: plain CFG, then each token rescaled to the conditional prediction's norm."""
-    comb = v_neg + scale * (v_cond - v_neg)
-    return comb * (v_cond.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True))
 
 
 class QwenFlowModel:
