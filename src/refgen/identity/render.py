@@ -34,8 +34,11 @@ def load_pipeline(model: str, device: str | None = None, dtype: str = "bf16", of
       none   every component on the GPU;
       model  diffusers' model CPU offload: each component moves to the GPU while it runs (the 41 GB
              transformer alone is resident while denoising);
-      group  diffusers' group offload, leaf level with a CUDA stream: weights stream in layer by layer,
-             so only a few layers are resident (for 24 GB cards; slow, bound by host-to-device copies).
+      group  the transformer streams in block by block (diffusers' group offload, block level, on a CUDA
+             stream from pinned host memory); text encoder and VAE stay on the GPU, and render/generate
+             release the text encoder once the prompts are encoded. For 24 GB cards; bound by
+             host-to-device copies. The text encoder is not group-offloaded: pinning all 58 GB at once
+             needs about twice that in host memory while the copies are made.
     compile: `torch.compile` of the transformer's repeated blocks (diffusers' regional compilation: one
       block compiled once, reused by all 60), paid for once per process and shape.
     """
@@ -66,8 +69,10 @@ def place(pipe, device: torch.device, offload: str = "none") -> None:
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "group":
-        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                  offload_type="leaf_level", use_stream=True)
+        pipe.transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                              offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        pipe.text_encoder.to(device)
+        pipe.vae.to(device)
     else:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
     pipe.refgen_offload = offload
@@ -75,8 +80,8 @@ def place(pipe, device: torch.device, offload: str = "none") -> None:
 
 def release_text_encoder(pipe) -> None:
     """Once every prompt is encoded the text encoder (Qwen2.5-VL-7B, ~16 GB in bf16) is dead weight on the
-    GPU: move it to the CPU. Under offload the hooks already do this, so it is left alone."""
-    if getattr(pipe, "refgen_offload", "none") != "none" or pipe.text_encoder is None:
+    GPU: move it to the CPU. Under model offload the hooks already do this, so it is left alone."""
+    if getattr(pipe, "refgen_offload", "none") == "model" or pipe.text_encoder is None:
         return
     if next(pipe.text_encoder.parameters()).device.type == "cuda":
         pipe.text_encoder.to("cpu")
