@@ -313,6 +313,39 @@ def section_group(b: Bench, pipe, S: dict):
                   warmup=1 if bs == 1 else 0, per=bs)
 
 
+def section_flops(b: Bench, S: dict):
+    """Exact FLOPs of one inversion image-step (transformer forward + backward to the prompt embeddings only,
+    the weights frozen), counted by torch's FlopCounterMode on meta tensors: runs on any CPU in seconds.
+    Gives the ceiling on identities/GPU-hour at the seed's settings, whatever the implementation."""
+    from diffusers import QwenImageTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        tr = QwenImageTransformer2DModel().to(torch.bfloat16)
+    tr.requires_grad_(False)
+    h, w, T = S["H"] // 16, S["W"] // 16, 30  # packed latent grid; ~30 prompt tokens
+    x = torch.randn(1, h * w, tr.config.in_channels, device="meta", dtype=torch.bfloat16)
+    E = torch.randn(1, T, tr.config.joint_attention_dim, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    t = torch.full((1,), 0.5, device="meta", dtype=torch.bfloat16)
+    with FlopCounterMode(display=False) as fwd:
+        out = tr(hidden_states=x, timestep=t, encoder_hidden_states=E, img_shapes=[[(1, h, w)]],
+                 return_dict=False)[0]
+    with FlopCounterMode(display=False) as bwd:
+        out.float().pow(2).mean().backward()
+    f, g = fwd.get_total_flops(), bwd.get_total_flops()
+    per_identity = 600 * 2 * (f + g)  # the seed: 600 steps x 2 images
+    b.res["flops"] = {"forward_tflop_per_image": f / 1e12, "backward_to_embeds_tflop_per_image": g / 1e12,
+                      "seed_identity_pflop": per_identity / 1e15,
+                      "identities_per_hour_at_989_tflops": 3600 * 989e12 / per_identity,
+                      "identities_per_hour_at_798_tflops": 3600 * 798e12 / per_identity}
+    b.row(f"FLOPs per image, {S['W']}x{S['H']}: forward / backward to the embeddings",
+          f"{f / 1e12:.1f} / {g / 1e12:.1f} TFLOP")
+    b.row("one identity at the seed's settings (600 steps x 2 images)",
+          f"{per_identity / 1e15:.1f} PFLOP: at most {3600 * 989e12 / per_identity:.0f} identities/GPU-hour at "
+          f"the H100's 989 TFLOP/s, {3600 * 798e12 / per_identity:.0f} at the 798 TFLOP/s a bf16 GEMM reaches")
+    b.save()
+
+
 def section_invert(b: Bench, pipe, S: dict, tiny: bool):
     """Inversion step time and peak memory vs K, checkpointing, torch.compile and model offload."""
     from refgen.identity.invert import InvertConfig, Inverter
@@ -430,13 +463,18 @@ def section_features(b: Bench, S: dict, tiny: bool):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny models on CPU, 2 steps: checks the code runs")
-    ap.add_argument("--section", choices=["render", "invert", "all"], default="all")
+    ap.add_argument("--section", choices=["render", "invert", "flops", "all"], default="all")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     from refgen.identity.prompts import encode_prompts
     from refgen.tiny import build_qwen_image, build_tokenizer
 
+    if args.section == "flops":  # full-size architecture on meta tensors: no GPU, no weights
+        b = Bench(args.out, {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__})
+        section_flops(b, dict(H=768, W=512))
+        b.table("FLOPs of teacher inversion (QwenImageTransformer2DModel, counted on meta tensors)")
+        return
     tok = build_tokenizer()
     t = time.perf_counter()
     if args.tiny:

@@ -19,3 +19,15 @@ def test_identity_bench_runs_on_tiny_models(tmp_path):
         assert "error" not in res[k] and res[k]["s"] > 0, (k, res[k])
     assert res["inject_s"] > 0 and res["head_s"] > 0
     assert res["grid"]["n"] == 8 and "| alpha grid 4x2" in r.stdout
+
+
+def test_inversion_flops_section(tmp_path):
+    # meta tensors: the full-size architecture's FLOPs without weights; forward of 768x512 is ~23 TFLOP
+    out = tmp_path / "f.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "identity_bench.py"), "--section", "flops",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = json.loads(out.read_text())["flops"]
+    assert 15 < f["forward_tflop_per_image"] < 40 and f["backward_to_embeds_tflop_per_image"] > 0.5 * f[
+        "forward_tflop_per_image"]
+    assert f["identities_per_hour_at_798_tflops"] < f["identities_per_hour_at_989_tflops"]
