@@ -261,6 +261,10 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device) 
                                                           grad_accum=accum, resumed_from=resumed_from))
     model.set_attention(cfg.cross_attention)  # exact either way; no parameters change
     train_model: nn.Module = model
+    if cfg.compile and cfg.compile_tuning:
+        # compiles happen lazily (first step, then once per new bucket shape), so the knob is set for the process
+        import torch._inductor.config as inductor_config
+        inductor_config.coordinate_descent_tuning = True
     if cfg.compile and cfg.compile_regional:
         model.compile_blocks()  # in place: state-dict keys stay plain
     elif cfg.compile:
