@@ -346,8 +346,12 @@ def section_flops(b: Bench, S: dict):
     b.save()
 
 
-def section_invert(b: Bench, pipe, S: dict, tiny: bool):
-    """Inversion step time and peak memory vs K, checkpointing, torch.compile and model offload."""
+INVERT_PARTS = ("eager", "compile", "offload", "group")
+
+
+def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
+    """Inversion step time and peak memory vs K, checkpointing, torch.compile and model offload; then the
+    compiled render and the group-offload render (`parts` picks which)."""
     from refgen.identity.invert import InvertConfig, Inverter
     from refgen.identity.render import RenderConfig, place
     from refgen.images import scan
@@ -378,10 +382,12 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool):
                   f"{r['identities_per_gpu_hour_at_600_steps']:.1f} identities/GPU-hour at 600 steps")
             b.save()
 
-    for K, ckpt in ([(1, False), (2, False), (1, True), (2, True), (4, True)] if not tiny else [(1, False), (2, True)]):
-        steps(f"invert_K{K}{'_ckpt' if ckpt else ''}", "inversion step", K, ckpt)
+    if "eager" in parts:
+        for K, ckpt in ([(1, False), (2, False), (1, True), (2, True), (4, True)] if not tiny
+                        else [(1, False), (2, True)]):
+            steps(f"invert_K{K}{'_ckpt' if ckpt else ''}", "inversion step", K, ckpt)
 
-    if CUDA:
+    if CUDA and "compile" in parts:
         # torch.compile of the 60 repeated blocks (regional), for inversion and then rendering
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
         t = time.perf_counter()
@@ -389,7 +395,7 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool):
         b.res["invert_compile_warmup_s"] = time.perf_counter() - t
         rc = RenderConfig(prompt=PROMPT, alphas=[1.0], seeds=[0], steps=S["steps"], height=H, width=W,
                           batch_size=1, cfg_batch=True)
-        from refgen.identity.render import render_images
+        from refgen.identity.render import render_grid, render_images
 
         neg_e = torch.zeros(1, 4, inv.E_base.shape[2], device=inv.device, dtype=inv.dtype)
         neg_m = torch.ones(1, 4, dtype=torch.long, device=inv.device)
@@ -405,7 +411,15 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool):
                   "of this shape is the warm-up)", lambda: render_images(
             pipe, inv.E_base.expand(big, -1, -1), mask.expand(big, -1), list(range(big)), rcb, (neg_e, neg_m),
             progress=False), repeat=1, warmup=1, per=big)
+        gcfg = RenderConfig(prompt=PROMPT, alphas=[0.5, 1.0, 1.5, 2.0], seeds=list(range(S["grid_seeds"])),
+                            steps=S["steps"], height=H, width=W, batch_size=big, cfg_batch=True)
+        with tempfile.TemporaryDirectory() as gd:
+            b.measure("grid_compile", f"alpha grid 4x{S['grid_seeds']}, {big} images/call, CFG batched, compiled",
+                      lambda: render_grid(pipe, gcfg, [S["R"]], gd, progress=False,
+                                          encoded=(inv.E_base, mask, [inv.slot]), neg=(neg_e, neg_m)),
+                      repeat=1, warmup=0, per=4 * S["grid_seeds"])
 
+    if CUDA and "offload" in parts:
         # model offload: the transformer is the only resident component during inversion (48 GB cards)
         place(pipe, torch.device("cuda"), "model")
         peak_reset()
@@ -420,6 +434,7 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool):
             traceback.print_exc()
             b.res["invert_offload_model"] = {"error": f"{type(e).__name__}: {e}"[:300]}
             b.row("inversion, offload=model", f"FAILED: {type(e).__name__}")
+    if CUDA and "group" in parts:
         section_group(b, pipe, S)
     td.cleanup()
 
@@ -465,6 +480,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny models on CPU, 2 steps: checks the code runs")
     ap.add_argument("--section", choices=["render", "invert", "flops", "all"], default="all")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", default=",".join(INVERT_PARTS), help=f"invert section: any of {INVERT_PARTS}")
     args = ap.parse_args()
 
     from refgen.identity.prompts import encode_prompts
@@ -503,7 +519,7 @@ def main():
     if args.section in ("invert", "all"):
         if args.section == "all" and CUDA:
             raise SystemExit("--section all is for --tiny; on a GPU run render and invert as two calls")
-        section_invert(b, pipe, S, args.tiny)
+        section_invert(b, pipe, S, args.tiny, parts=args.parts.split(","))
     b.save()
     b.table(f"identity bench, section {args.section} ({b.res['device']}, torch {b.res['torch']}, "
             f"{S['W']}x{S['H']} WxH, {S['steps']} steps, true CFG 4)")

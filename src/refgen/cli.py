@@ -135,7 +135,8 @@ def cmd_invert(args) -> int:
     from refgen.identity.invert import InvertConfig, invert
 
     overrides = {"steps": args.steps, "identities_per_batch": args.identities_per_batch,
-                 "height": args.height, "width": args.width, "gradient_checkpointing": args.gradient_checkpointing or None}
+                 "height": args.height, "width": args.width, "gradient_checkpointing": args.gradient_checkpointing or None,
+                 "compile": args.compile or None}
     cfg = InvertConfig.from_yaml(args.config, **overrides) if args.config else InvertConfig(
         **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gradient-checkpointing", action="store_true")
     _add_runtime(v)
     _add_speed(v, offload_modes=("none", "model"), render=False)
+    v.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (InvertConfig.compile)")
     v.set_defaults(func=cmd_invert)
 
     f = sub.add_parser("features", help="Qwen3-VL features z per identity under a pixel budget (cached)")

@@ -45,7 +45,9 @@ class InvertConfig:
     weight_decay: float = 0.0  # decay would pull P toward 0, which the normalisation P/RMS(P) undoes anyway
     grad_clip: float = 1.0
     images_per_step: int = 2  # the seed's batch size, per identity
-    identities_per_batch: int = 4  # K identities per forward: raise it until the GPU is full
+    # K identities per forward. 2 fills an 80 GB H100 at 768x512 (72.8 GiB eager, 64.3 compiled); 4 needs
+    # gradient_checkpointing there (44.5 GiB, but slower per identity). Measured: docs/benchmarks.md.
+    identities_per_batch: int = 2
     sigma_sampling: str = "uniform"  # or "logit_normal"
     true_cfg: float = 1.0  # > 1: optimise through the pipeline's true CFG (two forwards per step)
     init_scale: float = 0.1
@@ -59,6 +61,7 @@ class InvertConfig:
     loss_smoothing: float = 0.9
     checkpoint_every: int = 200
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the transformer's repeated blocks: 0.60 -> 0.42 s/step at K=2 (H100)
     seed: int = 0
     qa_alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     qa_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
@@ -142,6 +145,8 @@ class Inverter:
         tr.eval()
         if cfg.gradient_checkpointing:
             tr.enable_gradient_checkpointing()
+        if cfg.compile:
+            tr.compile_repeated_blocks(fullgraph=True)
         self.vae_scale = 2 ** len(pipe.vae.temperal_downsample)
         self.latent_hw = (cfg.height // self.vae_scale, cfg.width // self.vae_scale)
         self.model = QwenFlowModel(tr, self.latent_hw, cfg.true_cfg, self.neg)
@@ -156,7 +161,7 @@ class Inverter:
     # ---- state -------------------------------------------------------------------------------------
     def _new_state(self, ident: Identity) -> _State:
         images = [center_crop_resize(load_rgb(p), self.cfg.width, self.cfg.height) for p in ident.images]
-        latents = encode_latents(self.pipe.vae, images)  # (N, C, h, w)
+        latents = encode_latents(self.pipe.vae, images, device=self.device)  # (N, C, h, w)
         gen = torch.Generator("cpu").manual_seed(identity_seed(self.cfg.seed, ident.id))
         L, H = self.slot.length, self.E_base.shape[2]
         P = torch.nn.Parameter(torch.randn(L, H, generator=gen).to(self.device, torch.float32))
@@ -392,7 +397,7 @@ class Inverter:
 
 # Settings that do not change one identity's optimisation: a run may resume under other values
 # (e.g. a worker with a smaller GPU picks a smaller K).
-_RESUMABLE = {"identities_per_batch", "gradient_checkpointing", "checkpoint_every"}
+_RESUMABLE = {"identities_per_batch", "gradient_checkpointing", "checkpoint_every", "compile"}
 
 
 def _diff(a: dict, b: dict) -> dict:

@@ -23,11 +23,13 @@ def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: list[Image.Image], batch: int = 4) -> torch.Tensor:
+def encode_latents(vae, images: list[Image.Image], batch: int = 4, device: torch.device | None = None) -> torch.Tensor:
     """Normalised VAE latents (N, C, h, w) on the VAE's device/dtype. Uses the posterior mode (mean), so
     the cache is deterministic; the noise of flow matching is added later, per step."""
     x = images_to_tensor(images)
-    dev, dt = vae.device, vae.dtype  # under model offload: the CPU, and the hook moves VAE and input
+    # `device`: where the VAE runs. Under model offload the VAE's weights sit on the CPU and its hook moves
+    # them to the execution device, but not the input, so the caller names the device.
+    dev, dt = device or vae.device, vae.dtype
     mean = torch.tensor(vae.config.latents_mean, dtype=dt).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, dtype=dt).view(1, -1, 1, 1, 1)
     out = []
