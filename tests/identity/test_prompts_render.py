@@ -131,3 +131,38 @@ def test_true_cfg_is_the_pipeline_formula():
     out = true_cfg(c, u, 4.0)
     assert torch.equal(out, ref)
     assert torch.allclose(out.norm(dim=-1), c.norm(dim=-1))  # per-token norm of the conditional prediction
+
+
+def test_offload_needs_cuda_and_invert_refuses_group(tiny_models, tmp_path, capsys):
+    from refgen.identity.invert import invert
+
+    args = ["render", "--model", tiny_models["qwen_image"], "--prompt", "a cat", "--alphas", "1", "--seeds", "0",
+            "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "o"), "--device", "cpu",
+            "--dtype", "fp32", "--offload", "model"]
+    assert main(args) == 1
+    assert "needs --device cuda" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="group offload sends"):
+        invert(tmp_path, tiny_models["qwen_image"], device="cpu", dtype="fp32", offload="group")
+
+
+def test_invert_yaml_mirrors_the_config():
+    # configs/invert.yaml lists every InvertConfig field with its default (a new field must reach the YAML)
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from refgen.identity.invert import InvertConfig
+
+    y = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "invert.yaml").read_text())
+    assert y == dataclasses.asdict(InvertConfig())
+
+
+def test_render_cli_compile_and_two_forward_flags_parse():
+    from refgen.cli import build_parser
+
+    a = build_parser().parse_args(["render", "--model", "m", "--prompt", "p", "--out", "o", "--compile",
+                                   "--no-cfg-batch", "--offload", "group"])
+    assert a.compile and a.no_cfg_batch and a.offload == "group"
+    with pytest.raises(SystemExit):  # group offload is not offered for inversion
+        build_parser().parse_args(["invert", "root", "--model", "m", "--offload", "group"])
