@@ -346,7 +346,8 @@ def section_flops(b: Bench, S: dict):
     b.save()
 
 
-INVERT_PARTS = ("eager", "compile", "offload", "group")
+INVERT_PARTS = ("eager", "sizes", "compile", "offload", "group")
+SIZES = ((512, 512), (1024, 1024))  # (H, W) besides the default 768x512, for the resolution sweep
 
 
 def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
@@ -386,6 +387,26 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
         for K, ckpt in ([(1, False), (2, False), (1, True), (2, True), (4, True)] if not tiny
                         else [(1, False), (2, True)]):
             steps(f"invert_K{K}{'_ckpt' if ckpt else ''}", "inversion step", K, ckpt)
+
+    if "sizes" in parts:  # step time and memory vs resolution (its own photos, Inverter and states per size)
+        for h, w in (SIZES if not tiny else ((32, 48),)):
+            make_identities(root / f"{h}x{w}", 2, size=(w + 64, h + 64))
+            cfg_s = InvertConfig(height=h, width=w, steps=10 ** 6, qa=False, checkpoint_every=10 ** 6)
+            pipe.text_encoder.to(inv.device)  # the Inverter encodes its base prompt, then releases it again
+            inv_s = Inverter(pipe, cfg_s, root / f"out_{h}x{w}", progress=False)
+            st = [inv_s._new_state(i) for i in scan(root / f"{h}x{w}").identities]
+            for K, ckpt in ((1, False), (2, False), (2, True)):
+                pipe.transformer.enable_gradient_checkpointing() if ckpt else \
+                    pipe.transformer.disable_gradient_checkpointing()
+                opt = torch.optim.AdamW([{"params": [x.P, x.log_scale], "lr": cfg.lr} for x in st[:K]])
+                r = b.measure(f"invert_{h}x{w}_K{K}{'_ckpt' if ckpt else ''}",
+                              f"inversion step {w}x{h} (WxH): K={K}{' +ckpt' if ckpt else ''}",
+                              lambda: inv_s._step(st[:K], opt), repeat=n_rep, warmup=1)
+                if r:
+                    r["identities_per_gpu_hour_at_600_steps"] = 3600 * K / (600 * r["s"])
+                    b.save()
+            del inv_s, st
+            peak_reset()
 
     if CUDA and "compile" in parts:
         # torch.compile of the 60 repeated blocks (regional), for inversion and then rendering
