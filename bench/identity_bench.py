@@ -187,7 +187,7 @@ def section_render(b: Bench, pipe, S: dict):
     """Plain pipeline vs refgen; batched CFG before/after; grid; text encoder release; offload modes."""
     from refgen.identity.inject import inject
     from refgen.identity.prompts import encode_prompts
-    from refgen.identity.render import RenderConfig, place, release_text_encoder, render_grid, render_images
+    from refgen.identity.render import RenderConfig, place, release_text_encoder, render_grid
 
     H, W, steps, n_seeds, reps, big = S["H"], S["W"], S["steps"], S["grid_seeds"], S["reps"], S["grid_bs"]
     R = S["R"]
@@ -205,11 +205,9 @@ def section_render(b: Bench, pipe, S: dict):
     neg = encode_prompts(pipe, " ")
     negt = (neg.embeds, neg.mask)
 
-    def one(prompt_, residuals, alphas, cfg_batch, bs=1):
-        enc = encode_prompts(pipe, prompt_, n_identities=len(residuals))
-        E = inject(enc.embeds.expand(bs, -1, -1), enc.slots[0], residuals, alphas)
-        return render_images(pipe, E, enc.mask.expand(bs, -1), list(range(bs)), rc(cfg_batch=cfg_batch,
-                             batch_size=bs), negt, progress=False)
+    def one(prompt_, residuals, alphas, cfg_batch):  # encode (text encoder on the GPU), inject, render 1 image
+        enc_ = encode_prompts(pipe, prompt_, n_identities=len(residuals))
+        return one_pre(pipe, enc_, residuals, alphas, negt, rc(cfg_batch=cfg_batch), 1)
 
     for cb in (False, True):
         b.measure(f"refgen_1_cfgbatch{int(cb)}", f"refgen render, 1 image, CFG {'batched' if cb else '2 forwards'}",
@@ -230,14 +228,14 @@ def section_render(b: Bench, pipe, S: dict):
     release_text_encoder(pipe)
     b.res["text_encoder_released"] = True
     b.measure("refgen_1_te_off", "refgen render, 1 image, CFG batched, text encoder released",
-              lambda: one_pre(pipe, enc, R, negt, rc(cfg_batch=True), 1), repeat=reps)
+              lambda: one_pre(pipe, enc, [R], [1.0], negt, rc(cfg_batch=True), 1), repeat=reps)
 
     # 5. one pipeline call of `big` images: CFG as two forwards vs one batched forward
     for cb in (False, True):
         b.measure(f"refgen_{big}_cfgbatch{int(cb)}",
                   f"refgen render, {big} images in one call, CFG {'batched' if cb else '2 forwards'}",
-                  lambda: one_pre(pipe, enc, R, negt, rc(cfg_batch=cb, batch_size=big), big), repeat=1, warmup=0,
-                  per=big)
+                  lambda: one_pre(pipe, enc, [R], [1.0], negt, rc(cfg_batch=cb, batch_size=big), big),
+                  repeat=1, warmup=0, per=big)
 
     # 6. alpha grid 4 x n_seeds, `big` images per call, batched CFG, prompt encoded once (text encoder off)
     gc_ = RenderConfig(prompt=PROMPT, alphas=[0.5, 1.0, 1.5, 2.0], seeds=list(range(n_seeds)), steps=steps,
@@ -261,19 +259,19 @@ def section_render(b: Bench, pipe, S: dict):
     b.measure("offload_model_encode", "offload=model: encode a prompt (text encoder moves in)",
               lambda: encode_prompts(pipe, PROMPT, n_identities=1), repeat=reps)
     b.measure("offload_model_1", "offload=model: render 1 image, CFG batched (transformer moves in per call)",
-              lambda: one_pre(pipe, enc, R, negt, rc(cfg_batch=True), 1), repeat=reps)
+              lambda: one_pre(pipe, enc, [R], [1.0], negt, rc(cfg_batch=True), 1), repeat=reps)
     b.measure(f"offload_model_{big}", f"offload=model: {big} images in one call, CFG batched",
-              lambda: one_pre(pipe, enc, R, negt, rc(cfg_batch=True, batch_size=big), big), repeat=1, warmup=0,
-              per=big)
+              lambda: one_pre(pipe, enc, [R], [1.0], negt, rc(cfg_batch=True, batch_size=big), big),
+              repeat=1, warmup=0, per=big)
     pipe.remove_all_hooks()
 
 
-def one_pre(pipe, enc, R, negt, cfg, bs):
+def one_pre(pipe, enc, residuals, alphas, negt, cfg, bs):
     """Render `bs` images of an already encoded prompt (no text encoder involved)."""
     from refgen.identity.inject import inject
     from refgen.identity.render import render_images
 
-    E = inject(enc.embeds.expand(bs, -1, -1), enc.slots[0], [R], [1.0])
+    E = inject(enc.embeds.expand(bs, -1, -1), enc.slots[0], residuals, alphas)
     dev = pipe._execution_device
     return render_images(pipe, E.to(dev), enc.mask.expand(bs, -1).to(dev), list(range(bs)), cfg,
                          (negt[0].to(dev), negt[1].to(dev)), progress=False)
@@ -309,7 +307,7 @@ def section_group(b: Bench, pipe, S: dict):
                              batch_size=bs, cfg_batch=True)
         b.measure(f"offload_group_{bs}_{gsteps}steps",
                   f"offload=group: {bs} image(s) in one call, {gsteps} steps (not 28), CFG batched, text encoder "
-                  "released", lambda: one_pre(pipe, enc, S["R"], (neg.embeds, neg.mask), cfg_g, bs), repeat=1,
+                  "released", lambda: one_pre(pipe, enc, [S["R"]], [1.0], (neg.embeds, neg.mask), cfg_g, bs), repeat=1,
                   warmup=1 if bs == 1 else 0, per=bs)
 
 
@@ -371,12 +369,14 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
           f"peak {b.res['invert_setup']['peak_gib']:.1f} GiB")
     n_rep = 1 if tiny else 3
 
-    def steps(key, label, K, ckpt, warmup=1):
+    def steps(key, label, K, ckpt, warmup=1, inverter=None, sts=None):
+        """Time K identities' inversion step (of `inverter`/`sts`, default the 768x512 ones)."""
+        inverter, sts = inverter or inv, sts or states
         tr = pipe.transformer
         tr.enable_gradient_checkpointing() if ckpt else tr.disable_gradient_checkpointing()
-        opt = torch.optim.AdamW([{"params": [s.P, s.log_scale], "lr": cfg.lr} for s in states[:K]])
+        opt = torch.optim.AdamW([{"params": [s.P, s.log_scale], "lr": cfg.lr} for s in sts[:K]])
         r = b.measure(key, f"{label}: K={K} ({K * cfg.images_per_step} rows){' +ckpt' if ckpt else ''}",
-                      lambda: inv._step(states[:K], opt), repeat=n_rep, warmup=warmup)
+                      lambda: inverter._step(sts[:K], opt), repeat=n_rep, warmup=warmup)
         if r:
             r["identities_per_gpu_hour_at_600_steps"] = 3600 * K / (600 * r["s"])
             b.row(f"  -> {label} K={K}{' +ckpt' if ckpt else ''}",
@@ -396,15 +396,8 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
             inv_s = Inverter(pipe, cfg_s, root / f"out_{h}x{w}", progress=False)
             st = [inv_s._new_state(i) for i in scan(root / f"{h}x{w}").identities]
             for K, ckpt in ((1, False), (2, False), (2, True)):
-                pipe.transformer.enable_gradient_checkpointing() if ckpt else \
-                    pipe.transformer.disable_gradient_checkpointing()
-                opt = torch.optim.AdamW([{"params": [x.P, x.log_scale], "lr": cfg.lr} for x in st[:K]])
-                r = b.measure(f"invert_{h}x{w}_K{K}{'_ckpt' if ckpt else ''}",
-                              f"inversion step {w}x{h} (WxH): K={K}{' +ckpt' if ckpt else ''}",
-                              lambda: inv_s._step(st[:K], opt), repeat=n_rep, warmup=1)
-                if r:
-                    r["identities_per_gpu_hour_at_600_steps"] = 3600 * K / (600 * r["s"])
-                    b.save()
+                steps(f"invert_{h}x{w}_K{K}{'_ckpt' if ckpt else ''}", f"inversion step {w}x{h} (WxH)", K, ckpt,
+                      inverter=inv_s, sts=st)
             del inv_s, st
             peak_reset()
 
@@ -461,7 +454,8 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
 
 
 def section_features(b: Bench, S: dict, tiny: bool):
-    """Qwen3-VL-8B vision tower, 3 photos under a 2 MP budget (clean peak: nothing else on the GPU); head."""
+    """Qwen3-VL-8B vision tower, 3 photos under a 2 MP budget; head. The tower's own memory is `extra_gib`
+    (peak over what was resident before it: the pipeline may still be on the GPU)."""
     from PIL import Image
 
     from refgen.identity.features import FeatureConfig, budget_sizes
@@ -492,8 +486,6 @@ def section_features(b: Bench, S: dict, tiny: bool):
     if r:
         b.res["new_identity_s"] = r["s"] + t_head
         b.row("new identity: features + head", f"{r['s'] + t_head:.3f} s")
-    del vis, head
-    peak_reset()
 
 
 def main():
@@ -503,6 +495,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default=",".join(INVERT_PARTS), help=f"invert section: any of {INVERT_PARTS}")
     args = ap.parse_args()
+    if args.section == "all" and CUDA:
+        raise SystemExit("--section all is for --tiny; on a GPU run render and invert as two calls")
 
     from refgen.identity.prompts import encode_prompts
     from refgen.tiny import build_qwen_image, build_tokenizer
@@ -538,8 +532,6 @@ def main():
     if args.section in ("render", "all"):
         section_render(b, pipe, S)
     if args.section in ("invert", "all"):
-        if args.section == "all" and CUDA:
-            raise SystemExit("--section all is for --tiny; on a GPU run render and invert as two calls")
         section_invert(b, pipe, S, args.tiny, parts=args.parts.split(","))
     b.save()
     b.table(f"identity bench, section {args.section} ({b.res['device']}, torch {b.res['torch']}, "

@@ -111,7 +111,8 @@ def cmd_slots(args) -> int:
 def cmd_render(args) -> int:
     from refgen.identity.inject import load_residual
     from refgen.identity.prompts import encode_prompts
-    from refgen.identity.render import RenderConfig, load_pipeline, release_text_encoder, render_grid
+    from refgen.identity.render import (RenderConfig, encode_negative, load_pipeline, release_text_encoder,
+                                        render_grid)
 
     cfg = RenderConfig(prompt=args.prompt, alphas=args.alphas, seeds=args.seeds, steps=args.steps,
                        true_cfg=args.true_cfg, negative_prompt=args.negative_prompt, height=args.height,
@@ -120,10 +121,7 @@ def cmd_render(args) -> int:
     res = [load_residual(f, pipe, pipe._execution_device, pipe.transformer.dtype) for f in args.residual]
     # Encode once, then free the text encoder's GPU memory before the transformer runs.
     enc = encode_prompts(pipe, cfg.prompt, n_identities=len(res) if res else None)
-    neg = None
-    if cfg.true_cfg > 1:
-        ne = encode_prompts(pipe, cfg.negative_prompt)
-        neg = (ne.embeds, ne.mask)
+    neg = encode_negative(pipe, cfg)
     release_text_encoder(pipe)
     rec = render_grid(pipe, cfg, res, args.out, residual_files=args.residual,
                       encoded=(enc.embeds, enc.mask, enc.slots[0]), neg=neg)
@@ -135,8 +133,8 @@ def cmd_invert(args) -> int:
     from refgen.identity.invert import InvertConfig, invert
 
     overrides = {"steps": args.steps, "identities_per_batch": args.identities_per_batch,
-                 "height": args.height, "width": args.width, "gradient_checkpointing": args.gradient_checkpointing or None,
-                 "compile": args.compile or None}
+                 "height": args.height, "width": args.width,
+                 "gradient_checkpointing": args.gradient_checkpointing or None, "compile": args.compile or None}
     cfg = InvertConfig.from_yaml(args.config, **overrides) if args.config else InvertConfig(
         **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -274,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gradient-checkpointing", action="store_true")
     _add_runtime(v)
     _add_speed(v, offload_modes=("none", "model"), render=False)
-    v.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks (InvertConfig.compile)")
+    v.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer's blocks (InvertConfig.compile)")
     v.set_defaults(func=cmd_invert)
 
     f = sub.add_parser("features", help="Qwen3-VL features z per identity under a pixel budget (cached)")

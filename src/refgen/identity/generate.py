@@ -83,8 +83,8 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     from refgen.identity.head import load_head
     from refgen.identity.inject import inject, load_residual, read_residual
     from refgen.identity.prompts import encode_prompts, tokenize
-    from refgen.identity.render import (RenderConfig, load_pipeline, load_tokenizer_only, release_text_encoder,
-                                        render_grid, render_images)
+    from refgen.identity.render import (RenderConfig, encode_negative, load_pipeline, load_tokenizer_only,
+                                        release_text_encoder, render_grid, render_images)
     from refgen.images import load_rgb, resolve_refs
 
     out = Path(out)
@@ -122,10 +122,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     enc = encode_prompts(pipe, cfg.prompt, n_identities=len(cfg.people))
     slots = enc.slots[0]
     alphas = [p.alpha for p in cfg.people]
-    neg = None
-    if cfg.true_cfg > 1:
-        ne = encode_prompts(pipe, cfg.negative_prompt)
-        neg = (ne.embeds, ne.mask)
+    neg = encode_negative(pipe, rc)
     release_text_encoder(pipe)  # every prompt is encoded: ~16 GB less on the GPU while denoising
     B = len(cfg.seeds)
     E = inject(enc.embeds.expand(B, -1, -1), slots, residuals, alphas)

@@ -24,7 +24,7 @@ def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latents(vae, images: list[Image.Image], batch: int = 4, device: torch.device | None = None) -> torch.Tensor:
-    """Normalised VAE latents (N, C, h, w) on the VAE's device/dtype. Uses the posterior mode (mean), so
+    """Normalised VAE latents (N, C, h, w) in the VAE's dtype. Uses the posterior mode (mean), so
     the cache is deterministic; the noise of flow matching is added later, per step."""
     x = images_to_tensor(images)
     # `device`: where the VAE runs. Under model offload the VAE's weights sit on the CPU and its hook moves

@@ -140,6 +140,16 @@ class RenderConfig:
                              f"{self.height}x{self.width}")
 
 
+def encode_negative(pipe, cfg: RenderConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(embeds (1, S', H), mask (1, S')) of cfg.negative_prompt for true CFG; None when CFG is off."""
+    from refgen.identity.prompts import encode_prompts
+
+    if cfg.true_cfg <= 1:
+        return None
+    ne = encode_prompts(pipe, cfg.negative_prompt)
+    return ne.embeds, ne.mask
+
+
 def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[int], cfg: RenderConfig,
                   neg: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
                   output_type: str = "pil"):
@@ -260,9 +270,8 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     if residuals:
         alpha = torch.tensor([a for a, _ in pairs], device=E.device)
         E = inject(E, slots, residuals, [alpha] * len(residuals))
-    if neg is None and cfg.true_cfg > 1:
-        ne = encode_prompts(pipe, cfg.negative_prompt)
-        neg = (ne.embeds, ne.mask)
+    if neg is None:
+        neg = encode_negative(pipe, cfg)
     images = render_images(pipe, E, M, [s for _, s in pairs], cfg, neg, progress)
     files = []
     for (a, s), im in zip(pairs, images):
