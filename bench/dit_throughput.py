@@ -1,7 +1,8 @@
 """NanoDiT training throughput and MFU (issue 8, item 5).
 
 Builds `nano` and `base` with random weights on CUDA and times full training steps (forward + backward +
-grad clipping + fused AdamW, fp32 master weights under bf16 autocast: exactly what `refgen dit train` runs) on
+grad clipping + fused AdamW, fp32 master weights under bf16 autocast; `--preset train`: also the EMA update and
+clip folded into AdamW, i.e. exactly the step `refgen dit train --config configs/dit_base.yaml` runs) on
 random latents and random conditioning, at 256^2 and 512^2 images (16-channel latents of 32^2 / 64^2; 256 / 1024
 image tokens). Conditioning: no text padding, 10% of the samples with text and DINO dropped (as in training, so
 the cross-attention carries a key mask; `--no-drop` measures the unmasked path).
@@ -27,6 +28,7 @@ Before the rows, `mfu40` checks every exact option against an fp32 reference on 
 (bf16; the masked SDPA's own error is the yardstick). A row that fails (compile error, OOM) is recorded with its
 error and the run goes on; later rows of the same failing attention option are not retried.
 
+    python bench/dit_throughput.py --preset train --out t.json            # issue 8's table: the training step
     python bench/dit_throughput.py --out bench_dit.json                   # the full grid, on an H100
     python bench/dit_throughput.py --preset sweep --profile --out s.json  # base: eager vs compile, batches (<8 min)
     python bench/dit_throughput.py --preset mfu40 --profile --out m.json   # base 256^2 b128, < 4 min
@@ -48,6 +50,7 @@ import torch
 from refgen.artifacts import atomic_write_json, provenance
 from refgen.dit.config import model_preset
 from refgen.dit.model import Cond, NanoDiT, count_params, cross_attention, forward_flops
+from refgen.dit.train import clip_and_step, ema_update
 from refgen import flow
 
 H100_BF16_DENSE = 989e12
@@ -65,6 +68,9 @@ class Run(NamedTuple):     # (a NamedTuple: the tests load this file without reg
     kernel: str = "auto"         # fused kernel of zpad / split: auto (cudnn on sm90+) | cudnn | flash
     opt: str = "clip"            # clip | clip-in-adam
     heads: int = 0               # num_heads override (0 = the preset's); an architecture change
+    hidden: int = 0              # hidden_size override (0 = the preset's); an architecture change
+    depth: int = 0               # depth override (0 = the preset's); an architecture change
+    ema: bool = False            # + the EMA update of refgen.dit.train (one lerp over the fp32 weights per step)
     accum: int = 1               # micro batches per optimizer step (gradient accumulation; effective batch
                                  # = batch x accum, as TrainConfig.effective_batch / batch_size)
     ind: str = ""                # inductor knobs, comma separated (INDUCTOR_KNOBS); no effect on the math
@@ -119,8 +125,66 @@ MFU40C = [
     _B._replace(px=512, batch=32, mode="compile"),               # whole model, 512^2
 ]
 
-PRESETS = {"sweep": SWEEP, "mfu40": MFU40, "mfu40b": MFU40B, "mfu40c": MFU40C}
-DEFAULT_BUDGET_S = {"sweep": 400.0, "mfu40": 180.0, "mfu40b": 500.0, "mfu40c": 500.0}
+# Fourth round: the profile of mfu40b/c says the step is GEMMs (~104 ms, already ~740 TFLOP/s) plus work that
+# scales with the activation bytes (fused elementwise/norm ~65 ms, attention at head dim 64 ~38 ms). At a fixed
+# parameter count (22 d^2 per block), GEMM FLOPs stay put while those bytes go as depth x d ~ 1/d, so a wider,
+# shallower `base` of the same size spends a larger share of its step in GEMMs. ARCHITECTURE rows, head dim 64.
+MFU40D = [
+    _B,                                                  # 1024 x 22 (the old `base`), today's machine
+    _B._replace(hidden=1152, depth=18, heads=18),        # DiT-XL's width, 534M
+    _B._replace(hidden=1280, depth=14, heads=20),        # 514M, the same size as 1024 x 22
+    _B._replace(hidden=1536, depth=10, heads=24),        # 532M
+    _B._replace(hidden=1280, depth=14, heads=10),        # 1280 x 14 at head dim 128
+    _B._replace(hidden=1280, depth=14, heads=20, mode="compile"),
+    _B._replace(hidden=1280, depth=14, heads=20, px=512, batch=32),
+]
+
+# Fifth round: mfu40d measured width as the lever (1024x22 35.9 %, 1280x14 38.4 %, 1536x10 41.8 %) and head dim
+# 128 as a gain at 1280 (39.4 %; at 1024 in round one it had been a loss). Here: head dim 128 at each width, with
+# the whole-model compile and coordinate descent that each gave ~0.5 point at the old shape, and 512^2.
+_W = _B._replace(hidden=1280, depth=14, heads=10)
+MFU40E = [
+    _W._replace(mode="compile"),                         # 1280 x 14, head dim 128, whole model
+    _B._replace(hidden=1536, depth=10, heads=12),        # 1536 x 10, head dim 128
+    _B._replace(hidden=1408, depth=12, heads=11),        # 1408 x 12, head dim 128, 535M
+    _W._replace(px=512, batch=32),
+    _B._replace(hidden=1536, depth=10, heads=12, px=512, batch=32),
+    _W._replace(ind="cdt"),                              # slow to compile: last
+]
+
+# mfu40e chose the new `base` (ModelConfig preset): 1536 x 10, 12 heads of 128 (42.7 % per-block compile).
+# Rounds one to five ran while `base` meant 1024 x 22 x 16 heads; their rows are pinned to that shape here, so
+# re-running a preset measures what its results file (docs/results/dit_*_h100.json) reports.
+OLD_BASE = {"hidden": 1024, "depth": 22, "heads": 16}
+
+
+def _old(rows: list[Run]) -> list[Run]:
+    return [r._replace(**{k: getattr(r, k) or v for k, v in OLD_BASE.items()}) if r.model == "base" else r
+            for r in rows]
+
+
+SWEEP, MFU40, MFU40B, MFU40C, MFU40D, MFU40E = map(_old, (SWEEP, MFU40, MFU40B, MFU40C, MFU40D, MFU40E))
+
+# The table of issue 8: the step `refgen dit train` runs with configs/dit_base.yaml (per-block compile, zpad
+# cross-attention, clip folded into fused AdamW, EMA update), nano and base at both sizes; then the same step
+# eager, with a whole-model compile, and on the old 1024 x 22 base.
+_T = Run("base", 256, 128, "compile-blocks", xattn="zpad", opt="clip-in-adam", ema=True)
+TRAIN = [
+    _T,
+    _T._replace(px=512, batch=32),
+    _T._replace(model="nano"),
+    _T._replace(model="nano", px=512, batch=32),
+    _T._replace(**OLD_BASE),
+    _T._replace(mode="compile"),
+    _T._replace(mode="eager"),
+]
+
+PRESETS = {"sweep": SWEEP, "mfu40": MFU40, "mfu40b": MFU40B, "mfu40c": MFU40C, "mfu40d": MFU40D,
+           "mfu40e": MFU40E, "train": TRAIN}
+DEFAULT_BUDGET_S = {"sweep": 400.0, "mfu40": 180.0, "mfu40b": 500.0, "mfu40c": 500.0, "mfu40d": 500.0,
+                    "mfu40e": 500.0, "train": 500.0}
+# the attention check before a preset's rows (exactness of zpad/split at the head dim the rows use)
+CHECK = {"mfu40": {}, "mfu40e": {"H": 10, "hd": 128}}
 
 # torch._inductor.config settings per knob name (Run.ind): code generation only, the model's math is unchanged
 INDUCTOR_KNOBS = {
@@ -201,37 +265,22 @@ def profile_steps(step, n: int = 3, top: int = 8, top_per_class: int = 0) -> dic
     return out
 
 
-def clip_into_adam_step(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], max_norm: float):
-    """`clip_grad_norm_(params, max_norm); opt.step()` with the clip folded into fused AdamW: the grads are
-    divided by `grad_scale` = max((norm + 1e-6) / max_norm, 1) inside the fused kernel (the hook GradScaler
-    uses), instead of a separate multiply pass over all gradients. Same total norm (per-tensor norms, then the
-    norm of those, as clip_grad_norm_), same update up to fp32 rounding. Non-fused optimizers: the plain way."""
-    if not all(g.get("fused") for g in opt.param_groups):
-        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        opt.step()
-        return total
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    opt.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0)
-    try:
-        opt.step()
-    finally:
-        del opt.grad_scale
-    return total
-
-
 def _label(run: Run) -> str:
     lab = run.mode + ("" if run.sdpa == "default" else "+" + run.sdpa)
     if run.xattn != "mask":
         lab += f" {run.xattn}" + ("" if run.kernel == "auto" else f"[{run.kernel}]")
     if run.opt != "clip":
         lab += f" {run.opt}"
+    if run.hidden or run.depth:
+        lab += f" d={run.hidden or '-'}xL={run.depth or '-'}"
     if run.heads:
         lab += f" heads={run.heads}"
     if run.accum != 1:
         lab += f" accum={run.accum}"
     if run.ind:
         lab += f" ind={run.ind}"
+    if run.ema:
+        lab += " +ema"
     if not run.drop:
         lab += " nodrop"
     return lab
@@ -250,7 +299,8 @@ def bench_one(run: Run, **kw) -> dict:
 
 def _bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, warmup: int, peak: float,
                profile: bool = False, top_per_class: int = 0) -> dict:
-    cfg = model_preset(run.model, **({"num_heads": run.heads} if run.heads else {}))
+    arch = {k: v for k, v in (("num_heads", run.heads), ("hidden_size", run.hidden), ("depth", run.depth)) if v}
+    cfg = model_preset(run.model, **arch)
     batch, vae_down = run.batch, 8
     h = w = run.px // vae_down
     compiled = run.mode != "eager"
@@ -275,6 +325,10 @@ def _bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, war
         raise ValueError(f"accum must be >= 1, got {run.accum}")
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    ema = None
+    if run.ema:
+        with torch.device(device):
+            ema = NanoDiT(cfg).requires_grad_(False)
     N = (h // cfg.patch_size) * (w // cfg.patch_size)
     x0 = torch.randn(batch, cfg.latent_channels, h, w, device=device)
     # no text padding: t5_mask None (decided here, on the host). The CFG drop still masks the dropped captions.
@@ -295,10 +349,12 @@ def _bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, war
                 loss = flow.loss(train_model, x0, cond, sigma=sigma, noise=noise)
             (loss / run.accum if run.accum > 1 else loss).backward()
         if run.opt == "clip-in-adam":
-            clip_into_adam_step(opt, params, 1.0)
+            clip_and_step(opt, params, 1.0)
         else:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+        if ema is not None:
+            ema_update(ema, model, 0.9999)
         opt.zero_grad(set_to_none=True)
         return loss
 
@@ -328,7 +384,8 @@ def _bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, war
            "latent": [cfg.latent_channels, h, w], "tokens": N, "text_len": text_len, "batch": batch,
            "mode": run.mode, "compile": compiled, "sdpa": run.sdpa, "cfg_drop": run.drop,
            "xattn": run.xattn, "kernel": run.kernel, "opt": run.opt, "num_heads": cfg.num_heads,
-           "accum": run.accum, "inductor": _inductor_patch(run.ind), "label": _label(run),
+           "hidden_size": cfg.hidden_size, "depth": cfg.depth,
+           "accum": run.accum, "ema": run.ema, "inductor": _inductor_patch(run.ind), "label": _label(run),
            "step_s": dt, "images_per_s": ips,
            "train_gflop_per_image": 3 * fwd / 1e9, "achieved_tflops": ips * 3 * fwd / 1e12,
            "mfu": ips * 3 * fwd / peak, "first_step_s": t_first, "warmup_s": t_warm,
@@ -340,7 +397,7 @@ def _bench_one(run: Run, *, device: torch.device, text_len: int, steps: int, war
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if profile:
             rec["profile"] = profile_steps(step, top_per_class=top_per_class)
-    del model, train_model, opt, params
+    del model, train_model, opt, params, ema
     if compiled:
         torch._dynamo.reset()
     if device.type == "cuda":
@@ -419,20 +476,21 @@ HEADER = (f"{'model':6} {'params':>8} {'px':>5} {'tok':>5} {'batch':>5} {'mode /
 
 def _tiny(run: Run, batch: int | None) -> Run:
     """A preset row on the tiny model, eager, CPU: the same options, seconds instead of minutes."""
-    return run._replace(model="tiny", px=64, batch=batch or 2, mode="eager", heads=0)
+    return run._replace(model="tiny", px=64, batch=batch or 2, mode="eager", heads=0, hidden=0, depth=0)
 
 
 def _error_row(run: Run, msg: str) -> dict:
     return {"model": run.model, "image_px": run.px, "batch": run.batch, "mode": run.mode, "sdpa": run.sdpa,
             "cfg_drop": run.drop, "xattn": run.xattn, "kernel": run.kernel, "opt": run.opt,
-            "num_heads": run.heads or None, "accum": run.accum, "ind": run.ind, "label": _label(run),
+            "num_heads": run.heads or None, "hidden_size": run.hidden or None,
+            "depth": run.depth or None, "accum": run.accum, "ind": run.ind, "label": _label(run),
             "error": msg[:300]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="JSON results (rewritten after every row)")
-    ap.add_argument("--preset", choices=["grid", "sweep", "mfu40", "mfu40b", "mfu40c"], default="grid",
+    ap.add_argument("--preset", choices=["grid", "sweep", *PRESETS], default="grid",
                     help="grid: --models x --px x --modes; sweep: base, eager vs compile, batch sizes, SDPA "
                          "backends; mfu40: base 256^2 b128, masked SDPA vs each MFU option; mfu40b: the best of mfu40 vs "
                          "each untried knob (fixed rows, priority order, stops at --budget-s)")
@@ -471,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             preset_rows = [preset_rows[int(i) - 1] for i in a.rows.split(",")]
     if a.tiny:
         device = torch.device("cpu")
-        runs = ([_tiny(r, a.batch) for r in preset_rows] if a.preset in ("mfu40", "mfu40b", "mfu40c")
+        runs = ([_tiny(r, a.batch) for r in preset_rows] if a.preset not in ("grid", "sweep")
                 else [Run("tiny", 64, a.batch or 2, xattn=a.xattn, opt=a.opt)])
         a.steps, a.warmup, a.text_len = 1, 1, 8
     else:
@@ -499,10 +557,10 @@ def main(argv: list[str] | None = None) -> int:
                                             attention_check=checks, torch=torch.__version__,
                                             argv=sys.argv[1:] if argv is None else argv))
 
-    if a.preset == "mfu40":
+    if a.preset in CHECK:
         print("attention check (error vs fp32 reference, max|x - ref| / max|ref|):", flush=True)
         checks.extend(check_attention(device, **({"B": 3, "H": 2, "N": 16, "T": 8, "hd": 16, "dtype": torch.float32}
-                                                 if a.tiny else {})))
+                                                 if a.tiny else CHECK[a.preset])))
         for r in checks:
             print(_fmt_check(r), flush=True)
         save()

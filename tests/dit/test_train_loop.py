@@ -157,6 +157,9 @@ def test_configs_load_and_validate(tmp_path):
     assert nano.effective_batch == 256 and nano.grad_accum(1) == 16 and nano.dtype == "bf16"
     tiny = load_train_config(REPO / "configs" / "dit_tiny.yaml")
     assert tiny.model == model_preset("tiny")
+    base = load_train_config(REPO / "configs" / "dit_base.yaml")
+    assert base.model == model_preset("base") and base.compile and base.cross_attention == "zpad"
+    assert base.grad_accum(1) == 2 and base.grad_accum(2) == 1
     assert train_config_from_dict(to_dict(nano)) == nano                         # the checkpoint round trip
     with pytest.raises(ValueError, match="fp16"):
         dataclasses.replace(nano, dtype="fp16").validate()
@@ -229,7 +232,7 @@ def test_yaml_configs_mirror_every_train_config_field():
     import yaml
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_preset"}
-    for name in ("dit_nano.yaml", "dit_tiny.yaml"):
+    for name in ("dit_nano.yaml", "dit_tiny.yaml", "dit_base.yaml"):
         keys = set(yaml.safe_load((REPO / "configs" / name).read_text()))
         assert fields <= keys, f"{name} lacks {sorted(fields - keys)}"
 
@@ -246,3 +249,16 @@ def test_compile_tuning_sets_coordinate_descent(tmp_path, monkeypatch):
     assert inductor_config.coordinate_descent_tuning is False          # compile off: untouched
     train(tiny_cfg(tmp_path / "b", steps=1, effective_batch=8, compile=True, compile_tuning=True), data)
     assert inductor_config.coordinate_descent_tuning is True
+
+
+def test_train_e2e_bench_tiny(tmp_path):
+    """bench/dit_train_e2e.py drives refgen.dit.train.train itself (with and without grad accumulation) and
+    reads images/s back from the run's metrics."""
+    spec = importlib.util.spec_from_file_location("dit_train_e2e", REPO / "bench" / "dit_train_e2e.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "e2e.json"
+    assert mod.main(["--tiny", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["grad_accum"] for r in rows] == [1, 2]
+    assert all(r["images_per_s"] > 0 and 0 < r["mfu"] < 1 and len(r["windows_images_per_s"]) == 2 for r in rows)

@@ -48,9 +48,13 @@ class ModelConfig:
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # seed 002 part B: the validation "toy" model
     "nano": ModelConfig(hidden_size=384, depth=12, num_heads=6),
-    # seed 002 part C: ~400-600M. 22 blocks x ~23M (self-attn 4d^2, cross-attn 4d^2, MLP 8d^2, adaLN 6d^2)
-    # at d=1024 = ~510M; head dim 64 keeps SDPA on its fast kernels.
-    "base": ModelConfig(hidden_size=1024, depth=22, num_heads=16),
+    # seed 002 part C: ~400-600M, shape free. A block is 22 d^2 (self-attn 4, cross-attn 4, MLP 8, adaLN 6):
+    # 10 blocks at d=1536 = 532M. Wide and shallow on purpose: at a fixed size the GEMM FLOPs stay put while the
+    # activation bytes (norms, modulation, GELU, attention at a given head dim) go as depth x d ~ 1/d, so on an
+    # H100 (docs/benchmarks.md, 2026-11-24) 1024x22 trained at 35.9 % MFU, 1280x14 at 38.4 %, 1536x10 at 41.8 %,
+    # and 42.7 % with head dim 128 (cuDNN's fastest attention). At equal FLOPs DiT's FID tracks GFLOPs, not shape
+    # (Peebles & Xie 2023), and LM loss barely moves over aspect ratios d/depth of ~20-200 (Kaplan et al. 2020).
+    "base": ModelConfig(hidden_size=1536, depth=10, num_heads=12),
     # CPU tests: 2 layers, width 32, tiny latents / encoders
     "tiny": ModelConfig(latent_channels=4, hidden_size=32, depth=2, num_heads=2, t5_dim=16, dino_dim=16),
 }

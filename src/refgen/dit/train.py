@@ -4,7 +4,8 @@ One optimizer step = `grad_accum` micro batches (effective batch = batch_size x 
 
     sigma ~ logit-normal, noise ~ N(0, I), per-sample CFG mode ~ {uncond, text-only, DINO-only, both}
     loss  = refgen.flow.loss(model, x0, cond)            MSE to v = noise - x0, bf16 autocast on CUDA
-    AdamW step after grad-norm clipping; EMA update with warm-up; JSONL metrics; checkpoint every N steps
+    AdamW step after grad-norm clipping (folded into fused AdamW on CUDA: `clip_and_step`); EMA update with
+    warm-up; JSONL metrics; checkpoint every N steps
 
 Determinism: the step's random draws come from a generator seeded by (seed, step, rank), and the data stream
 is replayed up to the number of batches already consumed, so a resumed run continues bit-exactly (on the same
@@ -58,6 +59,27 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     e = [p for p in ema.parameters()]
     m = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def clip_and_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_(params, max_norm); opt.step()`, returning the total grad norm. With fused AdamW (CUDA)
+    the clip is folded into the optimizer: the grads are divided by grad_scale = max((norm + 1e-6) / max_norm, 1)
+    inside the fused kernel (the hook GradScaler uses) instead of a separate multiply pass over every gradient,
+    one full read+write of the grads less per step (bench/dit_throughput.py `clip-in-adam`). Same total norm
+    (per-tensor norms, then the norm of those, as clip_grad_norm_), same update up to fp32 rounding.
+    Non-fused optimizers (the CPU path, bit-exact resume tests): the plain two calls."""
+    if not all(g.get("fused") for g in opt.param_groups):
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        return total
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    opt.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0)
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale
+    return total
 
 
 def sample_cfg_drop(n: int, probs: CFGDropout, generator: torch.Generator,
@@ -221,8 +243,8 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device) 
     model = build_model(cfg, device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                            fused=fused)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     n_params = count_params(model)
 
     # ---- resume, or warm start
@@ -319,8 +341,7 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device) 
             vnorm_sum += captured["v"].float().pow(2).mean().sqrt()
             win_images += B * world
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
+        grad_norm = clip_and_step(opt, params, clip)
         decay = ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup)
         ema_update(ema, model, decay)
         step += 1

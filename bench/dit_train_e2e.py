@@ -1,0 +1,115 @@
+"""End-to-end check of issue 8's throughput table: `refgen.dit.train.train` itself (the function behind
+`refgen dit train --config configs/dit_base.yaml`), not a re-creation of its step, on random batches.
+
+The batches follow the data contract (refgen.dit.shards) and sit on the GPU already, so this measures the
+training step and its bookkeeping (CFG-drop sampling, velocity norm, EMA, logging, grad accumulation), not the
+shard reader (docs/dit_data.md measures that). Captions have random lengths, so the text keys carry padding as
+in real data. images/s comes from the run's own metrics.jsonl, skipping the first `log_every` window (compile);
+MFU = images/s x 3 x forward_flops / peak, the convention of bench/dit_throughput.py.
+
+    python bench/dit_train_e2e.py --out e2e.json                      # base 256^2 b128, accum 1 and 2 (H100)
+    python bench/dit_train_e2e.py --tiny --out /tmp/e.json            # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from refgen.artifacts import atomic_write_json, provenance
+from refgen.dit.config import load_train_config, model_preset
+from refgen.dit.model import forward_flops
+from refgen.dit.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+H100_BF16_DENSE = 989e12
+
+
+def batches(cfg, px: int, batch: int, text_len: int, n: int, device) -> list[dict]:
+    m, g = cfg.model, torch.Generator(device=device).manual_seed(0)
+    h = w = px // 8
+    N = (h // m.patch_size) * (w // m.patch_size)
+    out = []
+    for _ in range(n):
+        lens = torch.randint(8, text_len + 1, (batch, 1), generator=g, device=device)
+        out.append({"latent": torch.randn(batch, m.latent_channels, h, w, generator=g, device=device),
+                    "t5": torch.randn(batch, text_len, m.t5_dim, generator=g, device=device),
+                    "t5_mask": torch.arange(text_len, device=device).expand(batch, text_len) < lens,
+                    "dino_cls": torch.randn(batch, m.dino_dim, generator=g, device=device),
+                    "dino_patches": torch.randn(batch, N, m.dino_dim, generator=g, device=device)})
+    return out
+
+
+def run_one(config: str, *, px: int, batch: int, accum: int, steps: int, log_every: int, text_len: int,
+            peak: float, tiny: bool) -> dict:
+    over = dict(steps=steps, batch_size=batch, effective_batch=batch * accum, log_every=log_every,
+                ckpt_every=10**9, resume=None, progress=False, lr_warmup_steps=1)
+    if tiny:
+        over.update(device="cpu", dtype="fp32", compile=False)
+    cfg = load_train_config(config)
+    cfg = dataclasses.replace(cfg, **over, **({"model": model_preset("tiny"), "model_preset": "tiny"} if tiny
+                                              else {}))
+    device = torch.device("cpu" if tiny else "cuda")
+    data = batches(cfg, px, batch, text_len, 4, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = dataclasses.replace(cfg, out_dir=tmp)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        summary = train(cfg, data)
+        wall = time.perf_counter() - t0
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "images_per_s" in r]
+    timed = rows[1:] or rows                      # the first window holds the compile
+    ips = sum(r["images_per_s"] for r in timed) / len(timed)
+    fwd = forward_flops(cfg.model, px // 8, px // 8, text_len)
+    rec = {"model": cfg.model_preset, "image_px": px, "batch": batch, "grad_accum": summary["grad_accum"],
+           "steps": steps, "compile": cfg.compile, "cross_attention": cfg.cross_attention,
+           "images_per_s": ips, "mfu": ips * 3 * fwd / peak, "train_gflop_per_image": 3 * fwd / 1e9,
+           "windows_images_per_s": [r["images_per_s"] for r in rows], "final_loss": rows[-1]["loss"],
+           "wall_s": wall, "n_params": summary["n_params"]}
+    if device.type == "cuda":
+        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    return rec
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--config", default=str(REPO / "configs" / "dit_base.yaml"))
+    ap.add_argument("--runs", default="256:128:1,256:128:2", help="px:batch:accum, comma separated")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--text-len", type=int, default=128)
+    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12)
+    ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU, a few steps")
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.runs, a.steps, a.log_every, a.text_len = "64:2:1,64:2:2", 4, 2, 8
+    results = []
+    print(f"{'model':6} {'px':>4} {'batch':>5} {'accum':>5} {'img/s':>8} {'MFU':>6} {'memGiB':>7} {'wall_s':>7}")
+    for spec in a.runs.split(","):
+        px, batch, accum = map(int, spec.split(":"))
+        r = run_one(a.config, px=px, batch=batch, accum=accum, steps=a.steps, log_every=a.log_every,
+                    text_len=a.text_len, peak=a.peak_tflops * 1e12, tiny=a.tiny)
+        results.append(r)
+        mem = f"{r['peak_mem_gib']:7.1f}" if "peak_mem_gib" in r else f"{'-':>7}"
+        print(f"{r['model']:6} {px:4} {batch:5} {r['grad_accum']:5} {r['images_per_s']:8.1f} "
+              f"{100 * r['mfu']:5.1f}% {mem} {r['wall_s']:7.1f}", flush=True)
+        atomic_write_json(a.out, provenance(None, results=results, peak_tflops=a.peak_tflops,
+                                            device=torch.cuda.get_device_name() if not a.tiny else "cpu",
+                                            torch=torch.__version__, argv=sys.argv[1:] if argv is None else argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
