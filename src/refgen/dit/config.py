@@ -117,11 +117,11 @@ class TrainConfig:
     num_workers: int = 2
     compile: bool = False                # torch.compile (recompiles once per bucket shape)
     compile_regional: bool = True        # with compile: per block (one shared graph, ~1 block of compile time)
-                                         # instead of the whole model; H100 base 256^2 b128 (2026-11-24): 36.6 %
-                                         # MFU per block (26 s compile) vs 37.1 % whole model (106 s)
+                                         # instead of the whole model; H100 base 256^2 b128 (2026-11-24): 42.7 %
+                                         # MFU per block (38 s first step) vs 43.4 % whole model (83 s)
     compile_tuning: bool = False         # with compile: inductor's coordinate-descent tuning of every Triton
-                                         # kernel's block sizes (same math); H100: 36.6 -> 37.1 % MFU per block,
-                                         # first step 26 -> 216 s (per bucket shape; cached on disk after)
+                                         # kernel's block sizes (same math); H100, the old 1024x22 base: 36.6 ->
+                                         # 37.1 % MFU per block, first step 26 -> 216 s (per bucket shape)
     cross_attention: str = "zpad"        # "mask" (SDPA + key-padding mask), "zpad" or "split": all exact; zpad
                                          # was fastest on an H100 (+3.8 % img/s, docs/benchmarks.md)
     progress: bool = True
