@@ -48,12 +48,12 @@ from typing import NamedTuple
 import torch
 
 from refgen.artifacts import atomic_write_json, provenance
+from refgen.runtime import H100_BF16_DENSE
 from refgen.dit.config import model_preset
 from refgen.dit.model import Cond, NanoDiT, count_params, cross_attention, forward_flops
 from refgen.dit.train import clip_and_step, ema_update
 from refgen import flow
 
-H100_BF16_DENSE = 989e12
 DEFAULT_BATCH = {("nano", 256): 128, ("nano", 512): 32, ("base", 256): 64, ("base", 512): 16}
 
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from refgen.artifacts import atomic_write_json, provenance
+from refgen.runtime import H100_BF16_DENSE
 from refgen.dit.config import load_train_config, model_preset
 from refgen.dit.model import forward_flops
 from refgen.dit.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-H100_BF16_DENSE = 989e12
 
 
 def batches(cfg, px: int, batch: int, text_len: int, n: int, device) -> list[dict]:

@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from refgen.runtime import H100_BF16_DENSE  # noqa: E402  (after the path insert)
+
 CUDA = torch.cuda.is_available()
 
 
@@ -334,12 +336,12 @@ def section_flops(b: Bench, S: dict):
     per_identity = 600 * 2 * (f + g)  # the seed: 600 steps x 2 images
     b.res["flops"] = {"forward_tflop_per_image": f / 1e12, "backward_to_embeds_tflop_per_image": g / 1e12,
                       "seed_identity_pflop": per_identity / 1e15,
-                      "identities_per_hour_at_989_tflops": 3600 * 989e12 / per_identity,
+                      "identities_per_hour_at_989_tflops": 3600 * H100_BF16_DENSE / per_identity,
                       "identities_per_hour_at_798_tflops": 3600 * 798e12 / per_identity}
     b.row(f"FLOPs per image, {S['W']}x{S['H']}: forward / backward to the embeddings",
           f"{f / 1e12:.1f} / {g / 1e12:.1f} TFLOP")
     b.row("one identity at the seed's settings (600 steps x 2 images)",
-          f"{per_identity / 1e15:.1f} PFLOP: at most {3600 * 989e12 / per_identity:.0f} identities/GPU-hour at "
+          f"{per_identity / 1e15:.1f} PFLOP: at most {3600 * H100_BF16_DENSE / per_identity:.0f} identities/GPU-hour at "
           f"the H100's 989 TFLOP/s, {3600 * 798e12 / per_identity:.0f} at the 798 TFLOP/s a bf16 GEMM reaches")
     b.save()
 

@@ -22,6 +22,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # Above this many parameters a model is "real" and must run on CUDA (the tiny and toy models are
 # well under 50M; Qwen-Image's transformer alone is 20B).
 CPU_MAX_PARAMS = 200_000_000
+# The H100 SXM's dense bf16 peak, FLOP/s: the denominator of every MFU figure the benchmarks quote.
+H100_BF16_DENSE = 989e12
 
 
 class PolicyError(RuntimeError):
