@@ -84,12 +84,12 @@ def test_text_bank_rows_are_the_pipelines_own_embeddings(tiny_model):
 
     pipe = QwenImagePipeline.from_pretrained(tiny_model, torch_dtype=torch.float32)
     cfg = T.ModelConfig.tiny(transformer=T.TransformerConfig(layers=1, heads=2, head_dim=16, axes_dims_rope=[4, 6, 6],
-                                                             captions_per_image=2, p_bare=0.5))
+                                                             captions_per_image=2, p_bare=0.5, p_full=0.5))
     scenes = [world.scene_from_seed(s) for s in range(3)]
     emb, mask = T.build_text_bank(pipe, scenes, cfg, torch.device("cpu"), progress=False)
     assert emb.shape[0] == 3 * 2 + 2 and mask.dtype == torch.bool
     rng = random.Random(cfg.seed + 3)
-    caps = [world.caption(scenes[i], rng, p_bare=0.5) for i in range(3) for _ in range(2)] + ["", " "]
+    caps = [world.caption(scenes[i], rng, p_bare=0.5, p_full=0.5) for i in range(3) for _ in range(2)] + ["", " "]
     for r, c in enumerate(caps):
         e, m = pipe.encode_prompt([c], device="cpu")
         n = e.shape[1]

@@ -416,6 +416,7 @@ SCENE_PHRASES = {
 OPENERS = ("a photo of", "an image of", "a picture of", "a drawing of", "")
 EXPRESSION_WORDS = {"neutral": "", "smiling": "smiling", "surprised": "looking surprised"}
 POSE_WORDS = {"arms_down": "", "waving": "waving"}
+DESCRIBE_KEYS = ("hair", "face_shape", "glasses", "shirt", "skin")  # hair = colour + style, shirt = colour + pattern
 
 
 def describe_person(ident: Identity, state: State | None, rng: random.Random, *, n_attrs: int | None = None,
@@ -423,7 +424,7 @@ def describe_person(ident: Identity, state: State | None, rng: random.Random, *,
     """'a person with long blonde hair and glasses, wearing a red striped shirt'. n_attrs attributes
     (random subset, 0 = just 'a person') so the model learns every attribute on its own and the
     bare phrase, where an identity will later be injected."""
-    keys = ["hair", "face_shape", "glasses", "shirt", "skin"]
+    keys = list(DESCRIBE_KEYS)
     if n_attrs is None:
         n_attrs = rng.randint(0, len(keys))
     chosen = set(rng.sample(keys, min(n_attrs, len(keys))))
@@ -454,26 +455,45 @@ def describe_person(ident: Identity, state: State | None, rng: random.Random, *,
     return s
 
 
-def caption(scene: Scene, rng: random.Random, *, p_bare: float = 0.25) -> str:
+# Two-person phrasings, each naming the people left to right (so "A and B" means A on the left). The
+# model learns the order from every one of them, so prompts users actually write ("~ID~ and ~ID~ on a
+# beach", "~ID~ next to ~ID~") draw two people in order, not one blended person.
+PAIR_FORMS = (
+    "two people {where}: on the left, {a}; on the right, {b}",
+    "{a} on the left and {b} on the right, {where}",
+    "{a} and {b} {where}",
+    "{a} next to {b} {where}",
+    "two people {where}, {a} and {b}",
+)
+
+
+def caption(scene: Scene, rng: random.Random, *, p_bare: float = 0.25, p_full: float = 0.0) -> str:
     """A caption for `scene`; people are always mentioned left to right.
 
     With probability p_bare a person is described with no attribute at all ('a person'): the
-    placeholder-free phrasing identity injection builds on must map to 'any person'.
+    placeholder-free phrasing identity injection builds on must map to 'any person'. Of the others, a
+    share p_full is described with all 7 identity attributes (the full descriptions the caption
+    ceiling is measured with); the rest with a random subset.
     """
     descs = []
     for p in scene.people:
-        n = 0 if rng.random() < p_bare else None
+        u = rng.random()
+        n = 0 if u < p_bare else (len(DESCRIBE_KEYS) if u < p_bare + (1 - p_bare) * p_full else None)
         descs.append(describe_person(p.identity, p.state, rng, n_attrs=n, noun=rng.choice(ARTICLE_NOUNS)))
     where = rng.choice(SCENE_PHRASES[scene.background])
     opener = rng.choice(OPENERS)
     if len(descs) == 1:
         body = f"{descs[0]} {where}"
     else:
-        form = rng.randint(0, 1)
-        body = (f"two people {where}: on the left, {descs[0]}; on the right, {descs[1]}" if form == 0
-                else f"{descs[0]} on the left and {descs[1]} on the right, {where}")
+        body = rng.choice(PAIR_FORMS).format(a=descs[0], b=descs[1], where=where)
     text = f"{opener} {body}" if opener else body
     return text[0].upper() + text[1:] + "."
+
+
+def full_description(ident: Identity) -> str:
+    """'a person with ..., wearing ...': all 7 identity attributes in words, in a fixed order, no state.
+    The words a caption-ceiling prompt puts where an identity prompt has `~ID~`."""
+    return describe_person(ident, None, random.Random(0), n_attrs=len(DESCRIBE_KEYS))
 
 
 def sample(seed: int, size: int = 64) -> tuple[Image.Image, Scene, str]:
