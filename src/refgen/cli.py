@@ -71,20 +71,25 @@ def cmd_tiny_model(args) -> int:
 
 
 def cmd_scan(args) -> int:
-    from refgen.images import scan
+    from refgen.images import no_identities_message, scan
 
     res = scan(args.root)
     if args.json:
         print(json.dumps(res.to_json(), indent=2))
-        return 0
-    for ident in res.identities:
-        print(f"ok       {ident.id}: {len(ident.images)} images")
-    for s in res.skipped:
-        tag = "partial " if s.get("kept") else "skipped "
-        print(f"{tag} {Path(s['folder']).name}: {s['reason']}")
-        for b in s["bad_files"]:
-            print(f"           {b['file']}: {b['reason']}")
-    print(f"{len(res.identities)} identities, {sum(1 for s in res.skipped if not s.get('kept'))} folders skipped")
+    else:
+        for ident in res.identities:
+            print(f"ok       {ident.id}: {len(ident.images)} images")
+        for s in res.skipped:
+            tag = "partial " if s.get("kept") else "skipped "
+            print(f"{tag} {Path(s['folder']).name}: {s['reason']}")
+            for b in s["bad_files"]:
+                print(f"           {b['file']}: {b['reason']}")
+        for name in res.ignored:
+            print(f"ignored  {name}: not a seed_* folder")
+        print(f"{len(res.identities)} identities, {sum(1 for s in res.skipped if not s.get('kept'))} folders "
+              f"skipped, {len(res.ignored)} ignored")
+    if not res.identities:
+        raise ValueError(no_identities_message(res, args.root))
     return 0
 
 
@@ -131,6 +136,13 @@ def cmd_render(args) -> int:
 
 def cmd_invert(args) -> int:
     from refgen.identity.invert import InvertConfig, invert
+    from refgen.images import no_identities_message, scan
+
+    # invert() finds nothing to do in a root without identities and returns quietly; scanning here first makes
+    # that an error that says why, before any model loads. (invert() scans again: cheap next to an inversion.)
+    found = scan(args.root)
+    if not found.identities:
+        raise ValueError(no_identities_message(found, args.root))
 
     overrides = {"steps": args.steps, "identities_per_batch": args.identities_per_batch,
                  "height": args.height, "width": args.width,
@@ -156,7 +168,12 @@ def cmd_features(args) -> int:
     from refgen.identity.features import FeatureConfig, extract_features
 
     cfg = FeatureConfig(pixel_budget=args.pixel_budget * 1e6, max_side=args.max_side, max_images=args.max_images)
-    print(json.dumps(extract_features(args.root, args.vl_model, args.device, args.dtype, cfg, out=args.out)))
+    done = extract_features(args.root, args.vl_model, args.device, args.dtype, cfg, out=args.out)
+    if not done["identities"]:
+        from refgen.images import no_identities_message, scan
+
+        raise ValueError(no_identities_message(scan(args.root), args.root))
+    print(json.dumps(done))
     return 0
 
 
@@ -369,15 +386,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from refgen.identity.inject import ResidualMismatchError
-    from refgen.identity.slots import SlotError
-    from refgen.runtime import PolicyError
+def _is_user_error(e: BaseException) -> bool:
+    """Bad input or a policy refusal: one line, exit 1. The classes are looked up only in modules already
+    imported (a PolicyError cannot come from an unimported refgen.runtime), so `refgen --help` imports no torch."""
+    if isinstance(e, (FileNotFoundError, ValueError)):
+        return True
+    for mod, name in (("refgen.runtime", "PolicyError"), ("refgen.artifacts", "ArtifactWriteError")):
+        cls = getattr(sys.modules.get(mod), name, None)
+        if cls is not None and isinstance(e, cls):
+            return True
+    return False
 
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (PolicyError, SlotError, ResidualMismatchError, FileNotFoundError, ValueError) as e:
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         print(f"refgen {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -113,7 +113,7 @@ def test_dino_mean_std_come_from_the_preprocessor_config(data_tiny_models):
     assert mean == (0.485, 0.456, 0.406) and std == (0.229, 0.224, 0.225)
 
 
-def test_resolve_source_for_folders_subfolders_and_hub_ids(tmp_path, data_tiny_models):
+def test_resolve_source_for_folders_subfolders_and_hub_ids(tmp_path, data_tiny_models, monkeypatch):
     root = str(tmp_path)
     from pathlib import Path
 
@@ -122,7 +122,19 @@ def test_resolve_source_for_folders_subfolders_and_hub_ids(tmp_path, data_tiny_m
     assert resolve_source(str(vae_dir), "vae") == (str(vae_dir), None)
     # The parent holds 'vae/': use it as subfolder (FLUX repo layout).
     assert resolve_source(str(vae_dir.parent), "vae") == (str(vae_dir.parent), "vae")
+    # A hub id: kept with its subfolder once it is known to be loadable (here: in a local cache) ...
+    from huggingface_hub import constants
+
+    cache = tmp_path / "cache" / "models--black-forest-labs--FLUX.1-dev"
+    (cache / "refs").mkdir(parents=True)
+    (cache / "refs" / "main").write_text("0" * 40)
+    (cache / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert resolve_source("black-forest-labs/FLUX.1-dev", "vae") == ("black-forest-labs/FLUX.1-dev", "vae")
+    # ... and named, with how to get it, when it is not
+    with pytest.raises(FileNotFoundError, match="VAE 'black-forest-labs/FLUX.2' is neither a local folder"):
+        resolve_source("black-forest-labs/FLUX.2", "vae", "VAE")
     with pytest.raises(FileNotFoundError, match="not a model folder"):
         resolve_source(root, None)
     f = tmp_path / "x.bin"

@@ -167,13 +167,13 @@ def test_changed_settings_or_sources_are_refused_unless_overwrite(data_prepared,
     out = tmp_path / "shards"
     shutil.copytree(out0, out)
     src = json.loads((out / "config.json").read_text())["config"]["src"]
-    with pytest.raises(RuntimeError, match="t5_max_length"):
+    with pytest.raises(ValueError, match="t5_max_length"):
         prepare(prepare_config(src, out, models, t5_max_length=16), progress=False)
     src2 = tmp_path / "fewer"
     src2.mkdir()
     for name in ("a_square.png", "a_square.txt", "d_small_square.png"):
         shutil.copy(f"{src}/{name}", src2 / name)
-    with pytest.raises(RuntimeError, match="changed since OUT was planned"):
+    with pytest.raises(ValueError, match="changed since OUT was planned"):
         prepare(prepare_config(src2, out, models), progress=False)
     (out / "user_notes.txt").write_text("keep me")
     index = prepare(prepare_config(src2, out, models, overwrite=True, shard_size=100), progress=False)

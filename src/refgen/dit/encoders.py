@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from refgen.images import load_rgb  # noqa: F401  (the one image loader; prepare reads images through it)
 from refgen.runtime import check_cpu_size
 
 # ImageNet statistics, which the released DINOv3 checkpoints' preprocessor_config.json also carries; used only
@@ -23,7 +24,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def resolve_source(id_or_path: str, subfolder: str | None) -> tuple[str, str | None]:
+def resolve_source(id_or_path: str, subfolder: str | None, what: str = "model") -> tuple[str, str | None]:
     """Where to load from: a local folder that is itself a model (has config.json, or a tokenizer file) ignores a
     default subfolder that it does not have, so `--vae ./tiny/vae` works as well as the FLUX repo + `vae/`."""
     p = Path(id_or_path).expanduser()
@@ -37,6 +38,9 @@ def resolve_source(id_or_path: str, subfolder: str | None) -> tuple[str, str | N
             + (f", and no '{subfolder}/' subfolder" if subfolder else "") + ")")
     if p.exists():
         raise NotADirectoryError(f"{p}: a model path must be a folder or a hub id, not a file")
+    from refgen.hub import require_model
+
+    require_model(id_or_path, what)
     return id_or_path, subfolder or None
 
 
@@ -47,7 +51,7 @@ def _kw(subfolder: str | None) -> dict:
 def load_vae(id_or_path: str, subfolder: str | None, device: torch.device, dtype: torch.dtype):
     from diffusers import AutoencoderKL
 
-    src, sub = resolve_source(id_or_path, subfolder)
+    src, sub = resolve_source(id_or_path, subfolder, "VAE")
     vae = AutoencoderKL.from_pretrained(src, torch_dtype=dtype, **_kw(sub))
     check_cpu_size(vae, device, f"VAE {id_or_path}")
     return vae.to(device).eval().requires_grad_(False)
@@ -57,9 +61,10 @@ def load_text_encoder(id_or_path: str, subfolder: str | None, tokenizer_path: st
                       tokenizer_subfolder: str | None, device: torch.device, dtype: torch.dtype):
     from transformers import T5EncoderModel, T5TokenizerFast
 
-    src, sub = resolve_source(id_or_path, subfolder)
+    src, sub = resolve_source(id_or_path, subfolder, "text encoder")
     tsrc, tsub = resolve_source(tokenizer_path or id_or_path,
-                                tokenizer_subfolder if tokenizer_path else (tokenizer_subfolder or subfolder))
+                                tokenizer_subfolder if tokenizer_path else (tokenizer_subfolder or subfolder),
+                                "tokenizer")
     tokenizer = T5TokenizerFast.from_pretrained(tsrc, **_kw(tsub))
     model = T5EncoderModel.from_pretrained(src, dtype=dtype, **_kw(sub))
     check_cpu_size(model, device, f"text encoder {id_or_path}")
@@ -71,7 +76,7 @@ def load_dino(id_or_path: str, subfolder: str | None, device: torch.device, dtyp
     from transformers import DINOv3ViTModel
     from transformers.utils import cached_file
 
-    src, sub = resolve_source(id_or_path, subfolder)
+    src, sub = resolve_source(id_or_path, subfolder, "DINOv3 model")
     model = DINOv3ViTModel.from_pretrained(src, dtype=dtype, **_kw(sub))
     check_cpu_size(model, device, f"DINOv3 {id_or_path}")
     mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -97,21 +102,6 @@ def dino_patch_size(dino) -> int:
 
 
 # --------------------------------------------------------------------------------------------- preprocessing
-
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode fully (so truncated files fail here, naming the file), apply EXIF rotation, flatten alpha on white."""
-    from PIL import ImageOps
-
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            # Transparent pixels have arbitrary RGB underneath (often black); white is what a viewer shows.
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        return im.convert("RGB")
-
 
 def resize_to_bucket(img: Image.Image, width: int, height: int) -> Image.Image:
     # No crop, no pad: the small aspect mismatch is absorbed by a slight stretch (see refgen.dit.buckets).

@@ -31,6 +31,7 @@ import torch
 from refgen.artifacts import JsonlLogger, atomic_write_json, provenance
 from refgen.dit.buckets import (Bucket, aspect_distortion, nearest_bucket, parse_buckets,
                                 upscale_factor)
+from refgen.images import image_size
 from refgen.runtime import PolicyError, parse_dtype
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -121,16 +122,7 @@ def make_key(relpath: str) -> str:
     return f"{stem}-{hashlib.sha1(relpath.encode()).hexdigest()[:8]}"
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, from the header; verify() catches most corrupt files early."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.verify()  # must come straight after open, and leaves the file unusable: reopen for size and EXIF
-    with Image.open(path) as im:
-        w, h = im.size
-        orientation = im.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+_image_size = image_size  # (width, height) as displayed, under refgen's pixel limit
 
 
 def _caption_for(path: Path, keys: list[str]) -> tuple[str, str, dict | None]:
@@ -390,12 +382,12 @@ def _check_resume(out: Path, cfg: PrepareConfig, plan_keys: dict) -> None:
         diff = [k for k in new if k not in _RUN_ONLY_FIELDS and old.get(k) != new[k]]
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
-            raise RuntimeError(f"{cfg_file}: OUT was prepared with different settings ({changes}); "
+            raise ValueError(f"{cfg_file}: OUT was prepared with different settings ({changes}); "
                                f"use a new OUT or --overwrite")
     if plan_file.is_file():
         old_plan = json.loads(plan_file.read_text())["shards"]
         if old_plan != plan_keys:
-            raise RuntimeError(f"{plan_file}: the images under {cfg.src} changed since OUT was planned (shard "
+            raise ValueError(f"{plan_file}: the images under {cfg.src} changed since OUT was planned (shard "
                                f"membership differs); use a new OUT or --overwrite")
 
 
@@ -453,11 +445,11 @@ def finalize(out: Path, cfg: PrepareConfig, plan, encoders_info: dict, scan_skip
                           "dino_grid": [lh // cfg.dit_patch_size, lw // cfg.dit_patch_size],
                           "count": sum(e["count"] for e in entries), "shards": entries}
     if n == 0:
-        raise RuntimeError(f"no image under {cfg.src} could be used; see {out / 'skipped.json'}")
+        raise ValueError(f"no image under {cfg.src} could be used; see {out / 'skipped.json'}")
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean ** 2, 0.0))
     if np.any(std < 1e-6):
-        raise RuntimeError(f"latent channel(s) {np.nonzero(std < 1e-6)[0].tolist()} have zero variance over the "
+        raise ValueError(f"latent channel(s) {np.nonzero(std < 1e-6)[0].tolist()} have zero variance over the "
                            f"dataset; normalising would divide by zero")
     atomic_write_json(out / "latent_stats.json", {
         "mean": mean.tolist(), "std": std.tolist(), "values_per_channel": int(n), "samples": total,
@@ -502,7 +494,7 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
     enc_file = out / "encoders.json"
     if todo or not enc_file.is_file():
         if not images:
-            raise RuntimeError(f"no usable image under {cfg.src} ({len(scan_skipped)} skipped; see "
+            raise ValueError(f"no usable image under {cfg.src} ({len(scan_skipped)} skipped; see "
                                f"{out / 'report.jsonl'})")
         enc = _load_encoders(cfg)
         info = enc.describe()

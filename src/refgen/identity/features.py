@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from refgen.hub import require_model
 from refgen.images import load_rgb
 from refgen.runtime import check_cpu_size, parse_dtype, resolve_device
 
@@ -58,6 +59,7 @@ class VisionFeatures:
         self.dtype = parse_dtype(dtype)
         self.cfg = cfg or FeatureConfig()
         self.model_id = str(model)
+        require_model(model, "Qwen3-VL model")
         m = Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=self.dtype)
         m.model.language_model = None  # get_image_features uses only the vision tower
         m.lm_head = None

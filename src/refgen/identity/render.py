@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from refgen.hub import require_model
 from refgen.runtime import check_cpu_size, check_dtype_for_model, check_tensors, parse_dtype, resolve_device
 
 
@@ -49,6 +50,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: str = "bf16", of
     dev = resolve_device(device)
     dt = parse_dtype(dtype)
     check_dtype_for_model(dt, "qwen-image")
+    require_model(model, "Qwen-Image model")
     if dev.type == "cpu":
         check_cpu_size(_count_params(model), dev, what=f"Qwen-Image model {model!r}")
         if offload != "none":
@@ -93,6 +95,7 @@ def load_tokenizer_only(model: str):
     from diffusers import QwenImagePipeline
     from transformers import AutoTokenizer
 
+    require_model(model, "Qwen-Image model")
     tok = AutoTokenizer.from_pretrained(model, subfolder="tokenizer")
     return QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=tok, transformer=None)
 
