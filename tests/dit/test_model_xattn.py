@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from refgen.dit.config import model_preset
-from refgen.dit.model import Cond, NanoDiT, cross_attention
+import refgen.dit.attention as attention
+from refgen.dit.attention import check_compiled_gradients, cross_attention
+from refgen.dit.model import Cond, NanoDiT
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,7 +57,7 @@ def test_cross_attention_equals_masked_sdpa(impl, logit_scale):
     ref = _run("mask", q, kv, valid, dout)
     got = _run(impl, q, kv, valid, dout)
     for name, a, b in zip(("out", "dq", "dkv"), got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{impl} {name}")
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{impl} {name}: {m}")
     # padded keys get exactly zero gradient, as under the mask
     dkv = got[2]
     assert not dkv[~valid].any()
@@ -104,6 +106,26 @@ def test_fused_kernel_paths_trace(kernel, impl):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("impl", ["zpad", "split"])
+def test_compiled_gradients_equal_eager(impl, backend):
+    """The self-check passes on this torch (it failed on 2.11 before the Functions returned their last op's own
+    result: dq, dk, dv all 0 under torch.compile)."""
+    check_compiled_gradients(impl, backend=backend)
+
+
+def test_compiled_gradient_check_reports_a_missing_gradient(monkeypatch):
+    """A compiled function whose gradient does not reach v (what the 2.11 tracing bug did to all three) fails
+    the check with torch's own mismatch report, naming the gradient."""
+    real = torch.compile
+    monkeypatch.setattr(attention.torch, "compile",
+                        lambda f, **kw: real(lambda q, k, v, valid: f(q, k, v.detach(), valid), **kw))
+    with pytest.raises(AssertionError, match=r"(?s)dv differs from eager.*Mismatched elements"):
+        check_compiled_gradients("zpad", backend="eager")
+    with pytest.raises(ValueError, match="mask"):
+        check_compiled_gradients("mask")
+
+
 # --------------------------------------------------------------------------- the model
 
 def _model():
@@ -144,7 +166,7 @@ def test_model_options_equal_mask(impl):
     v1, g1 = _loss_and_grads(m, x, s, cond)
     torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
     for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-5, msg=n)
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
     assert g1["blocks.0.cross_attn.kv.weight"].abs().sum() > 0 and g1["text_proj.weight"].abs().sum() > 0
 
 
@@ -156,13 +178,14 @@ def test_set_attention_rejects_unknown():
         m.set_attention("zpad", kernel="bogus")
 
 
-def test_options_compile_without_graph_break():
+@pytest.mark.parametrize("impl", ["zpad", "split"])
+def test_options_compile_without_graph_break(impl):
     """Whole model (dynamo only) and per-block (regional) compilation through AOT autograd (the custom backward
     is traced), fullgraph: same velocity and gradients as eager, and all blocks share ONE graph (22 blocks of
-    `base` compile once). zpad here; split's autograd.Function is traced by test_fused_kernel_paths_trace."""
+    `base` compile once)."""
     from torch._dynamo.utils import counters
 
-    ref = _model().set_attention("zpad")
+    ref = _model().set_attention(impl)
     x, s, cond = torch.randn(4, 4, 8, 8), torch.rand(4), _cond()
     v0, g0 = _loss_and_grads(ref, x, s, cond)
     torch._dynamo.reset()
@@ -177,7 +200,7 @@ def test_options_compile_without_graph_break():
             g1 = {n.removeprefix("_orig_mod."): g for n, g in g1.items()}
             torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
             for n in g0:
-                torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-5, msg=n)
+                torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
             if m is blocks:
                 assert counters["stats"]["unique_graphs"] - graphs == 1
         assert list(blocks.state_dict()) == list(ref.state_dict())       # no _orig_mod. prefix
@@ -208,7 +231,7 @@ def test_clip_and_step_equals_clip_then_step(max_norm):
         torch.testing.assert_close(nb, na)
         assert not hasattr(opt_b, "grad_scale")
         for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
-            torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6, msg=n)     # fp32 rounding
+            torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")     # fp32 rounding
 
 
 def test_bench_mfu40_tiny(tmp_path, monkeypatch):
