@@ -497,8 +497,11 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default=",".join(INVERT_PARTS), help=f"invert section: any of {INVERT_PARTS}")
     args = ap.parse_args()
-    if args.section == "all" and CUDA:
-        raise SystemExit("--section all is for --tiny; on a GPU run render and invert as two calls")
+    if args.section == "all" and not args.tiny:
+        raise SystemExit("--section all is for --tiny; with the real models run render and invert as two calls")
+    if args.tiny:
+        global CUDA
+        CUDA = False  # the tiny pipeline lives on the CPU, with or without a GPU in the machine
 
     from refgen.identity.prompts import encode_prompts
     from refgen.tiny import build_qwen_image, build_tokenizer

@@ -31,3 +31,11 @@ def test_inversion_flops_section(tmp_path):
     assert 15 < f["forward_tflop_per_image"] < 40 and f["backward_to_embeds_tflop_per_image"] > 0.5 * f[
         "forward_tflop_per_image"]
     assert f["identities_per_hour_at_798_tflops"] < f["identities_per_hour_at_989_tflops"]
+
+
+def test_identity_bench_section_all_needs_tiny(tmp_path):
+    # decided by the flag, not by the machine: the same answer with or without a GPU, before any model is built
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "identity_bench.py"), "--section", "all",
+                        "--out", str(tmp_path / "b.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--section all is for --tiny" in r.stderr
+    assert not (tmp_path / "b.json").exists()
