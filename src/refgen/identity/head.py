@@ -45,12 +45,17 @@ def rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).flatten(1).mean(1).sqrt()
 
 
-def head_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    cos = F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1)  # (B,)
+def head_loss_terms(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Per-sample loss (B,) and its terms (B,) each; B may be 0."""
+    cos = F.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1)
     mse = (pred - target).pow(2).flatten(1).mean(1)
     rms_err = (rms(pred) - rms(target)).abs()
-    loss = (0.7 * (1 - cos) + 0.3 * mse + 0.05 * rms_err).mean()
-    return loss, {"cos": cos.mean().item(), "mse": mse.mean().item(), "rms_err": rms_err.mean().item()}
+    return 0.7 * (1 - cos) + 0.3 * mse + 0.05 * rms_err, {"cos": cos, "mse": mse, "rms_err": rms_err}
+
+
+def head_loss(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    per, terms = head_loss_terms(pred, target)
+    return per.mean(), {k: v.mean().item() for k, v in terms.items()}
 
 
 @dataclass
@@ -150,14 +155,20 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
         head.train()
         losses = []
         for b in range(0, len(order), cfg.batch_size):
-            idx = order[b:b + cfg.batch_size][rank::world]  # each rank its share of the same batch
-            if len(idx) == 0:
-                continue
-            loss, _ = head_loss(model(Z[idx]), R[idx])
+            batch = order[b:b + cfg.batch_size]
+            idx = batch[rank::world]  # each rank its share of the same batch; the last one may leave a rank none
+            per, _ = head_loss_terms(model(Z[idx]), R[idx])
+            # Every rank runs backward, an empty share included (a zero gradient that still joins DDP's
+            # all-reduce: a rank that skipped it would crash gloo and hang NCCL). DDP averages over ranks, so
+            # each sums its share / batch size x world: the gradient is the mean over the whole batch, as in
+            # one process, however unevenly the batch splits.
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (per.sum() * (world / len(batch))).backward()
             opt.step()
-            losses.append(loss.item())
+            total = per.detach().sum()
+            if world > 1:
+                torch.distributed.all_reduce(total)
+            losses.append(total.item() / len(batch))
         head.eval()
         m_tr, m_va = evaluate(head, Z[tr], R[tr]), evaluate(head, Z[va], R[va])
         rec = {"epoch": epoch, "loss": sum(losses) / max(1, len(losses)),
