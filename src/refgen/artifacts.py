@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import io
 import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -58,50 +60,113 @@ def _umask() -> int:
     return mask
 
 
-def _atomic(path: Path, write) -> None:
+class ArtifactWriteError(OSError):
+    """Writing an artifact failed (disk full, permissions, ...). The message names the file and the cause; the
+    file at that path is as it was before (atomic writes) or ends at its last complete record (JSONL)."""
+
+    def __init__(self, path: str | Path, cause: OSError, kept: str = "nothing was replaced or left half-written"):
+        why = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno, f"cannot write {path}: {why}" + (f" [Errno {cause.errno}]" if cause.errno
+                                                                         else "") + f"; {kept}")
+        self.path, self.cause = Path(path), cause
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+# Every artifact byte goes through this one call: the place where the disk says "no space left".
+_os_write = os.write
+
+
+class _Sink(io.RawIOBase):
+    """Unbuffered writes to one fd through `_os_write`, remembering the first OSError: torch.save reports a failed
+    write as "RuntimeError: [enforce fail at inline_container.cc...]" and the errno is lost unless kept here."""
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd, self.error = fd, None
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        try:
+            return _os_write(self.fd, b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return os.lseek(self.fd, pos, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def fileno(self) -> int:
+        # PIL writes straight to a file descriptor when it can get one, which would bypass `write`.
+        raise io.UnsupportedOperation("fileno")
+
+
+def atomic_write_file(path: str | Path, fill: Callable[[BinaryIO], None]) -> None:
+    """Write PATH atomically: `fill(f)` writes bytes to a temp file in the same folder, which then replaces PATH
+    (readers see the old file or the new one, never half of one). Any failure removes the temp file; an OS
+    failure of the write itself (ENOSPC, EACCES, EIO ...) becomes ArtifactWriteError naming PATH and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp, sink = None, None
     try:
-        write(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArtifactWriteError(path, e, f"its folder {path.parent} cannot be created") from e
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            sink = _Sink(fd)
+            with io.BufferedWriter(sink, buffer_size=1 << 20) as f:
+                fill(f)
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files owner-only; artifacts read like any file
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    except BaseException:
-        if os.path.exists(tmp):
+        os.replace(tmp, path)  # atomic on POSIX
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        cause = sink.error if sink is not None and sink.error is not None else None
+        if cause is None and isinstance(e, OSError) and e.errno is not None:
+            cause = e   # mkstemp, chmod or replace failed
+        if cause is not None:
+            raise ArtifactWriteError(path, cause) from e
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write_file(path, lambda f: f.write(data))
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
-    _atomic(Path(path), w)
+    # serialised before the file is touched: an object json cannot encode leaves nothing behind
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    _atomic(Path(path), w)
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write_file(path, lambda f: torch.save(obj, f))
 
 
 def atomic_save_image(image, path: str | Path) -> None:
     fmt = Path(path).suffix.lstrip(".").upper().replace("JPG", "JPEG") or "PNG"
-    _atomic(Path(path), lambda tmp: image.save(tmp, format=fmt))
+    atomic_write_file(path, lambda f: image.save(f, format=fmt))
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    _atomic(Path(path), lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                                              metadata=metadata))
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def _json_default(o):
@@ -115,15 +180,34 @@ def _json_default(o):
 
 
 class JsonlLogger:
-    """Append-only metrics, one JSON object per line, flushed per record so a killed job keeps them."""
+    """Append-only metrics, one JSON object per line, written per record so a killed job keeps them. A record
+    that cannot be written completely is cut off again: the file always ends with a whole line."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ArtifactWriteError(self.path.parent, e, "nothing was written") from e
 
     def log(self, **record) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        data = memoryview((json.dumps(record, default=_json_default) + "\n").encode())
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ArtifactWriteError(self.path, e, "nothing was written") from e
+        try:
+            start = os.fstat(fd).st_size
+            while data:
+                data = data[_os_write(fd, data):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise ArtifactWriteError(self.path, e, "the record was not added (earlier lines are intact)") from e
+        finally:
+            os.close(fd)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

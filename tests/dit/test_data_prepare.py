@@ -234,3 +234,42 @@ def test_cli_prepare_and_tiny_models(tmp_path, data_images, capsys):
     assert "skipped.json" in captured.err
     bad = parser.parse_args(["prepare", str(src), str(tmp_path / "o2"), "--buckets", "64x70", "--device", "cpu"])
     assert bad.func(bad) == 2
+
+
+def test_disk_full_while_writing_a_shard_names_it_and_a_rerun_completes(data_prepared, data_config, tmp_path,
+                                                                        monkeypatch):
+    """ENOSPC in the middle of a shard (the kernel's own error, from /dev/full): the error names the shard and
+    the cause, nothing half-written is left, and once there is space again a re-run writes the same shards."""
+    import errno
+    import os
+
+    import refgen.artifacts as artifacts
+    from refgen.artifacts import ArtifactWriteError
+
+    out0, index0, _, models = data_prepared
+    src = json.loads((out0 / "config.json").read_text())["config"]["src"]
+    out = tmp_path / "shards"
+    budget = {"left": 20_000}
+
+    def write(fd, data):
+        if budget["left"] <= 0:
+            full = os.open("/dev/full", os.O_WRONLY) if os.path.exists("/dev/full") else None
+            if full is None:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            try:
+                return os.write(full, data)
+            finally:
+                os.close(full)
+        n = os.write(fd, bytes(data[:budget["left"]]))
+        budget["left"] -= n
+        return n
+
+    monkeypatch.setattr(artifacts, "_os_write", write)
+    with pytest.raises(ArtifactWriteError, match=r"cannot write .*shard-\d+\.tar: No space left on device") as e:
+        prepare(data_config(src, out, models), progress=False)
+    assert e.value.errno == errno.ENOSPC
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    monkeypatch.setattr(artifacts, "_os_write", os.write)
+    assert prepare(data_config(src, out, models), progress=False) == index0
+    for tar in out0.rglob("*.tar"):
+        assert (out / tar.relative_to(out0)).read_bytes() == tar.read_bytes()

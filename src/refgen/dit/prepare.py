@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refgen.artifacts import JsonlLogger, atomic_write_json, provenance
+from refgen.artifacts import JsonlLogger, atomic_write_file, atomic_write_json, provenance
 from refgen.dit.buckets import (Bucket, aspect_distortion, nearest_bucket, parse_buckets,
                                 upscale_factor)
 from refgen.images import image_size
@@ -309,61 +309,57 @@ def write_shard(tar: Path, records: list[SourceImage], enc, cfg: PrepareConfig, 
     stats = _Stats(enc.latent_channels)
     skipped, written = [], []
     t0 = time.time()
-    tar.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tar.with_name(f".{tar.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            # mtime 0: the same inputs give byte-identical shards.
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-            batches = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
-            for loaded in _prefetched(pool, batches, src, bucket):
-                ok = [(r, im) for r, im, err in loaded if err is None]
-                for r, _, err in loaded:
-                    if err is not None:
-                        skipped.append({"file": r.relpath, "reason": err, "stage": "encode"})
-                progress.update(len(loaded) - len(ok))
-                if not ok:
-                    continue
-                pixels = to_uint8_tensor([im for _, im in ok])  # (B, 3, H, W) uint8
-                lat = encode_latents(enc.vae, pixels).cpu().numpy()  # (B, C, H/8, W/8)
-                cls, patches = encode_dino(enc.dino, dino_input(pixels, enc.dino_mean, enc.dino_std))
-                cls, patches = cls.cpu().numpy(), patches.cpu().numpy()  # (B, D), (B, H/16 * W/16, D)
-                t5, _ = encode_text(enc.tokenizer, enc.text_encoder, [r.caption for r, _ in ok],
-                                    cfg.t5_max_length)  # B x (n_i, D_t5)
-                gh, gw = lat.shape[2] // cfg.dit_patch_size, lat.shape[3] // cfg.dit_patch_size
-                if patches.shape[1] != gh * gw:
-                    raise RuntimeError(f"bucket {bucket.name}: {patches.shape[1]} DINO patches but the latent grid "
-                                       f"{lat.shape[2:]} at DiT patch {cfg.dit_patch_size} has {gh * gw} tokens")
-                for i, (r, _) in enumerate(ok):
-                    latent = _to_store(lat[i], store, "latent", r.relpath)
-                    stats.add(latent)
-                    mask = np.zeros(cfg.t5_max_length, dtype=bool)
-                    mask[: len(t5[i])] = True
-                    meta = {"key": r.key, "source": r.relpath, "bucket": bucket.name,
-                            "width": bucket.width, "height": bucket.height,
-                            "orig_width": r.orig_width, "orig_height": r.orig_height,
-                            "aspect_distortion": r.aspect_distortion, "upscale": r.upscale,
-                            "caption_source": r.caption_source, "t5_tokens": int(len(t5[i])),
-                            "latent_shape": list(latent.shape), "dino_grid": [gh, gw]}
-                    if r.source_meta is not None:
-                        meta["source_meta"] = r.source_meta
-                    writer.write({
-                        "__key__": r.key,
-                        "latent.npy": _npy_bytes(latent),
-                        "t5.npy": _npy_bytes(_to_store(t5[i], store, "t5", r.relpath)),
-                        "t5_mask.npy": _npy_bytes(mask),
-                        "dino_cls.npy": _npy_bytes(_to_store(cls[i], store, "dino_cls", r.relpath)),
-                        "dino_patches.npy": _npy_bytes(_to_store(patches[i], store, "dino_patches", r.relpath)),
-                        "caption.txt": r.caption.encode("utf-8"),
-                        "meta.json": json.dumps(meta, sort_keys=True).encode("utf-8"),
-                    })
-                    written.append(r.key)
-                progress.update(len(ok))
-            writer.close()
-        os.replace(tmp, tar)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    def fill(f) -> None:
+        # mtime 0: the same inputs give byte-identical shards.
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        batches = [records[i:i + cfg.batch_size] for i in range(0, len(records), cfg.batch_size)]
+        for loaded in _prefetched(pool, batches, src, bucket):
+            ok = [(r, im) for r, im, err in loaded if err is None]
+            for r, _, err in loaded:
+                if err is not None:
+                    skipped.append({"file": r.relpath, "reason": err, "stage": "encode"})
+            progress.update(len(loaded) - len(ok))
+            if not ok:
+                continue
+            pixels = to_uint8_tensor([im for _, im in ok])  # (B, 3, H, W) uint8
+            lat = encode_latents(enc.vae, pixels).cpu().numpy()  # (B, C, H/8, W/8)
+            cls, patches = encode_dino(enc.dino, dino_input(pixels, enc.dino_mean, enc.dino_std))
+            cls, patches = cls.cpu().numpy(), patches.cpu().numpy()  # (B, D), (B, H/16 * W/16, D)
+            t5, _ = encode_text(enc.tokenizer, enc.text_encoder, [r.caption for r, _ in ok],
+                                cfg.t5_max_length)  # B x (n_i, D_t5)
+            gh, gw = lat.shape[2] // cfg.dit_patch_size, lat.shape[3] // cfg.dit_patch_size
+            if patches.shape[1] != gh * gw:
+                raise RuntimeError(f"bucket {bucket.name}: {patches.shape[1]} DINO patches but the latent grid "
+                                   f"{lat.shape[2:]} at DiT patch {cfg.dit_patch_size} has {gh * gw} tokens")
+            for i, (r, _) in enumerate(ok):
+                latent = _to_store(lat[i], store, "latent", r.relpath)
+                stats.add(latent)
+                mask = np.zeros(cfg.t5_max_length, dtype=bool)
+                mask[: len(t5[i])] = True
+                meta = {"key": r.key, "source": r.relpath, "bucket": bucket.name,
+                        "width": bucket.width, "height": bucket.height,
+                        "orig_width": r.orig_width, "orig_height": r.orig_height,
+                        "aspect_distortion": r.aspect_distortion, "upscale": r.upscale,
+                        "caption_source": r.caption_source, "t5_tokens": int(len(t5[i])),
+                        "latent_shape": list(latent.shape), "dino_grid": [gh, gw]}
+                if r.source_meta is not None:
+                    meta["source_meta"] = r.source_meta
+                writer.write({
+                    "__key__": r.key,
+                    "latent.npy": _npy_bytes(latent),
+                    "t5.npy": _npy_bytes(_to_store(t5[i], store, "t5", r.relpath)),
+                    "t5_mask.npy": _npy_bytes(mask),
+                    "dino_cls.npy": _npy_bytes(_to_store(cls[i], store, "dino_cls", r.relpath)),
+                    "dino_patches.npy": _npy_bytes(_to_store(patches[i], store, "dino_patches", r.relpath)),
+                    "caption.txt": r.caption.encode("utf-8"),
+                    "meta.json": json.dumps(meta, sort_keys=True).encode("utf-8"),
+                })
+                written.append(r.key)
+            progress.update(len(ok))
+        writer.close()
+
+    atomic_write_file(tar, fill)
     secs = time.time() - t0
     sidecar = {"planned_keys": [r.key for r in records], "keys": written, "count": len(written),
                "skipped": skipped, "bucket": bucket.name, "tar_bytes": tar.stat().st_size,
