@@ -70,6 +70,30 @@ def test_loss_falls_offslot_zero_and_artifacts(pipe, tmp_path):
     assert not (d / "teacher_ckpt.pt").exists()  # complete: the checkpoint is gone
 
 
+def test_saved_teacher_embeds_are_what_the_bf16_model_saw(tiny_models, tmp_path):
+    """In bf16, teacher_prompt_embeds.pt is bit-identical to the encoder_hidden_states the transformer receives
+    with the final residual (captured at its input), and differs from rounding fp32 E + R once."""
+    from refgen.identity.render import load_pipeline
+
+    pipe16 = load_pipeline(tiny_models["qwen_image"], device="cpu", dtype="bf16")
+    root = make_identities(tmp_path / "ids", n=1)
+    inv, states = run(pipe16, root, root, steps=3)
+    seen = []
+    hook = pipe16.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["encoder_hidden_states"].detach().clone()), with_kwargs=True)
+    try:
+        inv.eval_loss(states["seed_0"], inv.residual(states["seed_0"]).detach())
+    finally:
+        hook.remove()
+    inv.finish(states["seed_0"])
+    E_t = torch.load(root / "seed_0" / "teacher_prompt_embeds.pt")
+    assert E_t.dtype == torch.bfloat16 and torch.equal(E_t[0], seen[-1][0])
+    R = load_residual(root / "seed_0" / "teacher_residual.safetensors", pipe16, torch.device("cpu"), torch.float32)
+    once = torch.load(root / "seed_0" / "base_prompt_embeds.pt").float()
+    once[0, inv.slot.start:inv.slot.start + inv.slot.length] += R
+    assert not torch.equal(E_t, once.to(torch.bfloat16))  # the two roundings differ here: the check has teeth
+
+
 def test_batched_equals_sequential(pipe, tmp_path):
     root = make_identities(tmp_path / "ids", n=3)
     inv1, one = run(pipe, root, tmp_path / "a", identities_per_batch=1)

@@ -370,9 +370,11 @@ class Inverter:
                             if R is not None else None,
                             eval_loss_base=self.eval_loss(s, None), eval_loss_teacher=self.eval_loss(s, R) if R is not None else None)
         if R is not None:
-            E_t = self.E_base.detach().clone().float().cpu()
-            E_t[0, self.slot.start:self.slot.start + self.slot.length] += R.cpu()  # off-slot untouched: Δ exactly 0
-            E_t = E_t.to(self.dtype)
+            from refgen.identity.inject import inject
+
+            # The embeddings the model was optimised on: R rounded to the model's dtype, then added in that dtype
+            # (the training step's inject), not E + R in fp32 rounded once. Off-slot untouched: Δ exactly 0.
+            E_t = inject(self.E_base.detach(), [self.slot], [R.to(self.dtype)], [1.0]).cpu()
             atomic_torch_save(E_t, d / "teacher_prompt_embeds.pt")
             atomic_torch_save(self.E_base.detach().cpu(), d / "base_prompt_embeds.pt")
             md = residual_metadata(self.pipe, self.model_id, {"identity": s.ident.id, "base_prompt": cfg.base_prompt,
