@@ -494,7 +494,8 @@ def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev
 
 
 @torch.no_grad()
-def evaluate_with_recognizer(pipe, cfg: ModelConfig, dev, out: Path) -> dict:
+def evaluate_with_recognizer(pipe, cfg: ModelConfig, dev, out: Path, *, roundtrip: bool = True,
+                             samples: bool = True) -> dict:
     """What the recognizer reads in this model's pictures, on people and scenes no stage trained on:
     1. the VAE alone: joint identity (all 7 attributes) on held-out renders and on their round trips;
     2. the caption ceiling (`benchmark.caption_ceiling`): one and two people spelled out in words, on
@@ -509,16 +510,8 @@ def evaluate_with_recognizer(pipe, cfg: ModelConfig, dev, out: Path) -> dict:
     except FileNotFoundError as e:
         return {"skipped": str(e)}
     res: dict = {}
-    scenes = [world.scene_from_seed(VAL_SCENE_BASE + i) for i in range(512)]
-    x = torch.from_numpy(np.stack([np.asarray(world.render(sc, cfg.size)) for sc in scenes])).permute(0, 3, 1, 2)
-    rec = []
-    for i in range(0, x.shape[0], 128):
-        with _autocast(dev):
-            r = pipe.vae.decode(pipe.vae.encode(to_vae_input(x[i:i + 128], dev)).latent_dist.mode()).sample
-        rec.append(((r[:, :, 0].float().clamp(-1, 1) + 1) / 2).cpu())
-    rows = [{"people": [p.identity.to_dict() for p in sc.people], "scene": sc.background} for sc in scenes]
-    res["vae_roundtrip"] = {"original": B.score(R.predict(net, x, str(dev)), rows),
-                            "reconstruction": B.score(R.predict(net, torch.cat(rec), str(dev)), rows)}
+    if roundtrip:
+        res["vae_roundtrip"] = _vae_roundtrip(pipe, net, cfg, dev)
     ids = range(VAL_ID_BASE, VAL_ID_BASE + cfg.eval_identities)
     attrs = [world.identity_from_seed(i).to_dict() for i in ids]
     pairs = B.test_pairs(len(attrs), len(attrs) // 2)
@@ -527,6 +520,8 @@ def evaluate_with_recognizer(pipe, cfg: ModelConfig, dev, out: Path) -> dict:
     ne = encode_prompts(pipe, " ")
     res["ceiling"] = B.caption_ceiling(pipe, net, attrs, pairs, list(world.SCENES), [0, 1], rc,
                                        (ne.embeds, ne.mask), str(dev))
+    if not samples:
+        return res
     # a picture of what was measured: the first 8 validation people, 8 scene/seed columns
     from refgen.identity.render import render_images
 
@@ -540,6 +535,25 @@ def evaluate_with_recognizer(pipe, cfg: ModelConfig, dev, out: Path) -> dict:
     atomic_write_json(out / "samples.json", {"prompts": prompts, "seeds": [0, 1], "rows": "identity",
                                              "columns": "scene x seed"})
     return res
+
+
+@torch.no_grad()
+def _vae_roundtrip(pipe, net, cfg: ModelConfig, dev) -> dict:
+    """Joint identity the recognizer reads on 512 held-out renders and on their VAE round trips: what the
+    autoencoder alone costs every later number."""
+    from refgen.toyworld import benchmark as B
+    from refgen.toyworld import recognizer as R
+
+    scenes = [world.scene_from_seed(VAL_SCENE_BASE + i) for i in range(512)]
+    x = torch.from_numpy(np.stack([np.asarray(world.render(sc, cfg.size)) for sc in scenes])).permute(0, 3, 1, 2)
+    rec = []
+    for i in range(0, x.shape[0], 128):
+        with _autocast(dev):
+            r = pipe.vae.decode(pipe.vae.encode(to_vae_input(x[i:i + 128], dev)).latent_dist.mode()).sample
+        rec.append(((r[:, :, 0].float().clamp(-1, 1) + 1) / 2).cpu())
+    rows = [{"people": [p.identity.to_dict() for p in sc.people], "scene": sc.background} for sc in scenes]
+    return {"original": B.score(R.predict(net, x, str(dev)), rows),
+            "reconstruction": B.score(R.predict(net, torch.cat(rec), str(dev)), rows)}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -629,6 +643,9 @@ def train_model(cfg: ModelConfig, out: str | Path, *, progress: bool = True) -> 
     if cfg.eval_identities > 0:
         t1 = time.time()
         evals = evaluate_with_recognizer(pipe, cfg, dev, work)
+        if dev.type == "cuda":  # the same bf16-rounded weights computed in fp32, as `--dtype fp32` runs them
+            pipe.to(torch.float32)
+            evals["fp32_compute"] = evaluate_with_recognizer(pipe, cfg, dev, work, roundtrip=False, samples=False)
         t["eval_s"] = time.time() - t1
         log.log(stage="eval", **_flat(evals))
     tmp = out.parent / f".{out.name}.tmp"
