@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,11 +10,13 @@ from PIL import Image
 
 from refgen.artifacts import atomic_save_safetensors
 from refgen.cli import main
-from refgen.identity.features import FeatureConfig, VisionFeatures, budget_sizes, extract_features, per_image_embeds
+from refgen.identity.features import (FEATURE_SETTING_KEYS, FeatureConfig, VisionFeatures, budget_sizes,
+                                      extract_features, feature_settings, per_image_embeds)
 from refgen.identity.head import HeadConfig, LinearHead, head_loss, load_head, train_head
 from refgen.identity.inject import residual_metadata, save_residual
 from refgen.identity.prompts import encode_prompts
 from refgen.identity.report import build_report
+from refgen.model_identity import identify_model
 
 
 def _photos(d, n=3, size=(96, 64)):
@@ -53,7 +56,7 @@ def test_per_image_embeds_accepts_the_457_tuple(fx):
     assert [e.shape[0] for e in new] == [4, 6] and all(torch.equal(a, b) for a, b in zip(new, old))
 
 
-def test_features_are_unit_norm_and_cached(tiny_models, tmp_path):
+def test_features_are_unit_norm_and_cached(tiny_models, tmp_path, monkeypatch):
     for k in range(2):
         _photos(tmp_path / f"seed_{k}", n=2 + k)
     cfg = FeatureConfig(pixel_budget=0.02e6)
@@ -65,13 +68,24 @@ def test_features_are_unit_norm_and_cached(tiny_models, tmp_path):
     assert abs(z.norm().item() - 1) < 1e-5 and md["D"] == str(z.shape[0]) and len(json.loads(md["images"])) == 3
     again = extract_features(tmp_path, tiny_models["qwen3_vl"], "cpu", "fp32", cfg, progress=False)
     assert again["extracted"] == 0 and again["skipped_cached"] == 2
+    assert {k: md[k] for k in FEATURE_SETTING_KEYS} == feature_settings(identify_model(tiny_models["qwen3_vl"]), cfg,
+                                                                           "fp32")
+    assert md["vl_model_location"] == str(Path(tiny_models["qwen3_vl"]).resolve()) and md["max_images"] == "8"
+    monkeypatch.chdir(Path(tiny_models["qwen3_vl"]).parent)
+    respelled = extract_features(tmp_path, "./" + Path(tiny_models["qwen3_vl"]).name, "cpu", "fp32", cfg,
+                                 progress=False)
+    assert respelled["skipped_cached"] == 2  # the same folder spelled another way is the same model
     other = extract_features(tmp_path, tiny_models["qwen3_vl"], "cpu", "fp32", FeatureConfig(pixel_budget=0.03e6),
                              progress=False)
     assert other["extracted"] == 2  # changed settings are not served from the cache
 
 
+SYNTH_FEATURES = FeatureConfig(pixel_budget=20000.0, max_images=1)
+
+
 def _synthetic_set(root, pipe, vl_model, n=40, seed=0):
-    """Identities whose teacher residual is a fixed (unknown) function of z: learnable by the head."""
+    """Identities whose teacher residual is a fixed (unknown) function of z: learnable by the head. Their
+    feature files carry the metadata `refgen features` writes, for SYNTH_FEATURES in fp32."""
     g = torch.Generator().manual_seed(seed)
     L = encode_prompts(pipe, "~ID~").slots[0][0].length
     H, D = pipe.transformer.config.joint_attention_dim, 32
@@ -86,8 +100,8 @@ def _synthetic_set(root, pipe, vl_model, n=40, seed=0):
         z = z / z.norm()
         with torch.no_grad():
             save_residual(d / "teacher_residual.safetensors", teacher(z[None])[0], md)
-        atomic_save_safetensors({"z": z}, d / "vl_features.safetensors",
-                                {"vl_model": vl_model, "pixel_budget": "20000.0", "max_side": "1536", "D": str(D)})
+        atomic_save_safetensors({"z": z}, d / "vl_features.safetensors", {
+            "vl_model": vl_model, **feature_settings(identify_model(vl_model), SYNTH_FEATURES, "fp32"), "D": str(D)})
     return L, H, D
 
 
@@ -100,12 +114,28 @@ def test_head_training_learns_teacher_residuals(pipe, tiny_models, tmp_path):
     assert log[-1]["val_cos"] > log[0]["val_cos"] + 0.2 and summary["val_cos"] > 0.5
     meta = json.loads((tmp_path / "head" / "head.json").read_text())
     assert meta["L"] and meta["vl_model"] == tiny_models["qwen3_vl"] and meta["git_commit"] is not None
+    assert json.loads(meta["feature_settings"]) == feature_settings(identify_model(tiny_models["qwen3_vl"]),
+                                                                    SYNTH_FEATURES, "fp32")  # every setting
     assert len(meta["val_ids"]) == 4 and not set(meta["val_ids"]) & set(meta["train_ids"])  # split by identity
     assert (tmp_path / "head" / "head_epoch030.safetensors").exists()
     h, md = load_head(tmp_path / "head" / "head.safetensors", torch.device("cpu"), torch.float32)
     assert md["epoch"] == "30" and h(torch.randn(2, 32)).shape == (2, int(md["L"]), int(md["H"]))
     rep = build_report(tmp_path / "head" / "head.json")
     assert rep["head"]["val_cos"] == pytest.approx(summary["val_cos"])
+
+
+def test_head_training_refuses_incomplete_or_mixed_feature_settings(pipe, tiny_models, tmp_path):
+    _synthetic_set(tmp_path / "ids", pipe, tiny_models["qwen3_vl"], n=3)
+    f = tmp_path / "ids" / "seed_1" / "vl_features.safetensors"
+    from safetensors.torch import load_file
+    z = load_file(f)["z"]
+    settings = feature_settings(identify_model(tiny_models["qwen3_vl"]), SYNTH_FEATURES, "fp32")
+    atomic_save_safetensors({"z": z}, f, {**{k: v for k, v in settings.items() if k != "max_images"}, "D": "32"})
+    with pytest.raises(ValueError, match=r"seed_1.*max_images.*refgen features"):
+        train_head(tmp_path / "ids", tmp_path / "h", HeadConfig(epochs=1), progress=False)
+    atomic_save_safetensors({"z": z}, f, {**settings, "max_images": "8", "D": "32"})
+    with pytest.raises(ValueError, match=r"seed_1: teacher/feature settings"):
+        train_head(tmp_path / "ids", tmp_path / "h", HeadConfig(epochs=1), progress=False)
 
 
 def test_head_loss_is_zero_at_the_target():
@@ -135,18 +165,32 @@ def test_head_trains_data_parallel_under_torchrun(pipe, tiny_models, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_generate_two_people_ref_and_residual_and_errors(pipe, tiny_models, tmp_path, capsys):
+def test_generate_two_people_ref_and_residual_and_errors(pipe, tiny_models, tmp_path, capsys, monkeypatch):
     _synthetic_set(tmp_path / "ids", pipe, tiny_models["qwen3_vl"], n=6)
     train_head(tmp_path / "ids", tmp_path / "head", HeadConfig(epochs=1, val_fraction=0), progress=False)
     ref = _photos(tmp_path / "person")
     res = tmp_path / "ids" / "seed_0" / "teacher_residual.safetensors"
     m, vl = tiny_models["qwen_image"], tiny_models["qwen3_vl"]
-    base = ["generate", "--model", m, "--vl-model", vl, "--head", str(tmp_path / "head" / "head.safetensors"),
-            "--seeds", "0,1", "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "fp32"]
+    head = str(tmp_path / "head" / "head.safetensors")
+    common = ["--seeds", "0,1", "--steps", "2", "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "fp32"]
+    base = ["generate", "--model", m, "--vl-model", vl, "--head", head] + common
     out = tmp_path / "out"
-    ok = base + ["--prompt", "~ID~ and ~ID~ on a beach", "--ref", str(ref), "--residual", str(res),
-                 "--alpha", "1.2", "--alpha", "0.9", "--grid-alphas", "0.5,1", "--out", str(out)]
-    assert main(ok) == 0
+    # the features were made with the absolute path; the same folder spelled relatively is the same model
+    monkeypatch.chdir(Path(vl).parent)
+    ok = ["generate", "--model", m, "--vl-model", "./" + Path(vl).name, "--head", head] + common + [
+        "--prompt", "~ID~ and ~ID~ on a beach", "--ref", str(ref), "--residual", str(res),
+        "--alpha", "1.2", "--alpha", "0.9", "--grid-alphas", "0.5,1", "--out", str(out)]
+    patches = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda mod, a: patches.append(a[0].shape[0]) if type(mod).__name__ == "Qwen3VLVisionModel" else None)
+    try:
+        assert main(ok) == 0
+    finally:
+        hook.remove()
+    # the head's features saw one photo (max_images=1), within its pixel budget: so do generate's
+    expected = sum(w * h for w, h in budget_sizes([(96, 64)], SYNTH_FEATURES)) // 256
+    assert patches == [expected] and expected < sum(w * h for w, h in budget_sizes([(96, 64)] * 3,
+                                                                                   SYNTH_FEATURES)) // 256
     rec = json.loads((out / "generate.json").read_text())
     assert rec["alphas"] == [1.2, 0.9] and [p["kind"] for p in rec["config"]["people"]] == ["ref", "residual"]
     assert (out / "seed0.png").exists() and (out / "seed1.png").exists() and (out / "grid" / "grid.png").exists()
@@ -164,12 +208,30 @@ def test_generate_two_people_ref_and_residual_and_errors(pipe, tiny_models, tmp_
     for extra, msg in cases:
         assert main(base + extra + ["--out", str(out)]) == 1, extra
         assert msg in capsys.readouterr().err, msg
-    wrong_vl = ["generate", "--model", m, "--vl-model", "some/other-vl", "--head",
-                str(tmp_path / "head" / "head.safetensors"), "--prompt", "~ID~", "--ref", str(ref), "--steps", "2",
-                "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "fp32", "--out", str(out)]
-    assert main(wrong_vl) == 1 and "does not fit" in capsys.readouterr().err
+
+    other = tmp_path / "other-vl"                  # another model: same layout, another config
+    other.mkdir()
+    cfg = json.loads((Path(vl) / "config.json").read_text())
+    cfg["vision_config"]["out_hidden_size"] += 1
+    (other / "config.json").write_text(json.dumps(cfg))
+    from safetensors import safe_open
+    with safe_open(head, "pt") as f:               # a head from before the feature settings were recorded
+        old_md = {k: v for k, v in f.metadata().items() if k != "feature_settings"}
+        atomic_save_safetensors({k: f.get_tensor(k) for k in f.keys()}, tmp_path / "old_head.safetensors", old_md)
+    vl_cases = [
+        ("some/other-vl", head, ["does not fit", "hub:some/other-vl", "not found here"]),
+        (str(other), head, ["does not fit", str(other), str(Path(vl).resolve())]),
+        ("./missing-vl", head, ["--vl-model './missing-vl' not found"]),
+        (vl, str(tmp_path / "old_head.safetensors"), ["does not record the feature setting", "max_images"]),
+    ]
+    for vl_arg, head_arg, msgs in vl_cases:
+        cmd = ["generate", "--model", m, "--vl-model", vl_arg, "--head", head_arg, "--prompt", "~ID~", "--ref",
+               str(ref)] + common + ["--out", str(out)]
+        assert main(cmd) == 1, vl_arg
+        err = capsys.readouterr().err
+        assert all(x in err for x in msgs), (msgs, err)
     rep = build_report(None, [out])
     assert rep["generate"]["ok"] == 1 and rep["generate"]["errors_by_kind"] == {
-        "bad_input": 2, "head_mismatch": 1, "slot": 2}
+        "bad_input": 2, "head_mismatch": 3, "missing_file": 1, "slot": 2}
     assert main(["report", "--runs", str(out), "--out", str(tmp_path / "rep")]) == 0
-    assert "head_mismatch | 1" in (tmp_path / "rep.md").read_text()
+    assert "head_mismatch | 3" in (tmp_path / "rep.md").read_text()

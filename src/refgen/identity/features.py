@@ -23,6 +23,7 @@ from PIL import Image
 
 from refgen.hub import require_model
 from refgen.images import load_rgb
+from refgen.model_identity import ModelIdentity, identify_model
 from refgen.runtime import check_cpu_size, parse_dtype, resolve_device
 
 MULTIPLE = 32  # patch 16 x spatial merge 2
@@ -39,6 +40,24 @@ class FeatureConfig:
             raise ValueError(f"pixel_budget must be >= {MULTIPLE * MULTIPLE}, got {self.pixel_budget}")
         if self.max_side < MULTIPLE or self.max_images < 1:
             raise ValueError(f"max_side >= {MULTIPLE} and max_images >= 1 required")
+
+
+def feature_settings(vl: ModelIdentity, cfg: FeatureConfig, dtype: str) -> dict[str, str]:
+    """Everything besides the photos that decides z: recorded in every feature file, compared by the cache,
+    carried into the head's metadata and used again by `generate`, so an identity is pooled alike in both."""
+    return {"vl_model_location": vl.location, "vl_model_config_sha256": str(vl.config_sha256),
+            **{k: str(v) for k, v in dataclasses.asdict(cfg).items()}, "dtype": dtype}
+
+
+FEATURE_SETTING_KEYS = ("vl_model_location", "vl_model_config_sha256",
+                        *(f.name for f in dataclasses.fields(FeatureConfig)), "dtype")
+
+
+def feature_config_from_settings(settings: dict[str, str]) -> FeatureConfig:
+    """The FeatureConfig that `feature_settings` recorded (each value parsed as its field's default's type)."""
+    default = FeatureConfig()
+    return FeatureConfig(**{f.name: type(getattr(default, f.name))(settings[f.name])
+                            for f in dataclasses.fields(FeatureConfig)})
 
 
 def budget_sizes(sizes: list[tuple[int, int]], cfg: FeatureConfig) -> list[tuple[int, int]]:
@@ -121,7 +140,9 @@ def extract_features(root: str | Path, vl_model: str, device: str | None = None,
     cfg = cfg or FeatureConfig()
     idents = scan(root).identities
     out_root = Path(out or root)
-    settings = {"vl_model": str(vl_model), **{k: str(v) for k, v in dataclasses.asdict(cfg).items()}, "dtype": dtype}
+    # a hub id not downloaded yet has no fingerprint: nothing cached can match, and it is taken after loading
+    vl = identify_model(vl_model, "--vl-model", allow_download=True)
+    settings = feature_settings(vl, cfg, dtype)
     todo = []
     for ident in idents:
         f = features_path(out_root / ident.id)
@@ -135,10 +156,12 @@ def extract_features(root: str | Path, vl_model: str, device: str | None = None,
     if not todo:
         return done
     fx = VisionFeatures(vl_model, device, dtype, cfg)
+    if vl.config_sha256 is None:
+        settings = feature_settings(identify_model(vl_model, "--vl-model"), cfg, dtype)
     for ident in tqdm(todo, desc="features", disable=not progress):
         z = fx([load_rgb(p) for p in ident.images])
-        md = {**settings, "D": str(z.shape[0]), "identity": ident.id, "git_commit": str(git_commit()),
-              "images": json.dumps([str(p) for p in ident.images[: cfg.max_images]])}
+        md = {"vl_model": str(vl_model), **settings, "D": str(z.shape[0]), "identity": ident.id,
+              "git_commit": str(git_commit()), "images": json.dumps([str(p) for p in ident.images[: cfg.max_images]])}
         atomic_save_safetensors({"z": z.cpu()}, features_path(out_root / ident.id), md)
         done["extracted"] += 1
     return done

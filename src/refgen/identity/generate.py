@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from refgen.identity.inject import ResidualMismatchError
+from refgen.model_identity import ModelIdentity, identify_model
 
 
 class HeadMismatchError(ResidualMismatchError):
@@ -55,7 +56,32 @@ def assign_alphas(n_people: int, alphas: list[float]) -> list[float]:
     return list(alphas)
 
 
-def check_head_fits(md: dict, pipe, vl_model: str, head_path) -> None:
+def head_feature_settings(md: dict, head_path) -> dict[str, str]:
+    """The feature settings the head was trained on (every FEATURE_SETTING_KEYS entry), or HeadMismatchError:
+    features made any other way are not what the head learned to map."""
+    from refgen.identity.features import FEATURE_SETTING_KEYS
+
+    settings = json.loads(md.get("feature_settings") or "{}")
+    missing = [k for k in FEATURE_SETTING_KEYS if k not in settings]
+    if missing:
+        raise HeadMismatchError(f"head {head_path} does not record the feature setting(s) {', '.join(missing)}, so "
+                                "its features cannot be reproduced: retrain it with `refgen train-head` on features "
+                                "from `refgen features`")
+    return settings
+
+
+def check_vl_model(settings: dict[str, str], vl: ModelIdentity) -> list[str]:
+    """[] when `vl` is the model the head's features came from (location and config fingerprint; a hub id not
+    downloaded yet is compared by id alone and fingerprinted again once loaded)."""
+    if settings["vl_model_location"] == vl.location and vl.config_sha256 in (None, settings["vl_model_config_sha256"]):
+        return []
+    trained = ModelIdentity(settings["vl_model_location"], settings["vl_model_config_sha256"])
+    got = vl.describe() if vl.config_sha256 else (f"{vl.location}, which is not found here (neither a local folder "
+                                                   "nor in the local Hugging Face cache)")
+    return [f"trained on features of {trained.describe()}, got --vl-model {got}"]
+
+
+def check_head_fits(md: dict, pipe, vl: ModelIdentity, head_path) -> None:
     from refgen.identity.inject import tokenizer_fingerprint
     from refgen.identity.slots import placeholder_ids
 
@@ -69,8 +95,7 @@ def check_head_fits(md: dict, pipe, vl_model: str, head_path) -> None:
         problems.append(f"H={md['H']} != {pipe.transformer.config.joint_attention_dim}")
     if md.get("tokenizer_fingerprint") != tokenizer_fingerprint(pipe.tokenizer):
         problems.append("tokenizer fingerprint differs")
-    if md.get("vl_model") != str(vl_model):
-        problems.append(f"trained on features of {md.get('vl_model')!r}, got --vl-model {vl_model!r}")
+    problems += check_vl_model(head_feature_settings(md, head_path), vl)
     if problems:
         raise HeadMismatchError(f"head {head_path} does not fit: " + "; ".join(problems))
 
@@ -79,7 +104,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
              head: str | None = None, device: str | None = None, dtype: str = "bf16", progress: bool = True,
              offload: str = "none", compile: bool = False) -> dict:
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
-    from refgen.identity.features import FeatureConfig, VisionFeatures
+    from refgen.identity.features import VisionFeatures, feature_config_from_settings
     from refgen.identity.head import load_head
     from refgen.identity.inject import inject, load_residual, read_residual
     from refgen.identity.prompts import encode_prompts, tokenize
@@ -101,6 +126,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
             read_residual(p.source[0])
     if refs and not (vl_model and head):
         raise ValueError("--ref needs --vl-model and --head (a head checkpoint from `refgen train-head`)")
+    vl = identify_model(vl_model, "--vl-model", allow_download=True) if refs else None
 
     pipe = load_pipeline(model, device, dtype, offload=offload, compile=compile)
     dev, dt = pipe._execution_device, pipe.transformer.dtype
@@ -111,9 +137,14 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     head_md = None
     if refs:
         h, head_md = load_head(head, dev, dt)
-        check_head_fits(head_md, pipe, vl_model, head)
-        fx = VisionFeatures(vl_model, device, dtype, FeatureConfig(pixel_budget=float(head_md["pixel_budget"]),
-                                                                   max_side=int(head_md["max_side"])))
+        check_head_fits(head_md, pipe, vl, head)
+        settings = head_feature_settings(head_md, head)
+        # the features exactly as training made them: same budget, sides, image count and dtype
+        fx = VisionFeatures(vl_model, device, settings["dtype"], feature_config_from_settings(settings))
+        if vl.config_sha256 is None:  # downloaded just now: its config can be compared at last
+            problems = check_vl_model(settings, identify_model(vl_model, "--vl-model"))
+            if problems:
+                raise HeadMismatchError(f"head {head} does not fit: " + "; ".join(problems))
         with torch.no_grad():
             for k, files in refs.items():
                 z = fx([load_rgb(f) for f in files]).to(dev, dt)

@@ -5,8 +5,8 @@ learned clamped scale exp(log_scale) in [0.01, 1.5]. Its targets are the teacher
 (not zeros, as the POC did). Loss: 0.7 (1 - cos) + 0.3 MSE + 0.05 |RMS(pred) - RMS(target)|.
 
 A checkpoint carries everything needed to refuse a mismatch at inference: L, H, the placeholder ids and
-tokenizer fingerprint of the Qwen-Image model the teachers were made with, and the Qwen3-VL model + pixel
-budget the features came from.
+tokenizer fingerprint of the Qwen-Image model the teachers were made with, and every feature setting (the
+Qwen3-VL model's identity, pixel budget, max side, max images, dtype) the features came from.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def load_pairs(root: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor,
     teacher residual and cached features. All residuals must share L/H/tokenizer; all features one VL setup."""
     from safetensors import safe_open
 
-    from refgen.identity.features import features_path
+    from refgen.identity.features import FEATURE_SETTING_KEYS, features_path
     from refgen.identity.inject import read_residual
 
     ids, zs, rs, rmd, fmd = [], [], [], None, None
@@ -91,7 +91,11 @@ def load_pairs(root: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor,
         with safe_open(str(ff), framework="pt") as h:
             z, fm = h.get_tensor("z"), h.metadata()
         key = {k: md[k] for k in ("L", "H", "placeholder_token_ids", "tokenizer_fingerprint")}
-        fkey = {k: fm[k] for k in ("vl_model", "pixel_budget", "max_side", "D")}
+        missing = [k for k in (*FEATURE_SETTING_KEYS, "D") if k not in fm]
+        if missing:
+            raise ValueError(f"{ff} does not record the feature setting(s) {', '.join(missing)}: re-run "
+                             "`refgen features` for this root")
+        fkey = {k: fm[k] for k in (*FEATURE_SETTING_KEYS, "D")}
         if rmd is None:
             rmd, fmd, rkey0, fkey0 = md, fm, key, fkey
         elif key != rkey0 or fkey != fkey0:
@@ -126,6 +130,8 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
     """`refgen train-head`. Data-parallel under torchrun (DDP, each rank its slice of every batch order)."""
     from tqdm.auto import tqdm
 
+    from refgen.identity.features import FEATURE_SETTING_KEYS
+
     cfg = cfg or HeadConfig()
     out = Path(out)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -146,7 +152,8 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
     log = JsonlLogger(out / "metrics.jsonl") if rank == 0 else None
     meta = {"L": str(L), "H": str(H), "D": str(D), "placeholder_token_ids": rmd["placeholder_token_ids"],
             "tokenizer_fingerprint": rmd["tokenizer_fingerprint"], "qwen_image_model": rmd.get("model", ""),
-            "vl_model": fmd["vl_model"], "pixel_budget": fmd["pixel_budget"], "max_side": fmd["max_side"],
+            "vl_model": fmd.get("vl_model", ""),
+            "feature_settings": json.dumps({k: fmd[k] for k in FEATURE_SETTING_KEYS}),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     g = torch.Generator().manual_seed(cfg.seed)
     summary = {}
