@@ -405,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _is_user_error(e):
             raise
-        print(f"refgen {args.command}: error: {e}", file=sys.stderr)
+        name = " ".join(c for c in (args.command, getattr(args, "dit_command", None),
+                                    getattr(args, "toyworld_command", None)) if c)
+        print(f"refgen {name}: error: {e}", file=sys.stderr)
         return 1
 
 

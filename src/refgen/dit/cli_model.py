@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def _train(args) -> int:
@@ -12,20 +13,37 @@ def _train(args) -> int:
 
     cfg = load_train_config(args.config, data_dir=args.data_dir, out_dir=args.out_dir, steps=args.steps,
                             device=args.device, init_from=args.init_from, resume=args.resume)
-    summary = train(cfg)
+    summary = train(cfg, config_name=args.config)
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def recorded_vae(shard_dir: str | Path) -> tuple[str, str | None, str]:
+    """(source, subfolder, where it was read) of the VAE `refgen dit prepare` encoded SHARDS with."""
+    shard_dir = Path(shard_dir)
+    enc, cfg = shard_dir / "encoders.json", shard_dir / "config.json"
+    if enc.is_file():
+        v = json.loads(enc.read_text()).get("vae", {})
+        if v.get("source"):
+            return v["source"], v.get("subfolder"), str(enc)
+    if cfg.is_file():
+        c = json.loads(cfg.read_text()).get("config", {})
+        if c.get("vae"):
+            return c["vae"], c.get("vae_subfolder"), str(cfg)
+    raise FileNotFoundError(f"{shard_dir} records no VAE (no encoders.json / config.json from `refgen dit prepare`); "
+                            f"pass --vae, or --no-decode for latents only")
 
 
 def _sample(args) -> int:
     import torch
 
     from refgen.artifacts import atomic_save_image, atomic_torch_save, atomic_write_json, provenance
+    from refgen.dit import shards
+    from refgen.dit.config import model_mismatches, shard_dims
     from refgen.dit.model import Cond
     from refgen.dit.sample import decode, sample, to_pil
     from refgen.dit.train import latest_checkpoint, model_from_checkpoint
     from refgen.runtime import resolve_device
-    from pathlib import Path
 
     device = resolve_device(args.device)
     ckpt = Path(args.ckpt)
@@ -33,8 +51,16 @@ def _sample(args) -> int:
         ckpt = latest_checkpoint(ckpt) or latest_checkpoint(ckpt.parent if ckpt.name == "checkpoints" else ckpt)
         if ckpt is None:
             raise FileNotFoundError(f"no checkpoints/latest.json under {args.ckpt}")
+    elif not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    dims = shard_dims(shards.load_index(args.data_dir), args.data_dir)
+    vae_src = None if args.no_decode else ((args.vae, args.vae_subfolder, "--vae") if args.vae
+                                           else recorded_vae(args.data_dir))
     model, cfg = model_from_checkpoint(ckpt, device)
-    from refgen.dit import shards
+    bad = model_mismatches(cfg.model, dims)
+    if bad:
+        raise ValueError(f"checkpoint {ckpt} does not fit the shards in {args.data_dir}: " + "; ".join(
+            f"model.{k} {m} vs {d} in the shards" for k, m, d in bad))
 
     # conditions (T5, DINO) of the first --n samples of the shard directory: the model's inputs are
     # encoder features, so sampling "for an image" means sampling from that image's stored features
@@ -46,28 +72,49 @@ def _sample(args) -> int:
                  guidance=args.guidance, seed=args.seed, autocast_dtype=amp, progress=True)
     out = Path(args.out)
     atomic_torch_save({"latents": lat.cpu(), "key": batch["key"], "caption": batch["caption"]}, out / "latents.pt")
-    if args.vae:
+    written = []
+    if vae_src is not None:
         from refgen.dit.encoders import load_vae
 
-        vae = load_vae(args.vae, args.vae_subfolder, device, torch.bfloat16 if device.type == "cuda" else
-                       torch.float32)
+        src, sub, where = vae_src
+        vae = load_vae(src, sub, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         mean, std = shards.load_latent_stats(args.data_dir)
         for img, key in zip(to_pil(decode(lat, vae, mean, std)), batch["key"]):
             atomic_save_image(img, out / f"{key}.png")
+            written.append(f"{key}.png")
     flags = {k: v for k, v in vars(args).items() if k != "func"}
     atomic_write_json(out / "sample.json", provenance(flags, checkpoint=str(ckpt), keys=batch["key"],
-                                                      captions=batch["caption"]))
-    print(f"wrote {out}")
+                                                      captions=batch["caption"], images=written,
+                                                      vae=vae_src[0] if vae_src else None))
+    if written:
+        print(f"wrote {len(written)} images ({', '.join(written[:2])}{', ...' if len(written) > 2 else ''}) decoded "
+              f"with the VAE {vae_src[0]} (from {vae_src[2]}), latents.pt and sample.json to {out}")
+    else:
+        print(f"wrote latents.pt ({tuple(lat.shape)}) and sample.json to {out} (--no-decode: no images)")
     return 0
 
 
 def _validate(args) -> int:
-    from refgen.dit.validate import run_validation
+    import sys
 
+    from refgen.dit.validate import presets, run_validation
+
+    p = presets()[args.preset]
+    print(f"[dit validate] preset {args.preset}: {p.expected_time}"
+          + (f" (at its {p.steps} steps; --steps {args.steps} given)" if args.steps else ""), file=sys.stderr)
     report = run_validation(args.preset, args.out, device=args.device, steps=args.steps)
     print(json.dumps({"results": report["results"], "seconds": report["seconds"], "passed": report["passed"]},
                      indent=2))
-    return 0 if report["passed"] or args.preset == "tiny" else 1
+    if report["passed"] is None:
+        print(f"[dit validate] preset {args.preset} is a smoke test: every step ran, nothing is judged (its numbers "
+              f"mean nothing); --preset cpu or h100 validates", file=sys.stderr)
+        return 0
+    if not report["passed"]:
+        failed = [k for k, r in report["results"].items() if not r["passed"]]
+        print(f"refgen dit validate: error: failed {', '.join(failed)} (thresholds: docs/dit.md; numbers and "
+              f"pictures: {Path(args.out) / 'validate.json'})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def register(dit_subparsers) -> None:
@@ -92,13 +139,16 @@ def register(dit_subparsers) -> None:
     s.add_argument("--s-dino", type=float, default=2.0)
     s.add_argument("--guidance", choices=["dual", "none"], default="dual")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--vae", help="VAE id or folder; without it only latents are written")
+    s.add_argument("--vae", help="VAE id or folder (default: the one `dit prepare` recorded in the shards)")
     s.add_argument("--vae-subfolder", default="vae")
-    s.add_argument("--device")
+    s.add_argument("--no-decode", action="store_true", help="write latents.pt only, no images")
+    s.add_argument("--device", help="cuda (default), or cpu for tiny models (< 200M parameters)")
     s.set_defaults(func=_sample)
 
     v = dit_subparsers.add_parser("validate", help="seed 002 part B on a toy world: overfit, DINO swap, text")
-    v.add_argument("--preset", default="h100", choices=["h100", "cpu", "tiny"])
+    v.add_argument("--preset", default="h100", choices=["h100", "cpu", "tiny"],
+                   help="h100: the real run (~9 min on one H100); cpu: a CPU sanity check (~6-11 min on 2 idle "
+                        "cores, longer under load); tiny: a smoke test (~5 s) that judges nothing")
     v.add_argument("--out", default="runs/dit_validate")
     v.add_argument("--device")
     v.add_argument("--steps", type=int, help="override the preset's training steps")

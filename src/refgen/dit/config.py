@@ -125,6 +125,10 @@ class TrainConfig:
     cross_attention: str = "zpad"        # "mask" (SDPA + key-padding mask), "zpad" or "split": all exact; zpad
                                          # was fastest on an H100 (+3.8 % img/s, docs/benchmarks.md)
     progress: bool = True
+    # The shards fix latent_channels, t5_dim and dino_dim (the encoders `prepare` ran). False: the config's numbers
+    # must match the shards' index.json, or training refuses to start, naming both. True: take them from the shards
+    # (said on stdout and recorded in config.json and every checkpoint).
+    dims_from_data: bool = False
 
     def validate(self) -> None:
         self.model.validate()
@@ -206,3 +210,62 @@ def to_dict(cfg) -> dict[str, Any]:
     if "betas" in d:
         d["betas"] = list(d["betas"])
     return d
+
+
+# --------------------------------------------------------------------------- the model against the shards
+
+DATA_DIMS = ("latent_channels", "t5_dim", "dino_dim")
+
+
+def shard_dims(index: dict, shard_dir: str | Path) -> dict[str, int]:
+    """latent_channels, t5_dim, dino_dim and dit_patch_size of a `prepare` output (index.json, which carries the
+    numbers of encoders.json)."""
+    enc = {}
+    if not all(k in index for k in DATA_DIMS):
+        import json
+
+        f = Path(shard_dir) / "encoders.json"
+        if f.is_file():
+            e = json.loads(f.read_text())
+            enc = {"latent_channels": e["vae"]["latent_channels"], "t5_dim": e["text_encoder"]["d_model"],
+                   "dino_dim": e["dino"]["hidden_size"]}
+    out = {k: int(index[k]) if k in index else enc.get(k) for k in DATA_DIMS}
+    missing = [k for k, v in out.items() if v is None]
+    if missing:
+        raise ValueError(f"{shard_dir}: index.json and encoders.json do not record {missing}; re-run "
+                         f"`refgen dit prepare` to completion")
+    out["dit_patch_size"] = int(index.get("dit_patch_size", 2))
+    return out
+
+
+def model_mismatches(model: ModelConfig, dims: dict[str, int]) -> list[tuple[str, int, int]]:
+    """(field, model value, shard value) for every dimension the shards fix that the model does not match."""
+    pairs = [(k, getattr(model, k), dims[k]) for k in DATA_DIMS]
+    pairs.append(("patch_size", model.patch_size, dims["dit_patch_size"]))
+    return [(k, m, d) for k, m, d in pairs if m != d]
+
+
+def fit_to_shards(cfg: TrainConfig, index: dict, shard_dir: str | Path,
+                  config_name: str = "the config") -> tuple[TrainConfig, dict[str, tuple[int, int]]]:
+    """The training config with the model's data dimensions checked against (or, with dims_from_data, taken
+    from) the shards. Returns (config, {field: (config value, shard value)} of what was taken).
+
+    The DiT patch size is never taken: the shards' DINO patch grid was cut for it, so a mismatch is an error."""
+    dims = shard_dims(index, shard_dir)
+    bad = model_mismatches(cfg.model, dims)
+    where = f"{Path(shard_dir) / 'index.json'}"
+    patch = [b for b in bad if b[0] == "patch_size"]
+    if patch:
+        raise ValueError(f"model.patch_size is {patch[0][1]} in {config_name} but the shards in {shard_dir} were "
+                         f"prepared for DiT patch {patch[0][2]} ({where} dit_patch_size): their DINO patch grid "
+                         f"only fits that patch size")
+    if not bad:
+        return cfg, {}
+    if not cfg.dims_from_data:
+        what = "; ".join(f"model.{k} is {m} in {config_name} but {d} in the shards ({where} {k})"
+                         for k, m, d in bad)
+        raise ValueError(f"the model does not fit the data: {what}. Set those numbers in the config's model: "
+                         f"section, or dims_from_data: true to take them from the shards")
+    model = dataclasses.replace(cfg.model, **{k: d for k, _, d in bad})
+    model.validate()
+    return dataclasses.replace(cfg, model=model), {k: (m, d) for k, m, d in bad}

@@ -494,6 +494,12 @@ def prepare(cfg: PrepareConfig, *, progress: bool = True) -> dict:
                                f"{out / 'report.jsonl'})")
         enc = _load_encoders(cfg)
         info = enc.describe()
+        # where the VAE came from, so `refgen dit sample` can decode with it without being told
+        from refgen.dit.encoders import resolve_source
+
+        vsrc, vsub = resolve_source(cfg.vae, cfg.vae_subfolder, "VAE")
+        info["vae"]["source"] = str(Path(vsrc).resolve()) if Path(vsrc).is_dir() else vsrc
+        info["vae"]["subfolder"] = vsub
         atomic_write_json(enc_file, info)
         bar = tqdm(total=n_total, initial=n_total - n_todo, unit="img", desc="prepare", disable=not progress)
         pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 0 else None

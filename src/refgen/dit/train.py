@@ -31,7 +31,7 @@ from torch import nn
 
 from refgen import flow
 from refgen.artifacts import JsonlLogger, atomic_torch_save, atomic_write_json, provenance
-from refgen.dit.config import CFGDropout, TrainConfig, to_dict, train_config_from_dict
+from refgen.dit.config import CFGDropout, TrainConfig, fit_to_shards, to_dict, train_config_from_dict
 from refgen.dit.model import Cond, NanoDiT, count_params
 from refgen.runtime import check_cpu_size, resolve_device, seed_everything
 
@@ -221,19 +221,31 @@ def shard_loader(cfg: TrainConfig, world: int):
                               pin_memory=torch.cuda.is_available(), seed=cfg.seed, **kw)
 
 
-def train(cfg: TrainConfig, data: Iterable | Callable[[], Iterable] | None = None) -> dict:
+def train(cfg: TrainConfig, data: Iterable | Callable[[], Iterable] | None = None,
+          config_name: str = "the config") -> dict:
     """Run (or resume) a training run; returns a summary. `data`: batches per the data contract (see
-    refgen.dit.model.Cond / refgen.dit.shards), a re-iterable or a zero-argument factory; None = shards."""
+    refgen.dit.model.Cond / refgen.dit.shards), a re-iterable or a zero-argument factory; None = shards, whose
+    dimensions the model must fit (`fit_to_shards`; `config_name` names the config in its errors)."""
     cfg.validate()
+    taken: dict = {}
+    if data is None:
+        from refgen.dit import shards
+
+        if not cfg.data_dir:
+            raise ValueError("no data: set data_dir in the config (a shard directory) or pass --data-dir")
+        cfg, taken = fit_to_shards(cfg, shards.load_index(cfg.data_dir), cfg.data_dir, config_name)
     rank, world, device = _dist_setup(cfg)
+    if taken and rank == 0:
+        print("[dit train] dims_from_data: " + ", ".join(f"model.{k} {a} -> {b}" for k, (a, b) in taken.items())
+              + f" (from {Path(cfg.data_dir) / 'index.json'})")
     try:
-        return _train(cfg, data, rank, world, device)
+        return _train(cfg, data, rank, world, device, taken)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device) -> dict:
+def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, taken: dict | None = None) -> dict:
     is_main = rank == 0
     out = Path(cfg.out_dir)
     accum = cfg.grad_accum(world)
@@ -280,7 +292,8 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device) 
 
     if is_main:
         atomic_write_json(out / "config.json", provenance(cfg, n_params=n_params, world_size=world,
-                                                          grad_accum=accum, resumed_from=resumed_from))
+                                                          grad_accum=accum, resumed_from=resumed_from,
+                                                          dims_taken_from_data=taken or None))
     model.set_attention(cfg.cross_attention)  # exact either way; no parameters change
     train_model: nn.Module = model
     if cfg.compile and cfg.compile_tuning:
