@@ -7,19 +7,45 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 
+SEED_MAX = 2**64 - 1  # torch.Generator's range; it maps a negative seed s onto 2**64 + s, so -1 == SEED_MAX
+
+
+def parse_float(s: str) -> float:
+    try:
+        x = float(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from e
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return x
+
+
 def parse_floats(s: str) -> list[float]:
     try:
-        return [float(x) for x in s.split(",") if x.strip()]
+        return [parse_float(x) for x in s.split(",") if x.strip()]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {s!r}") from e
+
+
+def parse_seed(s: str) -> int:
+    """A seed in 0..2**64-1. Negative seeds are refused: torch would silently use 2**64 + s instead."""
+    try:
+        x = int(s)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from e
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from e
+    if not 0 <= x <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"seeds are 0..2**64-1, got {x} (torch maps a negative seed onto a "
+                                         f"large positive one, so it would not be the seed you wrote)")
+    return x
 
 
 def parse_seeds(s: str) -> list[int]:
-    """'0-7' -> 0..7, '1,5,9' -> [1, 5, 9], '0-3,10' -> [0, 1, 2, 3, 10]."""
+    """'0-7' -> 0..7, '1,5,9' -> [1, 5, 9], '0-3,10' -> [0, 1, 2, 3, 10]; each in 0..2**64-1."""
     out: list[int] = []
     try:
         for part in s.split(","):
@@ -33,7 +59,20 @@ def parse_seeds(s: str) -> list[int]:
                 out.append(int(part))
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected seeds like '0-7' or '1,5,9', got {s!r}") from e
+    bad = [x for x in out if not 0 <= x <= SEED_MAX]
+    if bad:
+        raise argparse.ArgumentTypeError(f"seeds are 0..2**64-1, got {bad[0]} in {s!r} (torch maps a negative seed "
+                                         f"onto a large positive one, so it would not be the seed you wrote)")
     return out
+
+
+def warn_negative_alphas(command: str, alphas, flag: str) -> None:
+    """alpha < 0 is allowed (it subtracts the identity: an "anti-identity" image) but is rarely meant."""
+    neg = [a for a in alphas or [] if a < 0]
+    if neg:
+        print(f"refgen {command}: warning: {flag} {', '.join(f'{a:g}' for a in neg)} < 0 subtracts the identity "
+              f"residual (pushes the image away from the person); use a positive alpha to inject it",
+              file=sys.stderr)
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -119,6 +158,8 @@ def cmd_render(args) -> int:
     from refgen.identity.render import (RenderConfig, encode_negative, load_pipeline, release_text_encoder,
                                         render_grid)
 
+    warn_negative_alphas("render", args.alphas, "--alphas")
+
     cfg = RenderConfig(prompt=args.prompt, alphas=args.alphas, seeds=args.seeds, steps=args.steps,
                        true_cfg=args.true_cfg, negative_prompt=args.negative_prompt, height=args.height,
                        width=args.width, batch_size=args.batch_size, cfg_batch=not args.no_cfg_batch)
@@ -203,6 +244,8 @@ def cmd_generate(args) -> int:
     from refgen.artifacts import JsonlLogger
     from refgen.identity.generate import GenerateConfig, Person, assign_alphas, error_kind, generate
 
+    warn_negative_alphas("generate", args.alpha, "--alpha")
+    warn_negative_alphas("generate", args.grid_alphas, "--grid-alphas")
     log = JsonlLogger(Path(args.out) / "generate_log.jsonl")
     try:
         people = getattr(args, "people", None) or []
@@ -243,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tiny-model", help="write a tiny random Qwen-Image pipeline and Qwen3-VL model (offline)")
     t.add_argument("out")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=parse_seed, default=0)
     t.set_defaults(func=cmd_tiny_model)
 
     s = sub.add_parser("scan", help="list seed_* identity folders with >= 2 readable images, and skipped ones")
@@ -262,8 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True)
     r.add_argument("--prompt", required=True)
     r.add_argument("--residual", action="append", default=[], help="slot residual .safetensors, one per ~ID~")
-    r.add_argument("--alphas", type=parse_floats, default=[0.5, 1.0, 1.5, 2.0])
-    r.add_argument("--seeds", type=parse_seeds, default=list(range(8)))
+    r.add_argument("--alphas", type=parse_floats, default=[0.5, 1.0, 1.5, 2.0],
+                   help="comma-separated, finite; a list starting with a negative value is written --alphas=-1,1 "
+                        "(alpha < 0 subtracts the identity, with a warning)")
+    r.add_argument("--seeds", type=parse_seeds, default=list(range(8)), help="e.g. 0-7 or 1,5,9; seeds are >= 0")
     r.add_argument("--steps", type=int, default=28)
     r.add_argument("--true-cfg", type=float, default=4.0)
     r.add_argument("--negative-prompt", default=" ")
@@ -310,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--batch-size", type=int, default=32)
     h.add_argument("--lr", type=float, default=1e-3)
     h.add_argument("--val-fraction", type=float, default=0.1)
-    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--seed", type=parse_seed, default=0)
     h.add_argument("--device", default=None, help="cuda (default) or cpu (the head is small)")
     h.set_defaults(func=cmd_train_head)
 
@@ -321,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--ref", nargs="+", action=_PersonAction, help="a folder or image files: the next person")
     g.add_argument("--residual", action=_PersonAction, help="a slot residual file: the next person")
-    g.add_argument("--alpha", type=float, action="append", default=[], help="one per person, or one for all")
+    g.add_argument("--alpha", type=parse_float, action="append", default=[],
+                   help="one per person, or one for all (default 1; < 0 subtracts the identity, with a warning)")
     g.add_argument("--seeds", type=parse_seeds, default=[0])
     g.add_argument("--steps", type=int, default=28)
     g.add_argument("--true-cfg", type=float, default=4.0)

@@ -58,6 +58,15 @@ def resolve_device(device: str | None) -> torch.device:
     raise ValueError(f"unknown device {device!r}; use 'cuda', 'cuda:N' or 'cpu'")
 
 
+def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict:
+    """The dtype keyword of diffusers' `from_pretrained`: newer releases renamed `torch_dtype` to `dtype` and warn
+    on the old name; older ones (refgen supports diffusers >= 0.38) know only `torch_dtype` and would ignore
+    `dtype`, silently loading fp32."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 def check_dtype_for_model(dtype: torch.dtype, family: str) -> None:
     """Refuse dtypes a model family is known not to survive.
 

@@ -99,7 +99,9 @@ def build_qwen_image(tokenizer, *, text_hidden: int = 32, num_layers: int = 2, s
         shift_terminal=0.02, use_dynamic_shifting=True, time_shift_type="exponential", num_train_timesteps=1000)
     ids = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": text_hidden, "intermediate_size": 2 * text_hidden, "num_hidden_layers": 2,
+        # the token ids also in text_config: its defaults are the real vocabulary's (151643...), outside this one
+        text_config={"bos_token_id": ids[1], "eos_token_id": ids[2], "pad_token_id": ids[0],
+                     "hidden_size": text_hidden, "intermediate_size": 2 * text_hidden, "num_hidden_layers": 2,
                      "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": len(tokenizer),
                      "rope_scaling": {"mrope_section": [2, 3, 3], "rope_type": "default", "type": "default"},
                      "rope_theta": 1000000.0, "max_position_embeddings": 2048},
@@ -133,9 +135,12 @@ def build_qwen3_vl(tokenizer, *, seed: int = 0):
 def build_qwen3_vl_image_processor():
     """Qwen3-VL's image processor settings (patch 16, merge 2, mean/std 0.5). refgen uses only the image
     processor: the full Qwen3VLProcessor also wants a video processor, which needs torchvision."""
-    from transformers import Qwen2VLImageProcessor
+    import transformers
 
-    return Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+    # transformers >= 5 splits the processor by backend: the plain name is the torchvision one (which falls back
+    # to PIL with a warning when torchvision is missing), "...Pil" the PIL one; before 5 the plain name is PIL.
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    return cls(patch_size=16, merge_size=2, temporal_patch_size=2,
                                  min_pixels=32 * 32, max_pixels=1536 * 1536,
                                  image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 

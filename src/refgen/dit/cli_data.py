@@ -48,7 +48,7 @@ def _tiny_models(args) -> int:
 
 def register(dit_subparsers) -> None:
     """Add `prepare` and `tiny-models` to the `refgen dit` subparsers."""
-    from refgen.dit.prepare import DEFAULT_DINO, DEFAULT_T5, DEFAULT_VAE
+    from refgen.dit.hub_ids import DEFAULT_DINO, DEFAULT_T5, DEFAULT_VAE
 
     p = dit_subparsers.add_parser(
         "prepare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

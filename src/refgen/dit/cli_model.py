@@ -118,6 +118,8 @@ def _validate(args) -> int:
 
 
 def register(dit_subparsers) -> None:
+    from refgen.cli import parse_seed
+
     t = dit_subparsers.add_parser("train", help="train NanoDiT (rectified flow); torchrun for DDP")
     t.add_argument("--config", required=True, help="YAML mirroring refgen.dit.config.TrainConfig")
     t.add_argument("--data-dir", help="shard directory (overrides data_dir)")
@@ -138,7 +140,7 @@ def register(dit_subparsers) -> None:
     s.add_argument("--s-text", type=float, default=4.0)
     s.add_argument("--s-dino", type=float, default=2.0)
     s.add_argument("--guidance", choices=["dual", "none"], default="dual")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=parse_seed, default=0)
     s.add_argument("--vae", help="VAE id or folder (default: the one `dit prepare` recorded in the shards)")
     s.add_argument("--vae-subfolder", default="vae")
     s.add_argument("--no-decode", action="store_true", help="write latents.pt only, no images")

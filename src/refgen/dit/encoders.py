@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from refgen.images import load_rgb  # noqa: F401  (the one image loader; prepare reads images through it)
-from refgen.runtime import check_cpu_size
+from refgen.runtime import check_cpu_size, diffusers_dtype_kwargs
 
 # ImageNet statistics, which the released DINOv3 checkpoints' preprocessor_config.json also carries; used only
 # when a model folder has no preprocessor_config.json.
@@ -52,7 +52,7 @@ def load_vae(id_or_path: str, subfolder: str | None, device: torch.device, dtype
     from diffusers import AutoencoderKL
 
     src, sub = resolve_source(id_or_path, subfolder, "VAE")
-    vae = AutoencoderKL.from_pretrained(src, torch_dtype=dtype, **_kw(sub))
+    vae = AutoencoderKL.from_pretrained(src, **diffusers_dtype_kwargs(dtype), **_kw(sub))
     check_cpu_size(vae, device, f"VAE {id_or_path}")
     return vae.to(device).eval().requires_grad_(False)
 

@@ -31,6 +31,7 @@ import torch
 from refgen.artifacts import JsonlLogger, atomic_write_file, atomic_write_json, provenance
 from refgen.dit.buckets import (Bucket, aspect_distortion, nearest_bucket, parse_buckets,
                                 upscale_factor)
+from refgen.dit.hub_ids import DEFAULT_DINO, DEFAULT_T5, DEFAULT_VAE
 from refgen.images import image_size
 from refgen.runtime import PolicyError, parse_dtype
 
@@ -40,9 +41,6 @@ FP16_MAX = 65504.0
 FORMAT_NAME = "refgen-dit-shards"
 FORMAT_VERSION = 1
 
-DEFAULT_VAE = "black-forest-labs/FLUX.1-dev"
-DEFAULT_T5 = "google/t5-v1_1-xxl"  # 4096-d, what seed 003 assumes; google/t5-v1_1-large is the 1024-d option
-DEFAULT_DINO = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 
 # Fields that change what is written; a resumed run must agree on them with the first run.
 _RUN_ONLY_FIELDS = {"src", "out", "device", "batch_size", "num_workers", "overwrite"}

@@ -14,13 +14,15 @@ the float rounding of a larger batch (tested); what it buys on an H100 is in doc
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from refgen.hub import require_model
-from refgen.runtime import check_cpu_size, check_dtype_for_model, check_tensors, parse_dtype, resolve_device
+from refgen.runtime import (check_cpu_size, check_dtype_for_model, check_tensors, diffusers_dtype_kwargs, parse_dtype,
+                            resolve_device)
 
 
 OFFLOAD_MODES = ("none", "model", "group")
@@ -55,7 +57,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: str = "bf16", of
         check_cpu_size(_count_params(model), dev, what=f"Qwen-Image model {model!r}")
         if offload != "none":
             raise ValueError(f"--offload {offload} moves weights between the CPU and a GPU; it needs --device cuda")
-    pipe = QwenImagePipeline.from_pretrained(model, torch_dtype=dt)
+    pipe = QwenImagePipeline.from_pretrained(model, **diffusers_dtype_kwargs(dt))
     place(pipe, dev, offload)
     if compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
@@ -131,6 +133,12 @@ class RenderConfig:
     def __post_init__(self):
         if not self.alphas or not self.seeds:
             raise ValueError("need at least one alpha and one seed")
+        # torch.Generator takes -2**63..2**64-1 and maps a negative seed s onto 2**64 + s: refuse it instead
+        bad = [s for s in self.seeds if not 0 <= s < 2**64]
+        if bad:
+            raise ValueError(f"seeds must be in 0..2**64-1, got {bad[0]}")
+        if not all(math.isfinite(a) for a in self.alphas):
+            raise ValueError(f"alphas must be finite numbers, got {self.alphas}")
         # Qwen-Image's scheduler stretches sigmas to shift_terminal; with one step that is 0/0 and the
         # image comes out NaN (diffusers 0.42), so one step is refused rather than rendered black.
         if self.steps < 2:

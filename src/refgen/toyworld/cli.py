@@ -32,9 +32,10 @@ def _train_recognizer(args) -> int:
 
 
 def _eval_recognizer(args) -> int:
+    from refgen.runtime import resolve_device
     from refgen.toyworld import recognizer as R
 
-    net = R.load(args.weights, device=args.device or "cpu")
+    net = R.load(args.weights, device=str(resolve_device(args.device or "cpu")))
     m = R.evaluate(net, args.n, device=args.device or "cpu", degrade_images=args.degraded)
     print(json.dumps({k: v for k, v in m.items() if not k.startswith("acc/")}, indent=2))
     return 0
