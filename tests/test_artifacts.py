@@ -128,3 +128,14 @@ def test_render_on_a_full_disk_is_one_line_and_exit_1(tmp_path, tiny_models, dis
     assert last.startswith(f"refgen render: error: cannot write {tmp_path / 'grid' / 'images'}") and \
         "No space left on device [Errno 28]; nothing was replaced or left half-written" in last, last
     assert not any(p.is_file() for p in (tmp_path / "grid").rglob("*"))
+
+
+def test_an_os_error_of_the_writer_itself_is_not_called_a_write_failure(tmp_path):
+    def fill(f):
+        f.write(b"partial")
+        open(tmp_path / "missing-input.bin", "rb")    # the writer failing to read its own input
+
+    with pytest.raises(FileNotFoundError, match="missing-input.bin") as e:
+        artifacts.atomic_write_file(tmp_path / "out.bin", fill)
+    assert not isinstance(e.value, ArtifactWriteError)
+    assert list(tmp_path.iterdir()) == []

@@ -115,7 +115,7 @@ def atomic_write_file(path: str | Path, fill: Callable[[BinaryIO], None]) -> Non
     (readers see the old file or the new one, never half of one). Any failure removes the temp file; an OS
     failure of the write itself (ENOSPC, EACCES, EIO ...) becomes ArtifactWriteError naming PATH and the cause."""
     path = Path(path)
-    tmp, sink = None, None
+    tmp, sink, filling = None, None, False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -123,9 +123,10 @@ def atomic_write_file(path: str | Path, fill: Callable[[BinaryIO], None]) -> Non
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            sink = _Sink(fd)
+            sink, filling = _Sink(fd), True
             with io.BufferedWriter(sink, buffer_size=1 << 20) as f:
                 fill(f)
+            filling = False
         finally:
             os.close(fd)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files owner-only; artifacts read like any file
@@ -133,9 +134,11 @@ def atomic_write_file(path: str | Path, fill: Callable[[BinaryIO], None]) -> Non
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        # an OSError that `fill` raises itself (reading some input) is not a write failure: only the sink's
+        # errors and those of mkstemp / chmod / replace are
         cause = sink.error if sink is not None and sink.error is not None else None
-        if cause is None and isinstance(e, OSError) and e.errno is not None:
-            cause = e   # mkstemp, chmod or replace failed
+        if cause is None and not filling and isinstance(e, OSError) and e.errno is not None:
+            cause = e
         if cause is not None:
             raise ArtifactWriteError(path, cause) from e
         raise
