@@ -224,7 +224,7 @@ def no_identities_message(res: ScanResult, root: str | Path, limit: int = 4) -> 
     if skipped:
         def one(s):
             bad = s["bad_files"]
-            extra = (f"; unreadable: " + ", ".join(f"{Path(b['file']).name} ({b['reason']})" for b in bad[:2])
+            extra = ("; unreadable: " + ", ".join(f"{Path(b['file']).name} ({b['reason']})" for b in bad[:2])
                      + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")) if bad else ""
             return f"{Path(s['folder']).name}: {s['reason']}{extra}"
         parts.append(f"{len(skipped)} seed_* folder(s) skipped (" + "; ".join(one(s) for s in skipped[:limit])
