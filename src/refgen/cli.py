@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--device", default="cpu", help="cpu (default: the toy model is small) or cuda")
     dm.add_argument("--invert-steps", type=int, default=None)
     dm.add_argument("--render-steps", type=int, default=None)
-    dm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    dm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores other processes leave free)")
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=cmd_demo)
     return p

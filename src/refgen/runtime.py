@@ -114,6 +114,19 @@ def check_tensors(tensors: Mapping[str, torch.Tensor | None], device: torch.devi
             )
 
 
+def pick_cpu_threads(limit: int | None = None) -> int:
+    """torch threads for small models on the CPU: the cores no other process is using (1-minute load average).
+    Torch's default takes every core; on a shared machine its threads then wait at each barrier for cores
+    other processes hold, and a small model runs several times slower than on one thread."""
+    n = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not every platform has a load average
+        busy = 0.0
+    free = max(1, min(n, round(n - busy)))
+    return min(free, limit) if limit else free
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -192,3 +192,17 @@ def test_resume_under_another_batch_size_but_not_another_objective(pipe, tmp_pat
     inv = Inverter(pipe, InvertConfig(**{**FAST, "lr": 1e-3, "steps": 6, "checkpoint_every": 3}), out, progress=False)
     with pytest.raises(ValueError, match="another config.*lr"):
         inv._new_state(ident)
+
+
+def test_complete_identities_made_with_other_settings_are_refused_not_reused(tiny_models, tmp_path, capsys):
+    root = make_identities(tmp_path / "ids", n=1)
+    base = ["invert", str(root), "--model", tiny_models["qwen_image"], "--device", "cpu", "--dtype", "fp32",
+            "--height", "32", "--width", "32", "--out", str(tmp_path / "o")]
+    assert main(base + ["--steps", "2"]) == 0
+    assert main(base + ["--steps", "2"]) == 0  # same settings: complete, skipped
+    assert "1 complete, 0 to do" in capsys.readouterr().out
+    assert main(base + ["--steps", "3"]) == 1  # other settings: the old teacher must not pass for this run's
+    err = capsys.readouterr().err
+    assert "seed_0" in err and "steps 2 -> 3" in err
+    rec = json.loads((tmp_path / "o" / "seed_0" / "teacher.json").read_text())
+    assert rec["steps_run"] == 2  # nothing was overwritten

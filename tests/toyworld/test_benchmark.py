@@ -70,8 +70,59 @@ def test_benchmark_runs_every_stage_and_is_idempotent(tmp_path):
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["teacher"]["per_alpha"] == json.loads(json.dumps(per))
     md = (tmp_path / "benchmark.md").read_text()
-    assert "alpha 0 (floor" in md and "Two-slot" in md
+    assert "alpha 0 (floor" in md and "Two-slot" in md and "Caption ceiling" in md and "95 % CI" in md
+    c = r["ceiling"]  # same identities, scenes and seeds as the method rows
+    assert c["single"]["n_people"] == n and c["pair"]["n_images"] == r["two_slot"]["teacher"]["n_images"]
+    assert r["held_out_ranges"]["test identities"] == [cfg.test_seed, cfg.test_seed + cfg.n_test]
+    assert r["two_slot"]["floor"]["alpha"] == 0
     assert (tmp_path / "grids" / "teacher_alpha.png").exists() and (tmp_path / "grids" / "two_slot.png").exists()
     again = B.run_benchmark(cfg, tmp_path, progress=False)
     assert again["inversion"] == {}  # every teacher was complete: nothing re-inverted
     assert again["teacher"]["per_alpha"] == per  # renders are seeded: same pictures, same scores
+    other = B.BenchmarkConfig.tiny(invert={"steps": 4, "images_per_step": 1})
+    with pytest.raises(ValueError, match="other settings"):  # stale teachers are never reported as this config's
+        B.run_benchmark(other, tmp_path, progress=False)
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    # Wilson (1927) score interval, z = 1.96: 5/10 -> [0.2366, 0.7634], 0/10 -> [0, 0.2775], 10/10 -> [0.7225, 1]
+    assert B.wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert B.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert B.wilson(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    lo, hi = B.wilson(460, 480)
+    assert lo < 460 / 480 < hi and hi - lo < 0.04  # 480 images: intervals narrow enough to compare methods
+
+
+def test_held_out_ranges_refuse_a_test_set_the_judge_or_the_model_has_seen():
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld import train_model as T
+
+    ok = B.held_out_ranges(B.BenchmarkConfig(), B.default_model())
+    assert set(ok) >= {"test identities", "train identities", "recognizer training scenes",
+                       "toy model training scenes", "toy model validation identities"}
+    with pytest.raises(ValueError, match="recognizer training scenes"):
+        B.held_out_ranges(B.BenchmarkConfig(test_seed=R.TRAIN_SEED_BASE + 5), B.default_model())
+    with pytest.raises(ValueError, match="toy model training scenes"):
+        B.held_out_ranges(B.BenchmarkConfig(n_train=0, test_seed=T.DATA_SEED_BASE), B.default_model())
+    with pytest.raises(ValueError, match="toy model validation identities"):
+        B.held_out_ranges(B.BenchmarkConfig(test_seed=T.VAL_ID_BASE + 10), B.default_model())
+
+
+def test_shipped_model_draws_people_spelled_out_in_words():
+    """The yardstick's premise: the shipped toy model draws a person whose 7 attributes are written out, alone
+    and beside a second person, in order. Validation identities (never the benchmark's test ones)."""
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.render import load_pipeline
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld import train_model as T
+
+    pipe = load_pipeline(B.default_model(), "cpu", "fp32")
+    attrs = [world.identity_from_seed(T.VAL_ID_BASE + i).to_dict() for i in range(4)]
+    rc = B.render_config(B.BenchmarkConfig(device="cpu", dtype="fp32"))
+    ne = encode_prompts(pipe, " ")
+    c = B.caption_ceiling(pipe, R.load(), attrs, [(0, 1), (2, 3)], ["beach", "city"], [0], rc, (ne.embeds, ne.mask),
+                          "cpu")
+    assert c["single"]["n_images"] == 8 and c["pair"]["n_images"] == 4
+    assert c["single"]["identity_acc"] >= 6 / 8, c["single"]
+    assert c["pair"]["all_people_acc"] >= 3 / 4, c["pair"]
+    assert c["single"]["scene_acc"] == 1.0

@@ -27,6 +27,24 @@ def test_demo_writes_pictures_and_reuses_finished_inversions(tmp_path, capsys):
     before = teacher.stat().st_mtime_ns
     assert main(argv) == 0  # second run: inversions are complete and are not redone
     assert teacher.stat().st_mtime_ns == before
+    other = ["demo", "--out", str(out), "--invert-steps", "4", "--render-steps", "2", "--threads", "1", "--quiet"]
+    assert main(other) == 0  # other settings: inverted again, never a stale teacher under the new settings
+    assert json.loads(teacher.read_text())["steps_run"] == 4
+    rec = json.loads((out / "demo.json").read_text())
+    assert rec["config"]["invert_steps"] == 4 and rec["threads"] == 1
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    import os
+
+    from refgen.runtime import pick_cpu_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, want in ((0.1, 2), (1.0, 1), (1.6, 1), (7.0, 1)):  # never 0, never more than the cores
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert pick_cpu_threads() == want, load
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert pick_cpu_threads(limit=1) == 1
 
 
 def test_demo_config_validation():
@@ -34,3 +52,5 @@ def test_demo_config_validation():
         DemoConfig(identities=[1])
     with pytest.raises(ValueError, match="scene"):
         DemoConfig(scene="moon")
+    with pytest.raises(ValueError, match="threads"):
+        DemoConfig(threads=-1)

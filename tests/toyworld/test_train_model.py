@@ -96,3 +96,19 @@ def test_text_bank_rows_are_the_pipelines_own_embeddings(tiny_model):
         assert int(mask[r].sum()) == n and bool(mask[r, :n].all())
         torch.testing.assert_close(emb[r, :n], e[0], rtol=1e-5, atol=1e-5)
         assert not emb[r, n:].any()
+
+
+def test_shipped_model_is_the_yaml_recipe_run_as_is():
+    """configs/toyworld_model.yaml is what made the shipped model (only the render worker count, which does not
+    change a pixel, may differ), and that run stopped on its steps, not on the safety clock."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    yaml_cfg = asdict(T.ModelConfig.from_yaml(root / "configs" / "toyworld_model.yaml"))
+    rec = json.loads((root / "src/refgen/assets/toyworld/model/refgen_toyworld.json").read_text())
+    shipped = rec["config"]
+    assert {k: v for k, v in yaml_cfg.items() if k != "workers"} == {k: v for k, v in shipped.items() if k != "workers"}
+    rep = rec["report"]
+    assert not rep["stopped_early"] and rep["transformer_steps_done"] == shipped["transformer"]["steps"]
+    assert rep["weights_mb"] <= 40

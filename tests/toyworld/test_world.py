@@ -106,3 +106,25 @@ def test_bare_captions_exist_and_describe_mentions_attributes():
     caps = [world.sample(s)[2] for s in range(100)]
     assert all(c[0].isupper() and c.endswith(".") for c in caps)
     assert any("a person" in c.lower() and " with " not in c for c in caps)
+
+
+def test_full_descriptions_and_every_two_person_phrasing():
+    ident = world.Identity("tan", "red", "long", "round", "none", "green", "striped")
+    d = world.full_description(ident)
+    for word in ("tan", "red", "long", "round", "no glasses", "green", "striped"):
+        assert word in d, d
+    assert d == world.full_description(ident)  # fixed wording: the ceiling prompt of one person never changes
+    base = world.identity_from_seed(3).to_dict()
+    left = world.Identity(**{**base, "shirt_color": "red"})
+    right = world.Identity(**{**base, "shirt_color": "blue"})
+    kinds = set()
+    for s in range(300):
+        rng = random.Random(s)
+        sc = world.sample_scene(rng, [left, right])
+        cap = world.caption(sc, rng, p_bare=0.0, p_full=1.0)  # everyone fully described: both shirts named
+        assert cap.index("red") < cap.index("blue"), cap  # left to right in every phrasing
+        low = cap.lower()
+        kinds.add("left/right" if ": on the left, " in low else "x on the left and y on the right"
+                  if " on the left and " in low else "next to" if " next to " in low
+                  else "two people, x and y" if "two people" in low else "x and y")
+    assert len(kinds) == len(world.PAIR_FORMS) == 5, kinds

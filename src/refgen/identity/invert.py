@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -157,6 +158,33 @@ class Inverter:
 
     def is_complete(self, ident: Identity) -> bool:
         return (self.dir(ident) / "teacher.json").exists()  # written last, atomically
+
+    def run(self, identities: list[Identity]) -> list[dict]:
+        """Invert every identity of `identities` that is not complete, K (identities_per_batch) per forward;
+        returns the records of those it inverted. The one loop behind `refgen invert`, the toy benchmark and
+        the demo."""
+        todo = [i for i in identities if not self.is_complete(i)]
+        records = []
+        K = self.cfg.identities_per_batch
+        for b in range(0, len(todo), K):
+            records += [self.finish(s) for s in self.run_batch(todo[b:b + K])]
+        return records
+
+    def settings_diff(self, ident: Identity) -> dict:
+        """{key: (recorded, now)} where a complete identity's teacher.json differs from this run's settings
+        (model or any InvertConfig key that changes the optimisation); {} when it matches or is not complete.
+        A complete record made under other settings must not be passed off as this run's result."""
+        f = self.dir(ident) / "teacher.json"
+        if not f.exists():
+            return {}
+        rec = json.loads(f.read_text())
+        now = json.loads(json.dumps(dataclasses.asdict(self.cfg)))  # as recorded: tuples become lists
+        now = {k: v for k, v in now.items() if k not in _RESUMABLE}
+        was = {k: v for k, v in (rec.get("config") or {}).items() if k not in _RESUMABLE}
+        d = _diff(was, now)
+        if rec.get("model") != self.model_id:
+            d["model"] = (rec.get("model"), self.model_id)
+        return d
 
     # ---- state -------------------------------------------------------------------------------------
     def _new_state(self, ident: Identity) -> _State:
@@ -445,13 +473,13 @@ def invert(root: str | Path, model: str, out: str | Path | None = None, only: li
                          "layer's weights back to the CPU after its forward, and the backward pass needs them)")
     pipe = load_pipeline(model, device, dtype, offload=offload)
     inv = Inverter(pipe, cfg, out_root, model_id=model, progress=progress)
+    stale = {i.id: inv.settings_diff(i) for i in idents if inv.settings_diff(i)}
+    if stale:
+        first = next(iter(stale))
+        raise ValueError(f"{len(stale)} identities under {out_root} were inverted with other settings "
+                         f"({first}: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in stale[first].items())}); "
+                         "delete their teacher.json to redo them with these settings, or use another --out")
     todo = [i for i in idents if not inv.is_complete(i)]
     print(f"refgen invert: shard {shard[0]}/{shard[1]}: {len(idents)} identities, {len(idents) - len(todo)} "
           f"complete, {len(todo)} to do")
-    records = []
-    K = cfg.identities_per_batch
-    for b in range(0, len(todo), K):
-        states = inv.run_batch(todo[b:b + K])
-        for s in states:
-            records.append(inv.finish(s))
-    return records
+    return inv.run(todo)

@@ -409,15 +409,15 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) 
         inv = Inverter(pipe, c, out / f"teacher{steps_tag}", model_id=model, progress=progress)
         idents = [i for split in (splits if steps is None else ["test"])
                   for i in scan(out / "identities" / split).identities]
-        todo = [i for i in idents if not inv.is_complete(i)]
-        recs = []
-        for b in range(0, len(todo), c.identities_per_batch):
-            for st in inv.run_batch(todo[b:b + c.identities_per_batch]):
-                recs.append(inv.finish(st))
+        stale = {i.id: inv.settings_diff(i) for i in idents if inv.settings_diff(i)}
+        if stale:  # numbers from other settings must not be reported as this config's
+            raise ValueError(f"{out / f'teacher{steps_tag}'}: {len(stale)} teachers were made with other settings "
+                             f"(e.g. {next(iter(stale))}: {next(iter(stale.values()))}); use a new --out")
+        recs = inv.run(idents)
         dt = time.time() - t1
-        if todo:
+        if recs:
             inv_stats[f"all{steps_tag}" if steps is None else f"test{steps_tag}"] = {
-                "identities": len(todo), "seconds": dt, "identities_per_gpu_hour": len(todo) / dt * 3600,
+                "identities": len(recs), "seconds": dt, "identities_per_gpu_hour": len(recs) / dt * 3600,
                 "steps": c.steps, "images_per_step": c.images_per_step, "K": c.identities_per_batch,
                 "sigma_sampling": c.sigma_sampling, "lr": c.lr,
                 "mean_steps_run": sum(r["steps_run"] for r in recs) / len(recs),

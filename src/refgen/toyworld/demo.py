@@ -22,9 +22,9 @@ import torch
 @dataclass
 class DemoConfig:
     model: str = ""                     # "" = the embedded toy model
-    device: str = "cpu"                 # the toy model is ~12M parameters: the CPU is allowed
+    device: str = "cpu"                 # the toy model is ~18M parameters: the CPU is allowed
     identities: list[int] = field(default_factory=lambda: [200_003, 200_011])
-    invert_steps: int = 1200            # the H100 sweep: identity accuracy still rises at 1,500 steps
+    invert_steps: int = 300             # sized so the whole demo takes ~2 min on 2 CPU cores (docs/toyworld.md)
     images_per_step: int = 4
     lr: float = 0.05
     sigma_sampling: str = "logit_normal"  # beat uniform sigmas on the toy world (47 % vs 33 % identity)
@@ -34,7 +34,7 @@ class DemoConfig:
     scene: str = "beach"
     render_steps: int = 20
     true_cfg: float = 4.0
-    threads: int = 0                    # torch CPU threads; 0 = leave torch's default
+    threads: int = 0                    # torch CPU threads; 0 = the cores other processes leave free
 
     def __post_init__(self):
         from refgen.toyworld import world
@@ -45,6 +45,8 @@ class DemoConfig:
             raise ValueError(f"scene {self.scene!r} is not one of {world.SCENES}")
         if self.invert_steps < 1 or self.render_steps < 2:
             raise ValueError("invert_steps >= 1 and render_steps >= 2 required")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = pick from the free cores), got {self.threads}")
 
 
 def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
@@ -62,10 +64,15 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     from refgen.toyworld.benchmark import PAIR_PROMPT, SCENE_PROMPT, attributes_of, default_model, score
     from refgen.toyworld.identities import make_identities
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    from refgen.runtime import pick_cpu_threads
+
+    threads = cfg.threads or pick_cpu_threads()
+    if cfg.device == "cpu":
+        torch.set_num_threads(threads)
     out = Path(out)
     t0 = time.time()
+    say = print if progress else (lambda *a, **k: None)
+    say(f"refgen demo: {cfg.device}" + (f", {threads} torch threads" if cfg.device == "cpu" else ""))
     model = cfg.model or default_model()
     ids_root = out / "identities"
     for i in cfg.identities:
@@ -79,10 +86,15 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
                         images_per_step=cfg.images_per_step, sigma_sampling=cfg.sigma_sampling, identities_per_batch=2,
                         plateau_window=10_000, qa=False)
     inv = Inverter(pipe, icfg, out / "teacher", model_id=model, progress=progress)
+    for i in chosen:
+        diff = inv.settings_diff(i)
+        if diff:  # made by an earlier run with other settings: redo, so demo.json never describes stale pictures
+            say(f"{i.id}: inverted earlier with other settings ({', '.join(diff)}); inverting again")
+            (inv.dir(i) / "teacher.json").unlink()
     todo = [i for i in chosen if not inv.is_complete(i)]
-    if todo:
-        for s in inv.run_batch(todo):
-            inv.finish(s)
+    say(f"inversion: {len(todo)} of {len(chosen)} identities to invert ({cfg.invert_steps} steps)"
+        if todo else "inversion: both identities already inverted with these settings")
+    inv.run(chosen)
     t_inv = time.time() - t0
 
     dev, dt = pipe._execution_device, pipe.transformer.dtype
@@ -95,7 +107,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     for ident, r in zip(chosen, res):
         rc = RenderConfig(prompt=SCENE_PROMPT.format(where=where), alphas=cfg.alphas, seeds=cfg.seeds,
                           steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64)
-        rec = render_grid(pipe, rc, [r], out / "grids" / ident.id, progress=False, neg=neg)
+        say(f"rendering {ident.id}: {len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds")
+        rec = render_grid(pipe, rc, [r], out / "grids" / ident.id, progress=progress, neg=neg)
         images = [Image.open(out / "grids" / ident.id / f) for f in rec["images"]]
         preds = R.predict(net, images, cfg.device)
         attrs, S = attributes_of(ident.path), len(cfg.seeds)
@@ -109,7 +122,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     B = len(cfg.seeds)
     E = inject(enc.embeds.expand(B, -1, -1), enc.slots[0], res, [cfg.pair_alpha, cfg.pair_alpha])
     rc = RenderConfig(prompt="", steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64)
-    pair_imgs = render_images(pipe, E, enc.mask.expand(B, -1), cfg.seeds, rc, neg, progress=False)
+    say(f"rendering both people in one picture: {B} seeds")
+    pair_imgs = render_images(pipe, E, enc.mask.expand(B, -1), cfg.seeds, rc, neg, progress=progress)
     two = score(R.predict(net, pair_imgs, cfg.device),
                 [{"people": [attributes_of(i.path) for i in chosen], "scene": cfg.scene}] * B)
     refs = [_ref_images(i) for i in chosen]
@@ -121,7 +135,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     summary["pictures"]["two people"] = str(out / "two_people.png")
     summary["pictures"]["references"] = str(out / "references.png")
     summary["seconds"] = {"identities+inversion": t_inv, "total": time.time() - t0}
-    atomic_write_json(out / "demo.json", provenance(dataclasses.asdict(cfg), model=model, **summary))
+    atomic_write_json(out / "demo.json", provenance(dataclasses.asdict(cfg), model=model, threads=threads, **summary))
     return summary
 
 
