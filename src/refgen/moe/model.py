@@ -1,0 +1,211 @@
+"""The MoE image classifier: a shared conv stem, E conv experts, a gate, an optional expert graph, a linear head.
+
+Gates (the seed builds on phases 1-2 but never defines them; these are the readings in spec section 1):
+    flat    phase 1: softmax over E experts, top-k, weights renormalised over the k chosen
+    hier    phase 2: a group gate picks the top group, an in-group gate the top-k experts in it; weight =
+            p(group) * p(expert | group) renormalised within the group, so both gates get gradients
+    graph   phase 3: the flat gate plus the expert graph (graph.py): the chosen team exchanges features
+    dense   no gate: one expert (the dense CNN baselines of equal active FLOPs / equal stored bytes)
+
+Two execution paths with identical results (tested):
+    dense   every expert runs on every input and unchosen outputs are masked: no data-dependent control flow,
+            exports to ONNX, but top-k saves no time
+    sparse  each expert runs only on the inputs that chose it (index_select / index_put): the path whose
+            measured time falls with k
+Experts use GroupNorm, not BatchNorm: a per-sample norm makes an expert's output independent of which other
+inputs share its sub-batch, which is what makes the two paths agree in training too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from refgen.moe.graph import ExpertGraph
+
+KINDS = ("flat", "hier", "graph", "dense")
+PATHS = ("dense", "sparse")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "graph"
+    num_experts: int = 4
+    top_k: int = 2
+    stem_channels: int = 32
+    expert_channels: int = 48
+    expert_dim: int = 96
+    pool: int = 2                   # experts pool to pool x pool before their linear layer
+    groups: int = 2                 # hier: experts are split into this many equal groups
+    graph_init: str = "identity"    # graph: identity (+ small positive off-diagonal) or random
+    graph_strength: float = 1.0
+    gate_hidden: int = 32
+    gate_noise: float = 0.0         # std of Gaussian noise on the gate logits while training (noisy top-k)
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"model.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "dense":
+            self.num_experts, self.top_k = 1, 1
+        for k in ("num_experts", "top_k", "stem_channels", "expert_channels", "expert_dim", "pool", "groups",
+                  "gate_hidden"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"model.{k} must be >= 1, got {getattr(self, k)}")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"model.top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
+        if self.kind == "hier":
+            if self.num_experts % self.groups:
+                raise ValueError(f"model.groups={self.groups} must divide num_experts={self.num_experts}")
+            if self.top_k > self.num_experts // self.groups:
+                raise ValueError(f"hier: top_k={self.top_k} exceeds the group size {self.num_experts // self.groups}")
+        if self.gate_noise < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"model.gate_noise must be >= 0 and dropout in [0, 1), got {self.gate_noise}, "
+                             f"{self.dropout}")
+
+
+@dataclass
+class Routing:
+    probs: torch.Tensor     # [B, E] the gate's full distribution (for balance loss and routing statistics)
+    mask: torch.Tensor      # [B, E] 1 where the expert is in the input's team
+    weights: torch.Tensor   # [B, E] combination weights, 0 outside the team
+
+
+@dataclass
+class MoEOutput:
+    logits: torch.Tensor
+    routing: Routing
+    balance_loss: torch.Tensor
+
+
+def _conv(cin, cout, stride=1, norm="bn"):
+    n = nn.BatchNorm2d(cout) if norm == "bn" else nn.GroupNorm(math.gcd(8, cout), cout)
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), n, nn.ReLU(inplace=True))
+
+
+class Expert(nn.Sequential):
+    def __init__(self, cin: int, width: int, dim: int, pool: int):
+        super().__init__(_conv(cin, width, norm="gn"), _conv(width, width, 2, norm="gn"), nn.AdaptiveAvgPool2d(pool),
+                         nn.Flatten(), nn.Linear(width * pool * pool, dim), nn.ReLU(inplace=True))
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    idx = scores.topk(k, dim=1).indices
+    return torch.zeros_like(scores).scatter(1, idx, 1.0)
+
+
+def team_weights(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The gate's probabilities restricted to the team and renormalised (how an externally chosen team, e.g.
+    the RL gate's, is combined)."""
+    w = probs * mask
+    return w / w.sum(dim=1, keepdim=True).clamp_min(1e-9)
+
+
+def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer load-balance term E * sum_e f_e * P_e (f = share of team slots, P = mean probability);
+    1 when routing is uniform, E when everything goes to one expert."""
+    E = probs.shape[1]
+    f = mask.sum(0) / mask.sum().clamp_min(1)
+    return E * (f * probs.mean(0)).sum()
+
+
+class MoEClassifier(nn.Module):
+    def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int):
+        super().__init__()
+        self.cfg, self.in_channels, self.num_classes = cfg, in_channels, num_classes
+        s, E = cfg.stem_channels, cfg.num_experts
+        self.stem = nn.Sequential(_conv(in_channels, s), _conv(s, s, 2))
+        self.experts = nn.ModuleList(Expert(s, cfg.expert_channels, cfg.expert_dim, cfg.pool) for _ in range(E))
+        self.gate = None
+        if cfg.kind != "dense":
+            out = cfg.groups + E if cfg.kind == "hier" else E
+            self.gate = nn.Sequential(nn.Linear(s, cfg.gate_hidden), nn.ReLU(inplace=True),
+                                      nn.Linear(cfg.gate_hidden, out))
+        self.graph = ExpertGraph(E, cfg.expert_dim, cfg.graph_init, cfg.graph_strength) if cfg.kind == "graph" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.expert_dim, num_classes)
+
+    # ---- parts, so the RL gate and the cost model can call them separately ----
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+        return self.stem(x)
+
+    def gate_input(self, z: torch.Tensor) -> torch.Tensor:
+        return z.mean(dim=(2, 3))
+
+    def route(self, z: torch.Tensor) -> Routing:
+        B, E, k = z.shape[0], self.cfg.num_experts, self.cfg.top_k
+        if self.gate is None:
+            one = torch.ones(B, 1, device=z.device, dtype=z.dtype)
+            return Routing(one, one, one)
+        logits = self.gate(self.gate_input(z))
+        if self.training and self.cfg.gate_noise > 0:
+            logits = logits + self.cfg.gate_noise * torch.randn_like(logits)
+        if self.cfg.kind == "hier":
+            G = self.cfg.groups
+            pg = logits[:, :G].softmax(1)                                        # [B, G]
+            pe = logits[:, G:].view(B, G, E // G).softmax(2)                     # [B, G, E/G]
+            probs = (pg.unsqueeze(2) * pe).reshape(B, E)
+            g = pg.argmax(1)
+            in_group = topk_mask(pe[torch.arange(B), g], k)                      # [B, E/G]
+            mask = torch.zeros(B, G, E // G, device=z.device, dtype=z.dtype)
+            mask[torch.arange(B), g] = in_group
+            mask = mask.view(B, E)
+            pe_sel = pe.reshape(B, E) * mask
+            weights = pg.gather(1, g[:, None]) * pe_sel / pe_sel.sum(1, keepdim=True).clamp_min(1e-9)
+            return Routing(probs, mask, weights)
+        probs = logits.softmax(1)
+        mask = topk_mask(probs, k)
+        return Routing(probs, mask, team_weights(probs, mask))
+
+    def expert_outputs(self, z: torch.Tensor, mask: torch.Tensor, path: str = "dense") -> torch.Tensor:
+        """[B, E, D]; rows of experts outside an input's team are 0."""
+        if path == "dense":
+            h = torch.stack([e(z) for e in self.experts], dim=1)
+            return h * mask.unsqueeze(-1)
+        if path != "sparse":
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        B, E, D = z.shape[0], len(self.experts), self.cfg.expert_dim
+        h = z.new_zeros(B, E, D)
+        for e, expert in enumerate(self.experts):
+            idx = mask[:, e].nonzero().squeeze(1)
+            if idx.numel():
+                h = h.index_put((idx, torch.full_like(idx, e)), expert(z.index_select(0, idx)))
+        return h
+
+    def combine(self, h: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.graph is not None:
+            h = self.graph(h, routing.mask)
+        y = (routing.weights.unsqueeze(-1) * h).sum(1)
+        return self.head(self.drop(y))
+
+    def forward(self, x: torch.Tensor, path: str = "dense", mask: torch.Tensor | None = None) -> MoEOutput:
+        """MASK (optional, [B, E]) replaces the gate's top-k team; the team is then weighted by the gate's
+        probabilities restricted to it."""
+        z = self.features(x)
+        r = self.route(z)
+        if mask is not None:
+            if mask.shape != r.probs.shape:
+                raise ValueError(f"mask must have shape {tuple(r.probs.shape)}, got {tuple(mask.shape)}")
+            r = Routing(r.probs, mask.to(r.probs.dtype), team_weights(r.probs, mask.to(r.probs.dtype)))
+        logits = self.combine(self.expert_outputs(z, r.mask, path), r)
+        bal = switch_balance_loss(r.probs, r.mask) if self.gate is not None else logits.new_zeros(())
+        return MoEOutput(logits, r, bal)
+
+    def export_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits through the dense masked path: the graph to export (no data-dependent control flow)."""
+        return self.forward(x, path="dense").logits
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """'gate' (gate and graph: trained conservatively) and 'experts' (stem, experts, head)."""
+        gate = [p for m in (self.gate, self.graph) if m is not None for p in m.parameters()]
+        ids = {id(p) for p in gate}
+        return {"gate": gate, "experts": [p for p in self.parameters() if id(p) not in ids]}

@@ -1,0 +1,321 @@
+"""`refgen moe train`: one MoE (or dense baseline) on one data set, with the plateau heuristic, the monitor, and
+an artifact folder:
+
+    model.safetensors   weights (metadata: the config as JSON)
+    moe.json            provenance (config, versions, git commit), test metrics, routing statistics, graph
+                        statistics, the static cost table, data source, timings, monitor summary
+    metrics.jsonl       training loss every `log_every` steps, one record per epoch (val/test), the LR/WD
+                        timeline ('hparams' records), monitor samples ('monitor' records)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from refgen.artifacts import JsonlLogger, atomic_save_safetensors, atomic_write_json, provenance
+from refgen.config import from_yaml
+from refgen.moe.cost import CostTable, cost_table
+from refgen.moe.data import DATASETS, ImageSet, load_dataset, stratified_split
+from refgen.moe.graph import graph_stats
+from refgen.moe.meta import PlateauController, make_optimizer
+from refgen.moe.model import PATHS, MoEClassifier, ModelConfig
+from refgen.moe.monitor import Probe
+
+SCHEDULES = ("plateau", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist"
+    cache: str | None = None            # data cache (default $REFGEN_MOE_DATA or ~/.cache/refgen/moe)
+    data_dir: str | None = None         # cifar10 only: the user's folder of CIFAR-10 python pickles
+    n_train: int | None = None          # cut the training split (toyworld27: render this many)
+    n_test: int | None = None
+    val_fraction: float = 0.1           # carved from the training split (stratified, split seed 0)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 10
+    max_steps: int | None = None        # stop early after this many steps (smoke tests)
+    batch_size: int = 128
+    lr: float = 2e-3
+    gate_lr_scale: float = 0.5
+    weight_decay: float = 5e-4
+    schedule: str = "plateau"           # plateau: ReduceLROnPlateau(0.5) after plateau_epochs; onecycle
+    plateau_epochs: int = 3
+    balance_coef: float = 0.01          # Switch load-balance loss weight (against expert collapse)
+    graph_l1: float = 1e-3              # L1 on the raw off-diagonal graph edges
+    shift_px: int = 2                   # random translation by up to this many pixels (0: off)
+    path: str = "sparse"                # execution path while training (eval is checked on both)
+    seed: int = 0
+    device: str | None = None           # cuda (default) or cpu
+    threads: int | None = None          # torch CPU threads
+    sample_every: int = 50              # monitor: one step in this many is timed
+    monitor: bool = True
+    log_every: int = 20
+    eval_batch: int = 512
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = ModelConfig(**self.model)
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        for k in ("epochs", "batch_size", "plateau_epochs", "sample_every", "log_every", "eval_batch"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for k in ("lr", "gate_lr_scale"):
+            if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
+                raise ValueError(f"{k} must be a positive number, got {getattr(self, k)}")
+        for k in ("weight_decay", "balance_coef", "graph_l1", "shift_px"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> TrainConfig:
+        return from_yaml(cls, path, **overrides)
+
+
+# ---- data on the device -------------------------------------------------------------------------------
+
+class Batches:
+    """uint8 images kept on the device, normalised per batch with the training split's channel mean/std."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, mean: np.ndarray, std: np.ndarray, device):
+        self.x = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+        self.y = torch.from_numpy(y).to(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __len__(self):
+        return len(self.y)
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.x[idx].float() / 255 - self.mean) / self.std, self.y[idx]
+
+
+def random_shift(x: torch.Tensor, max_px: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image translated by whole pixels in [-max_px, max_px], zero fill (nearest-neighbour grid_sample)."""
+    if max_px <= 0:
+        return x
+    B, _, H, W = x.shape
+    s = torch.randint(-max_px, max_px + 1, (B, 2), generator=gen).to(x.device, x.dtype)
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, 0, 2], theta[:, 1, 2] = -2 * s[:, 0] / W, -2 * s[:, 1] / H
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: MoEClassifier, data: Batches, path: str = "dense", batch: int = 512,
+             table: CostTable | None = None) -> dict:
+    """Accuracy, loss and routing statistics on DATA (eval mode)."""
+    was = model.training
+    model.eval()
+    n, correct, loss = len(data), 0, 0.0
+    E = model.cfg.num_experts
+    slots = torch.zeros(E, dtype=torch.float64)
+    wsum = torch.zeros(E, dtype=torch.float64)
+    psum = torch.zeros(E, dtype=torch.float64)
+    ent, active = 0.0, 0.0
+    for i in range(0, n, batch):
+        idx = torch.arange(i, min(i + batch, n), device=data.y.device)
+        x, y = data.get(idx)
+        out = model(x, path=path)
+        loss += float(F.cross_entropy(out.logits, y, reduction="sum"))
+        correct += int((out.logits.argmax(1) == y).sum())
+        r = out.routing
+        slots += r.mask.sum(0).double().cpu()
+        wsum += r.weights.sum(0).double().cpu()
+        psum += r.probs.sum(0).double().cpu()
+        ent += float(-(r.probs * r.probs.clamp_min(1e-12).log()).sum())
+        if table is not None:
+            active += float(table.active_flops(r.mask).sum())
+    model.train(was)
+    share = slots / slots.sum()
+    pmean = psum / n
+    res = {"n": n, "acc": correct / n, "loss": loss / n,
+           "routing_share": share.tolist(), "min_routing_share": float(share.min()),
+           "routing_weight": (wsum / n).tolist(),
+           "gate_entropy_batch_mean": float(-(pmean * pmean.clamp_min(1e-12).log()).sum()),
+           "gate_entropy_per_sample": ent / n,
+           "load_cv": float(slots.std(unbiased=False) / slots.mean()) if E > 1 else 0.0}
+    if table is not None:
+        res["active_flops_per_image"] = active / n
+    return res
+
+
+# ---- training -----------------------------------------------------------------------------------------
+
+def split_data(cfg: TrainConfig, ds: ImageSet):
+    if cfg.val_fraction > 0:
+        tr, va = stratified_split(ds.y_train, cfg.val_fraction, seed=0)
+    else:
+        tr, va = np.arange(len(ds.y_train)), np.arange(0)
+    x = ds.x_train[tr].astype(np.float64) / 255
+    mean, std = x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2)).clip(1e-3)
+    return tr, va, mean, std
+
+
+def build_model(cfg: TrainConfig, ds: ImageSet) -> MoEClassifier:
+    return MoEClassifier(cfg.model, ds.shape[0], ds.num_classes)
+
+
+def train(cfg: TrainConfig, out: str | Path, progress: bool = True, data: ImageSet | None = None,
+          model: MoEClassifier | None = None) -> dict:
+    """Train, evaluate on the test split, write the artifact folder; returns moe.json's content. DATA and MODEL
+    (optional) replace loading the data set / building the model from the config (the dense baselines of
+    bench/moe_acceptance.py pass a width-matched model)."""
+    from tqdm import tqdm
+
+    from refgen.runtime import resolve_device, seed_everything
+
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    t_start = time.perf_counter()
+    ds = data if data is not None else load_dataset(cfg.dataset, cfg.cache, cfg.data_dir, cfg.n_train, cfg.n_test,
+                                                    progress=progress)
+    t_data = time.perf_counter() - t_start
+    tr, va, mean, std = split_data(cfg, ds)
+    train_b = Batches(ds.x_train[tr], ds.y_train[tr], mean, std, device)
+    val_b = Batches(ds.x_train[va], ds.y_train[va], mean, std, device) if len(va) else None
+    test_b = Batches(ds.x_test, ds.y_test, mean, std, device)
+
+    torch.manual_seed(cfg.seed)
+    model = (model if model is not None else build_model(cfg, ds)).to(device)
+    table = cost_table(model, ds.shape)
+    opt = make_optimizer(model, cfg.lr, cfg.gate_lr_scale, cfg.weight_decay)
+    log = JsonlLogger(out / "metrics.jsonl")
+    steps_per_epoch = math.ceil(len(train_b) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
+                                                                                   cfg.epochs * steps_per_epoch)
+    plateau = PlateauController(opt, cfg.plateau_epochs, logger=log) if cfg.schedule == "plateau" else None
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                 total_steps=total_steps) if cfg.schedule == "onecycle" else None)
+    probe = Probe(device, cfg.sample_every, logger=log) if cfg.monitor else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_flops = 3 * table.static_topk_flops(cfg.model.top_k) * cfg.batch_size  # forward + backward ~ 3x forward
+    log.log(kind="start", config=dataclasses.asdict(cfg), params=model.num_params(), cost=table.to_json(),
+            n_train=len(train_b), n_val=len(va), n_test=len(test_b), device=str(device))
+
+    step, epoch_recs, stopped = 0, [], False
+    bar = tqdm(total=total_steps, desc=f"moe train {cfg.dataset} {cfg.model.kind}", disable=not progress)
+    t_train = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(train_b), generator=gen).to(device)
+        run_loss, run_n = 0.0, 0
+        for i in range(0, len(train_b), cfg.batch_size):
+            x, y = train_b.get(perm[i:i + cfg.batch_size])
+            x = random_shift(x, cfg.shift_px, gen)
+
+            def train_step():
+                out_ = model(x, path=cfg.path)
+                ce = F.cross_entropy(out_.logits, y)
+                loss = ce + cfg.balance_coef * out_.balance_loss
+                if model.graph is not None and cfg.graph_l1 > 0:
+                    loss = loss + cfg.graph_l1 * model.graph.l1()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                return ce, out_
+
+            if probe is not None:
+                with probe.step(step, flops=train_flops, images=len(y)):
+                    ce, o = train_step()
+            else:
+                ce, o = train_step()
+            step += 1
+            run_loss, run_n = run_loss + float(ce.detach()) * len(y), run_n + len(y)
+            if step % cfg.log_every == 0:
+                if not math.isfinite(float(ce.detach())):
+                    raise FloatingPointError(f"training loss is {float(ce)} at step {step} (lr {cfg.lr}); "
+                                             f"lower the learning rate")
+                log.log(kind="train", step=step, epoch=epoch, loss=float(ce.detach()),
+                        balance=float(o.balance_loss.detach()),
+                        lr={g["name"]: g["lr"] for g in opt.param_groups})
+                if probe is not None:
+                    probe.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(ce.detach()):.3f}")
+            if step >= total_steps:
+                stopped = cfg.max_steps is not None
+                break
+        val = evaluate(model, val_b, batch=cfg.eval_batch) if val_b is not None else None
+        rec = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": run_loss / max(run_n, 1),
+               "val_acc": val["acc"] if val else None, "val_loss": val["loss"] if val else None,
+               "seconds": time.perf_counter() - t_train}
+        if model.graph is not None:
+            gs = graph_stats(model.graph)
+            rec.update(graph_sparsity=gs["sparsity"], graph_dist_from_identity=gs["dist_from_identity"],
+                       adjacency=gs["adjacency"])
+        log.log(**rec)
+        epoch_recs.append(rec)
+        if plateau is not None:
+            plateau.step(val["loss"] if val else rec["train_loss"], epoch)
+        if step >= total_steps:
+            break
+    bar.close()
+    train_s = time.perf_counter() - t_train
+
+    test = evaluate(model, test_b, "dense", cfg.eval_batch, table)
+    test_sparse = evaluate(model, test_b, "sparse", cfg.eval_batch)
+    info = provenance(cfg, dataset=ds.name, data_source=ds.source, classes=list(ds.classes),
+                      input_shape=list(ds.shape), norm_mean=mean.tolist(), norm_std=std.tolist(),
+                      params=model.num_params(), cost=table.to_json(), steps=step, stopped_on_max_steps=stopped,
+                      device=str(device), threads=torch.get_num_threads(),
+                      metrics={"test": test, "test_acc_sparse_path": test_sparse["acc"],
+                               "final_val": epoch_recs[-1] if epoch_recs else None},
+                      graph=graph_stats(model.graph) if model.graph is not None else None,
+                      hparams_timeline=plateau.timeline if plateau is not None else None,
+                      monitor=probe.summary() if probe is not None else None,
+                      seconds={"data": t_data, "train": train_s, "total": time.perf_counter() - t_start},
+                      model_config=dataclasses.asdict(model.cfg))
+    atomic_save_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.safetensors",
+                            metadata={"refgen_moe_config": json.dumps(dataclasses.asdict(model.cfg)),
+                                      "in_channels": str(model.in_channels), "num_classes": str(model.num_classes)})
+    atomic_write_json(out / "moe.json", info)
+    log.log(kind="done", test_acc=test["acc"], steps=step, train_s=train_s)
+    return info
+
+
+def load_model(folder: str | Path, device="cpu") -> tuple[MoEClassifier, dict]:
+    """(model in eval mode, moe.json) from a `refgen moe train` folder."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    f = folder / "model.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist: not a `refgen moe train` output folder")
+    with safe_open(str(f), "pt") as so:
+        meta = so.metadata()
+    model = MoEClassifier(ModelConfig(**json.loads(meta["refgen_moe_config"])), int(meta["in_channels"]),
+                          int(meta["num_classes"]))
+    model.load_state_dict(load_file(str(f)))
+    info = json.loads((folder / "moe.json").read_text()) if (folder / "moe.json").is_file() else {}
+    return model.to(device).eval(), info
