@@ -153,24 +153,18 @@ def cmd_slots(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from refgen.identity.inject import load_residual
-    from refgen.identity.prompts import encode_prompts
-    from refgen.identity.render import (RenderConfig, encode_negative, load_pipeline, release_text_encoder,
-                                        render_grid)
+    from refgen.identity.render import RenderConfig
+    from refgen.pipeline import IdentityPipeline
 
     warn_negative_alphas("render", args.alphas, "--alphas")
 
     cfg = RenderConfig(prompt=args.prompt, alphas=args.alphas, seeds=args.seeds, steps=args.steps,
                        true_cfg=args.true_cfg, negative_prompt=args.negative_prompt, height=args.height,
                        width=args.width, batch_size=args.batch_size, cfg_batch=not args.no_cfg_batch)
-    pipe = load_pipeline(args.model, args.device, args.dtype, offload=args.offload, compile=args.compile)
-    res = [load_residual(f, pipe, pipe._execution_device, pipe.transformer.dtype) for f in args.residual]
-    # Encode once, then free the text encoder's GPU memory before the transformer runs.
-    enc = encode_prompts(pipe, cfg.prompt, n_identities=len(res) if res else None)
-    neg = encode_negative(pipe, cfg)
-    release_text_encoder(pipe)
-    rec = render_grid(pipe, cfg, res, args.out, residual_files=args.residual,
-                      encoded=(enc.embeds, enc.mask, enc.slots[0]), neg=neg)
+    # one-shot: the text encoder leaves the GPU once the prompts are encoded
+    ip = IdentityPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload,
+                                          compile=args.compile, free_text_encoder=True)
+    rec = ip.render_grid(cfg, [ip.load_residual(f) for f in args.residual], args.out, residual_files=args.residual)
     print(f"wrote {Path(args.out) / rec['grid']} ({len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds) and grid.json")
     return 0
 
@@ -241,13 +235,11 @@ class _PersonAction(argparse.Action):
 
 
 def cmd_generate(args) -> int:
-    from refgen.artifacts import JsonlLogger
-    from refgen.identity.generate import GenerateConfig, Person, assign_alphas, error_kind, generate
+    from refgen.identity.generate import GenerateConfig, Person, assign_alphas, generate, generate_log
 
     warn_negative_alphas("generate", args.alpha, "--alpha")
     warn_negative_alphas("generate", args.grid_alphas, "--grid-alphas")
-    log = JsonlLogger(Path(args.out) / "generate_log.jsonl")
-    try:
+    with generate_log(args.out, args.prompt) as run:
         people = getattr(args, "people", None) or []
         alphas = assign_alphas(len(people), args.alpha)
         cfg = GenerateConfig(prompt=args.prompt, people=[Person(k, v, a) for (k, v), a in zip(people, alphas)],
@@ -255,13 +247,9 @@ def cmd_generate(args) -> int:
                              negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                              batch_size=args.batch_size, grid_alphas=args.grid_alphas,
                              cfg_batch=not args.no_cfg_batch)
-        rec = generate(cfg, args.model, args.out, vl_model=args.vl_model, head=args.head, device=args.device,
-                       dtype=args.dtype, offload=args.offload, compile=args.compile)
-    except Exception as e:
-        log.log(kind=error_kind(e), prompt=args.prompt, error=str(e))
-        raise
-    log.log(kind="ok", prompt=args.prompt, images=rec["images"])
-    print(f"wrote {len(rec['images'])} images and generate.json to {args.out}")
+        run.update(generate(cfg, args.model, args.out, vl_model=args.vl_model, head=args.head, device=args.device,
+                            dtype=args.dtype, offload=args.offload, compile=args.compile))
+    print(f"wrote {len(run['images'])} images and generate.json to {args.out}")
     return 0
 
 

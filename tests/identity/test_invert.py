@@ -157,13 +157,19 @@ def test_kill_and_resume_matches_uninterrupted(tiny_models, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not (tmp_path / "killed" / "seed_0" / "teacher.json").exists()
-    assert subprocess.run(_invert_cmd(root, model, tmp_path / "killed", cfg_path), env=env,
-                          capture_output=True).returncode == 0
+    resumed = subprocess.run(_invert_cmd(root, model, tmp_path / "killed", cfg_path), env=env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0 and "resuming from step" in resumed.stdout
     assert subprocess.run(_invert_cmd(root, model, tmp_path / "clean", cfg_path), env=env,
                           capture_output=True).returncode == 0
     a = torch.load(tmp_path / "killed" / "seed_0" / "teacher_prompt_embeds.pt")
     b = torch.load(tmp_path / "clean" / "seed_0" / "teacher_prompt_embeds.pt")
     assert torch.equal(a, b)
+    # the steps the killed run logged past its checkpoint were replayed: each is in the log once, as in a clean run
+    logs = [[json.loads(x) for x in (tmp_path / d / "seed_0" / "teacher_metrics.jsonl").read_text().splitlines()]
+            for d in ("killed", "clean")]
+    assert [r["step"] for r in logs[0]] == [r["step"] for r in logs[1]] == list(range(1, 25))
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
     # a third run finds everything complete and does nothing
     out = subprocess.run(_invert_cmd(root, model, tmp_path / "clean", cfg_path), env=env, capture_output=True,
                          text=True)
@@ -192,6 +198,16 @@ def test_resume_under_another_batch_size_but_not_another_objective(pipe, tmp_pat
     inv = Inverter(pipe, InvertConfig(**{**FAST, "lr": 1e-3, "steps": 6, "checkpoint_every": 3}), out, progress=False)
     with pytest.raises(ValueError, match="another config.*lr"):
         inv._new_state(ident)
+
+
+def test_cli_turns_qa_off_and_sets_the_checkpoint_interval(tiny_models, tmp_path):
+    root = make_identities(tmp_path / "ids", n=1)
+    assert main(["invert", str(root), "--model", tiny_models["qwen_image"], "--device", "cpu", "--dtype", "fp32",
+                 "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "o"), "--no-qa",
+                 "--checkpoint-every", "7"]) == 0
+    rec = json.loads((tmp_path / "o" / "seed_0" / "teacher.json").read_text())
+    assert rec["config"]["qa"] is False and rec["config"]["checkpoint_every"] == 7
+    assert not (tmp_path / "o" / "seed_0" / "alpha_eval").exists()
 
 
 def test_complete_identities_made_with_other_settings_are_refused_not_reused(tiny_models, tmp_path, capsys):

@@ -434,6 +434,13 @@ def _diff(a: dict, b: dict) -> dict:
     return {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
 
 
+def check_invert_offload(offload: str) -> None:
+    """Inversion runs with every component on the GPU or under model offload, not under group offload."""
+    if offload not in ("none", "model"):
+        raise ValueError(f"invert supports --offload none or model, not {offload!r} (group offload sends each "
+                         "layer's weights back to the CPU after its forward, and the backward pass needs them)")
+
+
 def distributed_shard() -> tuple[int, int]:
     """(rank, world) under torchrun, (0, 1) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -448,8 +455,8 @@ def invert(root: str | Path, model: str, out: str | Path | None = None, only: li
     encoder while the prompts are encoded, then the transformer, so a 48 GB card can invert (with
     gradient checkpointing; measured peaks in docs/benchmarks.md). Group offload is refused: the backward
     pass needs every layer's weights after its forward hook has already sent them back to the CPU."""
-    from refgen.identity.render import load_pipeline
     from refgen.images import scan
+    from refgen.pipeline import IdentityPipeline
 
     cfg = cfg or InvertConfig()
     res = scan(root)
@@ -468,18 +475,7 @@ def invert(root: str | Path, model: str, out: str | Path | None = None, only: li
         shard = (shard[0] * world + rank, shard[1] * world)
     idents = shard_identities(idents, *shard)
     out_root = Path(out or root)
-    if offload not in ("none", "model"):
-        raise ValueError(f"invert supports --offload none or model, not {offload!r} (group offload sends each "
-                         "layer's weights back to the CPU after its forward, and the backward pass needs them)")
-    pipe = load_pipeline(model, device, dtype, offload=offload)
-    inv = Inverter(pipe, cfg, out_root, model_id=model, progress=progress)
-    stale = {i.id: inv.settings_diff(i) for i in idents if inv.settings_diff(i)}
-    if stale:
-        first = next(iter(stale))
-        raise ValueError(f"{len(stale)} identities under {out_root} were inverted with other settings "
-                         f"({first}: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in stale[first].items())}); "
-                         "delete their teacher.json to redo them with these settings, or use another --out")
-    todo = [i for i in idents if not inv.is_complete(i)]
-    print(f"refgen invert: shard {shard[0]}/{shard[1]}: {len(idents)} identities, {len(idents) - len(todo)} "
-          f"complete, {len(todo)} to do")
-    return inv.run(todo)
+    check_invert_offload(offload)
+    ip = IdentityPipeline.from_pretrained(model, device=device, dtype=dtype, offload=offload)
+    return ip.invert_identities(idents, cfg, out_root, progress=progress,
+                                label=f"refgen invert: shard {shard[0]}/{shard[1]}")
