@@ -1,16 +1,20 @@
-"""Inference for 1-n people in any prompt (seed 000, phases 4 and 5).
+"""`refgen generate`: 1-n people in any prompt, through `refgen.pipeline.IdentityPipeline`.
 
 Each person is a reference (a folder or image files -> Qwen3-VL features -> head -> residual) or a residual
 file, and fills the next `~ID~` left to right. The prompt is encoded once, every slot gets alpha_k * R_k,
 and the images render through QwenImagePipeline with `prompt_embeds`. Every check that can fail (slot
 count, residual or head fit, unreadable references) runs before the large models are loaded, and every
-run, failed or not, appends one line to OUT/generate_log.jsonl so `refgen report` can count error kinds.
+run, failed or not, appends one line to OUT/generate_log.jsonl (`generate_log`) so `refgen report` can count
+error kinds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +49,20 @@ class GenerateConfig:
     grid_alphas: list[float] | None = None  # optional QA grid: rows multiply every person's alpha
     cfg_batch: bool = True  # true CFG's prompt and negative rows in one forward (RenderConfig.cfg_batch)
 
+    def render_config(self, alphas: list[float] | None = None):
+        """The sampling settings as a RenderConfig (which validates them); `alphas`: its grid rows."""
+        from refgen.identity.render import RenderConfig
+
+        return RenderConfig(prompt=self.prompt, alphas=alphas or [1.0], seeds=self.seeds, steps=self.steps,
+                            true_cfg=self.true_cfg, negative_prompt=self.negative_prompt, height=self.height,
+                            width=self.width, batch_size=self.batch_size, cfg_batch=self.cfg_batch)
+
 
 def assign_alphas(n_people: int, alphas: list[float]) -> list[float]:
+    """One alpha per person: none given = 1 each, one given = that for all; anything else must be one per person."""
+    bad = [a for a in alphas if not math.isfinite(a)]
+    if bad:
+        raise ValueError(f"alphas must be finite numbers, got {bad[0]}")
     if not alphas:
         return [1.0] * n_people
     if len(alphas) == 1:
@@ -103,21 +119,20 @@ def check_head_fits(md: dict, pipe, vl: ModelIdentity, head_path) -> None:
 def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | None = None,
              head: str | None = None, device: str | None = None, dtype: str = "bf16", progress: bool = True,
              offload: str = "none", compile: bool = False) -> dict:
+    """Load an IdentityPipeline, render one image per seed into OUT (seed<N>.png, generate.json, optional grid/)."""
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
-    from refgen.identity.features import VisionFeatures, feature_config_from_settings
-    from refgen.identity.head import load_head
-    from refgen.identity.inject import inject, load_residual, read_residual
-    from refgen.identity.prompts import encode_prompts, tokenize
-    from refgen.identity.render import (RenderConfig, encode_negative, load_pipeline, load_tokenizer_only,
-                                        release_text_encoder, render_grid, render_images)
-    from refgen.images import load_rgb, resolve_refs
+    from refgen.identity.inject import read_residual
+    from refgen.identity.prompts import tokenize
+    from refgen.identity.render import load_tokenizer_only
+    from refgen.images import resolve_refs
+    from refgen.model_identity import identify_model
+    from refgen.pipeline import IdentityPipeline
 
     out = Path(out)
     if not cfg.people:
         raise ValueError("no people given: use --ref DIR_OR_FILES or --residual FILE, one per ~ID~")
-    rc = RenderConfig(prompt=cfg.prompt, alphas=[1.0], seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg,
-                      negative_prompt=cfg.negative_prompt, height=cfg.height, width=cfg.width,
-                      batch_size=cfg.batch_size, cfg_batch=cfg.cfg_batch)
+    rc = cfg.render_config()
+    grid_cfg = cfg.render_config(cfg.grid_alphas) if cfg.grid_alphas else None
     # Cheap checks first: slots (tokenizer only), reference files, residual files' format.
     tokenize(load_tokenizer_only(model), cfg.prompt, n_identities=len(cfg.people))
     refs = {k: resolve_refs(p.source) for k, p in enumerate(cfg.people) if p.kind == "ref"}
@@ -126,53 +141,48 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
             read_residual(p.source[0])
     if refs and not (vl_model and head):
         raise ValueError("--ref needs --vl-model and --head (a head checkpoint from `refgen train-head`)")
-    vl = identify_model(vl_model, "--vl-model", allow_download=True) if refs else None
-
-    pipe = load_pipeline(model, device, dtype, offload=offload, compile=compile)
-    dev, dt = pipe._execution_device, pipe.transformer.dtype
-    residuals: list[torch.Tensor] = [None] * len(cfg.people)  # type: ignore[list-item]
-    for k, p in enumerate(cfg.people):
-        if p.kind == "residual":
-            residuals[k] = load_residual(p.source[0], pipe, dev, dt)
-    head_md = None
     if refs:
-        h, head_md = load_head(head, dev, dt)
-        check_head_fits(head_md, pipe, vl, head)
-        settings = head_feature_settings(head_md, head)
-        # the features exactly as training made them: same budget, sides, image count and dtype
-        fx = VisionFeatures(vl_model, device, settings["dtype"], feature_config_from_settings(settings))
-        if vl.config_sha256 is None:  # downloaded just now: its config can be compared at last
-            problems = check_vl_model(settings, identify_model(vl_model, "--vl-model"))
-            if problems:
-                raise HeadMismatchError(f"head {head} does not fit: " + "; ".join(problems))
-        with torch.no_grad():
-            for k, files in refs.items():
-                z = fx([load_rgb(f) for f in files]).to(dev, dt)
-                residuals[k] = h(z[None])[0]  # (L, H)
-        del fx
-    enc = encode_prompts(pipe, cfg.prompt, n_identities=len(cfg.people))
-    slots = enc.slots[0]
+        identify_model(vl_model, "--vl-model", allow_download=True)
+
+    ip = IdentityPipeline.from_pretrained(model, vl_model=vl_model if refs else None, head=head if refs else None,
+                                          device=device, dtype=dtype, offload=offload, compile=compile,
+                                          free_text_encoder=True)
+    residuals = [ip.load_residual(p.source[0]) if p.kind == "residual" else None for p in cfg.people]
+    for k, files in refs.items():
+        residuals[k] = ip.residual_from_refs(files)
     alphas = [p.alpha for p in cfg.people]
-    neg = encode_negative(pipe, rc)
-    release_text_encoder(pipe)  # every prompt is encoded: ~16 GB less on the GPU while denoising
-    B = len(cfg.seeds)
-    E = inject(enc.embeds.expand(B, -1, -1), slots, residuals, alphas)
-    images = render_images(pipe, E, enc.mask.expand(B, -1), cfg.seeds, rc, neg, progress)
+    images = ip(cfg.prompt, residuals, alphas, seeds=rc.seeds, steps=rc.steps, true_cfg=rc.true_cfg,
+                height=rc.height, width=rc.width, negative_prompt=rc.negative_prompt, batch_size=rc.batch_size,
+                cfg_batch=rc.cfg_batch, progress=progress)
     files = []
     for s, im in zip(cfg.seeds, images):
         atomic_save_image(im, out / f"seed{s}.png")
         files.append(f"seed{s}.png")
+    slots = [{"start": s["start"], "length": s["length"]} for s in ip.slots(cfg.prompt)]
     record = provenance(dataclasses.asdict(cfg), kind="generate", model=model, vl_model=vl_model, head=head,
-                        head_metadata=head_md, dtype=str(dt).replace("torch.", ""), device=str(dev),
-                        slots=[dataclasses.asdict(s) for s in slots], alphas=alphas, images=files)
-    if cfg.grid_alphas:
-        scaled = [a * r for a, r in zip(alphas, residuals)]
-        grid_cfg = dataclasses.replace(rc, alphas=cfg.grid_alphas)
-        render_grid(pipe, grid_cfg, scaled, out / "grid", progress=progress,
-                    encoded=(enc.embeds, enc.mask, slots), neg=neg)
+                        head_metadata=ip.head_metadata, dtype=str(ip.dtype).replace("torch.", ""),
+                        device=str(ip.device), slots=slots, alphas=alphas, images=files)
+    if grid_cfg:
+        ip.render_grid(grid_cfg, residuals, out / "grid", alphas=alphas, progress=progress)
         record["grid"] = "grid/grid.png"
     atomic_write_json(out / "generate.json", record)
     return record
+
+
+@contextmanager
+def generate_log(out: str | Path, prompt: str) -> Iterator[dict]:
+    """One line per run in OUT/generate_log.jsonl, for `refgen report`: `kind` "ok" with the images the caller
+    put into the yielded dict, or the error's kind (ERROR_KINDS) and message; the error is raised on."""
+    from refgen.artifacts import JsonlLogger
+
+    log = JsonlLogger(Path(out) / "generate_log.jsonl")
+    result: dict = {}
+    try:
+        yield result
+    except Exception as e:
+        log.log(kind=error_kind(e), prompt=prompt, error=str(e))
+        raise
+    log.log(kind="ok", prompt=prompt, images=result.get("images", []))
 
 
 ERROR_KINDS = {"SlotError": "slot", "HeadMismatchError": "head_mismatch", "ResidualMismatchError": "residual_mismatch",

@@ -108,27 +108,39 @@ def read_residual(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
     return r, md
 
 
-def load_residual(path: str | Path, pipe, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Read a residual and refuse it unless it fits `pipe` (L, H, placeholder ids, tokenizer)."""
-    r, md = read_residual(path)
+def residual_problems(r: torch.Tensor, md: dict[str, str], pipe) -> list[str]:
+    """Why a residual (L, H) with its metadata does not fit `pipe` (L, H, placeholder ids, tokenizer); [] if it fits."""
     ids = placeholder_ids(pipe.tokenizer)
     H = pipe.transformer.config.joint_attention_dim
     problems = []
     if json.loads(md.get("placeholder_token_ids", "null")) != ids:
         problems.append(f"placeholder token ids {md.get('placeholder_token_ids')} != this tokenizer's {ids}")
-    if int(md.get("L", -1)) != len(ids) or r.shape[0] != len(ids):
+    if int(md.get("L", -1)) != len(ids) or r.ndim != 2 or r.shape[0] != len(ids):
         problems.append(f"L={md.get('L')} (tensor {tuple(r.shape)}) != this tokenizer's L={len(ids)}")
-    if int(md.get("H", -1)) != H or r.shape[1] != H:
+    if int(md.get("H", -1)) != H or r.ndim != 2 or r.shape[1] != H:
         problems.append(f"H={md.get('H')} (tensor {tuple(r.shape)}) != this model's hidden size {H}")
     if md.get("tokenizer_fingerprint") != tokenizer_fingerprint(pipe.tokenizer):
         problems.append(f"tokenizer fingerprint {md.get('tokenizer_fingerprint')} != this tokenizer's "
                         f"{tokenizer_fingerprint(pipe.tokenizer)} (made for model {md.get('model')!r})")
+    if not problems and not torch.isfinite(r).all():
+        problems.append("it contains NaN/Inf")
+    return problems
+
+
+def read_checked_residual(path: str | Path, pipe) -> tuple[torch.Tensor, dict[str, str]]:
+    """(residual (L, H) as stored, metadata), refused unless it fits `pipe`."""
+    r, md = read_residual(path)
+    problems = residual_problems(r, md, pipe)
     if problems:
         raise ResidualMismatchError(f"residual {path} does not fit the loaded model: " + "; ".join(problems))
-    if not torch.isfinite(r).all():
-        raise ResidualMismatchError(f"residual {path} contains NaN/Inf")
-    return r.to(device=device, dtype=dtype)
+    return r, md
 
 
-__all__ = ["inject", "save_residual", "load_residual", "read_residual", "residual_metadata",
+def load_residual(path: str | Path, pipe, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Read a residual and refuse it unless it fits `pipe` (L, H, placeholder ids, tokenizer)."""
+    return read_checked_residual(path, pipe)[0].to(device=device, dtype=dtype)
+
+
+__all__ = ["inject", "save_residual", "load_residual", "read_residual", "read_checked_residual", "residual_problems",
+           "residual_metadata",
            "ResidualMismatchError", "DeviceMismatchError", "FORMAT"]

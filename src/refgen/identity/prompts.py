@@ -56,10 +56,11 @@ def encode_prompts(pipe, prompts: str | list[str], n_identities: int | None = No
     batch = pipe.tokenizer.pad({"input_ids": [tp.input_ids for tp in tps]}, padding=True, return_tensors="pt")
     # Run the text encoder where it lives (it may be offloaded to the CPU once embeddings exist, to
     # free ~16 GB for the transformer), and hand the embeddings to the pipeline's device.
-    # Under model offload (refgen.identity.render.place) the weights sit on the CPU and the hooks bring them
-    # to the execution device, so the inputs go there.
-    offloaded = getattr(pipe, "refgen_offload", "none") == "model"
-    te_device = device if offloaded else next(pipe.text_encoder.parameters()).device
+    # Under offload hooks the weights sit on the CPU and the hooks bring them to the execution device, so the
+    # inputs go there.
+    from refgen.identity.render import moved_by_hooks
+
+    te_device = device if moved_by_hooks(pipe.text_encoder) else next(pipe.text_encoder.parameters()).device
     input_ids = batch["input_ids"].to(te_device)
     attn = batch["attention_mask"].to(te_device)
     check_tensors({"input_ids": input_ids, "attention_mask": attn}, te_device, where="encode_prompts: ")

@@ -62,12 +62,11 @@ def load_pipeline(model: str, device: str | None = None, dtype: str = "bf16", of
     if compile:
         pipe.transformer.compile_repeated_blocks(fullgraph=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.refgen_model_id = str(model)
     return pipe
 
 
 def place(pipe, device: torch.device, offload: str = "none") -> None:
-    """Put a pipeline on `device` by one of OFFLOAD_MODES; records the choice as `pipe.refgen_offload`."""
+    """Put a pipeline on `device` by one of OFFLOAD_MODES (`offload_mode` reads the choice back from the pipeline)."""
     if offload == "none":
         pipe.to(device)
     elif offload == "model":
@@ -79,13 +78,32 @@ def place(pipe, device: torch.device, offload: str = "none") -> None:
         pipe.vae.to(device)
     else:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-    pipe.refgen_offload = offload
+
+
+def moved_by_hooks(module) -> bool:
+    """True when accelerate's hooks (diffusers' model or sequential CPU offload) bring `module` to the execution
+    device whenever it runs, so where its weights sit now says nothing about where it computes. Read from the
+    module itself, as diffusers' `_execution_device` does: a pipeline offloaded by its user counts like one
+    refgen placed."""
+    return hasattr(module, "_hf_hook")
+
+
+def offload_mode(pipe) -> str:
+    """Which of OFFLOAD_MODES `pipe` is under, read from its transformer's hooks (not from anything refgen
+    stored on the pipeline): "model" for accelerate's offload hooks, "group" for diffusers' group offloading."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    if moved_by_hooks(pipe.transformer):
+        return "model"
+    if _is_group_offload_enabled(pipe.transformer):
+        return "group"
+    return "none"
 
 
 def release_text_encoder(pipe) -> None:
     """Once every prompt is encoded the text encoder (Qwen2.5-VL-7B, ~16 GB in bf16) is dead weight on the
     GPU: move it to the CPU. Under model offload the hooks already do this, so it is left alone."""
-    if getattr(pipe, "refgen_offload", "none") == "model" or pipe.text_encoder is None:
+    if pipe.text_encoder is None or moved_by_hooks(pipe.text_encoder):
         return
     if next(pipe.text_encoder.parameters()).device.type == "cuda":
         pipe.text_encoder.to("cpu")
@@ -256,12 +274,13 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
 
 def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir: str | Path,
                 residual_files: list[str] | None = None, progress: bool = True,
-                encoded: tuple | None = None, neg: tuple | None = None) -> dict:
+                encoded: tuple | None = None, neg: tuple | None = None, model_id: str | None = None) -> dict:
     """Alpha x seed grid for one prompt. Every slot gets its residual times the row's alpha.
 
     With no residuals the placeholders stay as plain text (phase 1.3's empty-injection smoke test).
     `encoded` = (embeds (1,S,H), mask (1,S), slots) and `neg` = (embeds, mask) skip the text encoder
-    (inversion has them already and has moved the text encoder off the GPU).
+    (inversion has them already and has moved the text encoder off the GPU). `model_id` is what grid.json
+    names as the model (default: the path or hub id the pipeline was loaded from).
     Writes grid.png, grid.json and images/a{alpha}_s{seed}.png; returns the JSON record.
     """
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
@@ -293,7 +312,7 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     grid = make_grid(rows, [f"a={a:g}" for a in cfg.alphas], [f"seed {s}" for s in cfg.seeds])
     atomic_save_image(grid, out_dir / "grid.png")
     record = provenance(
-        dataclasses.asdict(cfg), kind="alpha_grid", model=getattr(pipe, "refgen_model_id", None),
+        dataclasses.asdict(cfg), kind="alpha_grid", model=model_id or pipe.name_or_path,
         dtype=str(pipe.transformer.dtype).replace("torch.", ""), device=str(pipe._execution_device),
         alphas=cfg.alphas, seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg, height=cfg.height,
         width=cfg.width, negative_prompt=cfg.negative_prompt, residuals=residual_files or [],
