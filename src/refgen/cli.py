@@ -389,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     tw = sub.add_parser("toyworld", help="toy identity world: identities, recognizer, toy Qwen-Image recipe")
     register_toyworld(tw.add_subparsers(dest="toyworld_command", required=True))
 
+    from refgen.moe.cli import register as register_moe
+
+    moe = sub.add_parser("moe", help="energy-aware MoE image classifier: fetch-data, train, rl, bench")
+    register_moe(moe.add_subparsers(dest="moe_command", required=True))
+
     dm = sub.add_parser("demo", help="the identity path end to end on the embedded toy model (CPU, minutes)")
     dm.add_argument("--out", default="refgen_demo", help="output folder (default ./refgen_demo)")
     dm.add_argument("--device", default="cpu", help="cpu (default: the toy model is small) or cuda")
@@ -440,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         if not _is_user_error(e):
             raise
         name = " ".join(c for c in (args.command, getattr(args, "dit_command", None),
-                                    getattr(args, "toyworld_command", None)) if c)
+                                    getattr(args, "toyworld_command", None),
+                                    getattr(args, "moe_command", None)) if c)
         print(f"refgen {name}: error: {e}", file=sys.stderr)
         return 1
 

