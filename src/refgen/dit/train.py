@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from refgen.ema import ema_decay_at, ema_update  # noqa: F401  (re-exported for the benches)
 from refgen import flow
 from refgen.artifacts import JsonlLogger, atomic_torch_save, atomic_write_json, provenance
 from refgen.dit.config import CFGDropout, TrainConfig, fit_to_shards, to_dict, train_config_from_dict
@@ -46,19 +47,6 @@ def build_model(cfg: TrainConfig, device: torch.device) -> NanoDiT:
     model = NanoDiT(cfg.model)
     check_cpu_size(model, device, "NanoDiT")
     return model.to(device)
-
-
-def ema_decay_at(step: int, decay: float, warmup: float) -> float:
-    """min(decay, (1 + step) / (warmup + step)): 0.1 at step 0 with warmup 10, 0.9 at step 80, 0.99 at ~900."""
-    return min(decay, (1 + step) / (warmup + step))
-
-
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """W_ema <- decay * W_ema + (1 - decay) * W (seed 002 part C), in fp32."""
-    e = [p for p in ema.parameters()]
-    m = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e, m, 1.0 - decay)
 
 
 def clip_and_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from refgen import flow
+from refgen.ema import ema_decay_at, ema_update
 from refgen.artifacts import JsonlLogger, atomic_save_image, atomic_write_json, provenance
 from refgen.toyworld import world
 
@@ -429,6 +429,8 @@ def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev
                       progress: bool) -> tuple[dict, dict]:
     from diffusers import QwenImagePipeline
 
+    from refgen.identity.qwen import QwenFlowModel
+
     tc = cfg.transformer
     tf = pipe.transformer
     mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1)
@@ -445,7 +447,7 @@ def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev
     opt = torch.optim.AdamW(tf.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.99),
                             fused=dev.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(tc.warmup, tc.steps))
-    img_shapes = [(1, h // 2, w // 2)] * B
+    model = QwenFlowModel(tf, (h, w))  # model(x, sigma, (embeds, mask)): the pipeline's own transformer call
     if tc.compile:
         tf.compile_repeated_blocks(fullgraph=True)  # diffusers' regional compile: one graph per block type
     tf.train()
@@ -459,19 +461,14 @@ def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev
         x0 = z_all[idx]
         noise = torch.randn(x0.shape, generator=g, device=dev)
         sigma = flow.sample_sigmas(B, tc.sigma_mode, generator=g, device=dev)
-        x_t = flow.add_noise(x0, noise, sigma)
-        with _autocast(dev):
-            v = tf(hidden_states=x_t, encoder_hidden_states=emb_bank[row], encoder_hidden_states_mask=mask_bank[row],
-                   timestep=sigma, img_shapes=img_shapes, return_dict=False)[0]
-        loss = F.mse_loss(v.float(), flow.velocity_target(x0, noise).float())
+        with _autocast(dev):  # the one flow-matching loss and Qwen adapter inversion also uses
+            loss = flow.loss(model, x0, (emb_bank[row], mask_bank[row]), sigma=sigma, noise=noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(tf.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
-        with torch.no_grad():  # EMA weights are what ship: smoother samples for the same steps
-            d = min(tc.ema, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(tf.parameters()), 1 - d)
+        ema_update(ema, tf, ema_decay_at(step, tc.ema, 10))  # the EMA weights are what ship
         done = step + 1
         recent.append(loss.detach())
         if done % cfg.log_every == 0 or done == tc.steps:
