@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from refgen.toyworld import world
-from refgen.toyworld.cli import main as toyworld_main
+from refgen.cli import main as refgen_main
 from refgen.toyworld.identities import make_identities
 
 
@@ -44,6 +44,6 @@ def test_idempotent_and_repairs_incomplete(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    assert toyworld_main(["make-identities", str(tmp_path / "ids"), "--n", "2", "--seed", "5", "--quiet"]) == 0
+    assert refgen_main(["toyworld", "make-identities", str(tmp_path / "ids"), "--n", "2", "--seed", "5", "--quiet"]) == 0
     assert (tmp_path / "ids" / "seed_6" / "identity.json").is_file()
     assert "2 identities" in capsys.readouterr().out

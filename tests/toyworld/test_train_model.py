@@ -8,13 +8,13 @@ import torch
 
 from refgen.toyworld import train_model as T
 from refgen.toyworld import world
-from refgen.toyworld.cli import main as toyworld_main
+from refgen.cli import main as refgen_main
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("tm") / "model"
-    assert toyworld_main(["train-model", "--tiny", "--out", str(out), "--quiet"]) == 0
+    assert refgen_main(["toyworld", "train-model", "--tiny", "--out", str(out), "--quiet"]) == 0
     return out
 
 

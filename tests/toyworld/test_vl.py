@@ -79,10 +79,10 @@ def test_supcon_prefers_grouped_features():
 
 def test_tiny_training_run_writes_a_loadable_folder(tmp_path):
     from refgen.identity.features import VisionFeatures
-    from refgen.toyworld.cli import main
+    from refgen.cli import main
 
     out = tmp_path / "vl"
-    assert main(["train-vl", "--tiny", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert main(["toyworld", "train-vl", "--tiny", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
     meta = json.loads((out / vl.META_FILE).read_text())
     assert meta["steps_done"] == vl.VLConfig.tiny().steps
     assert meta["metrics"]["visionfeatures_check"]["max_abs_diff"] < 1e-5

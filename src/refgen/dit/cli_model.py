@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -155,15 +154,3 @@ def register(dit_subparsers) -> None:
     v.add_argument("--device")
     v.add_argument("--steps", type=int, help="override the preset's training steps")
     v.set_defaults(func=_validate)
-
-
-def _standalone(argv=None) -> int:
-    """`python -m refgen.dit.cli_model ...` until the lead wires `register` into `refgen dit`."""
-    p = argparse.ArgumentParser(prog="refgen dit")
-    register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(_standalone())

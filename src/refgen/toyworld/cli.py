@@ -3,8 +3,8 @@ each maps onto one plain function and returns an exit code."""
 
 from __future__ import annotations
 
-import argparse
 import json
+from pathlib import Path
 
 
 def _make_identities(args) -> int:
@@ -48,8 +48,8 @@ def _train_model(args) -> int:
     if args.tiny:
         cfg = ModelConfig.tiny(**{k: v for k, v in over.items() if v is not None})
     else:
-        if args.config is None:
-            raise SystemExit("train-model needs --config (e.g. configs/toyworld_model.yaml) or --tiny")
+        if args.config is None:  # a usage error: exit 2 with argparse's message, like a missing argument
+            args.parser.error("train-model needs --config (e.g. configs/toyworld_model.yaml) or --tiny")
         cfg = ModelConfig.from_yaml(args.config, **over)
     out = train_model(cfg, args.out, progress=not args.quiet)
     print(f"saved QwenImagePipeline to {out}")
@@ -82,9 +82,9 @@ def _benchmark(args) -> int:
         cfg = BenchmarkConfig.from_yaml(args.config, **over)
     else:
         cfg = BenchmarkConfig(**{k: v for k, v in over.items() if v is not None})
-    r = run_benchmark(cfg, args.out, progress=not args.quiet)
-    print((__import__("pathlib").Path(args.out) / "benchmark.md").read_text())
-    return 0 if r else 1
+    run_benchmark(cfg, args.out, progress=not args.quiet)
+    print((Path(args.out) / "benchmark.md").read_text())
+    return 0  # a measurement: goals not met are results, not errors (benchmark.json says which)
 
 
 def register(toyworld_subparsers) -> None:
@@ -125,7 +125,7 @@ def register(toyworld_subparsers) -> None:
     p.add_argument("--device", default=None, help="override the config's device (cuda / cpu)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_train_model)
+    p.set_defaults(func=_train_model, parser=p)
 
     p = s.add_parser("benchmark", help="identity benchmark on the toy model: teacher alpha sweep, head on unseen "
                                       "identities, two-slot prompts (JSON + markdown)")
@@ -150,17 +150,3 @@ def register(toyworld_subparsers) -> None:
     p.add_argument("--tiny", action="store_true", help="smoke-test settings (a few seconds on a CPU)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train_vl)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (python -m refgen.toyworld.cli) until the lead wires `refgen toyworld`."""
-    ap = argparse.ArgumentParser(prog="refgen toyworld")
-    register(ap.add_subparsers(dest="toyworld_command", required=True))
-    args = ap.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())
