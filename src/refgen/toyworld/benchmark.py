@@ -1,4 +1,4 @@
-"""`refgen toyworld benchmark`: does an injected identity actually appear? (issue 5, part 4)
+"""`refgen toyworld benchmark`: does an injected identity actually appear, and how close to the caption ceiling?
 
 On the toy world's own trained Qwen-Image model, with the shipped recognizer as judge:
 
@@ -53,10 +53,9 @@ def default_vl_model() -> str:
 
 def _invert_defaults() -> dict:
     # the toy model's photos are 64 px, so each step is cheap: more images per step (less gradient noise)
-    # and more steps than the seed's 600 at 768x512; no QA grid (the benchmark renders its own sweep)
-    # bench/toyworld_invert_sweep.py on 16 test identities (H100): best-alpha identity accuracy 11% at 600
-    # uniform-sigma steps, 33% at 1500, 47% at 1500 with logit-normal sigmas (more weight mid-path,
-    # where attributes are decided)
+    # and more steps than the seed's 600 at 768x512; logit-normal sigmas weight the middle of the path, where
+    # attributes are decided (the sweep behind these numbers: docs/benchmarks.md); no QA grid (the benchmark
+    # renders its own sweep)
     return dict(base_prompt="A photo of ~ID~.", height=64, width=64, steps=1500, lr=0.05, images_per_step=8,
                 sigma_sampling="logit_normal", identities_per_batch=256, plateau_window=10_000, qa=False)
 

@@ -110,7 +110,7 @@ class ModelConfig:
     seed: int = 0
     device: str = "cuda"
     shift: float = 1.0          # sampling time shift exp(mu); 1 = none (16 latent tokens need none)
-    max_minutes: float = 14.0   # safety stop for the whole run (issue: <= 15 min on one H100)
+    max_minutes: float = 14.0   # safety stop for render + VAE + transformer; the run is meant to stop on steps
     log_every: int = 100
     eval_identities: int = 48   # validation identities (ids VAL_ID_BASE...) for the caption ceiling (0 = skip)
     eval_steps: int = 20        # sampling as the benchmark samples: 20 steps, true CFG 4
