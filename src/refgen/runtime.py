@@ -104,7 +104,9 @@ def check_tensors(tensors: Mapping[str, torch.Tensor | None], device: torch.devi
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}{name}: expected a torch.Tensor, got {type(t).__name__}")
-        same_device = t.device.type == device.type and (device.index is None or t.device.index == device.index)
+        # CPU tensors carry no index: "cpu:0" (diffusers' execution device under CPU offload) is the CPU
+        same_device = t.device.type == device.type and (device.type == "cpu" or device.index is None
+                                                        or t.device.index == device.index)
         bad_dtype = dtype is not None and t.is_floating_point() and t.dtype != dtype
         if not same_device or bad_dtype:
             want = f"{device}" + (f"/{dtype}" if dtype is not None else "")
