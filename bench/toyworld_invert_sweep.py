@@ -1,11 +1,13 @@
 """Teacher-inversion settings on the toy world: identity accuracy per setting (a small benchmark per row).
 
 Each --variant is a JSON object of InvertConfig overrides; every variant inverts the same held-out test
-identities (no head, few pairs) through `refgen.toyworld.benchmark.run_benchmark` and the table shows the
-best alpha's identity / attribute / scene accuracy and the inversion cost.
+identities (no head) through `refgen.toyworld.benchmark.run_benchmark`, and the table shows the caption
+ceiling, the best alpha's identity / attribute / scene accuracy and its share of the ceiling, two-slot
+prompts against the two-person ceiling, and the inversion cost.
 
-    python bench/toyworld_invert_sweep.py --out /tmp/sweep --n-test 16 \
-        --variant '{"steps": 1000, "images_per_step": 8, "lr": 0.05}' --variant '{"steps": 2000, "lr": 0.1}'
+    python bench/toyworld_invert_sweep.py --out /tmp/sweep --n-test 48 \
+        --variant '{}' --variant '{"parametrisation": "free"}' \
+        --variant '{"parametrisation": "free", "contexts": ["A photo of ~ID~ at the beach.", "~ID~ next to a person in the city."]}'
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--variant", action="append", required=True, help="JSON InvertConfig overrides")
     ap.add_argument("--n-test", type=int, default=16)
+    ap.add_argument("--n-pairs", type=int, default=8)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke settings")
     a = ap.parse_args(argv)
@@ -30,20 +33,24 @@ def main(argv=None) -> int:
     for k, v in enumerate(a.variant):
         over = json.loads(v)
         base = BenchmarkConfig.tiny() if a.tiny else BenchmarkConfig(device=a.device, n_train=0, n_test=a.n_test,
-                                                                     n_pairs=4)
+                                                                     n_pairs=a.n_pairs)
         cfg = BenchmarkConfig(**{**base.__dict__, "n_train": 0, "invert": {**base.invert, **over}})
         r = run_benchmark(cfg, Path(a.out) / f"v{k}", progress=False)
         best = r["teacher"]["best_alpha"]
         pa = r["teacher"]["per_alpha"]
         top = max(pa, key=lambda x: pa[x]["identity_acc"])
-        inv = r["inversion"].get("test", {})
+        inv = r["inversion"].get("all", {})
+        c1, c2 = r["ceiling"]["single"]["identity_acc"], r["ceiling"]["pair"]["all_people_acc"]
         rows.append({"variant": over, "best_alpha": best, "best": pa[best] if best else None,
                      "max_id_alpha": top, "max_id": pa[top]["identity_acc"], "floor": pa.get("0"),
+                     "ceiling_single": c1, "ceiling_pair": c2,
                      "two_slot": r["two_slot"]["teacher"]["all_people_acc"], "invert_s": inv.get("seconds"),
                      "per_alpha": {x: (m["identity_acc"], m["attribute_acc"], m["scene_acc"]) for x, m in pa.items()}})
         b = rows[-1]["best"] or {"identity_acc": float("nan"), "attribute_acc": float("nan"), "scene_acc": float("nan")}
-        print(f"{json.dumps(over):60s} best a={best} id {b['identity_acc']:.2f} attr {b['attribute_acc']:.2f} "
-              f"scene {b['scene_acc']:.2f} | two-slot {rows[-1]['two_slot']:.2f} | invert {inv.get('seconds', 0):.0f}s "
+        print(f"{json.dumps(over)[:60]:60s} ceiling {c1:.2f} | best a={best} id {b['identity_acc']:.2f} "
+              f"({b['identity_acc'] / max(c1, 1e-9):.0%} of ceiling) attr {b['attribute_acc']:.2f} "
+              f"scene {b['scene_acc']:.2f} | two-slot {rows[-1]['two_slot']:.2f} of {c2:.2f} | "
+              f"invert {inv.get('seconds') or 0:.0f}s "
               f"| per alpha (id, attr, scene) {rows[-1]['per_alpha']}", flush=True)
         atomic_write_json(Path(a.out) / "sweep.json", provenance(vars(a), rows=rows))  # after every row: a
         # run cut short by a time limit keeps what it measured
