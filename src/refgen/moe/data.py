@@ -114,6 +114,7 @@ _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how Python 3 writes a bytes object into a protocol-2 pickle; it only encodes text
 }
 
 
@@ -124,9 +125,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(f"refused global {module}.{name}: only numpy arrays are allowed in data "
                                          f"pickles")
+        import codecs
+
         from numpy._core import multiarray
 
-        return {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar, "ndarray": np.ndarray,
+        return {"encode": codecs.encode, "_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar, "ndarray": np.ndarray,
                 "dtype": np.dtype}[name]
 
 

@@ -40,6 +40,7 @@ class ModelConfig:
     expert_channels: int = 48
     expert_dim: int = 96
     pool: int = 2                   # experts pool to pool x pool before their linear layer
+    expert_stages: int = 1          # stride-2 stages per expert (each: conv, conv stride 2)
     groups: int = 2                 # hier: experts are split into this many equal groups
     graph_init: str = "identity"    # graph: identity (+ small positive off-diagonal) or random
     graph_strength: float = 1.0
@@ -53,7 +54,7 @@ class ModelConfig:
         if self.kind == "dense":
             self.num_experts, self.top_k = 1, 1
         for k in ("num_experts", "top_k", "stem_channels", "expert_channels", "expert_dim", "pool", "groups",
-                  "gate_hidden"):
+                  "gate_hidden", "expert_stages"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"model.{k} must be >= 1, got {getattr(self, k)}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -88,9 +89,12 @@ def _conv(cin, cout, stride=1, norm="bn"):
 
 
 class Expert(nn.Sequential):
-    def __init__(self, cin: int, width: int, dim: int, pool: int):
-        super().__init__(_conv(cin, width, norm="gn"), _conv(width, width, 2, norm="gn"), nn.AdaptiveAvgPool2d(pool),
-                         nn.Flatten(), nn.Linear(width * pool * pool, dim), nn.ReLU(inplace=True))
+    def __init__(self, cin: int, width: int, dim: int, pool: int, stages: int = 1):
+        layers = []
+        for i in range(stages):
+            layers += [_conv(cin if i == 0 else width, width, norm="gn"), _conv(width, width, 2, norm="gn")]
+        super().__init__(*layers, nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(width * pool * pool, dim),
+                         nn.ReLU(inplace=True))
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -119,7 +123,7 @@ class MoEClassifier(nn.Module):
         self.cfg, self.in_channels, self.num_classes = cfg, in_channels, num_classes
         s, E = cfg.stem_channels, cfg.num_experts
         self.stem = nn.Sequential(_conv(in_channels, s), _conv(s, s, 2))
-        self.experts = nn.ModuleList(Expert(s, cfg.expert_channels, cfg.expert_dim, cfg.pool) for _ in range(E))
+        self.experts = nn.ModuleList(Expert(s, cfg.expert_channels, cfg.expert_dim, cfg.pool, cfg.expert_stages) for _ in range(E))
         self.gate = None
         if cfg.kind != "dense":
             out = cfg.groups + E if cfg.kind == "hier" else E
@@ -197,10 +201,6 @@ class MoEClassifier(nn.Module):
         bal = switch_balance_loss(r.probs, r.mask) if self.gate is not None else logits.new_zeros(())
         return MoEOutput(logits, r, bal)
 
-    def export_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits through the dense masked path: the graph to export (no data-dependent control flow)."""
-        return self.forward(x, path="dense").logits
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -209,3 +209,15 @@ class MoEClassifier(nn.Module):
         gate = [p for m in (self.gate, self.graph) if m is not None for p in m.parameters()]
         ids = {id(p) for p in gate}
         return {"gate": gate, "experts": [p for p in self.parameters() if id(p) not in ids]}
+
+
+class DenseLogits(nn.Module):
+    """The model as torch.export / ONNX see it: logits through the dense masked path (no data-dependent control
+    flow, a plain tensor out)."""
+
+    def __init__(self, model: MoEClassifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, path="dense").logits

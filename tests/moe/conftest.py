@@ -1,0 +1,29 @@
+"""Shared fixtures for the MoE tests: the digits set and one small trained graph-MoE (seconds on one CPU thread)."""
+
+import pytest
+
+from refgen.moe.data import load_digits
+from refgen.moe.model import ModelConfig
+from refgen.moe.train import TrainConfig, train
+
+TINY_MODEL = dict(num_experts=4, top_k=2, stem_channels=16, expert_channels=24, expert_dim=48, pool=1)
+
+
+def tiny_train_config(**over) -> TrainConfig:
+    model = ModelConfig(**{**TINY_MODEL, **over.pop("model", {})})
+    base = dict(dataset="digits", device="cpu", epochs=8, batch_size=64, lr=3e-3, shift_px=0, log_every=10,
+                sample_every=5, model=model)
+    return TrainConfig(**{**base, **over})
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory, digits):
+    """(folder, moe.json) of a graph-MoE trained on digits."""
+    out = tmp_path_factory.mktemp("moe_digits")
+    info = train(tiny_train_config(), out, progress=False, data=digits)
+    return out, info
