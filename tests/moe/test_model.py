@@ -35,9 +35,11 @@ def test_routing_shapes_and_weights(kind):
         assert torch.allclose(r.weights.sum(1), (pg * (groups == 2)).sum(1), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["flat", "hier", "graph"])
-def test_dense_and_sparse_paths_agree_in_outputs_and_gradients(kind):
-    m = _model(kind).train()
+@pytest.mark.parametrize("kind,norm,mode", [("flat", "bn", "eval"), ("hier", "bn", "eval"), ("graph", "bn", "eval"),
+                                            ("graph", "gn", "train")])
+def test_dense_and_sparse_paths_agree_in_outputs_and_gradients(kind, norm, mode):
+    """BatchNorm experts agree in eval mode (running statistics); GroupNorm experts in training mode too."""
+    m = _model(kind, expert_norm=norm).train(mode == "train")
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     grads = []
     for path in ("dense", "sparse"):
@@ -54,6 +56,18 @@ def test_dense_and_sparse_paths_agree_in_outputs_and_gradients(kind):
             assert torch.allclose(out.logits, ref, atol=1e-5)
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5), n
+
+
+def test_in_training_bn_experts_normalise_over_their_own_inputs():
+    m = _model("flat").train()
+    x = torch.randn(16, 1, 8, 8)
+    mask = torch.zeros(16, 4)
+    mask[:8, :2] = 1
+    mask[8:, 2:] = 1
+    dense, sparse = m(x, path="dense", mask=mask).logits, m(x, path="sparse", mask=mask).logits
+    assert not torch.allclose(dense, sparse, atol=1e-4)
+    m.eval()
+    assert torch.allclose(m(x, path="dense", mask=mask).logits, m(x, path="sparse", mask=mask).logits, atol=1e-5)
 
 
 def test_sparse_path_runs_each_expert_only_on_its_inputs():

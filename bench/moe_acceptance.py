@@ -1,0 +1,263 @@
+"""The acceptance table of refgen.moe WP1 (spec section 8, A1-A5) in one call.
+
+    python bench/moe_acceptance.py --out runs/moe_acceptance --cache DATA_CACHE --device cuda
+
+Every training run goes to OUT/<dataset>/<variant>_s<seed>/ and is skipped when its moe.json exists, so the call
+can be repeated (or split with --only) until everything is there; the table is printed from what exists, with
+a missing cell shown as '-'. Variants (same recipe = the dataset's configs/moe_<dataset>.yaml):
+    graph        the graph-MoE of the config (k = 2)                                   A1, A2, A3
+    flat         the same without the graph (flat top-2 gate)                           A3 (delta acc)
+    graph_k1/k3  the graph-MoE with top-1 / top-3                                       A3 ablation (first seed)
+    dense_flops  a dense CNN whose FLOPs/image equal the graph-MoE's active FLOPs        A2
+    dense_bytes  a dense CNN whose stored bytes equal the graph-MoE's                    A2
+RL (A4) runs `refgen moe rl` on the first seed's graph-MoE of MNIST and Animal-MNIST (configs/moe_rl.yaml);
+the monitor (A5) runs `refgen moe bench` sections sleep, flops, overhead, energy on the MNIST graph-MoE.
+
+A CPU smoke run of the whole script (minutes):
+    python bench/moe_acceptance.py --out /tmp/acc --device cpu --datasets digits --seeds 0 --epochs 2 \
+        --rl-steps 20 --config-dir configs --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SEEDS = (17, 42, 1337)
+DATASETS = ("mnist", "animal_mnist", "toyworld27")
+TARGET = {"mnist": 0.993, "animal_mnist": 0.94, "toyworld27": 0.90, "digits": 0.0}
+
+
+def _cfg(args, dataset, seed, **model_over):
+    from refgen.moe.model import ModelConfig
+    from refgen.moe.train import TrainConfig
+
+    name = "digits" if dataset == "digits" else dataset
+    over = {"device": args.device, "seed": seed, "cache": args.cache, "epochs": args.epochs, "threads": args.threads}
+    cfg = TrainConfig.from_yaml(Path(args.config_dir) / f"moe_{name}.yaml", **over)
+    if model_over:
+        cfg.model = ModelConfig(**{**dataclasses.asdict(cfg.model), **model_over})
+    return cfg
+
+
+def _load(folder: Path):
+    f = folder / "moe.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def train_runs(args, dataset, ds, log):
+    from refgen.moe.cost import cost_table, match_dense_width
+    from refgen.moe.model import MoEClassifier
+    from refgen.moe.train import train
+
+    root = Path(args.out) / dataset
+    for i, seed in enumerate(args.seeds):
+        variants = {"graph": {}, "flat": {"kind": "flat"}}
+        if i == 0:
+            variants.update(graph_k1={"top_k": 1}, graph_k3={"top_k": 3})
+        for name, over in variants.items():
+            out = root / f"{name}_s{seed}"
+            if _load(out) is None:
+                log(f"train {dataset} {name} seed {seed}")
+                train(_cfg(args, dataset, seed, **over), out, progress=not args.quiet, data=ds)
+        g = _cfg(args, dataset, seed)
+        moe = MoEClassifier(g.model, ds.shape[0], ds.num_classes)
+        t = cost_table(moe, ds.shape)
+        for name, target, metric in (("dense_flops", t.static_topk_flops(g.model.top_k), "flops"),
+                                     ("dense_bytes", t.total_bytes, "bytes")):
+            out = root / f"{name}_s{seed}"
+            if _load(out) is None:
+                dense, _ = match_dense_width(g.model, ds.shape[0], ds.num_classes, ds.shape, target, metric)
+                log(f"train {dataset} {name} (width {dense.cfg.expert_channels}) seed {seed}")
+                train(g, out, progress=not args.quiet, data=ds, model=dense)
+
+
+def rl_runs(args, dataset, ds, log):
+    from refgen.moe.routing import RLConfig, rl_sweep
+
+    src = Path(args.out) / dataset / f"graph_s{args.seeds[0]}"
+    out = Path(args.out) / dataset / "rl"
+    if _load(src) is None or (out / "rl.json").is_file():
+        return
+    over = {"device": args.device, "steps": args.rl_steps, "threads": args.threads}
+    cfg = RLConfig.from_yaml(Path(args.config_dir) / "moe_rl.yaml", **over)
+    log(f"rl sweep {dataset} lambdas {cfg.lambdas}")
+    rl_sweep(src, cfg, out, progress=not args.quiet, data=ds)
+
+
+def monitor_runs(args, dataset, log):
+    from refgen.moe.bench import run_bench
+    from refgen.moe.train import load_model
+
+    src = Path(args.out) / dataset / f"graph_s{args.seeds[0]}"
+    out = Path(args.out) / "monitor"
+    if _load(src) is None or (out / "bench.json").is_file():
+        return
+    model, info = load_model(src, args.device)
+    sections = ["sleep", "flops", "overhead"] + (["energy"] if args.device != "cpu" else [])
+    log(f"monitor bench {sections}")
+    run_bench(model, tuple(info["input_shape"]), sections, out, steps=200 if not args.smoke else 4,
+              blocks=5 if not args.smoke else 2, sample_every=50 if not args.smoke else 2)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.mean(xs) if xs else None
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def table(args) -> tuple[list[str], dict]:
+    root = Path(args.out)
+    lines, verdict = [], {}
+    lines.append("## A1 accuracy (graph-MoE, mean over seeds " + ", ".join(map(str, args.seeds)) + ")")
+    lines.append("| data | acc % per seed | mean % | target % | params | pass |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for d in args.datasets:
+        runs = [_load(root / d / f"graph_s{s}") for s in args.seeds]
+        accs = [r["metrics"]["test"]["acc"] if r else None for r in runs]
+        m = _mean(accs) if all(a is not None for a in accs) else None
+        params = next((r["params"] for r in runs if r), None)
+        ok = m is not None and m >= TARGET[d] and params <= 250_000
+        verdict[f"A1 {d}"] = ok if m is not None else None
+        lines.append(f"| {d} | {' / '.join(_pct(a) for a in accs)} | {_pct(m)} | {100 * TARGET[d]:.1f} | "
+                     f"{params or '-'} | {ok if m is not None else '-'} |")
+    lines += ["", "## A2 graph-MoE vs dense CNNs of equal active FLOPs / equal stored bytes (same recipe)",
+              "| data | model | acc % (mean) | active MFLOP/img | stored bytes | min routing share | gate entropy |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for d in args.datasets:
+        for v in ("graph", "flat", "dense_flops", "dense_bytes"):
+            runs = [_load(root / d / f"{v}_s{s}") for s in args.seeds]
+            if not any(runs):
+                lines.append(f"| {d} | {v} | - | - | - | - | - |")
+                continue
+            r0 = next(r for r in runs if r)
+            t = r0["metrics"]["test"]
+            shares = [r["metrics"]["test"]["min_routing_share"] for r in runs if r]
+            lines.append(f"| {d} | {v} | {_pct(_mean([r['metrics']['test']['acc'] for r in runs if r]))} | "
+                         f"{t.get('active_flops_per_image', 0) / 1e6:.2f} | {r0['cost']['total_bytes']:,} | "
+                         f"{min(shares):.3f} | {t['gate_entropy_batch_mean']:.3f} |")
+            if v == "graph":
+                verdict[f"A2 {d} no collapse (every expert >= 5 %)"] = min(shares) >= 0.05
+    lines += ["", "## A3 graph: sparsity, distance from identity, delta acc vs no graph, k ablation",
+              "| data | sparsity | ||A-I||_F | graph acc % | flat acc % | delta pp | k=1 / 2 / 3 acc % | pass |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for d in args.datasets:
+        g = [_load(root / d / f"graph_s{s}") for s in args.seeds]
+        f = [_load(root / d / f"flat_s{s}") for s in args.seeds]
+        if not all(g) or not all(f):
+            lines.append(f"| {d} | - | - | - | - | - | - | - |")
+            continue
+        sp = _mean([r["graph"]["sparsity"] for r in g])
+        dist = _mean([r["graph"]["dist_from_identity"] for r in g])
+        ga, fa = _mean([r["metrics"]["test"]["acc"] for r in g]), _mean([r["metrics"]["test"]["acc"] for r in f])
+        ks = [_load(root / d / f"graph_k{k}_s{args.seeds[0]}") if k != 2 else g[0] for k in (1, 2, 3)]
+        ok = sp >= 0.30 and dist >= 0.1 and 100 * (ga - fa) >= -0.3
+        verdict[f"A3 {d}"] = ok
+        lines.append(f"| {d} | {sp:.2f} | {dist:.3f} | {_pct(ga)} | {_pct(fa)} | {100 * (ga - fa):+.2f} | "
+                     f"{' / '.join(_pct(k['metrics']['test']['acc']) if k else '-' for k in ks)} | {ok} |")
+    lines += ["", "## A4 RL gate (greedy) vs random gate of equal expected cost",
+              "| data | lambda | acc % | random % | margin pp | FLOPs / static top-2 | delta pp vs top-2 | Pareto |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for d in args.datasets:
+        f = root / d / "rl" / "rl.json"
+        if not f.is_file():
+            lines.append(f"| {d} | - | - | - | - | - | - | - |")
+            continue
+        rl = json.loads(f.read_text())
+        for r in rl["lambdas"]:
+            lines.append(f"| {d} | {r['lam']:g} | {_pct(r['acc'])} | {_pct(r['random_gate_acc'])} | "
+                         f"{r['margin_over_random_pp']:+.2f} | {r['flops_vs_static_ref']:.3f} | "
+                         f"{r['delta_acc_pp_vs_static_ref']:+.2f} | {'*' if r['on_pareto_front'] else ''} |")
+        rows = rl["lambdas"]
+        verdict[f"A4 {d} >= 5 Pareto points"] = rl["pareto_points"] >= 5
+        verdict[f"A4 {d} a lambda with FLOPs <= 0.7 x top-2 at drop <= 0.5 pp"] = any(
+            r["flops_vs_static_ref"] <= 0.7 and r["delta_acc_pp_vs_static_ref"] >= -0.5 for r in rows)
+        verdict[f"A4 {d} >= 1 pp over random at every lambda"] = all(r["margin_over_random_pp"] >= 1 for r in rows)
+    b = root / "monitor" / "bench.json"
+    lines += ["", "## A5 monitor"]
+    if b.is_file():
+        res = json.loads(b.read_text())["results"]
+        o, s = res["overhead"], res["sleep"]
+        lines.append(f"- overhead (sample_every {o['sample_every']}): {o['overhead_pct']:.2f} % "
+                     f"({o['median_off']:.1f} vs {o['median_on']:.1f} steps/s, {o['device']})")
+        lines.append(f"- sleep(0.05): median {s['median_ms']:.2f} ms")
+        lines.append(f"- FLOPs linear in batch / deterministic: {res['flops']['linear_in_batch']}")
+        verdict["A5 overhead < 5 %"] = o["overhead_pct"] < 5
+        verdict["A5 sleep 50 +- 10 ms"] = s["pass"]
+        if "energy" in res:
+            for p, w in res["energy"]["windows"].items():
+                lines.append(f"- energy, {p} path: {w['j_per_image_total'] * 1e3:.4f} mJ/image total, "
+                             f"{w['j_per_image_marginal'] * 1e3:.4f} mJ/image marginal ({w['seconds']:.1f} s window, "
+                             f"idle {w['idle_w']:.1f} W)")
+            lines.append(f"- c_flop (proxy coefficient): {res['energy']['coefficients']['c_flop_j']:.3e} J/FLOP")
+    else:
+        lines.append("- not run yet")
+    lines += ["", "## Verdict"] + [f"- {k}: {'-' if v is None else ('PASS' if v else 'FAIL')}"
+                                   for k, v in verdict.items()]
+    return lines, verdict
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--cache", default=None, help="the refgen moe data cache (fetch-data output)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
+    p.add_argument("--epochs", type=int, default=None, help="override the configs' epochs (smoke runs)")
+    p.add_argument("--rl-steps", type=int, default=None)
+    p.add_argument("--config-dir", default="configs")
+    p.add_argument("--only", default="train,rl,monitor", help="which parts to run before the table")
+    p.add_argument("--table", action="store_true", help="only print the table of what exists")
+    p.add_argument("--smoke", action="store_true", help="tiny monitor bench (CPU smoke runs)")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    args.datasets = [d for d in args.datasets.split(",") if d]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    only = set(args.only.split(","))
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t0:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    if not args.table:
+        from refgen.moe.data import load_dataset
+
+        for d in args.datasets:
+            ds = load_dataset(d, args.cache, progress=not args.quiet)
+            if "train" in only:
+                train_runs(args, d, ds, log)
+            if "rl" in only and d in ("mnist", "animal_mnist", "digits"):
+                rl_runs(args, d, ds, log)
+        if "monitor" in only:
+            monitor_runs(args, args.datasets[0], log)
+    lines, verdict = table(args)
+    import datetime
+    import subprocess
+
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = [f"# refgen.moe acceptance (WP1) - {dev}, {datetime.date.today()}, commit {commit}",
+            f"command: python bench/moe_acceptance.py {' '.join(argv if argv is not None else sys.argv[1:])}", ""]
+    text = "\n".join(head + lines) + "\n"
+    print(text)
+    from refgen.artifacts import atomic_write_json, atomic_write_text
+
+    atomic_write_text(Path(args.out) / "acceptance.md", text)
+    atomic_write_json(Path(args.out) / "acceptance.json", {"verdict": verdict, "device": dev})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
