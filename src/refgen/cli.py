@@ -253,6 +253,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_app(args) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("refgen app: error: the app needs Gradio, which refgen installs as an extra: "
+              "pip install 'refgen[app]' (in a checkout: pip install -e '.[app]')", file=sys.stderr)
+        return 1
+    from refgen.app import AppConfig, serve
+
+    cfg = AppConfig(model=args.model, vl_model=args.vl_model, head=args.head, device=args.device, dtype=args.dtype,
+                    offload=args.offload, compile=args.compile, host=args.host, port=args.port, people=args.people,
+                    invert_steps=args.invert_steps, threads=args.threads, work_dir=args.work_dir)
+    serve(cfg)
+    return 0
+
+
 def cmd_report(args) -> int:
     from refgen.artifacts import atomic_write_text
     from refgen.identity.report import build_report, to_markdown
@@ -368,6 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(g)
     _add_speed(g)
     g.set_defaults(func=cmd_generate)
+
+    ap = sub.add_parser("app", help="web page: people from photos or residual files into a prompt (needs refgen[app])")
+    ap.add_argument("--model", default=None, help="Qwen-Image hub id or folder (default: the toy model refgen ships)")
+    ap.add_argument("--vl-model", default=None, help="with --head: the Qwen3-VL model the head's features came from "
+                                                     "(toy model: the shipped toy VL)")
+    ap.add_argument("--head", default=None, help="head checkpoint: photos through the head (default: inverted)")
+    ap.add_argument("--device", default=None, help="default: cpu for the toy model, cuda for any other")
+    ap.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
+                    help="default: fp32 on the CPU, bf16 on CUDA (fp16 is refused for Qwen-Image)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--people", type=int, default=3, help="person panels on the page (1-6)")
+    ap.add_argument("--invert-steps", type=int, default=None,
+                    help="the page's default inversion steps (toy model: 100; else InvertConfig's)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the cores other processes "
+                                                          "leave free)")
+    ap.add_argument("--work-dir", default=None, help="inversions and downloads (default: a temporary folder)")
+    _add_speed(ap, render=False)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks")
+    ap.set_defaults(func=cmd_app)
 
     rp = sub.add_parser("report", help="monitoring: head val CosSim/RMS error, generate error counts")
     rp.add_argument("--head", default=None, help="head.json from train-head")
