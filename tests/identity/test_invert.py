@@ -222,3 +222,49 @@ def test_complete_identities_made_with_other_settings_are_refused_not_reused(tin
     assert "seed_0" in err and "steps 2 -> 3" in err
     rec = json.loads((tmp_path / "o" / "seed_0" / "teacher.json").read_text())
     assert rec["steps_run"] == 2  # nothing was overwritten
+
+
+CONTEXTS = ["a photo of ~ID~ on a beach at sunset, wide shot", "two people: on the left, ~ID~; on the right, a person"]
+
+
+def test_contexts_put_the_residual_at_each_prompts_own_window(pipe, tmp_path):
+    """Each image of a step draws one of base_prompt + contexts; the residual goes into that prompt's window
+    (which starts elsewhere in each) and nowhere else; draws come from the identity's own generator, so
+    batched still equals sequential."""
+    from refgen.identity.prompts import encode_prompts
+
+    starts = [encode_prompts(pipe, t, n_identities=1).slots[0][0].start for t in [FAST_BASE] + CONTEXTS]
+    assert len(set(starts)) == 3  # the windows really are at different places
+    root = make_identities(tmp_path / "ids", n=3)
+    inv1, one = run(pipe, root, tmp_path / "a", identities_per_batch=1, base_prompt=FAST_BASE, contexts=CONTEXTS)
+    inv3, three = run(pipe, root, tmp_path / "b", identities_per_batch=3, base_prompt=FAST_BASE, contexts=CONTEXTS)
+    for k in one:
+        assert torch.allclose(inv1.residual(one[k]), inv3.residual(three[k]), atol=1e-5, rtol=1e-4), k
+        assert one[k].losses == pytest.approx(three[k].losses, rel=1e-4)
+    lines = [json.loads(x) for x in (tmp_path / "a" / "seed_0" / "teacher_metrics.jsonl").read_text().splitlines()]
+    assert all(x["offslot_rms"] == 0 and x["slot_rms"] > 0 for x in lines)
+    # a context changes what is optimised: not the same residual as base_prompt alone
+    inv0, alone = run(pipe, root, tmp_path / "c", base_prompt=FAST_BASE)
+    assert not torch.allclose(inv0.residual(alone["seed_0"]), inv1.residual(one["seed_0"]))
+    with pytest.raises(ValueError, match=r"contexts\[1\]"):
+        InvertConfig(contexts=["~ID~ on a beach", "no placeholder here"])
+
+
+def test_free_parametrisation_is_the_residual_itself_unbounded(pipe, tmp_path):
+    root = make_identities(tmp_path / "ids", n=1)
+    inv, st = run(pipe, root, tmp_path / "o", parametrisation="free", init_scale=1.0, scale_max=1.0, lr=0.5,
+                  steps=12)
+    s = st["seed_0"]
+    R = inv.residual(s)
+    assert R is s.P  # no normalisation, no scale: the optimiser moves the window embedding offsets directly
+    assert R.pow(2).mean().sqrt() > 1.0  # past what the rms_scaled clamp (scale_max 1.0) would allow
+    rec = inv.finish(s)
+    assert rec["eval_loss_teacher"] < rec["eval_loss_base"]
+    saved = load_residual(tmp_path / "o" / "seed_0" / "teacher_residual.safetensors", pipe, torch.device("cpu"),
+                          torch.float32)
+    assert torch.equal(saved, R.detach().cpu())  # the same portable [L, H] artifact as the seed's mode
+    with pytest.raises(ValueError, match="parametrisation"):
+        InvertConfig(parametrisation="huge")
+
+
+FAST_BASE = "a portrait photo of ~ID~, studio lighting"

@@ -51,6 +51,16 @@ class InvertConfig:
     identities_per_batch: int = 2
     sigma_sampling: str = "uniform"  # or "logit_normal"
     true_cfg: float = 1.0  # > 1: optimise through the pipeline's true CFG (two forwards per step)
+    # Where the identity lives in the slot window of the encoder output:
+    #   rms_scaled  clamp(exp(log_scale)) * P / RMS(P), the seed's parametrisation: bounded, slow to grow
+    #   free        P itself, started at init_scale * N(0, 1): any vector, no clamp. The transformer RMS-normalises
+    #               text tokens, so what a residual changes is each window token's direction; a bound on its size
+    #               bounds how far that direction can turn.
+    parametrisation: str = "rms_scaled"
+    # Prompts (each with exactly one ~ID~) the identity is optimised in besides base_prompt; each image of a step
+    # draws one of base_prompt + contexts from the identity's own generator. A residual fitted in one sentence
+    # is not read the same in another; scenes and a second person make it hold in the prompts users write.
+    contexts: list[str] = field(default_factory=list)
     init_scale: float = 0.1
     scale_min: float = 0.01
     scale_max: float = 1.5
@@ -82,8 +92,11 @@ class InvertConfig:
                      "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if "~ID~" not in self.base_prompt or self.base_prompt.count("~ID~") != 1:
-            raise ValueError(f"base_prompt must contain exactly one ~ID~: {self.base_prompt!r}")
+        for name, text in [("base_prompt", self.base_prompt)] + [(f"contexts[{i}]", c) for i, c in enumerate(self.contexts)]:
+            if text.count("~ID~") != 1:
+                raise ValueError(f"{name} must contain exactly one ~ID~: {text!r}")
+        if self.parametrisation not in ("rms_scaled", "free"):
+            raise ValueError(f"parametrisation must be 'rms_scaled' or 'free', got {self.parametrisation!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "InvertConfig":
@@ -135,6 +148,14 @@ class Inverter:
         self.dtype = pipe.transformer.dtype
         base = encode_prompts(pipe, cfg.base_prompt, n_identities=1)
         self.E_base, self.slot = base.embeds, base.slots[0][0]  # (1, S, H), Slot
+        self.ctx = None
+        if cfg.contexts:  # base_prompt is context 0; one padded batch, one slot start per context
+            enc = encode_prompts(pipe, [cfg.base_prompt] + list(cfg.contexts), n_identities=1)
+            if {sl[0].length for sl in enc.slots} != {self.slot.length}:
+                raise ValueError(f"~ID~ has different window lengths across contexts: {[sl[0] for sl in enc.slots]}")
+            mask = enc.mask if enc.mask is not None else torch.ones(enc.embeds.shape[:2], device=self.device)
+            self.ctx = (enc.embeds, mask.to(self.device), torch.tensor([sl[0].start for sl in enc.slots],
+                                                                        device=self.device))
         self.neg = None
         if cfg.true_cfg > 1 or (cfg.qa and cfg.qa_true_cfg > 1):
             ne = encode_prompts(pipe, cfg.negative_prompt)
@@ -192,16 +213,25 @@ class Inverter:
         latents = encode_latents(self.pipe.vae, images, device=self.device)  # (N, C, h, w)
         gen = torch.Generator("cpu").manual_seed(identity_seed(self.cfg.seed, ident.id))
         L, H = self.slot.length, self.E_base.shape[2]
-        P = torch.nn.Parameter(torch.randn(L, H, generator=gen).to(self.device, torch.float32))
+        P = torch.randn(L, H, generator=gen)
+        if self.cfg.parametrisation == "free":  # the residual is P: start it small, near the placeholder's own
+            P = P * self.cfg.init_scale
+        P = torch.nn.Parameter(P.to(self.device, torch.float32))
         ls = torch.nn.Parameter(torch.tensor(math.log(self.cfg.init_scale), device=self.device))
         st = _State(ident, latents, P, ls, gen, lr=self.cfg.lr)
         ckpt = self.dir(ident) / "teacher_ckpt.pt"
         if ckpt.exists():
             self._load_ckpt(st, ckpt)
+            # steps after the checkpoint were logged by the killed run and are about to be replayed
+            _drop_metrics_after(self.dir(ident) / "teacher_metrics.jsonl", st.step)
+            if self.progress:
+                print(f"{ident.id}: resuming from step {st.step} ({ckpt})")
         return st
 
     def residual(self, st: _State) -> torch.Tensor:
-        """(L, H) float32: clamp(exp(log_scale)) * P / RMS(P)."""
+        """(L, H) float32: clamp(exp(log_scale)) * P / RMS(P), or P itself (parametrisation 'free')."""
+        if self.cfg.parametrisation == "free":
+            return st.P
         scale = st.log_scale.exp().clamp(self.cfg.scale_min, self.cfg.scale_max)
         return scale * st.P / st.P.pow(2).mean().add(1e-12).sqrt()
 
@@ -262,12 +292,14 @@ class Inverter:
 
     def _step(self, active: list[_State], opt) -> tuple[list[float], list[dict]]:
         cfg, n = self.cfg, self.cfg.images_per_step
-        x0s, noises, sigmas = [], [], []
+        x0s, noises, sigmas, ctx_idx = [], [], [], []
         for s in active:  # each identity draws from its own generator: batch make-up does not matter
             idx = torch.randint(0, s.latents.shape[0], (n,), generator=s.gen)
             x0 = s.latents[idx]
             noises.append(torch.randn(x0.shape, generator=s.gen))
             sigmas.append(flow.sample_sigmas(n, cfg.sigma_sampling, generator=s.gen))
+            if self.ctx is not None:
+                ctx_idx.append(torch.randint(0, self.ctx[0].shape[0], (n,), generator=s.gen))
             x0s.append(x0)
         x0 = torch.cat(x0s)
         noise = pack(torch.cat(noises).to(x0))  # one host-to-device copy for the batch
@@ -276,9 +308,21 @@ class Inverter:
         R = torch.stack([self.residual(s) for s in active])  # (K, L, H) float32
         from refgen.identity.inject import inject
 
-        E = self.E_base.expand(len(active) * n, -1, -1)
-        E = inject(E, [self.slot], [R.to(self.dtype).repeat_interleave(n, 0)], [1.0])  # (K*n, S, H)
-        per = flow.loss(self.model, x0, (E, None), sigma=sigma, noise=noise, reduction="none")
+        Rn = R.to(self.dtype).repeat_interleave(n, 0)  # (K*n, L, H)
+        if self.ctx is None:
+            E0, M = self.E_base.expand(len(active) * n, -1, -1), None
+            E = inject(E0, [self.slot], [Rn], [1.0])  # (K*n, S, H)
+            win = torch.zeros(E0.shape[:2], dtype=torch.bool, device=self.device)
+            win[:, self.slot.start:self.slot.start + self.slot.length] = True
+        else:  # each row its own context: its slot starts elsewhere, so add R at per-row window positions
+            c = torch.cat(ctx_idx).to(self.device)  # (K*n,)
+            E0, M = self.ctx[0][c], self.ctx[1][c]
+            pos = self.ctx[2][c][:, None] + torch.arange(self.slot.length, device=self.device)  # (K*n, L)
+            rows = torch.arange(E0.shape[0], device=self.device)[:, None].expand_as(pos)
+            E = E0.index_put((rows, pos), Rn, accumulate=True)
+            win = torch.zeros(E0.shape[:2], dtype=torch.bool, device=self.device)
+            win[rows, pos] = True
+        per = flow.loss(self.model, x0, (E, M), sigma=sigma, noise=noise, reduction="none")
         per_id = per.view(len(active), n).mean(1)  # (K,)
         tok_rms = R.pow(2).mean(-1).sqrt()  # (K, L) per-token RMS of the slot residual
         reg = []
@@ -306,13 +350,13 @@ class Inverter:
         opt.step()
         with torch.no_grad():
             # per-identity metrics as (K,) tensors, read back to the host once per step
-            delta = (E[::n].float() - self.E_base.float())  # (K, S, H): what the model actually saw
-            win = slice(self.slot.start, self.slot.start + self.slot.length)
-            off = delta.clone()
-            off[:, win] = 0
+            delta = (E[::n].float() - E0[::n].float())  # (K, S, H): what the model actually saw
+            w = win[::n, :, None]
+            off = delta.masked_fill(w, 0)
             log_scale = torch.stack([s.log_scale.detach() for s in active])  # (K,)
             cols = torch.stack([per_id.detach(), reg.detach(), delta.pow(2).mean((1, 2)).sqrt(),
-                                delta[:, win].pow(2).mean((1, 2)).sqrt(), off.pow(2).mean((1, 2)).sqrt(),
+                                (delta.masked_fill(~w, 0).pow(2).sum((1, 2)) / (self.slot.length * delta.shape[2])).sqrt(),
+                                off.pow(2).mean((1, 2)).sqrt(),
                                 log_scale.exp().clamp(cfg.scale_min, cfg.scale_max), log_scale,
                                 total.detach()], 1).tolist()  # (K, 8)
             for k, s in enumerate(active):
@@ -428,6 +472,18 @@ class Inverter:
 # Settings that do not change one identity's optimisation: a run may resume under other values
 # (e.g. a worker with a smaller GPU picks a smaller K).
 _RESUMABLE = {"identities_per_batch", "gradient_checkpointing", "checkpoint_every", "compile"}
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the metric lines of steps <= `step` (rewritten atomically): a resumed run logs each step once."""
+    from refgen.artifacts import atomic_write_text
+
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _diff(a: dict, b: dict) -> dict:
