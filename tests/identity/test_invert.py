@@ -268,3 +268,34 @@ def test_free_parametrisation_is_the_residual_itself_unbounded(pipe, tmp_path):
 
 
 FAST_BASE = "a portrait photo of ~ID~, studio lighting"
+
+
+def test_image_prompts_give_each_photo_its_own_sentence(pipe, tmp_path):
+    from refgen.toyworld.identities import make_identities as make_toy_identities
+
+    root = tmp_path / "ids"
+    make_toy_identities(root, n=2, seed=7, size=32, progress=False)
+    idents = scan(root).identities
+    table = json.loads((idents[0].path / "prompts.json").read_text())
+    assert set(table) == {p.name for p in idents[0].images} and all(t.count("~ID~") == 1 for t in table.values())
+    cfg = InvertConfig(**{**FAST, "image_prompts": True, "steps": 4})
+    inv = Inverter(pipe, cfg, tmp_path / "o", model_id="tiny", progress=False)
+    recs = inv.run(idents)
+    assert [r["steps_run"] for r in recs] == [4, 4]
+    # the bank holds every photo's own prompt, in the order of the identity's images
+    E, M, starts = inv.ctx
+    assert E.shape[0] == sum(len(i.images) for i in idents)
+    from refgen.identity.prompts import encode_prompts
+
+    first = encode_prompts(pipe, table[idents[0].images[0].name], n_identities=1)
+    n = first.embeds.shape[1]
+    assert torch.equal(E[0, :n], first.embeds[0]) and int(starts[0]) == first.slots[0][0].start
+    lines = [json.loads(x) for x in (tmp_path / "o" / idents[0].id / "teacher_metrics.jsonl").read_text().splitlines()]
+    assert all(x["offslot_rms"] == 0 and x["slot_rms"] > 0 for x in lines)
+    # a folder without prompts.json is named, before any step runs
+    (idents[1].path / "prompts.json").unlink()
+    inv2 = Inverter(pipe, cfg, tmp_path / "o2", model_id="tiny", progress=False)
+    with pytest.raises(ValueError, match="prompts.json"):
+        inv2.run(idents)
+    with pytest.raises(ValueError, match="set one"):
+        InvertConfig(image_prompts=True, contexts=["~ID~ on a beach"])

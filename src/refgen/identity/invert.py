@@ -61,6 +61,10 @@ class InvertConfig:
     # draws one of base_prompt + contexts from the identity's own generator. A residual fitted in one sentence
     # is not read the same in another; scenes and a second person make it hold in the prompts users write.
     contexts: list[str] = field(default_factory=list)
+    # Each photo in its own sentence: seed_<id>/prompts.json maps image file names to prompts with one ~ID~
+    # ("a photo of ~ID~ on a beach"). What the sentence says (the scene, the light) then need not be learnt into
+    # the identity, which is left to hold the person alone (DreamBooth's per-image captions, for inversion).
+    image_prompts: bool = False
     init_scale: float = 0.1
     scale_min: float = 0.01
     scale_max: float = 1.5
@@ -95,6 +99,8 @@ class InvertConfig:
         for name, text in [("base_prompt", self.base_prompt)] + [(f"contexts[{i}]", c) for i, c in enumerate(self.contexts)]:
             if text.count("~ID~") != 1:
                 raise ValueError(f"{name} must contain exactly one ~ID~: {text!r}")
+        if self.image_prompts and self.contexts:
+            raise ValueError("image_prompts and contexts are two ways to choose each image's prompt: set one")
         if self.parametrisation not in ("rms_scaled", "free"):
             raise ValueError(f"parametrisation must be 'rms_scaled' or 'free', got {self.parametrisation!r}")
 
@@ -161,7 +167,10 @@ class Inverter:
             ne = encode_prompts(pipe, cfg.negative_prompt)
             self.neg = (ne.embeds, ne.mask)
         # The text encoder is needed for nothing else: off the GPU with it (Qwen2.5-VL-7B is ~16 GB in bf16).
-        release_text_encoder(pipe)
+        # With image_prompts it first encodes the photos' own prompts, in run().
+        if not cfg.image_prompts:
+            release_text_encoder(pipe)
+        self.image_rows: dict[str, torch.Tensor] = {}  # identity id -> bank row of each of its images
         tr = pipe.transformer
         tr.requires_grad_(False)
         tr.eval()
@@ -185,11 +194,43 @@ class Inverter:
         returns the records of those it inverted. The one loop behind `refgen invert`, the toy benchmark and
         the demo."""
         todo = [i for i in identities if not self.is_complete(i)]
+        if self.cfg.image_prompts:
+            self.encode_image_prompts(todo)
         records = []
         K = self.cfg.identities_per_batch
         for b in range(0, len(todo), K):
             records += [self.finish(s) for s in self.run_batch(todo[b:b + K])]
         return records
+
+    def encode_image_prompts(self, identities: list[Identity]) -> None:
+        """Encode every photo's own prompt (seed_<id>/prompts.json) into one padded bank, then release the text
+        encoder. All identities of the run at once: the text encoder leaves the GPU after this."""
+        from refgen.identity.prompts import encode_prompts
+
+        texts, rows = [], {}
+        for ident in identities:
+            f = ident.path / "prompts.json"
+            if not f.is_file():
+                raise ValueError(f"{ident.id}: image_prompts needs {f} ({{image file name: prompt with one ~ID~}})")
+            table = json.loads(f.read_text())
+            missing = [p.name for p in ident.images if p.name not in table]
+            if missing:
+                raise ValueError(f"{f}: no prompt for {missing}")
+            for p in ident.images:
+                if table[p.name].count("~ID~") != 1:
+                    raise ValueError(f"{f}: the prompt of {p.name} must contain exactly one ~ID~: {table[p.name]!r}")
+            rows[ident.id] = torch.arange(len(texts), len(texts) + len(ident.images))
+            texts += [table[p.name] for p in ident.images]
+        if not texts:
+            return
+        enc = encode_prompts(self.pipe, texts, n_identities=1)
+        if {sl[0].length for sl in enc.slots} != {self.slot.length}:
+            raise ValueError("~ID~ has different window lengths in the image prompts than in base_prompt")
+        mask = enc.mask if enc.mask is not None else torch.ones(enc.embeds.shape[:2], device=self.device)
+        self.ctx = (enc.embeds, mask.to(self.device), torch.tensor([sl[0].start for sl in enc.slots],
+                                                                    device=self.device))
+        self.image_rows = rows
+        release_text_encoder(self.pipe)
 
     def settings_diff(self, ident: Identity) -> dict:
         """{key: (recorded, now)} where a complete identity's teacher.json differs from this run's settings
@@ -298,7 +339,11 @@ class Inverter:
             x0 = s.latents[idx]
             noises.append(torch.randn(x0.shape, generator=s.gen))
             sigmas.append(flow.sample_sigmas(n, cfg.sigma_sampling, generator=s.gen))
-            if self.ctx is not None:
+            if cfg.image_prompts:
+                if s.ident.id not in self.image_rows:
+                    raise RuntimeError(f"{s.ident.id}: image prompts not encoded; invert through Inverter.run()")
+                ctx_idx.append(self.image_rows[s.ident.id][idx])  # each photo with its own sentence
+            elif self.ctx is not None:
                 ctx_idx.append(torch.randint(0, self.ctx[0].shape[0], (n,), generator=s.gen))
             x0s.append(x0)
         x0 = torch.cat(x0s)

@@ -46,6 +46,9 @@ class IdentitySetConfig:
             raise ValueError(f"need 1 <= min_images <= max_images, got {self.min_images}, {self.max_images}")
 
 
+PROMPTS_FILE = "prompts.json"  # {image file name: prompt with one ~ID~}; refgen.identity.invert reads it
+
+
 def identity_record(ident_id: int, cfg: IdentitySetConfig) -> tuple[dict, list]:
     """(identity.json content without provenance, [PIL images]) for one id; pure function of (id, cfg)."""
     ident = world.identity_from_seed(ident_id)
@@ -77,7 +80,7 @@ def is_complete(folder: Path) -> bool:
         return False
     try:
         rec = json.loads(meta.read_text())
-        return all((folder / e["file"]).is_file() for e in rec["images"])
+        return all((folder / e["file"]).is_file() for e in rec["images"]) and (folder / PROMPTS_FILE).is_file()
     except (ValueError, KeyError, TypeError):
         return False
 
@@ -106,6 +109,8 @@ def make_identities(out: str | Path, n: int = 50, seed: int = 0, *, size: int = 
             for e, im in zip(rec["images"], images):
                 atomic_save_image(im, tmp / e["file"])
             atomic_write_json(tmp / "identity.json", {**rec, "provenance": provenance(asdict(cfg))})
+            # what `refgen invert` reads with image_prompts: each photo's own sentence, the person as ~ID~
+            atomic_write_json(tmp / PROMPTS_FILE, {e["file"]: e["prompt"] for e in rec["images"]})
             if final.exists():  # an incomplete folder from an older/killed run: replaced, not merged
                 shutil.rmtree(final)
             os.replace(tmp, final)
