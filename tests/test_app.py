@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="refgen_app_shot_"))
     proc, url = start_app(tmp / "work", args.invert_steps, tmp / "app.log")
-    driver = open_browser(tmp / "profile", 1300, 1500)
+    driver = open_browser(tmp / "profile", 1300, 1700)
     try:
         driver.get(url)
         wait_for(driver, "the page", lambda d: d.find_elements("css selector", "#generate"), 60)
