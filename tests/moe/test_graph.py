@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from refgen.moe.graph import ExpertGraph, graph_stats
@@ -60,3 +61,22 @@ def test_message_passing_stays_inside_the_team_and_gradients_flow():
     out.sum().backward()
     assert g.weight.grad.abs().sum() > 0 and g.msg.weight.grad.abs().sum() > 0
     assert torch.equal(g(h, mask), out.detach()) or torch.allclose(g(h, mask), out)
+
+
+def test_proximal_l1_shrinks_live_off_diagonal_edges_to_exact_zero():
+    g = ExpertGraph(3, 4)
+    with torch.no_grad():
+        g.weight.copy_(torch.tensor([[1.0, 0.05, 0.5], [-0.2, 1.0, 0.02], [0.2, 0.3, 1.0]]))
+    g.prox_l1(0.04)
+    want = torch.tensor([[1.0, 0.01, 0.46], [-0.2, 1.0, 0.0], [0.16, 0.26, 1.0]])
+    assert torch.allclose(g.weight, want, atol=1e-7) and g.weight[1, 2] == 0
+    # Adam normalises a dominating L1 subgradient to a full learning-rate step: why the prox is used instead
+    w = torch.nn.Parameter(torch.full((2,), 0.5))
+    opt = torch.optim.Adam([w], lr=0.01)
+    for _ in range(10):
+        opt.zero_grad()
+        (1e-6 * w.abs().sum()).backward()
+        opt.step()
+    assert torch.allclose(w, torch.full((2,), 0.4), atol=1e-3)
+    with pytest.raises(ValueError, match="prox step"):
+        g.prox_l1(-1.0)

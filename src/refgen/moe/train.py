@@ -50,8 +50,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "plateau"           # plateau: ReduceLROnPlateau(0.5) after plateau_epochs; onecycle
     plateau_epochs: int = 3
-    balance_coef: float = 0.01          # Switch load-balance loss weight (against expert collapse)
-    graph_l1: float = 1e-3              # L1 on the raw off-diagonal graph edges
+    balance_coef: float = 0.1           # Switch load-balance loss weight (against expert collapse)
+    graph_l1: float = 0.1               # L1 on the raw off-diagonal graph edges (proximal: shrink lr x this per step)
     shift_px: int = 2                   # random translation by up to this many pixels (0: off)
     path: str = "sparse"                # execution path while training (eval is checked on both)
     seed: int = 0
@@ -215,6 +215,7 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True, data: ImageS
     sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
                                                  total_steps=total_steps) if cfg.schedule == "onecycle" else None)
     probe = Probe(device, cfg.sample_every, logger=log) if cfg.monitor else None
+    gate_group = next((g for g in opt.param_groups if g["name"] == "gate"), opt.param_groups[0])
     gen = torch.Generator().manual_seed(cfg.seed)
     train_flops = 3 * table.static_topk_flops(cfg.model.top_k) * cfg.batch_size  # forward + backward ~ 3x forward
     log.log(kind="start", config=dataclasses.asdict(cfg), params=model.num_params(), cost=table.to_json(),
@@ -235,11 +236,11 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True, data: ImageS
                 out_ = model(x, path=cfg.path)
                 ce = F.cross_entropy(out_.logits, y)
                 loss = ce + cfg.balance_coef * out_.balance_loss
-                if model.graph is not None and cfg.graph_l1 > 0:
-                    loss = loss + cfg.graph_l1 * model.graph.l1()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if model.graph is not None and cfg.graph_l1 > 0:
+                    model.graph.prox_l1(gate_group["lr"] * cfg.graph_l1)
                 if sched is not None:
                     sched.step()
                 return ce, out_
