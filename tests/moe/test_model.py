@@ -130,3 +130,16 @@ def test_the_dense_path_exports_with_torch_export():
     ep = torch.export.export(DenseLogits(m), (x,))
     assert torch.allclose(ep.module()(x), m(x).logits, atol=1e-5)
     assert dataclasses.asdict(m.cfg)["kind"] == "graph"
+
+
+def test_balance_loss_pushes_toward_an_expert_nobody_chose():
+    from refgen.moe.model import balance_loss, switch_balance_loss
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 8, requires_grad=True)
+    probs = logits.softmax(1)
+    mask = torch.tensor([[1.0, 1, 0, 0]] * 8)
+    uniform = torch.full((8, 4), 0.25)
+    assert float(switch_balance_loss(uniform, torch.ones(8, 4))) == pytest.approx(1.0)
+    assert float(balance_loss(uniform, torch.ones(8, 4))) == pytest.approx(1.0)
+    balance_loss(probs, mask).backward()
+    assert logits.grad[:, 3].sum() < 0  # descending the loss raises the unused expert's logit

