@@ -164,7 +164,15 @@ def test_two_people_from_photos_then_a_wrong_slot_count_in_the_browser(page):
     generate(driver, TWO, "0,1")
     wait_for(driver, "the slot box to show two slots",
              lambda d: "2 slots" in d.find_element("css selector", "#slots").text, 30)
-    wait_for(driver, "two images in the gallery", lambda d: gallery_images(d) == 2, 150)
+    progress = set()  # what the page said while it worked (each inversion takes seconds: it is seen)
+
+    def done(d):
+        progress.update(t for t in ("person 1 of 2: teacher inversion", "person 2 of 2: teacher inversion")
+                        if t in d.find_element("css selector", "#gallery").text)
+        return gallery_images(d) == 2
+
+    wait_for(driver, "two images in the gallery", done, 150)
+    assert progress == {"person 1 of 2: teacher inversion", "person 2 of 2: teacher inversion"}, progress
     wait_for(driver, "the summary", lambda d: "2 image(s)" in d.find_element("css selector", "#status").text, 10)
     status = driver.find_element("css selector", "#status").text
     assert "2 image(s)" in status and "person 1:" in status and "person 2:" in status, status

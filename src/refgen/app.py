@@ -22,10 +22,9 @@ import tempfile
 import time
 import traceback
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from PIL import Image
 
 # Gradio reports usage to its servers unless told not to; the app talks to no one but its own page.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -96,6 +95,9 @@ def invert_config(cfg: AppConfig, steps: int):
     return InvertConfig(steps=steps, qa=False)
 
 
+Report = Callable[[float, str], None]  # (fraction done, what is running): the page's progress bar
+
+
 @dataclass
 class PersonInput:
     photos: list[str]             # uploaded image files
@@ -130,7 +132,7 @@ class IdentityApp:
                 f"each): {where}. Person k fills slot k, left to right.")
 
     # ---- people ----------------------------------------------------------------------------------------
-    def residual_of(self, k: int, person: PersonInput, invert_steps: int, progress: bool = True):
+    def residual_of(self, k: int, person: PersonInput, invert_steps: int):
         """Person k's SlotResidual and how it was made."""
         if person.photos and person.residual:
             raise ValueError(f"person {k + 1}: give reference photos or a residual file, not both")
@@ -142,29 +144,37 @@ class IdentityApp:
         icfg = invert_config(self.cfg, int(invert_steps))
         # one folder per inversion setting: a finished inversion of the same photos is reused, never mixed up
         key = hashlib.sha256(json.dumps(dataclasses.asdict(icfg), sort_keys=True).encode()).hexdigest()[:12]
-        r = self.ip.invert(person.photos, config=icfg, out=self.work_dir / "inversions" / key, progress=progress)
+        r = self.ip.invert(person.photos, config=icfg, out=self.work_dir / "inversions" / key)
         return r, f"{n} photo(s), teacher inversion ({icfg.steps} steps)"
 
-    def people(self, persons: list[PersonInput], prompt: str, invert_steps: int, progress: bool = True):
-        """(residuals, alphas, descriptions) of the persons given, in order; the slot count is checked first."""
+    def people(self, persons: list[PersonInput], prompt: str, invert_steps: int, report: Report | None = None):
+        """(residuals, alphas, descriptions) of the persons given, in order; the slot count is checked first.
+        `report(fraction, text)` hears which person is being made (the first 90 % of the work)."""
         given = [(k, p) for k, p in enumerate(persons) if p.given]
         self.ip.slots(prompt, len(given))  # before any photo goes through a model: the CLI's message if it differs
-        made = [self.residual_of(k, p, invert_steps, progress) for k, p in given]
+        made = []
+        for j, (k, p) in enumerate(given):
+            how = ("reading the residual file" if p.residual else "photos through the head" if self.ip.head is not None
+                   else f"teacher inversion of {len(p.photos)} photo(s), {int(invert_steps)} steps (a finished one "
+                        "is reused)")
+            _say(report, 0.9 * j / len(given), f"person {k + 1} of {len(given)}: {how}")
+            made.append(self.residual_of(k, p, invert_steps))
         return ([r for r, _ in made], [p.alpha for _, p in given],
                 [{"person": k + 1, "alpha": p.alpha, "from": how} for (k, p), (_, how) in zip(given, made)])
 
     # ---- images ----------------------------------------------------------------------------------------
     def generate(self, persons: list[PersonInput], prompt: str, seeds: str, steps: int, true_cfg: float,
-                 height: int, width: int, negative_prompt: str, invert_steps: int, progress: bool = True):
+                 height: int, width: int, negative_prompt: str, invert_steps: int, report: Report | None = None):
         """(PIL images, zip file with the images and their JSON, a one-line summary)."""
         from refgen.artifacts import atomic_write_bytes, provenance
 
         t0 = time.time()
         seed_list = _parse("seeds", seeds)
-        residuals, alphas, described = self.people(persons, prompt, invert_steps, progress)
+        residuals, alphas, described = self.people(persons, prompt, invert_steps, report)
+        _say(report, 0.9, f"rendering {len(seed_list)} image(s), {int(steps)} steps each")
         kw = dict(seeds=seed_list, steps=int(steps), true_cfg=float(true_cfg), height=int(height), width=int(width),
                   negative_prompt=negative_prompt)
-        images = self.ip(prompt, residuals, alphas, progress=progress, **kw)
+        images = self.ip(prompt, residuals, alphas, progress=True, **kw)
         record = provenance(kind="app_generate", model=self.ip.model_id, head=self.ip.head_path,
                             device=str(self.ip.device), dtype=str(self.ip.dtype).replace("torch.", ""), prompt=prompt,
                             people=described, slots=self.ip.slots(prompt), **kw,
@@ -183,7 +193,7 @@ class IdentityApp:
 
     def alpha_grid(self, persons: list[PersonInput], prompt: str, grid_alphas: str, seeds: str, steps: int,
                    true_cfg: float, height: int, width: int, negative_prompt: str, invert_steps: int,
-                   progress: bool = True):
+                   report: Report | None = None):
         """(grid image file, summary): rows multiply every person's alpha, columns are seeds."""
         from refgen.identity.render import RenderConfig
 
@@ -192,11 +202,17 @@ class IdentityApp:
         rc = RenderConfig(prompt=prompt, alphas=rows, seeds=_parse("seeds", seeds), steps=int(steps),
                           true_cfg=float(true_cfg), negative_prompt=negative_prompt, height=int(height),
                           width=int(width))
-        residuals, alphas, described = self.people(persons, prompt, invert_steps, progress)
+        residuals, alphas, described = self.people(persons, prompt, invert_steps, report)
+        _say(report, 0.9, f"rendering {len(rows) * len(rc.seeds)} image(s), {int(steps)} steps each")
         out = Path(tempfile.mkdtemp(prefix="grid_", dir=self.work_dir / "downloads"))
-        rec = self.ip.render_grid(rc, residuals, out, alphas=alphas, progress=progress)
+        rec = self.ip.render_grid(rc, residuals, out, alphas=alphas, progress=True)
         return (out / rec["grid"], f"{len(rows)} α rows x {len(rc.seeds)} seeds in {time.time() - t0:.1f} s "
                 f"(rows multiply each person's α).")
+
+
+def _say(report: Report | None, fraction: float, text: str) -> None:
+    if report is not None:
+        report(fraction, text)
 
 
 def _parse(what: str, text: str) -> list:
@@ -298,19 +314,21 @@ def build_page(app: IdentityApp):
                 grid = gr.Image(label="α x seed grid", type="filepath", elem_id="grid", height=420)
 
         def on_generate(prompt, seeds, steps, true_cfg, height, width, negative, invert_steps, *people,
-                        progress=gr.Progress(track_tqdm=True)):
+                        progress=gr.Progress()):
             try:
                 images, zip_path, summary = app.generate(persons_of(people), prompt, seeds, steps, true_cfg, height,
-                                                         width, negative, invert_steps)
+                                                         width, negative, invert_steps,
+                                                         lambda f, text: progress(f, desc=text))
                 return images, str(zip_path), summary
             except Exception as e:  # noqa: BLE001 - the page shows every failure as text, the log keeps the rest
                 return [], None, error_text(e)
 
         def on_grid(prompt, seeds, steps, true_cfg, height, width, negative, invert_steps, grid_alphas, *people,
-                    progress=gr.Progress(track_tqdm=True)):
+                    progress=gr.Progress()):
             try:
                 path, summary = app.alpha_grid(persons_of(people), prompt, grid_alphas, seeds, steps, true_cfg,
-                                               height, width, negative, invert_steps)
+                                               height, width, negative, invert_steps,
+                                               lambda f, text: progress(f, desc=text))
                 return str(path), summary
             except Exception as e:  # noqa: BLE001
                 return None, error_text(e)

@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from refgen.identity.inject import ResidualMismatchError
 from refgen.model_identity import ModelIdentity, identify_model
 
@@ -125,7 +123,6 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     from refgen.identity.prompts import tokenize
     from refgen.identity.render import load_tokenizer_only
     from refgen.images import resolve_refs
-    from refgen.model_identity import identify_model
     from refgen.pipeline import IdentityPipeline
 
     out = Path(out)
