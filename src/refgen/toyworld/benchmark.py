@@ -355,13 +355,32 @@ def _grid(pairs, dirs, alphas, scene, seed, path: Path):
     atomic_save_image(make_grid(rows, [d.name for d in dirs], [f"a={a:g}" for a in alphas]), path)
 
 
+@dataclass
+class _Run:
+    """What every stage of one benchmark run shares."""
+    cfg: BenchmarkConfig
+    out: Path
+    model: str
+    pipe: object
+    net: object          # the recognizer
+    dev: str
+    neg: tuple           # encoded negative prompt (embeds, mask)
+    test_dirs: list
+    test_attrs: list     # read once: every sweep and pair row uses them
+    pairs: list          # ordered (left, right) test pairs
+    progress: bool
+    result: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def save(self, partial: bool = True) -> None:
+        _save(self.out, self.result, self.timings, partial)
+
+
 def run_benchmark(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) -> dict:
-    from refgen.identity.features import extract_features
-    from refgen.identity.head import HeadConfig, load_head, train_head
-    from refgen.identity.invert import InvertConfig, Inverter
+    """Every stage in order; benchmark.json/md are rewritten after each (a run cut short keeps what it measured)."""
+    from refgen.identity.invert import InvertConfig
     from refgen.identity.prompts import encode_prompts
     from refgen.identity.render import load_pipeline
-    from refgen.images import scan
     from refgen.runtime import resolve_device
     from refgen.toyworld import recognizer as R
     from refgen.toyworld.identities import make_identities
@@ -370,42 +389,59 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) 
     model = cfg.model or default_model()
     ranges = held_out_ranges(cfg, model)  # before any work: an overlap makes every number meaningless
     dev = resolve_device(cfg.device)
-    t0, timings = time.time(), {}
-
+    t0 = time.time()
     # 1. identities (idempotent: complete folders are kept)
     make_identities(out / "identities" / "test", n=cfg.n_test, seed=cfg.test_seed, size=cfg.size, progress=progress)
     if cfg.n_train:
         make_identities(out / "identities" / "train", n=cfg.n_train, seed=cfg.train_seed, size=cfg.size,
                         progress=progress)
-    timings["identities_s"] = time.time() - t0
-
-    # 2. caption ceiling (and the two-person one): what the model draws from words alone; every method
-    #    row below is read against it. No inversion needed, so it is measured (and saved) first.
+    identities_s = time.time() - t0
     pipe = load_pipeline(model, str(dev), cfg.dtype)
-    icfg = InvertConfig(**cfg.invert_config())
-    ne = encode_prompts(pipe, icfg.negative_prompt)
-    neg_enc = (ne.embeds, ne.mask)
-    net = R.load(device=str(dev))
+    ne = encode_prompts(pipe, InvertConfig(**cfg.invert_config()).negative_prompt)  # the one inversion renders with
     test_dirs = _identity_dirs(out / "identities" / "test")
-    test_attrs = [attributes_of(d) for d in test_dirs]  # read once: every sweep and pair row uses them
-    idx_pairs = test_pairs(len(test_dirs), cfg.n_pairs)
-    result: dict = {"config": dataclasses.asdict(cfg), "model": model, "held_out_ranges": ranges}
-    t = time.time()
-    result["ceiling"] = caption_ceiling(pipe, net, test_attrs, idx_pairs, cfg.scenes, cfg.seeds, render_config(cfg),
-                                        neg_enc, str(dev))
-    timings["ceiling_s"] = time.time() - t
-    _save(out, result, timings)
+    run = _Run(cfg, out, model, pipe, R.load(device=str(dev)), str(dev), (ne.embeds, ne.mask), test_dirs,
+               [attributes_of(d) for d in test_dirs], test_pairs(len(test_dirs), cfg.n_pairs), progress,
+               result={"config": dataclasses.asdict(cfg), "model": model, "held_out_ranges": ranges},
+               timings={"identities_s": identities_s})
+    _timed(run, "ceiling_s", _ceiling)         # 2. what the words alone draw: every row is read against it
+    _timed(run, "invert_s", _invert_all)       # 3. teacher inversion, test and train identities together
+    teach = _timed(run, "teacher_sweep_s", _teacher_sweep)  # 4. alpha sweep (alpha 0 = the floor)
+    pred = _timed(run, "head_s", _head, teach) if cfg.n_train else None  # 5. head on unseen identities
+    if cfg.n_pairs:
+        _timed(run, "two_slot_s", _two_slot, teach, pred)  # 6. two people in one prompt
+    run.timings["total_s"] = time.time() - t0
+    run.result["device"] = str(dev)
+    run.result["gpu"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    run.save(partial=False)
+    return run.result
 
-    # 3. teacher inversion of test and train identities together: one Inverter, batches of K (a tiny model
-    #    is launch-bound, so one big batch costs little more per step than a small one); complete
-    #    identities (teacher.json) are skipped. Ids of the two splits are disjoint, so one folder holds all.
+
+def _timed(run: _Run, key: str, stage, *args):
     t = time.time()
-    inv_stats = {}
+    r = stage(run, *args)
+    run.timings[key] = time.time() - t
+    run.save()
+    return r
+
+
+def _ceiling(run: _Run) -> None:
+    run.result["ceiling"] = caption_ceiling(run.pipe, run.net, run.test_attrs, run.pairs, run.cfg.scenes,
+                                            run.cfg.seeds, render_config(run.cfg), run.neg, run.dev)
+
+
+def _invert_all(run: _Run) -> None:
+    """One Inverter, batches of K (a tiny model is launch-bound, so one big batch costs little more per step
+    than a small one); complete identities are skipped, stale ones refused. The id ranges of the two splits
+    are disjoint, so one folder holds all."""
+    from refgen.identity.invert import InvertConfig, Inverter
+    from refgen.images import scan
+
+    cfg, out, stats = run.cfg, run.out, {}
     splits = ["test"] + (["train"] if cfg.n_train else [])
     for steps_tag, steps in [("", None)] + [(f"_s{s}", s) for s in cfg.short_steps]:
-        c = icfg if steps is None else InvertConfig(**cfg.invert_config(steps))
-        t1 = time.time()
-        inv = Inverter(pipe, c, out / f"teacher{steps_tag}", model_id=model, progress=progress)
+        c = InvertConfig(**cfg.invert_config(steps))
+        t = time.time()
+        inv = Inverter(run.pipe, c, out / f"teacher{steps_tag}", model_id=run.model, progress=run.progress)
         idents = [i for split in (splits if steps is None else ["test"])
                   for i in scan(out / "identities" / split).identities]
         stale = {i.id: inv.settings_diff(i) for i in idents if inv.settings_diff(i)}
@@ -413,102 +449,94 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) 
             raise ValueError(f"{out / f'teacher{steps_tag}'}: {len(stale)} teachers were made with other settings "
                              f"(e.g. {next(iter(stale))}: {next(iter(stale.values()))}); use a new --out")
         recs = inv.run(idents)
-        dt = time.time() - t1
+        dt = time.time() - t
         if recs:
-            inv_stats[f"all{steps_tag}" if steps is None else f"test{steps_tag}"] = {
+            stats[f"all{steps_tag}" if steps is None else f"test{steps_tag}"] = {
                 "identities": len(recs), "seconds": dt, "identities_per_gpu_hour": len(recs) / dt * 3600,
                 "steps": c.steps, "images_per_step": c.images_per_step, "K": c.identities_per_batch,
                 "sigma_sampling": c.sigma_sampling, "lr": c.lr,
                 "mean_steps_run": sum(r["steps_run"] for r in recs) / len(recs),
                 "eval_loss_base": sum(r["eval_loss_base"] for r in recs) / len(recs),
                 "eval_loss_teacher": sum(r["eval_loss_teacher"] or float("nan") for r in recs) / len(recs)}
-    timings["invert_s"] = time.time() - t
-    result["inversion"] = inv_stats
+    run.result["inversion"] = stats
 
-    # 4. teacher alpha sweep (alpha 0 = the untouched placeholder prompt: the floor)
-    t = time.time()
-    teach = _residuals(out / "teacher", test_dirs)
-    per_alpha, pairs = _sweep(pipe, net, test_dirs, test_attrs, teach, cfg.alphas, cfg, neg_enc, str(dev))
+
+def _teacher_sweep(run: _Run) -> list[torch.Tensor]:
+    cfg = run.cfg
+    teach = _residuals(run.out / "teacher", run.test_dirs)
+    per_alpha, pairs = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, teach, cfg.alphas, cfg, run.neg,
+                              run.dev)
     best = _best_alpha(per_alpha)
-    result["teacher"] = {"per_alpha": per_alpha, "best_alpha": best,
-                         "floor": per_alpha.get("0", None)}
-    g = out / "grids"
-    _grid(pairs, test_dirs[:cfg.grid_identities], cfg.alphas, 0, cfg.seeds[0], g / "teacher_alpha.png")
+    run.result["teacher"] = {"per_alpha": per_alpha, "best_alpha": best, "floor": per_alpha.get("0", None)}
+    _grid(pairs, run.test_dirs[:cfg.grid_identities], cfg.alphas, 0, cfg.seeds[0], run.out / "grids" / "teacher_alpha.png")
     for steps in cfg.short_steps:
-        r = _residuals(out / f"teacher_s{steps}", test_dirs)
+        r = _residuals(run.out / f"teacher_s{steps}", run.test_dirs)
         a = [float(best)] if best is not None else [a for a in cfg.alphas if a > 0]
-        pa, _ = _sweep(pipe, net, test_dirs, test_attrs, r, a, cfg, neg_enc, str(dev))
-        result.setdefault("short_steps", {})[str(steps)] = pa
-    timings["teacher_sweep_s"] = time.time() - t
-    _save(out, result, timings)  # a run cut short keeps what it measured
+        pa, _ = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, r, a, cfg, run.neg, run.dev)
+        run.result.setdefault("short_steps", {})[str(steps)] = pa
+    return teach
 
-    # 5. head: features of every identity, trained on train teachers, applied to the unseen test set
-    if cfg.n_train:
-        t = time.time()
-        vl = cfg.vl_model or default_vl_model()
-        # training features beside the teacher residuals, where `train-head` pairs them; test features
-        # elsewhere, so the head never trains on a test identity
-        extract_features(out / "identities" / "train", vl, device=str(dev), dtype=cfg.dtype, out=out / "teacher",
-                         progress=progress)
-        extract_features(out / "identities" / "test", vl, device=str(dev), dtype=cfg.dtype,
-                         out=out / "features_test", progress=progress)
-        head_dir = out / "head"
-        if not (head_dir / "head.json").exists():
-            train_head(out / "teacher", head_dir, HeadConfig(**cfg.head), device=str(dev), progress=progress)
-        head, _ = load_head(head_dir / "head.safetensors", dev, torch.float32)
-        from safetensors.torch import load_file
 
-        from refgen.identity.features import features_path
+def _head(run: _Run, teach: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Features of every identity; the head trains on the training teachers and is applied to the unseen test
+    set. Training features sit beside the teacher residuals, where `train-head` pairs them; test features go
+    elsewhere, so the head never trains on a test identity."""
+    from safetensors.torch import load_file
 
-        Z = torch.stack([load_file(str(features_path(out / "features_test" / d.name)))["z"] for d in test_dirs])
-        with torch.no_grad():
-            pred = [r.float().cpu() for r in head(Z.to(dev).float())]
-        cos = torch.nn.functional.cosine_similarity(torch.stack(pred).flatten(1), torch.stack(teach).flatten(1), dim=1)
-        pa, hpairs = _sweep(pipe, net, test_dirs, test_attrs, pred, cfg.head_alphas, cfg, neg_enc, str(dev))
-        hb = _best_alpha(pa)
-        head_json = json.loads((head_dir / "head.json").read_text())
-        result["head"] = {"per_alpha": pa, "best_alpha": hb, "cos_to_teacher_test": float(cos.mean()),
+    from refgen.identity.features import extract_features, features_path
+    from refgen.identity.head import HeadConfig, load_head, train_head
+
+    cfg, out = run.cfg, run.out
+    vl = cfg.vl_model or default_vl_model()
+    extract_features(out / "identities" / "train", vl, device=run.dev, dtype=cfg.dtype, out=out / "teacher",
+                     progress=run.progress)
+    extract_features(out / "identities" / "test", vl, device=run.dev, dtype=cfg.dtype, out=out / "features_test",
+                     progress=run.progress)
+    head_dir = out / "head"
+    if not (head_dir / "head.json").exists():
+        train_head(out / "teacher", head_dir, HeadConfig(**cfg.head), device=run.dev, progress=run.progress)
+    head, _ = load_head(head_dir / "head.safetensors", torch.device(run.dev), torch.float32)
+    Z = torch.stack([load_file(str(features_path(out / "features_test" / d.name)))["z"] for d in run.test_dirs])
+    with torch.no_grad():
+        pred = [r.float().cpu() for r in head(Z.to(run.dev).float())]
+    cos = torch.nn.functional.cosine_similarity(torch.stack(pred).flatten(1), torch.stack(teach).flatten(1), dim=1)
+    pa, hpairs = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, pred, cfg.head_alphas, cfg, run.neg,
+                        run.dev)
+    head_json = json.loads((head_dir / "head.json").read_text())
+    run.result["head"] = {"per_alpha": pa, "best_alpha": _best_alpha(pa), "cos_to_teacher_test": float(cos.mean()),
                           "train_metrics": head_json.get("metrics"), "n_train_identities": len(head_json["train_ids"])}
-        _grid(hpairs, test_dirs[:cfg.grid_identities], cfg.head_alphas, 0, cfg.seeds[0], g / "head_alpha.png")
-        timings["head_s"] = time.time() - t
-        _save(out, result, timings)
+    _grid(hpairs, run.test_dirs[:cfg.grid_identities], cfg.head_alphas, 0, cfg.seeds[0], out / "grids" / "head_alpha.png")
+    return pred
 
-    # 6. two-slot prompts: pairs of test identities, teacher residuals (and head ones) at the best alpha
-    if cfg.n_pairs:
-        t = time.time()
-        prompts = [PAIR_PROMPT.format(where=world.SCENE_PHRASES[s][0]) for s in cfg.scenes]
-        sources = {"floor": (teach, 0.0), "teacher": (teach, best)}  # alpha 0: the placeholders as plain text
-        if "head" in result:
-            sources["head"] = (pred, result["head"]["best_alpha"])
-        result["two_slot"] = {}
-        for name, (res, a) in sources.items():
-            alpha = float(a) if a is not None else 1.0  # no alpha kept the scene: report alpha 1
-            jobs, rows = [], []
-            for (i, j) in idx_pairs:
-                for si, s in enumerate(cfg.scenes):
-                    for seed in cfg.seeds:
-                        jobs.append({"prompt": si, "residuals": [res[i], res[j]], "alpha": alpha, "seed": seed})
-                        rows.append({"people": [test_attrs[i], test_attrs[j]],
-                                     "scene": s})
-            images = render_rows(pipe, prompts, jobs, render_config(cfg), neg_enc)
-            m = score(R.predict(net, images, str(dev)), rows)
-            result["two_slot"][name] = {"alpha": alpha, **m}
-            if name == "teacher":
-                from refgen.grid import make_grid
 
-                n = min(len(idx_pairs), cfg.grid_identities)
-                step = len(cfg.scenes) * len(cfg.seeds)
-                grid_rows = [images[k * step:(k + 1) * step:len(cfg.seeds)] for k in range(n)]
-                atomic_save_image(make_grid(grid_rows, [f"{test_dirs[i].name} | {test_dirs[j].name}"
-                                                        for i, j in idx_pairs[:n]], cfg.scenes),
-                                  g / "two_slot.png")
-        timings["two_slot_s"] = time.time() - t
+def _two_slot(run: _Run, teach: list[torch.Tensor], pred: list[torch.Tensor] | None) -> None:
+    """Pairs of test identities in one prompt (left, right): alpha 0 (the placeholders as plain text), teacher
+    residuals and head residuals, each at its best single-person alpha."""
+    from refgen.grid import make_grid
+    from refgen.toyworld import recognizer as R
 
-    timings["total_s"] = time.time() - t0
-    result["device"] = str(dev)
-    result["gpu"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
-    _save(out, result, timings, partial=False)
-    return result
+    cfg = run.cfg
+    prompts = [PAIR_PROMPT.format(where=world.SCENE_PHRASES[s][0]) for s in cfg.scenes]
+    sources = {"floor": (teach, 0.0), "teacher": (teach, run.result["teacher"]["best_alpha"])}
+    if pred is not None:
+        sources["head"] = (pred, run.result["head"]["best_alpha"])
+    run.result["two_slot"] = {}
+    for name, (res, a) in sources.items():
+        alpha = float(a) if a is not None else 1.0  # no alpha kept the scene: report alpha 1
+        jobs, rows = [], []
+        for (i, j) in run.pairs:
+            for si, s in enumerate(cfg.scenes):
+                for seed in cfg.seeds:
+                    jobs.append({"prompt": si, "residuals": [res[i], res[j]], "alpha": alpha, "seed": seed})
+                    rows.append({"people": [run.test_attrs[i], run.test_attrs[j]], "scene": s})
+        images = render_rows(run.pipe, prompts, jobs, render_config(cfg), run.neg)
+        run.result["two_slot"][name] = {"alpha": alpha, **score(R.predict(run.net, images, run.dev), rows)}
+        if name == "teacher":
+            n = min(len(run.pairs), cfg.grid_identities)
+            step = len(cfg.scenes) * len(cfg.seeds)
+            grid_rows = [images[k * step:(k + 1) * step:len(cfg.seeds)] for k in range(n)]
+            labels = [f"{run.test_dirs[i].name} | {run.test_dirs[j].name}" for i, j in run.pairs[:n]]
+            atomic_save_image(make_grid(grid_rows, labels, cfg.scenes), run.out / "grids" / "two_slot.png")
 
 
 def _save(out: Path, result: dict, timings: dict, partial: bool = True) -> None:
