@@ -81,3 +81,17 @@ def test_energy_window_subtracts_idle_power():
 def test_no_gpu_means_no_energy_counter_and_says_so():
     with pytest.raises(EnergyUnavailable, match="no GPU energy counter.*FLOPs energy proxy"):
         NvmlEnergy(0)
+
+
+def test_without_nvidia_ml_py_the_message_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # what an install without the moe extra looks like
+    with pytest.raises(EnergyUnavailable, match=r"pynvml is not installed.*\[moe\]"):
+        NvmlEnergy(0)
+
+
+def test_bad_arguments_and_an_empty_probe():
+    with pytest.raises(ValueError, match="iters >= 1"):
+        measure_latency(lambda: None, "cpu", iters=0)
+    assert Probe("cpu").summary() == {"sampled_steps": 0}
