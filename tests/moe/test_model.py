@@ -132,14 +132,18 @@ def test_the_dense_path_exports_with_torch_export():
     assert dataclasses.asdict(m.cfg)["kind"] == "graph"
 
 
-def test_balance_loss_pushes_toward_an_expert_nobody_chose():
+def test_balance_loss_prefers_confident_balanced_routing():
     from refgen.moe.model import balance_loss, switch_balance_loss
 
+    eye = torch.eye(4)
+    balanced = eye.repeat(2, 1)                               # each input commits, experts equally used
+    collapsed = eye[[0] * 8]                                  # each input commits, all to expert 0
+    uniform = torch.full((8, 4), 0.25)                        # nobody commits; top-2 decided by tie-breaks
+    fixed_pair = torch.tensor([[1.0, 1, 0, 0]] * 8)
+    assert float(switch_balance_loss(uniform, fixed_pair)) == pytest.approx(1.0)  # the Switch term is blind to it
+    assert float(balance_loss(balanced, balanced)) == pytest.approx(1.0)
+    assert float(balance_loss(uniform, fixed_pair)) == pytest.approx(2.0)
+    assert float(balance_loss(collapsed, collapsed)) == pytest.approx(7.0)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]] * 8, requires_grad=True)
-    probs = logits.softmax(1)
-    mask = torch.tensor([[1.0, 1, 0, 0]] * 8)
-    uniform = torch.full((8, 4), 0.25)
-    assert float(switch_balance_loss(uniform, torch.ones(8, 4))) == pytest.approx(1.0)
-    assert float(balance_loss(uniform, torch.ones(8, 4))) == pytest.approx(1.0)
-    balance_loss(probs, mask).backward()
-    assert logits.grad[:, 3].sum() < 0  # descending the loss raises the unused expert's logit
+    balance_loss(logits.softmax(1), fixed_pair).backward()
+    assert logits.grad[:, 3].sum() < 0  # descending the loss raises the expert nobody chose

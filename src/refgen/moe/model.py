@@ -125,12 +125,19 @@ def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 
 def balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Switch term + squared coefficient of variation of the mean gate probability (Shazeer et al.'s importance
-    loss). The Switch term reaches an expert that is never chosen (its f is 0) only through the softmax, in
-    proportion to that expert's already small probability: measured, 2 MNIST epochs at weight 0.1 with the Switch
-    term alone left one expert with 0.05 % of the routing."""
+    loss) + the mean per-input gate entropy / log E.
+
+    The Switch term reaches an expert that is never chosen (its f is 0) only through the softmax, in proportion to
+    that expert's already small probability: measured, 2 MNIST epochs at weight 0.1 with the Switch term alone
+    left one expert with 0.05 % of the routing. The first two terms are both satisfied by a gate that gives every
+    input the *same* near-uniform distribution, whose top-k is then decided by tiny fixed margins: measured,
+    ToyWorld-27, 8 CPU epochs: 96.1 % test accuracy with every input routed to the same 2 experts. The entropy term
+    asks each input to commit while the other two keep the average balanced (together: high mutual information
+    between input and expert)."""
     P = probs.mean(0)
     cv2 = P.var(unbiased=False) / P.mean().pow(2).clamp_min(1e-12)
-    return switch_balance_loss(probs, mask) + cv2
+    ent = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean() / math.log(max(probs.shape[1], 2))
+    return switch_balance_loss(probs, mask) + cv2 + ent
 
 
 class MoEClassifier(nn.Module):
