@@ -184,24 +184,35 @@ def photos_id(photos: Sequence[Image.Image]) -> str:
     return "ref_" + h.hexdigest()[:16]
 
 
-class IdentityPipeline:
-    """Qwen-Image with refgen's identity slots; `from_pretrained` loads it, or wrap a QwenImagePipeline you hold.
+def _check_head_args(head, vl_model):
+    """The VL model's identity, after the checks that need no model: both given, the head file there."""
+    from refgen.model_identity import identify_model
 
-    `head`/`features` (a LinearHead and a VisionFeatures) are needed only for `residual_from_refs`.
+    if head is None or vl_model is None:
+        raise ValueError("vl_model and head go together: reference photos become a residual through the "
+                         "Qwen3-VL vision tower (vl_model) and a head trained on its features (head); "
+                         f"got vl_model={vl_model!r}, head={head!r}")
+    vl = identify_model(vl_model, "vl_model", allow_download=True)
+    if not Path(head).is_file():
+        raise FileNotFoundError(f"head checkpoint not found: {head}")
+    return vl
+
+
+class IdentityPipeline:
+    """Qwen-Image with refgen's identity slots; `from_pretrained` loads it, or wrap a QwenImagePipeline you hold:
+    `IdentityPipeline(pipe)` (then `load_head` for reference photos).
+
     `free_text_encoder`: move the text encoder off the GPU after each encoding (~16 GB for Qwen-Image, back when
     an uncached prompt comes); one-shot commands want it, interactive use does not. Under group offload the text
     encoder is always moved off after encoding, as `render` and `generate` do.
     """
 
-    def __init__(self, pipe, model_id: str | None = None, *, features=None, head=None, head_metadata: dict | None = None,
-                 head_path: str | None = None, free_text_encoder: bool = False, device: torch.device | None = None):
-        if (head is None) != (features is None):
-            raise ValueError("head and features come together: a head maps the vision tower's features to residuals")
+    def __init__(self, pipe, model_id: str | None = None, *, free_text_encoder: bool = False):
         self.pipe = pipe
         self.model_id = str(model_id or pipe.name_or_path or "")
-        self.device = torch.device(device) if device is not None else pipe._execution_device
-        self.features, self.head, self.head_metadata, self.head_path = features, head, head_metadata, head_path
+        self.device = pipe._execution_device
         self.free_text_encoder = free_text_encoder
+        self.features = self.head = self.head_metadata = self.head_path = None  # set by load_head
         self._encoded: OrderedDict = OrderedDict()
 
     def __repr__(self) -> str:
@@ -217,39 +228,34 @@ class IdentityPipeline:
         """Load Qwen-Image (hub id or folder) under refgen's device policy: CUDA (device None or "cuda[:N]"),
         "cpu" only when asked for and only for models under 200M parameters (the tiny and toy models); dtype
         "bf16" or "fp32". offload "none" | "model" | "group" and compile as for `refgen render`.
-
-        With `head` (from `refgen train-head`) and `vl_model` (the Qwen3-VL model its features came from), the
-        head's fit (L, H, tokenizer, VL model) is checked and the vision tower loaded with the head's recorded
-        feature settings, so `residual_from_refs` pools photos exactly as training did.
+        With `head` and `vl_model`: `load_head`, its cheap checks made before the large model loads.
         """
         from refgen.identity.render import load_pipeline
-        from refgen.model_identity import identify_model
 
-        if (vl_model is None) != (head is None):
-            raise ValueError("vl_model and head go together: reference photos become a residual through the "
-                             "Qwen3-VL vision tower (vl_model) and a head trained on its features (head); "
-                             f"got vl_model={vl_model!r}, head={head!r}")
-        vl = None
-        if head is not None:  # cheap checks before the large model loads
-            vl = identify_model(vl_model, "vl_model", allow_download=True)
-            if not Path(head).is_file():
-                raise FileNotFoundError(f"head checkpoint not found: {head}")
+        if head is not None or vl_model is not None:
+            _check_head_args(head, vl_model)
         pipe = load_pipeline(model, device, dtype, offload=offload, compile=compile)
         ip = cls(pipe, model, free_text_encoder=free_text_encoder)
         if head is not None:
-            ip._load_head(head, vl_model, vl, device)
+            ip.load_head(head, vl_model)
         return ip
 
-    def _load_head(self, head: str, vl_model: str, vl, device: str | None) -> None:
+    def load_head(self, head: str, vl_model: str) -> None:
+        """Reference photos through a head (`refgen train-head`) on the features of `vl_model` (the Qwen3-VL model
+        they came from). The head's fit (L, H, placeholder ids, tokenizer, VL model identity) is checked
+        (HeadMismatchError), and the vision tower is loaded with the head's recorded feature settings, so
+        `residual_from_refs` pools photos exactly as training did."""
         from refgen.identity.features import VisionFeatures, feature_config_from_settings
         from refgen.identity.generate import HeadMismatchError, check_head_fits, check_vl_model, head_feature_settings
         from refgen.identity.head import load_head
         from refgen.model_identity import identify_model
 
+        vl = _check_head_args(head, vl_model)
         h, md = load_head(head, self.device, self.dtype)
         check_head_fits(md, self.pipe, vl, head)
         settings = head_feature_settings(md, head)
         # the features exactly as training made them: same budget, sides, image count and dtype
+        device = "cpu" if self.device.type == "cpu" else str(self.device)
         fx = VisionFeatures(vl_model, device, settings["dtype"], feature_config_from_settings(settings))
         if vl.config_sha256 is None:  # downloaded just now: its config can be compared at last
             problems = check_vl_model(settings, identify_model(vl_model, "vl_model"))
