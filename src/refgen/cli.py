@@ -83,9 +83,10 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def _add_speed(p: argparse.ArgumentParser, offload_modes=("none", "model", "group"), render: bool = True) -> None:
+    what = {"none": "none: all on the GPU", "model": "model: one component at a time (48 GB cards)",
+            "group": "group: layer by layer (24 GB cards, slow)"}
     p.add_argument("--offload", default="none", choices=offload_modes,
-                   help="none: all on the GPU; model: one component at a time (48 GB cards); group: layer by "
-                        "layer (24 GB cards, slow). Peaks per mode: docs/benchmarks.md")
+                   help="; ".join(what[m] for m in offload_modes) + ". Peaks per mode: docs/benchmarks.md")
     if render:
         p.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks")
         p.add_argument("--no-cfg-batch", action="store_true",
@@ -181,7 +182,8 @@ def cmd_invert(args) -> int:
 
     overrides = {"steps": args.steps, "identities_per_batch": args.identities_per_batch,
                  "height": args.height, "width": args.width,
-                 "gradient_checkpointing": args.gradient_checkpointing or None, "compile": args.compile or None}
+                 "gradient_checkpointing": args.gradient_checkpointing or None, "compile": args.compile or None,
+                 "checkpoint_every": args.checkpoint_every, "qa": False if args.no_qa else None}
     cfg = InvertConfig.from_yaml(args.config, **overrides) if args.config else InvertConfig(
         **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -336,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--height", type=int, default=None)
     v.add_argument("--width", type=int, default=None)
     v.add_argument("--gradient-checkpointing", action="store_true")
+    v.add_argument("--checkpoint-every", type=int, default=None, help="steps between resumable checkpoints")
+    v.add_argument("--no-qa", action="store_true", help="skip the alpha-grid QA render after each identity")
     _add_runtime(v)
     _add_speed(v, offload_modes=("none", "model"), render=False)
     v.add_argument("--compile", action="store_true",
