@@ -166,7 +166,8 @@ def cmd_render(args) -> int:
     ip = IdentityPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload,
                                           compile=args.compile, free_text_encoder=True)
     rec = ip.render_grid(cfg, [ip.load_residual(f) for f in args.residual], args.out, residual_files=args.residual)
-    print(f"wrote {Path(args.out) / rec['grid']} ({len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds) and grid.json")
+    rows = f"{len(rec['alphas'])} alphas" if rec["alphas"] else "no residual: 1 row"
+    print(f"wrote {Path(args.out) / rec['grid']} ({rows} x {len(cfg.seeds)} seeds) and grid.json")
     return 0
 
 

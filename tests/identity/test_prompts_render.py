@@ -50,6 +50,20 @@ def test_render_grid_is_deterministic_and_documented(pipe, tmp_path):
     assert (im(0, 3) != im(2, 3)).any()  # alpha changes the image
 
 
+def test_render_grid_without_a_residual_renders_each_seed_once(pipe, tmp_path, capsys):
+    cfg = RenderConfig(prompt="a portrait photo of ~ID~, studio lighting", alphas=[0.5, 1.0, 2.0], seeds=[3, 4],
+                       steps=2, true_cfg=2.0, height=32, width=32)
+    rec = render_grid(pipe, cfg, [], tmp_path / "a", progress=False)
+    assert rec["images"] == ["images/s3.png", "images/s4.png"] and rec["alphas"] == []
+    assert "alpha changes nothing" in capsys.readouterr().out
+    with_r = render_grid(pipe, RenderConfig(**{**cfg.__dict__, "alphas": [0.0]}),
+                         [torch.zeros(encode_prompts(pipe, cfg.prompt).slots[0][0].length,
+                                      pipe.transformer.config.joint_attention_dim)], tmp_path / "b", progress=False)
+    a = np.asarray(Image.open(tmp_path / "a" / "images" / "s3.png"))
+    b = np.asarray(Image.open(tmp_path / "b" / with_r["images"][0]))
+    assert np.array_equal(a, b)  # the one row is the plain prompt: what every alpha row would have shown
+
+
 def test_render_config_validation():
     with pytest.raises(ValueError, match="steps must be >= 2"):
         RenderConfig(prompt="x", steps=1)

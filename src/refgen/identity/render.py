@@ -293,7 +293,12 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
         enc = encode_prompts(pipe, cfg.prompt, n_identities=len(residuals) if residuals else None)
         encoded = (enc.embeds, enc.mask, enc.slots[0])
     embeds, mask, slots = encoded
-    pairs = [(a, s) for a in cfg.alphas for s in cfg.seeds]  # row-major: alpha rows, seed columns
+    # Without a residual alpha scales nothing: every row would be the same pictures. Render one row, say so.
+    alphas = list(cfg.alphas) if residuals else [None]
+    if not residuals and len(cfg.alphas) > 1:
+        print(f"refgen render: no residual, so alpha changes nothing: one row of {len(cfg.seeds)} seeds instead of "
+              f"{len(cfg.alphas)} identical rows")
+    pairs = [(a, s) for a in alphas for s in cfg.seeds]  # row-major: alpha rows, seed columns
     B = len(pairs)
     E = embeds.expand(B, -1, -1)
     M = mask.expand(B, -1)
@@ -305,16 +310,17 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     images = render_images(pipe, E, M, [s for _, s in pairs], cfg, neg, progress)
     files = []
     for (a, s), im in zip(pairs, images):
-        f = out_dir / "images" / f"a{a:g}_s{s}.png"
+        f = out_dir / "images" / (f"a{a:g}_s{s}.png" if a is not None else f"s{s}.png")
         atomic_save_image(im, f)
         files.append(str(f.relative_to(out_dir)))
-    rows = [images[i * len(cfg.seeds):(i + 1) * len(cfg.seeds)] for i in range(len(cfg.alphas))]
-    grid = make_grid(rows, [f"a={a:g}" for a in cfg.alphas], [f"seed {s}" for s in cfg.seeds])
+    rows = [images[i * len(cfg.seeds):(i + 1) * len(cfg.seeds)] for i in range(len(alphas))]
+    grid = make_grid(rows, [f"a={a:g}" if a is not None else "no residual" for a in alphas],
+                     [f"seed {s}" for s in cfg.seeds])
     atomic_save_image(grid, out_dir / "grid.png")
     record = provenance(
         dataclasses.asdict(cfg), kind="alpha_grid", model=model_id or pipe.name_or_path,
         dtype=str(pipe.transformer.dtype).replace("torch.", ""), device=str(pipe._execution_device),
-        alphas=cfg.alphas, seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg, height=cfg.height,
+        alphas=cfg.alphas if residuals else [], seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg, height=cfg.height,
         width=cfg.width, negative_prompt=cfg.negative_prompt, residuals=residual_files or [],
         slots=[dataclasses.asdict(s) for s in slots], S=embeds.shape[1], H=embeds.shape[2],
         layout="rows=alphas, columns=seeds", images=files, grid="grid.png")
