@@ -145,8 +145,6 @@ def build_full_pipeline(tokenizer):
     pipe = QwenImagePipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    pipe.refgen_model_id = "random-full-size"
-    pipe.refgen_offload = "none"
     return pipe
 
 
@@ -516,7 +514,6 @@ def main():
     if args.tiny:
         pipe = build_qwen_image(tok)
         pipe.set_progress_bar_config(disable=True)
-        pipe.refgen_model_id, pipe.refgen_offload = "tiny", "none"
         S = dict(H=32, W=32, steps=2, grid_seeds=2, reps=1, grid_bs=2, group_steps=2)
     else:
         pipe = build_full_pipeline(tok)
