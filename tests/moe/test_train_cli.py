@@ -84,6 +84,7 @@ def test_cli_bench_and_rl(tmp_path, capsys, trained_digits):
     s = json.loads(out[:out.rindex("}") + 1])
     assert s["sleep_pass"] is True and s["corruption_sha256_identical"] is True and s["flops_linear_in_batch"]
     assert "b1/k1/sparse" in s["latency_median_ms"] and "monitor_overhead_pct" in s
+    assert 0 <= s["monitor_overhead_pct_direct"] < 5
     res = json.loads((tmp_path / "b" / "bench.json").read_text())["results"]
     assert len(res["corruptions"]["sets"]) == 7
     assert main(["moe", "bench", "--dataset", "digits", "--device", "cpu", "--section", "energy",

@@ -91,9 +91,20 @@ def bench_overhead(model: MoEClassifier, shape, batch: int = 128, steps: int = 1
         off.append(_train_steps(model, opt, x, y, steps, None, flops, 0, path))
         on.append(_train_steps(model, opt, x, y, steps, probe, flops, b * steps, path))
     m_off, m_on = statistics.median(off), statistics.median(on)
+    # the probe's own cost per step, timed directly: on a shared machine the block-to-block spread of steps/s
+    # can exceed the effect being measured
+    direct = Probe(dev, sample_every)
+    n = 50 * sample_every
+    t0 = time.perf_counter()
+    for i in range(n):
+        with direct.step(i, flops=flops, images=batch):
+            pass
+    direct.flush()
+    per_step = (time.perf_counter() - t0) / n
     return {"steps_per_s_off": off, "steps_per_s_on": on, "median_off": m_off, "median_on": m_on,
             "overhead_pct": 100 * (m_off - m_on) / m_off, "sample_every": sample_every, "batch": batch,
-            "steps_per_block": steps, "blocks": blocks, "device": str(dev), "sampled": len(probe.records)}
+            "steps_per_block": steps, "blocks": blocks, "device": str(dev), "sampled": len(probe.records),
+            "probe_cost_us_per_step": per_step * 1e6, "overhead_pct_direct": 100 * per_step * m_off}
 
 
 @torch.no_grad()

@@ -125,6 +125,7 @@ def summarize(res: dict) -> dict:
     if "overhead" in res:
         o = res["overhead"]
         s.update(monitor_overhead_pct=round(o["overhead_pct"], 2), steps_per_s_off=round(o["median_off"], 2),
+                 monitor_overhead_pct_direct=round(o["overhead_pct_direct"], 4),
                  steps_per_s_on=round(o["median_on"], 2))
     if "latency" in res:
         s["latency_median_ms"] = {f"b{r['batch']}/k{r['team']}/{r['path']}": round(r["median_ms"], 3)
