@@ -95,6 +95,10 @@ def _bench(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.model and not (args.dataset or args.config):
+        from refgen.moe.train import load_model as _lm
+
+        args.dataset = _lm(args.model)[1].get("dataset")  # corrupt the model's own data set
     cfg = _train_config(args)
     need_data = "corruptions" in sections or args.model is None
     ds = (load_dataset(cfg.dataset, cfg.cache, cfg.data_dir, cfg.n_train or 64, args.n_images) if need_data

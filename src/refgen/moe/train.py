@@ -258,7 +258,8 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True, data: ImageS
                                              f"lower the learning rate")
                 log.log(kind="train", step=step, epoch=epoch, loss=float(ce.detach()),
                         balance=float(o.balance_loss.detach()),
-                        lr={g["name"]: g["lr"] for g in opt.param_groups})
+                        lr={g["name"]: g["lr"] for g in opt.param_groups},
+                        weight_decay={g["name"]: g["weight_decay"] for g in opt.param_groups})
                 if probe is not None:
                     probe.flush()
             bar.update(1)
