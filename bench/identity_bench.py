@@ -269,10 +269,10 @@ def section_render(b: Bench, pipe, S: dict):
 def one_pre(pipe, enc, residuals, alphas, negt, cfg, bs):
     """Render `bs` images of an already encoded prompt (no text encoder involved)."""
     from refgen.identity.inject import inject
-    from refgen.identity.render import render_images
+    from refgen.identity.render import execution_device, render_images
 
     E = inject(enc.embeds.expand(bs, -1, -1), enc.slots[0], residuals, alphas)
-    dev = pipe._execution_device
+    dev = execution_device(pipe)
     return render_images(pipe, E.to(dev), enc.mask.expand(bs, -1).to(dev), list(range(bs)), cfg,
                          (negt[0].to(dev), negt[1].to(dev)), progress=False)
 
@@ -502,6 +502,7 @@ def main():
         CUDA = False  # the tiny pipeline lives on the CPU, with or without a GPU in the machine
 
     from refgen.identity.prompts import encode_prompts
+    from refgen.identity.render import execution_device
     from refgen.tiny import build_qwen_image, build_tokenizer
 
     if args.section == "flops":  # full-size architecture on meta tensors: no GPU, no weights
@@ -530,7 +531,7 @@ def main():
     b = Bench(args.out, meta)
     S["L"] = encode_prompts(pipe, PROMPT).slots[0][0].length
     S["Hd"] = pipe.transformer.config.joint_attention_dim
-    S["R"] = torch.randn(S["L"], S["Hd"], device=pipe._execution_device, dtype=pipe.transformer.dtype) * 0.5
+    S["R"] = torch.randn(S["L"], S["Hd"], device=execution_device(pipe), dtype=pipe.transformer.dtype) * 0.5
     if args.section in ("render", "all"):
         section_render(b, pipe, S)
     if args.section in ("invert", "all"):

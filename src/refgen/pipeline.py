@@ -208,9 +208,11 @@ class IdentityPipeline:
     """
 
     def __init__(self, pipe, model_id: str | None = None, *, free_text_encoder: bool = False):
+        from refgen.identity.render import execution_device
+
         self.pipe = pipe
         self.model_id = str(model_id or pipe.name_or_path or "")
-        self.device = pipe._execution_device
+        self.device = execution_device(pipe)
         self.free_text_encoder = free_text_encoder
         self.features = self.head = self.head_metadata = self.head_path = None  # set by load_head
         self._encoded: OrderedDict = OrderedDict()

@@ -216,3 +216,14 @@ def test_render_cli_compile_and_two_forward_flags_parse():
     assert a.compile and a.no_cfg_batch and a.offload == "group"
     with pytest.raises(SystemExit):  # group offload is not offered for inversion
         build_parser().parse_args(["invert", "root", "--model", "m", "--offload", "group"])
+
+
+def test_execution_device_is_read_through_one_wrapper(pipe):
+    """refgen reads diffusers' private `_execution_device` in one place (render.execution_device); this fails
+    loudly if diffusers renames it, instead of every caller breaking in its own way."""
+    from diffusers import QwenImagePipeline
+
+    from refgen.identity.render import execution_device
+
+    assert isinstance(getattr(QwenImagePipeline, "_execution_device", None), property)
+    assert execution_device(pipe) == torch.device("cpu")

@@ -31,7 +31,7 @@ import torch
 from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_torch_save, atomic_write_json, provenance)
 from refgen.identity.qwen import QwenFlowModel, encode_latents, pack
-from refgen.identity.render import release_text_encoder
+from refgen.identity.render import execution_device, release_text_encoder
 from refgen.images import Identity, center_crop_resize, load_rgb
 
 
@@ -150,7 +150,7 @@ class Inverter:
         from refgen.identity.prompts import encode_prompts
 
         self.pipe, self.cfg, self.out_root, self.model_id, self.progress = pipe, cfg, Path(out_root), model_id, progress
-        self.device = pipe._execution_device
+        self.device = execution_device(pipe)
         self.dtype = pipe.transformer.dtype
         base = encode_prompts(pipe, cfg.base_prompt, n_identities=1)
         self.E_base, self.slot = base.embeds, base.slots[0][0]  # (1, S, H), Slot

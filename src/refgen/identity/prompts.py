@@ -48,8 +48,10 @@ def encode_prompts(pipe, prompts: str | list[str], n_identities: int | None = No
 
     `n_identities` (when given) is checked against each prompt's placeholder count.
     """
+    from refgen.identity.render import execution_device, moved_by_hooks
+
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    device = device or pipe._execution_device
+    device = device or execution_device(pipe)
     dtype = dtype or pipe.text_encoder.dtype
     _, drop, _ = template_of(pipe)
     tps = [tokenize(pipe, p, n_identities) for p in prompts]
@@ -58,7 +60,6 @@ def encode_prompts(pipe, prompts: str | list[str], n_identities: int | None = No
     # free ~16 GB for the transformer), and hand the embeddings to the pipeline's device.
     # Under offload hooks the weights sit on the CPU and the hooks bring them to the execution device, so the
     # inputs go there.
-    from refgen.identity.render import moved_by_hooks
 
     te_device = device if moved_by_hooks(pipe.text_encoder) else next(pipe.text_encoder.parameters()).device
     input_ids = batch["input_ids"].to(te_device)

@@ -80,6 +80,12 @@ def place(pipe, device: torch.device, offload: str = "none") -> None:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
 
 
+def execution_device(pipe) -> torch.device:
+    """Where `pipe`'s models compute: the GPU under offload even while weights sit on the CPU. The one place refgen
+    reads diffusers' private `_execution_device` (tests/identity/test_prompts_render.py fails if diffusers drops it)."""
+    return pipe._execution_device
+
+
 def moved_by_hooks(module) -> bool:
     """True when accelerate's hooks (diffusers' model or sequential CPU offload) bring `module` to the execution
     device whenever it runs, so where its weights sit now says nothing about where it computes. Read from the
@@ -186,7 +192,7 @@ def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[in
     output_type="latent", one packed latent (N, 4C) per image)."""
     from tqdm.auto import tqdm
 
-    device, dtype = pipe._execution_device, pipe.transformer.dtype
+    device, dtype = execution_device(pipe), pipe.transformer.dtype
     check_tensors({"prompt_embeds": embeds, "prompt_embeds_mask": mask}, device, dtype, where="render: ")
     images = []
     chunks = range(0, embeds.shape[0], cfg.batch_size)
@@ -240,7 +246,7 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
     tr = pipe.transformer
     if tr.config.guidance_embeds:  # a guidance-distilled model takes no true CFG; the pipeline handles it
         raise ValueError("cfg_batch needs a model without guidance embeddings; set cfg_batch=False")
-    B, device = embeds.shape[0], pipe._execution_device
+    B, device = embeds.shape[0], execution_device(pipe)
     S = max(embeds.shape[1], neg_embeds.shape[1])
     E = torch.cat([_pad_to(embeds, S), _pad_to(neg_embeds, S)])                        # (2B, S, H)
     M = torch.cat([_pad_to(mask, S), _pad_to(neg_mask, S)]).bool()                      # (2B, S)
@@ -319,7 +325,7 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     atomic_save_image(grid, out_dir / "grid.png")
     record = provenance(
         dataclasses.asdict(cfg), kind="alpha_grid", model=model_id or pipe.name_or_path,
-        dtype=str(pipe.transformer.dtype).replace("torch.", ""), device=str(pipe._execution_device),
+        dtype=str(pipe.transformer.dtype).replace("torch.", ""), device=str(execution_device(pipe)),
         alphas=cfg.alphas if residuals else [], seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg, height=cfg.height,
         width=cfg.width, negative_prompt=cfg.negative_prompt, residuals=residual_files or [],
         slots=[dataclasses.asdict(s) for s in slots], S=embeds.shape[1], H=embeds.shape[2],

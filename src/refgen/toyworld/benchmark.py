@@ -274,10 +274,10 @@ def render_rows(pipe, prompts: list[str], jobs: list[dict], rc, neg) -> list:
     together (their slots are at the same places). `rc` is a RenderConfig (steps, CFG, size, batch)."""
     from refgen.identity.inject import inject
     from refgen.identity.prompts import encode_prompts
-    from refgen.identity.render import render_images
+    from refgen.identity.render import execution_device, render_images
 
     enc = encode_prompts(pipe, prompts)
-    dev, dt = pipe._execution_device, pipe.transformer.dtype
+    dev, dt = execution_device(pipe), pipe.transformer.dtype
     E_all, M_all, seeds, order = [], [], [], []
     for p in range(len(prompts)):
         idx = [i for i, j in enumerate(jobs) if j["prompt"] == p]

@@ -57,7 +57,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     from refgen.identity.inject import inject, load_residual
     from refgen.identity.invert import InvertConfig, Inverter
     from refgen.identity.prompts import encode_prompts
-    from refgen.identity.render import RenderConfig, load_pipeline, render_grid, render_images
+    from refgen.identity.render import RenderConfig, execution_device, load_pipeline, render_grid, render_images
     from refgen.images import scan
     from refgen.toyworld import recognizer as R
     from refgen.toyworld import world
@@ -97,7 +97,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     inv.run(chosen)
     t_inv = time.time() - t0
 
-    dev, dt = pipe._execution_device, pipe.transformer.dtype
+    dev, dt = execution_device(pipe), pipe.transformer.dtype
     res = [load_residual(out / "teacher" / i.id / "teacher_residual.safetensors", pipe, dev, dt) for i in chosen]
     where = world.SCENE_PHRASES[cfg.scene][0]
     net = R.load(device=cfg.device)
