@@ -30,7 +30,7 @@ VARIANTS: dict[str, dict] = {
     # wide, a bigger batch (the step is launch-bound: samples are nearly free) and more fully described people
     "wide_b1280": {"max_minutes": 8.5, "vae": {"steps": 1000},
                    "transformer": {"heads": 8, "batch": 1280, "steps": 6000, "p_full": 0.6}},
-    "tiny": "tiny",                                              # ModelConfig.tiny(): CPU smoke test
+    "tiny": "tiny",                                              # ToyModelConfig.tiny(): CPU smoke test
 }
 
 
@@ -44,13 +44,13 @@ def _merge(base: dict, over: dict) -> dict:
 def variant_config(name: str, config: str, **top):
     import yaml
 
-    from refgen.toyworld.train_model import ModelConfig
+    from refgen.toyworld.train_model import ToyModelConfig
 
     if VARIANTS[name] == "tiny":
-        return ModelConfig.tiny(eval_identities=4, eval_steps=2, **top)
+        return ToyModelConfig.tiny(eval_identities=4, eval_steps=2, **top)
     d = _merge(yaml.safe_load(Path(config).read_text()), VARIANTS[name])
     d.update({k: v for k, v in top.items() if v is not None})
-    return ModelConfig(**d)
+    return ToyModelConfig(**d)
 
 
 def _run_one(args) -> int:

@@ -1,6 +1,6 @@
 """Where the toy-world recipe's time goes: ms per training step of each stage, before choosing steps.
 
-Builds the recipe's components from a ModelConfig (configs/toyworld_model.yaml by default) with random
+Builds the recipe's components from a ToyModelConfig (configs/toyworld_model.yaml by default) with random
 weights, on random images of the configured size, and times (median of --repeats after --warmup):
 
   vae          one AutoencoderKLQwenImage training step (encode, sample, decode, loss, backward, AdamW)
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/toyworld_model.yaml")
-    ap.add_argument("--tiny", action="store_true", help="ModelConfig.tiny() (CPU smoke test)")
+    ap.add_argument("--tiny", action="store_true", help="ToyModelConfig.tiny() (CPU smoke test)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--vae-batches", default="64,128,256")
     ap.add_argument("--tf-batches", default="256,512")
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     over = {"device": a.device} if a.device else {}
-    cfg = T.ModelConfig.tiny(**over) if a.tiny else T.ModelConfig.from_yaml(a.config, **over)
+    cfg = T.ToyModelConfig.tiny(**over) if a.tiny else T.ToyModelConfig.from_yaml(a.config, **over)
     dev = resolve_device(cfg.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

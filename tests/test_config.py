@@ -4,10 +4,10 @@ import pytest
 
 from refgen.identity.invert import InvertConfig
 from refgen.toyworld.benchmark import BenchmarkConfig
-from refgen.toyworld.train_model import ModelConfig
+from refgen.toyworld.train_model import ToyModelConfig
 
 
-@pytest.mark.parametrize("cls,key", [(InvertConfig, "steps"), (BenchmarkConfig, "render_steps"), (ModelConfig, "seed")])
+@pytest.mark.parametrize("cls,key", [(InvertConfig, "steps"), (BenchmarkConfig, "render_steps"), (ToyModelConfig, "seed")])
 def test_from_yaml_names_unknown_keys_and_applies_overrides(tmp_path, cls, key):
     p = tmp_path / "c.yaml"
     p.write_text(f"{key}: 3\nlearnig_rate: 1\n")

@@ -62,16 +62,16 @@ def test_tokenizer_keeps_template_at_34_tokens():
 
 def test_config_validation_names_the_field(tmp_path):
     with pytest.raises(ValueError, match="axes_dims_rope"):
-        T.ModelConfig(transformer={"head_dim": 32, "axes_dims_rope": [8, 8, 8]})
+        T.ToyModelConfig(transformer={"head_dim": 32, "axes_dims_rope": [8, 8, 8]})
     with pytest.raises(ValueError, match="unknown keys"):
-        T.ModelConfig(vae={"zdim": 4})
+        T.ToyModelConfig(vae={"zdim": 4})
     p = tmp_path / "c.yaml"
     p.write_text("size: 64\nlearning_rate: 1\n")
     with pytest.raises(ValueError, match="learning_rate"):
-        T.ModelConfig.from_yaml(p)
+        T.ToyModelConfig.from_yaml(p)
     from pathlib import Path
 
-    cfg = T.ModelConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "toyworld_model.yaml")
+    cfg = T.ToyModelConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "toyworld_model.yaml")
     assert cfg.size == 64 and cfg.transformer.head_dim == sum(cfg.transformer.axes_dims_rope)
 
 
@@ -83,7 +83,7 @@ def test_text_bank_rows_are_the_pipelines_own_embeddings(tiny_model):
     from diffusers import QwenImagePipeline
 
     pipe = QwenImagePipeline.from_pretrained(tiny_model, torch_dtype=torch.float32)
-    cfg = T.ModelConfig.tiny(transformer=T.TransformerConfig(layers=1, heads=2, head_dim=16, axes_dims_rope=[4, 6, 6],
+    cfg = T.ToyModelConfig.tiny(transformer=T.TransformerConfig(layers=1, heads=2, head_dim=16, axes_dims_rope=[4, 6, 6],
                                                              captions_per_image=2, p_bare=0.5, p_full=0.5))
     scenes = [world.scene_from_seed(s) for s in range(3)]
     emb, mask = T.build_text_bank(pipe, scenes, cfg, torch.device("cpu"), progress=False)
@@ -105,7 +105,7 @@ def test_shipped_model_is_the_yaml_recipe_run_as_is():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    yaml_cfg = asdict(T.ModelConfig.from_yaml(root / "configs" / "toyworld_model.yaml"))
+    yaml_cfg = asdict(T.ToyModelConfig.from_yaml(root / "configs" / "toyworld_model.yaml"))
     rec = json.loads((root / "src/refgen/assets/toyworld/model/refgen_toyworld.json").read_text())
     shipped = rec["config"]
     assert {k: v for k, v in yaml_cfg.items() if k != "workers"} == {k: v for k, v in shipped.items() if k != "workers"}

@@ -42,15 +42,15 @@ def _eval_recognizer(args) -> int:
 
 
 def _train_model(args) -> int:
-    from refgen.toyworld.train_model import ModelConfig, train_model
+    from refgen.toyworld.train_model import ToyModelConfig, train_model
 
     over = {"device": args.device, "seed": args.seed}
     if args.tiny:
-        cfg = ModelConfig.tiny(**{k: v for k, v in over.items() if v is not None})
+        cfg = ToyModelConfig.tiny(**{k: v for k, v in over.items() if v is not None})
     else:
         if args.config is None:  # a usage error: exit 2 with argparse's message, like a missing argument
             args.parser.error("train-model needs --config (e.g. configs/toyworld_model.yaml) or --tiny")
-        cfg = ModelConfig.from_yaml(args.config, **over)
+        cfg = ToyModelConfig.from_yaml(args.config, **over)
     out = train_model(cfg, args.out, progress=not args.quiet)
     print(f"saved QwenImagePipeline to {out}")
     return 0

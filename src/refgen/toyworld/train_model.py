@@ -104,7 +104,7 @@ class TransformerConfig:
 
 
 @dataclass
-class ModelConfig:
+class ToyModelConfig:
     size: int = 64
     n_images: int = 30000
     seed: int = 0
@@ -159,13 +159,13 @@ class ModelConfig:
             raise ValueError(f"transformer.compile is for CUDA runs; device is {self.device!r}")
 
     @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> ModelConfig:
+    def from_yaml(cls, path: str | Path, **overrides) -> ToyModelConfig:
         from refgen.config import from_yaml
 
         return from_yaml(cls, path, **overrides)
 
     @classmethod
-    def tiny(cls, **overrides) -> ModelConfig:
+    def tiny(cls, **overrides) -> ToyModelConfig:
         """CPU smoke test: a handful of steps on a handful of 32 px images, same code path."""
         d = dict(size=32, n_images=16, device="cpu", eval_identities=0, workers=0, log_every=1,
                  vae=VaeConfig(base_dim=8, dim_mult=[1, 2, 2, 2], steps=2, batch=4),
@@ -277,7 +277,7 @@ def _render_one(args):
     return np.asarray(world.render(sc, size)), sc
 
 
-def render_dataset(cfg: ModelConfig, progress: bool = True) -> tuple[torch.Tensor, list[world.Scene]]:
+def render_dataset(cfg: ToyModelConfig, progress: bool = True) -> tuple[torch.Tensor, list[world.Scene]]:
     """uint8 (N,3,H,W) images and their scenes, for scene seeds DATA_SEED_BASE + seed*1e7 + [0, N)."""
     base = DATA_SEED_BASE + cfg.seed * 10_000_000
     jobs = [(base + i, cfg.size) for i in range(cfg.n_images)]
@@ -322,7 +322,7 @@ def _lr_lambda(warmup: int, total: int):
     return lambda s: min(1.0, (s + 1) / max(1, warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
 
 
-def train_vae(vae, images: torch.Tensor, cfg: ModelConfig, dev, log: JsonlLogger, clock: _Clock, progress: bool) -> dict:
+def train_vae(vae, images: torch.Tensor, cfg: ToyModelConfig, dev, log: JsonlLogger, clock: _Clock, progress: bool) -> dict:
     vc = cfg.vae
     g = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=vc.lr, weight_decay=0.0)
@@ -365,7 +365,7 @@ def train_vae(vae, images: torch.Tensor, cfg: ModelConfig, dev, log: JsonlLogger
 
 
 @torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, dev, batch: int = 256) -> torch.Tensor:
+def encode_dataset_latents(vae, images: torch.Tensor, dev, batch: int = 256) -> torch.Tensor:
     """Posterior means (N, z, h, w): deterministic, as the pipelines' retrieve_latents(sample_mode='argmax')."""
     out = []
     for i in range(0, images.shape[0], batch):
@@ -391,7 +391,7 @@ def _autocast(dev):
 
 
 @torch.no_grad()
-def build_text_bank(pipe, scenes: list[world.Scene], cfg: ModelConfig, dev, progress: bool = True):
+def build_text_bank(pipe, scenes: list[world.Scene], cfg: ToyModelConfig, dev, progress: bool = True):
     """Embeddings of `captions_per_image` caption draws per scene plus the two unconditional prompts
     ('' and ' ', rows -2 and -1), all through the pipeline's own `encode_prompt`.
 
@@ -425,7 +425,7 @@ def build_text_bank(pipe, scenes: list[world.Scene], cfg: ModelConfig, dev, prog
     return emb, mask
 
 
-def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev, log: JsonlLogger, clock: _Clock,
+def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ToyModelConfig, dev, log: JsonlLogger, clock: _Clock,
                       progress: bool) -> tuple[dict, dict]:
     from diffusers import QwenImagePipeline
 
@@ -491,7 +491,7 @@ def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ModelConfig, dev
 
 
 @torch.no_grad()
-def evaluate_with_recognizer(pipe, cfg: ModelConfig, dev, out: Path, *, roundtrip: bool = True,
+def evaluate_with_recognizer(pipe, cfg: ToyModelConfig, dev, out: Path, *, roundtrip: bool = True,
                              samples: bool = True) -> dict:
     """What the recognizer reads in this model's pictures, on people and scenes no stage trained on:
     1. the VAE alone: joint identity (all 7 attributes) on held-out renders and on their round trips;
@@ -535,7 +535,7 @@ def evaluate_with_recognizer(pipe, cfg: ModelConfig, dev, out: Path, *, roundtri
 
 
 @torch.no_grad()
-def _vae_roundtrip(pipe, net, cfg: ModelConfig, dev) -> dict:
+def _vae_roundtrip(pipe, net, cfg: ToyModelConfig, dev) -> dict:
     """Joint identity the recognizer reads on 512 held-out renders and on their VAE round trips: what the
     autoencoder alone costs every later number."""
     from refgen.toyworld import benchmark as B
@@ -580,7 +580,7 @@ def _grid(imgs, size: int):
 # the recipe
 
 
-def train_model(cfg: ModelConfig, out: str | Path, *, progress: bool = True) -> Path:
+def train_model(cfg: ToyModelConfig, out: str | Path, *, progress: bool = True) -> Path:
     """Run the whole recipe and save a QwenImagePipeline folder at `out`. Returns `out`."""
     from diffusers import QwenImagePipeline
 
@@ -616,7 +616,7 @@ def train_model(cfg: ModelConfig, out: str | Path, *, progress: bool = True) -> 
     stats = train_vae(vae, images, cfg, dev, log, clock, progress)
     t["vae_s"] = time.time() - clock.t0 - t["render_s"]
     vae.requires_grad_(False)
-    latents = encode_latents(vae, images, dev)
+    latents = encode_dataset_latents(vae, images, dev)
     lat_mean, lat_std = set_latent_stats(vae, latents)
 
     pipe = QwenImagePipeline(scheduler=build_scheduler(cfg.shift), vae=vae, text_encoder=text_encoder,
