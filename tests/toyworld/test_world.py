@@ -44,7 +44,7 @@ def test_identity_from_seed_is_stable_and_varied():
 def test_identity_changes_pixels_and_jitter_keeps_identity():
     rng = random.Random(0)
     ident = world.sample_identity(rng)
-    other = world.Identity(**{**ident.to_dict(), "shirt_color": "red" if ident.shirt_color != "red" else "blue"})
+    other = world.IdentityAttributes(**{**ident.to_dict(), "shirt_color": "red" if ident.shirt_color != "red" else "blue"})
     sc = world.sample_scene(random.Random(1), [ident], background="studio")
     sc2 = world.Scene(sc.background, (world.Person(other, *[getattr(sc.people[0], f) for f in ("state", "x", "scale", "color_seed")]),),
                       sc.brightness, sc.tint, sc.detail_seed)
@@ -60,7 +60,7 @@ def test_scene_validation_names_the_culprit():
     with pytest.raises(ValueError, match="background"):
         world.Scene("moon", (world.Person(ident, st, 0.5, 0.7, 1),))
     with pytest.raises(ValueError, match="shirt_color"):
-        world.Identity(**{**ident.to_dict(), "shirt_color": "teal"})
+        world.IdentityAttributes(**{**ident.to_dict(), "shirt_color": "teal"})
 
 
 def test_scene_dict_round_trip():
@@ -70,8 +70,8 @@ def test_scene_dict_round_trip():
 
 def test_captions_mention_people_left_to_right():
     base = world.identity_from_seed(1).to_dict()
-    left = world.Identity(**{**base, "shirt_color": "red", "hair_color": "blonde"})
-    right = world.Identity(**{**base, "shirt_color": "blue", "hair_color": "black"})
+    left = world.IdentityAttributes(**{**base, "shirt_color": "red", "hair_color": "blonde"})
+    right = world.IdentityAttributes(**{**base, "shirt_color": "blue", "hair_color": "black"})
     checked = 0
     for s in range(200):
         rng = random.Random(s)
@@ -87,8 +87,8 @@ def test_captions_mention_people_left_to_right():
 
 def test_left_person_is_drawn_on_the_left():
     base = world.identity_from_seed(2).to_dict()
-    left = world.Identity(**{**base, "shirt_color": "red", "shirt_pattern": "plain"})
-    right = world.Identity(**{**base, "shirt_color": "blue", "shirt_pattern": "plain"})
+    left = world.IdentityAttributes(**{**base, "shirt_color": "red", "shirt_pattern": "plain"})
+    right = world.IdentityAttributes(**{**base, "shirt_color": "blue", "shirt_pattern": "plain"})
     sc = world.sample_scene(random.Random(0), [left, right], background="studio")
     a = np.asarray(world.render(sc)).astype(int)
     red = (a[..., 0] > 150) & (a[..., 1] < 80) & (a[..., 2] < 90)
@@ -98,7 +98,7 @@ def test_left_person_is_drawn_on_the_left():
 
 
 def test_bare_captions_exist_and_describe_mentions_attributes():
-    ident = world.Identity("tan", "red", "long", "round", "sunglasses", "green", "striped")
+    ident = world.IdentityAttributes("tan", "red", "long", "round", "sunglasses", "green", "striped")
     d = world.describe_person(ident, None, random.Random(0), n_attrs=5)
     for word in ("tan", "red", "long", "round", "sunglasses", "green", "striped"):
         assert word in d, d
@@ -109,14 +109,14 @@ def test_bare_captions_exist_and_describe_mentions_attributes():
 
 
 def test_full_descriptions_and_every_two_person_phrasing():
-    ident = world.Identity("tan", "red", "long", "round", "none", "green", "striped")
+    ident = world.IdentityAttributes("tan", "red", "long", "round", "none", "green", "striped")
     d = world.full_description(ident)
     for word in ("tan", "red", "long", "round", "no glasses", "green", "striped"):
         assert word in d, d
     assert d == world.full_description(ident)  # fixed wording: the ceiling prompt of one person never changes
     base = world.identity_from_seed(3).to_dict()
-    left = world.Identity(**{**base, "shirt_color": "red"})
-    right = world.Identity(**{**base, "shirt_color": "blue"})
+    left = world.IdentityAttributes(**{**base, "shirt_color": "red"})
+    right = world.IdentityAttributes(**{**base, "shirt_color": "blue"})
     kinds = set()
     for s in range(300):
         rng = random.Random(s)

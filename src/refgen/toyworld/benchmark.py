@@ -199,7 +199,7 @@ def caption_ceiling(pipe, net, attrs: list[dict], pairs: list[tuple[int, int]], 
     Returns {"single": score, "pair": score (both people right, in order = all_people_acc)}."""
     from refgen.toyworld import recognizer as R
 
-    words = [world.full_description(world.Identity.from_dict(a)) for a in attrs]
+    words = [world.full_description(world.IdentityAttributes.from_dict(a)) for a in attrs]
     out = {}
     for name, groups in (("single", [[k] for k in range(len(attrs))]), ("pair", [list(p) for p in pairs])):
         if not groups:

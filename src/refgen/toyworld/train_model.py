@@ -522,7 +522,7 @@ def evaluate_with_recognizer(pipe, cfg: ToyModelConfig, dev, out: Path, *, round
     # a picture of what was measured: the first 8 validation people, 8 scene/seed columns
     from refgen.identity.render import render_images
 
-    words = [world.full_description(world.Identity.from_dict(a)) for a in attrs[:8]]
+    words = [world.full_description(world.IdentityAttributes.from_dict(a)) for a in attrs[:8]]
     prompts = [B.SCENE_PROMPT.format(where=world.SCENE_PHRASES[s][0]).replace("~ID~", w)
                for w in words for s in world.SCENES[:4]]
     enc = encode_prompts(pipe, prompts)

@@ -294,11 +294,11 @@ class AttributeProbe(nn.Module):
 # data
 
 
-def attribute_labels(ident: world.Identity) -> list[int]:
+def attribute_labels(ident: world.IdentityAttributes) -> list[int]:
     return [world.ATTRIBUTES[a].index(getattr(ident, a)) for a in ATTRS]
 
 
-def render_photos(ident: world.Identity, k: int, rng: random.Random, size: int) -> np.ndarray:
+def render_photos(ident: world.IdentityAttributes, k: int, rng: random.Random, size: int) -> np.ndarray:
     """k photos of one person alone, each in a different scene, as make-identities draws them."""
     backgrounds = rng.sample(world.SCENES, k)
     return np.stack([np.asarray(world.render(world.sample_scene(rng, [ident], background=b), size))

@@ -64,7 +64,7 @@ def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
-class Identity:
+class IdentityAttributes:
     skin: str
     hair_color: str
     hair_style: str
@@ -81,7 +81,7 @@ class Identity:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Identity:
+    def from_dict(cls, d: dict) -> IdentityAttributes:
         missing = [k for k in ATTRIBUTES if k not in d]
         if missing:
             raise ValueError(f"identity dict lacks attributes {missing}; got keys {sorted(d)}")
@@ -100,7 +100,7 @@ class State:
 
 @dataclass(frozen=True)
 class Person:
-    identity: Identity
+    identity: IdentityAttributes
     state: State
     x: float          # horizontal centre, fraction of the width
     scale: float      # body height, fraction of the image height
@@ -131,7 +131,7 @@ class Scene:
 
     @classmethod
     def from_dict(cls, d: dict) -> Scene:
-        people = tuple(Person(Identity.from_dict(p["identity"]), State(**p["state"]), p["x"], p["scale"],
+        people = tuple(Person(IdentityAttributes.from_dict(p["identity"]), State(**p["state"]), p["x"], p["scale"],
                               p["color_seed"]) for p in d["people"])
         return cls(d["background"], people, d["brightness"], tuple(d["tint"]), d["detail_seed"])
 
@@ -146,11 +146,11 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(h[:8], "little") >> 1
 
 
-def sample_identity(rng: random.Random) -> Identity:
-    return Identity(**{k: rng.choice(v) for k, v in ATTRIBUTES.items()})
+def sample_identity(rng: random.Random) -> IdentityAttributes:
+    return IdentityAttributes(**{k: rng.choice(v) for k, v in ATTRIBUTES.items()})
 
 
-def identity_from_seed(seed: int) -> Identity:
+def identity_from_seed(seed: int) -> IdentityAttributes:
     """The identity called `seed_<seed>`: attributes are a pure function of the id."""
     return sample_identity(random.Random(derive_seed("identity", seed)))
 
@@ -159,7 +159,7 @@ def sample_state(rng: random.Random) -> State:
     return State(**{k: rng.choice(v) for k, v in STATES.items()})
 
 
-def sample_scene(rng: random.Random, identities: list[Identity] | None = None, *, n_people: int | None = None,
+def sample_scene(rng: random.Random, identities: list[IdentityAttributes] | None = None, *, n_people: int | None = None,
                  background: str | None = None, states: list[State] | None = None) -> Scene:
     """A scene with the given identities (or random ones) in the order given, left to right."""
     if identities is not None:
@@ -419,7 +419,7 @@ POSE_WORDS = {"arms_down": "", "waving": "waving"}
 DESCRIBE_KEYS = ("hair", "face_shape", "glasses", "shirt", "skin")  # hair = colour + style, shirt = colour + pattern
 
 
-def describe_person(ident: Identity, state: State | None, rng: random.Random, *, n_attrs: int | None = None,
+def describe_person(ident: IdentityAttributes, state: State | None, rng: random.Random, *, n_attrs: int | None = None,
                     noun: str = "person") -> str:
     """'a person with long blonde hair and glasses, wearing a red striped shirt'. n_attrs attributes
     (random subset, 0 = just 'a person') so the model learns every attribute on its own and the
@@ -490,7 +490,7 @@ def caption(scene: Scene, rng: random.Random, *, p_bare: float = 0.25, p_full: f
     return text[0].upper() + text[1:] + "."
 
 
-def full_description(ident: Identity) -> str:
+def full_description(ident: IdentityAttributes) -> str:
     """'a person with ..., wearing ...': all 7 identity attributes in words, in a fixed order, no state.
     The words a caption-ceiling prompt puts where an identity prompt has `~ID~`."""
     return describe_person(ident, None, random.Random(0), n_attrs=len(DESCRIBE_KEYS))
@@ -516,6 +516,6 @@ def template_texts() -> list[str]:
     return [w for w in words if w]
 
 
-__all__ = ["ATTRIBUTES", "STATES", "SCENES", "Identity", "State", "Person", "Scene", "derive_seed",
+__all__ = ["ATTRIBUTES", "STATES", "SCENES", "IdentityAttributes", "State", "Person", "Scene", "derive_seed",
            "sample_identity", "identity_from_seed", "sample_state", "sample_scene", "scene_from_seed", "render",
            "describe_person", "caption", "sample", "template_texts"]
