@@ -30,7 +30,7 @@ import torch
 
 from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_torch_save, atomic_write_json, provenance)
-from refgen.identity.qwen import QwenFlowModel, encode_latents, pack
+from refgen.identity.qwen import QwenFlowModel, encode_qwen_latents, pack
 from refgen.identity.render import execution_device, release_text_encoder
 from refgen.images import Identity, center_crop_resize, load_rgb
 
@@ -251,7 +251,7 @@ class Inverter:
     # ---- state -------------------------------------------------------------------------------------
     def _new_state(self, ident: Identity) -> _State:
         images = [center_crop_resize(load_rgb(p), self.cfg.width, self.cfg.height) for p in ident.images]
-        latents = encode_latents(self.pipe.vae, images, device=self.device)  # (N, C, h, w)
+        latents = encode_qwen_latents(self.pipe.vae, images, device=self.device)  # (N, C, h, w)
         gen = torch.Generator("cpu").manual_seed(identity_seed(self.cfg.seed, ident.id))
         L, H = self.slot.length, self.E_base.shape[2]
         P = torch.randn(L, H, generator=gen)

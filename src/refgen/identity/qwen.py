@@ -23,7 +23,7 @@ def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: list[Image.Image], batch: int = 4, device: torch.device | None = None) -> torch.Tensor:
+def encode_qwen_latents(vae, images: list[Image.Image], batch: int = 4, device: torch.device | None = None) -> torch.Tensor:
     """Normalised VAE latents (N, C, h, w) in the VAE's dtype. Uses the posterior mode (mean), so
     the cache is deterministic; the noise of flow matching is added later, per step."""
     x = images_to_tensor(images)
