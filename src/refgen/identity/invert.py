@@ -159,9 +159,8 @@ class Inverter:
             enc = encode_prompts(pipe, [cfg.base_prompt] + list(cfg.contexts), n_identities=1)
             if {sl[0].length for sl in enc.slots} != {self.slot.length}:
                 raise ValueError(f"~ID~ has different window lengths across contexts: {[sl[0] for sl in enc.slots]}")
-            mask = enc.mask if enc.mask is not None else torch.ones(enc.embeds.shape[:2], device=self.device)
-            self.ctx = (enc.embeds, mask.to(self.device), torch.tensor([sl[0].start for sl in enc.slots],
-                                                                        device=self.device))
+            self.ctx = (enc.embeds, enc.mask.to(self.device),  # (C, S, H), (C, S) int64, (C,)
+                        torch.tensor([sl[0].start for sl in enc.slots], device=self.device))
         self.neg = None
         if cfg.true_cfg > 1 or (cfg.qa and cfg.qa_true_cfg > 1):
             ne = encode_prompts(pipe, cfg.negative_prompt)
@@ -226,9 +225,8 @@ class Inverter:
         enc = encode_prompts(self.pipe, texts, n_identities=1)
         if {sl[0].length for sl in enc.slots} != {self.slot.length}:
             raise ValueError("~ID~ has different window lengths in the image prompts than in base_prompt")
-        mask = enc.mask if enc.mask is not None else torch.ones(enc.embeds.shape[:2], device=self.device)
-        self.ctx = (enc.embeds, mask.to(self.device), torch.tensor([sl[0].start for sl in enc.slots],
-                                                                    device=self.device))
+        self.ctx = (enc.embeds, enc.mask.to(self.device),  # (P, S, H), (P, S) int64, (P,)
+                    torch.tensor([sl[0].start for sl in enc.slots], device=self.device))
         self.image_rows = rows
         release_text_encoder(self.pipe)
 
