@@ -90,8 +90,9 @@ def invert_config(cfg: AppConfig, steps: int):
     from refgen.identity.invert import InvertConfig
 
     if cfg.toy:
-        return InvertConfig(base_prompt="A photo of ~ID~.", height=64, width=64, steps=steps, lr=0.05,
-                            images_per_step=4, sigma_sampling="logit_normal", plateau_window=10_000, qa=False)
+        from refgen.toyworld.benchmark import toy_invert_settings
+
+        return InvertConfig(**toy_invert_settings(steps=steps, images_per_step=4))
     return InvertConfig(steps=steps, qa=False)
 
 

@@ -355,13 +355,7 @@ class IdentityPipeline:
 
         check_invert_offload(self.offload)
         inv = Inverter(self.pipe, config, out_root, model_id=self.model_id, progress=progress)
-        stale = {i.id: inv.settings_diff(i) for i in identities if inv.settings_diff(i)}
-        if stale:
-            first = next(iter(stale))
-            raise ValueError(f"{len(stale)} identities under {out_root} were inverted with other settings "
-                             f"({first}: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in stale[first].items())}); "
-                             "delete their teacher.json to redo them with these settings, or use another output "
-                             "folder (--out)")
+        inv.refuse_stale(identities)
         if label:
             n_done = sum(inv.is_complete(i) for i in identities)
             print(f"{label}: {len(identities)} identities, {n_done} complete, {len(identities) - n_done} to do")

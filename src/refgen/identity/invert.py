@@ -155,12 +155,8 @@ class Inverter:
         base = encode_prompts(pipe, cfg.base_prompt, n_identities=1)
         self.E_base, self.slot = base.embeds, base.slots[0][0]  # (1, S, H), Slot
         self.ctx = None
-        if cfg.contexts:  # base_prompt is context 0; one padded batch, one slot start per context
-            enc = encode_prompts(pipe, [cfg.base_prompt] + list(cfg.contexts), n_identities=1)
-            if {sl[0].length for sl in enc.slots} != {self.slot.length}:
-                raise ValueError(f"~ID~ has different window lengths across contexts: {[sl[0] for sl in enc.slots]}")
-            self.ctx = (enc.embeds, enc.mask.to(self.device),  # (C, S, H), (C, S) int64, (C,)
-                        torch.tensor([sl[0].start for sl in enc.slots], device=self.device))
+        if cfg.contexts:  # base_prompt is context 0
+            self.ctx = self._prompt_bank([cfg.base_prompt] + list(cfg.contexts), "contexts")
         self.neg = None
         if cfg.true_cfg > 1 or (cfg.qa and cfg.qa_true_cfg > 1):
             ne = encode_prompts(pipe, cfg.negative_prompt)
@@ -204,8 +200,6 @@ class Inverter:
     def encode_image_prompts(self, identities: list[Identity]) -> None:
         """Encode every photo's own prompt (seed_<id>/prompts.json) into one padded bank, then release the text
         encoder. All identities of the run at once: the text encoder leaves the GPU after this."""
-        from refgen.identity.prompts import encode_prompts
-
         texts, rows = [], {}
         for ident in identities:
             f = ident.path / "prompts.json"
@@ -222,13 +216,21 @@ class Inverter:
             texts += [table[p.name] for p in ident.images]
         if not texts:
             return
-        enc = encode_prompts(self.pipe, texts, n_identities=1)
-        if {sl[0].length for sl in enc.slots} != {self.slot.length}:
-            raise ValueError("~ID~ has different window lengths in the image prompts than in base_prompt")
-        self.ctx = (enc.embeds, enc.mask.to(self.device),  # (P, S, H), (P, S) int64, (P,)
-                    torch.tensor([sl[0].start for sl in enc.slots], device=self.device))
+        self.ctx = self._prompt_bank(texts, "image prompts")
         self.image_rows = rows
         release_text_encoder(self.pipe)
+
+    def _prompt_bank(self, texts: list[str], what: str) -> tuple:
+        """(embeds (P, S, H), mask (P, S) int64, window start (P,)): prompts with one ~ID~ each, one padded batch.
+        Every window must have base_prompt's length L: the residual is (L, H)."""
+        from refgen.identity.prompts import encode_prompts
+
+        enc = encode_prompts(self.pipe, texts, n_identities=1)
+        if {sl[0].length for sl in enc.slots} != {self.slot.length}:
+            raise ValueError(f"~ID~ has different window lengths in the {what} than in base_prompt "
+                             f"({self.slot.length}): {[sl[0] for sl in enc.slots]}")
+        return (enc.embeds, enc.mask.to(self.device),
+                torch.tensor([sl[0].start for sl in enc.slots], device=self.device))
 
     def settings_diff(self, ident: Identity) -> dict:
         """{key: (recorded, now)} where a complete identity's teacher.json differs from this run's settings
@@ -245,6 +247,17 @@ class Inverter:
         if rec.get("model") != self.model_id:
             d["model"] = (rec.get("model"), self.model_id)
         return d
+
+    def refuse_stale(self, identities: list[Identity]) -> None:
+        """ValueError naming the complete identities whose teacher.json was made with other settings: their
+        residuals must not be reported as this run's."""
+        stale = {i.id: d for i in identities if (d := self.settings_diff(i))}
+        if stale:
+            first = next(iter(stale))
+            raise ValueError(f"{len(stale)} identities under {self.out_root} were inverted with other settings "
+                             f"({first}: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in stale[first].items())}); "
+                             "delete their teacher.json to redo them with these settings, or use another output "
+                             "folder (--out)")
 
     # ---- state -------------------------------------------------------------------------------------
     def _new_state(self, ident: Identity) -> _State:

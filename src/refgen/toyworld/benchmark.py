@@ -51,13 +51,18 @@ def default_vl_model() -> str:
     return str(vl.load_path())
 
 
+def toy_invert_settings(**overrides) -> dict:
+    """InvertConfig keys every inversion on the toy model shares (benchmark, `refgen demo`, `refgen app`): 64 px
+    photos, lr 0.05, logit-normal sigmas (they weight the middle of the path, where attributes are decided; the
+    sweep behind these numbers: docs/benchmarks.md), no plateau stop, no QA grid; `overrides` on top."""
+    return {"base_prompt": "A photo of ~ID~.", "height": 64, "width": 64, "lr": 0.05, "sigma_sampling": "logit_normal",
+            "plateau_window": 10_000, "qa": False, **overrides}
+
+
 def _invert_defaults() -> dict:
-    # the toy model's photos are 64 px, so each step is cheap: more images per step (less gradient noise)
-    # and more steps than the seed's 600 at 768x512; logit-normal sigmas weight the middle of the path, where
-    # attributes are decided (the sweep behind these numbers: docs/benchmarks.md); no QA grid (the benchmark
-    # renders its own sweep)
-    return dict(base_prompt="A photo of ~ID~.", height=64, width=64, steps=1500, lr=0.05, images_per_step=8,
-                sigma_sampling="logit_normal", identities_per_batch=256, plateau_window=10_000, qa=False)
+    # 64 px steps are cheap: more images per step (less gradient noise) and more steps than the seed's 600 at
+    # 768x512, all identities in one batch (the toy model is launch-bound)
+    return toy_invert_settings(steps=1500, images_per_step=8, identities_per_batch=256)
 
 
 @dataclass
@@ -444,10 +449,7 @@ def _invert_all(run: _Run) -> None:
         inv = Inverter(run.pipe, c, out / f"teacher{steps_tag}", model_id=run.model, progress=run.progress)
         idents = [i for split in (splits if steps is None else ["test"])
                   for i in scan(out / "identities" / split).identities]
-        stale = {i.id: inv.settings_diff(i) for i in idents if inv.settings_diff(i)}
-        if stale:  # numbers from other settings must not be reported as this config's
-            raise ValueError(f"{out / f'teacher{steps_tag}'}: {len(stale)} teachers were made with other settings "
-                             f"(e.g. {next(iter(stale))}: {next(iter(stale.values()))}); use a new --out")
+        inv.refuse_stale(idents)  # numbers from other settings must not be reported as this config's
         recs = inv.run(idents)
         dt = time.time() - t
         if recs:

@@ -12,6 +12,7 @@ Nothing here is special to the demo: it calls the functions behind `refgen inver
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +62,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     from refgen.images import scan
     from refgen.toyworld import recognizer as R
     from refgen.toyworld import world
-    from refgen.toyworld.benchmark import PAIR_PROMPT, SCENE_PROMPT, attributes_of, default_model, score
+    from refgen.toyworld.benchmark import (PAIR_PROMPT, SCENE_PROMPT, attributes_of, default_model, score,
+                                           toy_invert_settings)
     from refgen.toyworld.identities import make_identities
 
     from refgen.runtime import pick_cpu_threads
@@ -82,15 +84,14 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
 
     dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
     pipe = load_pipeline(model, cfg.device, dtype)
-    icfg = InvertConfig(base_prompt="A photo of ~ID~.", height=64, width=64, steps=cfg.invert_steps, lr=cfg.lr,
-                        images_per_step=cfg.images_per_step, sigma_sampling=cfg.sigma_sampling, identities_per_batch=2,
-                        plateau_window=10_000, qa=False)
+    icfg = InvertConfig(**toy_invert_settings(steps=cfg.invert_steps, lr=cfg.lr, images_per_step=cfg.images_per_step,
+                                              sigma_sampling=cfg.sigma_sampling, identities_per_batch=2))
     inv = Inverter(pipe, icfg, out / "teacher", model_id=model, progress=progress)
     for i in chosen:
         diff = inv.settings_diff(i)
         if diff:  # made by an earlier run with other settings: redo, so demo.json never describes stale pictures
             say(f"{i.id}: inverted earlier with other settings ({', '.join(diff)}); inverting again")
-            (inv.dir(i) / "teacher.json").unlink()
+            shutil.rmtree(inv.dir(i))  # all of it: the old run's metrics log would otherwise be appended to
     todo = [i for i in chosen if not inv.is_complete(i)]
     say(f"inversion: {len(todo)} of {len(chosen)} identities to invert ({cfg.invert_steps} steps)"
         if todo else "inversion: both identities already inverted with these settings")

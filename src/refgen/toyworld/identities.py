@@ -67,7 +67,7 @@ def identity_record(ident_id: int, cfg: IdentitySetConfig) -> tuple[dict, list]:
             "scene": scene.to_dict(),
         })
     rec = {"id": ident_id, "name": f"seed_{ident_id}", "attributes": ident.to_dict(),
-           "description": world.describe_person(ident, None, random.Random(0), n_attrs=5),
+           "description": world.full_description(ident),
            "size": cfg.size, "images": entries}
     return rec, images
 
