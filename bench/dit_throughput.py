@@ -152,7 +152,7 @@ MFU40E = [
     _W._replace(ind="cdt"),                              # slow to compile: last
 ]
 
-# mfu40e chose the new `base` (ModelConfig preset): 1536 x 10, 12 heads of 128 (42.7 % per-block compile).
+# mfu40e chose the new `base` (NanoDiTConfig preset): 1536 x 10, 12 heads of 128 (42.7 % per-block compile).
 # Rounds one to five ran while `base` meant 1024 x 22 x 16 heads; their rows are pinned to that shape here, so
 # re-running a preset measures what its results file (docs/results/dit_*_h100.json) reports.
 OLD_BASE = {"hidden": 1024, "depth": 22, "heads": 16}

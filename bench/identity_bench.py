@@ -460,7 +460,7 @@ def section_features(b: Bench, S: dict, tiny: bool):
 
     from refgen.identity.features import FeatureConfig, budget_sizes
     from refgen.identity.head import LinearHead
-    from refgen.tiny import build_qwen3_vl_image_processor
+    from refgen.tiny_qwen import build_qwen3_vl_image_processor
 
     peak_reset()
     before = resident_gib()
@@ -503,7 +503,7 @@ def main():
 
     from refgen.identity.prompts import encode_prompts
     from refgen.identity.render import execution_device
-    from refgen.tiny import build_qwen_image, build_tokenizer
+    from refgen.tiny_qwen import build_qwen_image, build_tokenizer
 
     if args.section == "flops":  # full-size architecture on meta tensors: no GPU, no weights
         b = Bench(args.out, {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__})

@@ -62,7 +62,7 @@ def make_image_folder(root, rng_seed=0) -> dict:
 
 @pytest.fixture(scope="session")
 def data_tiny_models(tmp_path_factory):
-    from refgen.dit.tiny import write_tiny_models
+    from refgen.dit.tiny_encoders import write_tiny_models
 
     return write_tiny_models(tmp_path_factory.mktemp("tiny_models"))
 

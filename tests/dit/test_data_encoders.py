@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from refgen.dit.encoders import (dino_input, encode_dino, encode_latents, encode_text, load_dino,
-                                 load_rgb, load_text_encoder, load_vae, resolve_source, to_uint8_tensor,
-                                 vae_downsample)
-from refgen.dit.tiny import tiny_dino
+                                 load_text_encoder, load_vae, resolve_source, to_uint8_tensor, vae_downsample)
+from refgen.dit.tiny_encoders import tiny_dino
+from refgen.images import load_rgb
 
 
 CPU = torch.device("cpu")

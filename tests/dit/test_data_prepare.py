@@ -91,8 +91,9 @@ def test_shard_contents_follow_the_format(data_prepared):
 
 def test_stored_features_equal_a_fresh_encode_of_the_resized_image(data_prepared):
     """Latents / DINO / T5 in the shard are what the models give for the bucket-resized image (fp16 storage)."""
-    from refgen.dit.encoders import (dino_input, encode_dino, encode_latents, encode_text, load_dino, load_rgb,
+    from refgen.dit.encoders import (dino_input, encode_dino, encode_latents, encode_text, load_dino,
                                      load_text_encoder, load_vae, resize_to_bucket, to_uint8_tensor)
+    from refgen.images import load_rgb
 
     out, index, expect, models = data_prepared
     cfg = json.loads((out / "config.json").read_text())["config"]

@@ -4,14 +4,14 @@ import torch
 
 from refgen.moe.cost import (CostNormalizer, EnergyCoefficients, calibrate, cost_table, count_flops,
                              match_dense_width)
-from refgen.moe.model import MoEClassifier, ModelConfig
+from refgen.moe.model import MoEClassifier, MoEModelConfig
 
 from .conftest import TINY_MODEL
 
 
 def _model(kind="graph"):
     torch.manual_seed(0)
-    return MoEClassifier(ModelConfig(**{**TINY_MODEL, "kind": kind}), 1, 10)
+    return MoEClassifier(MoEModelConfig(**{**TINY_MODEL, "kind": kind}), 1, 10)
 
 
 def test_cost_table_splits_total_into_fixed_and_experts():

@@ -2,13 +2,13 @@ import torch
 
 from refgen.artifacts import JsonlLogger, read_jsonl
 from refgen.moe.meta import PlateauController, make_optimizer
-from refgen.moe.model import MoEClassifier, ModelConfig
+from refgen.moe.model import MoEClassifier, MoEModelConfig
 
 from .conftest import TINY_MODEL
 
 
 def _opt():
-    m = MoEClassifier(ModelConfig(**TINY_MODEL, kind="graph"), 1, 10)
+    m = MoEClassifier(MoEModelConfig(**TINY_MODEL, kind="graph"), 1, 10)
     return m, make_optimizer(m, lr=1e-2, gate_lr_scale=0.1, weight_decay=1e-4)
 
 

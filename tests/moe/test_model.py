@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refgen.moe.model import KINDS, DenseLogits, MoEClassifier, ModelConfig
+from refgen.moe.model import KINDS, DenseLogits, MoEClassifier, MoEModelConfig
 from refgen.moe.train import TrainConfig
 
 from .conftest import TINY_MODEL
@@ -12,7 +12,7 @@ from .conftest import TINY_MODEL
 
 def _model(kind, **kw):
     torch.manual_seed(0)
-    return MoEClassifier(ModelConfig(**{**TINY_MODEL, "kind": kind, **kw}), 1, 10)
+    return MoEClassifier(MoEModelConfig(**{**TINY_MODEL, "kind": kind, **kw}), 1, 10)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -99,14 +99,14 @@ def test_a_given_team_replaces_the_gate_choice():
 
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="model.kind"):
-        ModelConfig(kind="soft")
+        MoEModelConfig(kind="soft")
     with pytest.raises(ValueError, match=r"top_k=5 must be in 1..num_experts=4"):
-        ModelConfig(top_k=5)
+        MoEModelConfig(top_k=5)
     with pytest.raises(ValueError, match="groups=3 must divide num_experts=4"):
-        ModelConfig(kind="hier", groups=3)
+        MoEModelConfig(kind="hier", groups=3)
     with pytest.raises(ValueError, match="exceeds the group size 2"):
-        ModelConfig(kind="hier", groups=2, top_k=3)
-    assert ModelConfig(kind="dense", num_experts=8, top_k=3).num_experts == 1
+        MoEModelConfig(kind="hier", groups=2, top_k=3)
+    assert MoEModelConfig(kind="dense", num_experts=8, top_k=3).num_experts == 1
 
 
 @pytest.mark.parametrize("name,channels,classes", [("mnist", 1, 10), ("animal_mnist", 1, 10), ("toyworld27", 3, 27)])

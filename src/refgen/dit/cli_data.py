@@ -37,7 +37,7 @@ def _prepare(args) -> int:
 
 
 def _tiny_models(args) -> int:
-    from refgen.dit.tiny import write_tiny_models
+    from refgen.dit.tiny_encoders import write_tiny_models
 
     paths = write_tiny_models(args.out)
     print(json.dumps(paths, indent=2))

@@ -14,7 +14,7 @@ from typing import Any
 
 
 @dataclass
-class ModelConfig:
+class NanoDiTConfig:
     """NanoDiT architecture. Dimensions of the conditioning come from the encoders the shards were made with:
     T5-Large is 1024-d, T5-XXL 4096-d (seed 002 vs 003); DINOv3 ViT-L is 1024-d."""
 
@@ -45,22 +45,22 @@ class ModelConfig:
             raise ValueError("model.mlp_ratio must be > 0")
 
 
-MODEL_PRESETS: dict[str, ModelConfig] = {
+MODEL_PRESETS: dict[str, NanoDiTConfig] = {
     # seed 002 part B: the validation "toy" model
-    "nano": ModelConfig(hidden_size=384, depth=12, num_heads=6),
+    "nano": NanoDiTConfig(hidden_size=384, depth=12, num_heads=6),
     # seed 002 part C: ~400-600M, shape free. A block is 22 d^2 (self-attn 4, cross-attn 4, MLP 8, adaLN 6):
     # 10 blocks at d=1536 = 532M. Wide and shallow on purpose: at a fixed size the GEMM FLOPs stay put while the
     # activation bytes (norms, modulation, GELU, attention at a given head dim) go as depth x d ~ 1/d, so on an
     # H100 (docs/benchmarks.md, 2026-11-24) 1024x22 trained at 35.9 % MFU, 1280x14 at 38.4 %, 1536x10 at 41.8 %,
     # and 42.7 % with head dim 128 (cuDNN's fastest attention). At equal FLOPs DiT's FID tracks GFLOPs, not shape
     # (Peebles & Xie 2023), and LM loss barely moves over aspect ratios d/depth of ~20-200 (Kaplan et al. 2020).
-    "base": ModelConfig(hidden_size=1536, depth=10, num_heads=12),
+    "base": NanoDiTConfig(hidden_size=1536, depth=10, num_heads=12),
     # CPU tests: 2 layers, width 32, tiny latents / encoders
-    "tiny": ModelConfig(latent_channels=4, hidden_size=32, depth=2, num_heads=2, t5_dim=16, dino_dim=16),
+    "tiny": NanoDiTConfig(latent_channels=4, hidden_size=32, depth=2, num_heads=2, t5_dim=16, dino_dim=16),
 }
 
 
-def model_preset(name: str, **overrides) -> ModelConfig:
+def model_preset(name: str, **overrides) -> NanoDiTConfig:
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
     cfg = dataclasses.replace(MODEL_PRESETS[name], **overrides)
@@ -87,7 +87,7 @@ class CFGDropout:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: NanoDiTConfig = field(default_factory=NanoDiTConfig)
     model_preset: str | None = "nano"   # informational; `model` holds the actual dimensions
     data_dir: str | None = None          # shard directory (refgen dit prepare output)
     out_dir: str = "runs/dit"
@@ -168,7 +168,7 @@ def _from_dict(cls, d: dict[str, Any]):
     kw = {}
     for k, v in d.items():
         if k == "model" and cls is TrainConfig:
-            v = v if isinstance(v, ModelConfig) else _from_dict(ModelConfig, v)
+            v = v if isinstance(v, NanoDiTConfig) else _from_dict(NanoDiTConfig, v)
         elif k == "cfg_dropout":
             v = v if isinstance(v, CFGDropout) else _from_dict(CFGDropout, v)
         elif k == "betas":
@@ -238,7 +238,7 @@ def shard_dims(index: dict, shard_dir: str | Path) -> dict[str, int]:
     return out
 
 
-def model_mismatches(model: ModelConfig, dims: dict[str, int]) -> list[tuple[str, int, int]]:
+def model_mismatches(model: NanoDiTConfig, dims: dict[str, int]) -> list[tuple[str, int, int]]:
     """(field, model value, shard value) for every dimension the shards fix that the model does not match."""
     pairs = [(k, getattr(model, k), dims[k]) for k in DATA_DIMS]
     pairs.append(("patch_size", model.patch_size, dims["dit_patch_size"]))

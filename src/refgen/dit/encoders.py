@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from refgen.images import load_rgb  # noqa: F401  (the one image loader; prepare reads images through it)
 from refgen.runtime import check_cpu_size, diffusers_dtype_kwargs
 
 # ImageNet statistics, which the released DINOv3 checkpoints' preprocessor_config.json also carries; used only

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from refgen.dit.attention import CROSS_ATTENTION_IMPLS, LSE_KERNELS, cross_attention
-from refgen.dit.config import ModelConfig
+from refgen.dit.config import NanoDiTConfig
 
 
 # --------------------------------------------------------------------------- conditioning container
@@ -192,7 +192,7 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: NanoDiTConfig):
         super().__init__()
         d = cfg.hidden_size
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -229,7 +229,7 @@ class FinalLayer(nn.Module):
 # --------------------------------------------------------------------------- the model
 
 class NanoDiT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: NanoDiTConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -389,7 +389,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_flops(cfg: ModelConfig, h: int, w: int, text_len: int) -> int:
+def forward_flops(cfg: NanoDiTConfig, h: int, w: int, text_len: int) -> int:
     """Analytic matmul FLOPs of one forward pass for ONE sample (2 per multiply-add), latents h x w.
 
     Counts every Linear/conv and the attention products (QK^T and AV); ignores norms, activations, softmax.

@@ -263,7 +263,8 @@ class _Stats:
 
 
 def _load_batch(records: list[SourceImage], src: Path, bucket: Bucket):
-    from refgen.dit.encoders import load_rgb, resize_to_bucket
+    from refgen.dit.encoders import resize_to_bucket
+    from refgen.images import load_rgb
 
     out = []
     for r in records:

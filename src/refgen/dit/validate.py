@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
-from refgen.dit.config import CFGDropout, ModelConfig, TrainConfig, model_preset
+from refgen.dit.config import CFGDropout, NanoDiTConfig, TrainConfig, model_preset
 from refgen.dit.model import Cond
 from refgen.dit.sample import sample, to_pil
 from refgen.dit.train import latest_checkpoint, model_from_checkpoint, train
@@ -56,7 +56,7 @@ class ValidatePreset:
     looks_per_layout: int = 4
     text_len: int = 16
     enc_dim: int = 256                     # toy T5 and DINO width
-    model: ModelConfig = field(default_factory=lambda: model_preset("nano"))
+    model: NanoDiTConfig = field(default_factory=lambda: model_preset("nano"))
     steps: int = 6000
     batch_size: int = 64
     lr: float = 3e-4

@@ -40,9 +40,9 @@ def _train_config(args):
     if args.kind:
         import dataclasses
 
-        from refgen.moe.model import ModelConfig
+        from refgen.moe.model import MoEModelConfig
 
-        cfg.model = ModelConfig(**{**dataclasses.asdict(cfg.model), "kind": args.kind})
+        cfg.model = MoEModelConfig(**{**dataclasses.asdict(cfg.model), "kind": args.kind})
     return cfg
 
 

@@ -206,13 +206,13 @@ def match_dense_width(base_cfg, in_channels: int, num_classes: int, input_shape,
     so a bisection finds it."""
     import dataclasses
 
-    from refgen.moe.model import MoEClassifier, ModelConfig
+    from refgen.moe.model import MoEClassifier, MoEModelConfig
 
     if metric not in ("flops", "bytes"):
         raise ValueError(f"metric must be 'flops' or 'bytes', got {metric!r}")
 
     def build(w):
-        c = ModelConfig(**{**dataclasses.asdict(base_cfg), "kind": "dense", "expert_channels": w})
+        c = MoEModelConfig(**{**dataclasses.asdict(base_cfg), "kind": "dense", "expert_channels": w})
         return MoEClassifier(c, in_channels, num_classes)
 
     def value(w):

@@ -35,7 +35,7 @@ PATHS = ("dense", "sparse")
 
 
 @dataclass
-class ModelConfig:
+class MoEModelConfig:
     kind: str = "graph"
     num_experts: int = 4
     top_k: int = 2
@@ -141,7 +141,7 @@ def balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class MoEClassifier(nn.Module):
-    def __init__(self, cfg: ModelConfig, in_channels: int, num_classes: int):
+    def __init__(self, cfg: MoEModelConfig, in_channels: int, num_classes: int):
         super().__init__()
         self.cfg, self.in_channels, self.num_classes = cfg, in_channels, num_classes
         s, E = cfg.stem_channels, cfg.num_experts

@@ -27,7 +27,7 @@ from refgen.moe.cost import CostTable, cost_table
 from refgen.moe.data import DATASETS, ImageSet, load_dataset, stratified_split
 from refgen.moe.graph import graph_stats
 from refgen.moe.meta import PlateauController, make_optimizer
-from refgen.moe.model import PATHS, MoEClassifier, ModelConfig
+from refgen.moe.model import PATHS, MoEClassifier, MoEModelConfig
 from refgen.moe.monitor import Probe
 
 SCHEDULES = ("plateau", "onecycle")
@@ -41,7 +41,7 @@ class TrainConfig:
     n_train: int | None = None          # cut the training split (toyworld27: render this many)
     n_test: int | None = None
     val_fraction: float = 0.1           # carved from the training split (stratified, split seed 0)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: MoEModelConfig = field(default_factory=MoEModelConfig)
     epochs: int = 10
     max_steps: int | None = None        # stop early after this many steps (smoke tests)
     batch_size: int = 128
@@ -64,7 +64,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
+            self.model = MoEModelConfig(**self.model)
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.schedule not in SCHEDULES:
@@ -316,7 +316,7 @@ def load_model(folder: str | Path, device="cpu") -> tuple[MoEClassifier, dict]:
         raise FileNotFoundError(f"{f} does not exist: not a `refgen moe train` output folder")
     with safe_open(str(f), "pt") as so:
         meta = so.metadata()
-    model = MoEClassifier(ModelConfig(**json.loads(meta["refgen_moe_config"])), int(meta["in_channels"]),
+    model = MoEClassifier(MoEModelConfig(**json.loads(meta["refgen_moe_config"])), int(meta["in_channels"]),
                           int(meta["num_classes"]))
     model.load_state_dict(load_file(str(f)))
     info = json.loads((folder / "moe.json").read_text()) if (folder / "moe.json").is_file() else {}

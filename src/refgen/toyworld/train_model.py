@@ -187,7 +187,7 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     The corpus also holds placeholder prompts ('~ID~', '~ID~,', '(~ID~)'), so the toy tokenizer makes
     the same context-sensitive merges around the placeholder the real one does.
     """
-    from refgen.tiny import train_qwen_bpe
+    from refgen.tiny_qwen import train_qwen_bpe
 
     prefix, suffix = _template_parts()
     rng = random.Random(0)

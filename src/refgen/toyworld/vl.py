@@ -167,7 +167,7 @@ def build_model(cfg: VLConfig, tokenizer):
     spatial merge 2, temporal patch 2, as Qwen3-VL; no deepstack mergers: z uses only the final
     merger) and a tiny language model of hidden size out_dim. Only the vision tower is trained; the
     language model stays random (its image-token ids are Qwen3VLConfig's defaults, as in
-    refgen.tiny): it exists so the folder is a complete Qwen3-VL, and VisionFeatures drops it."""
+    refgen.tiny_qwen): it exists so the folder is a complete Qwen3-VL, and VisionFeatures drops it."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     bos, eos, pad = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
@@ -192,13 +192,13 @@ def build_model(cfg: VLConfig, tokenizer):
 
 
 def build_image_processor():
-    from refgen.tiny import build_qwen3_vl_image_processor
+    from refgen.tiny_qwen import build_qwen3_vl_image_processor
 
     return build_qwen3_vl_image_processor()
 
 
 def build_tokenizer(vocab_size: int):
-    from refgen.tiny import build_tokenizer as tiny_tokenizer
+    from refgen.tiny_qwen import build_tokenizer as tiny_tokenizer
 
     return tiny_tokenizer(vocab_size)
 
