@@ -42,15 +42,14 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def variant_config(name: str, config: str, **top):
-    import yaml
-
+    from refgen.config import from_dict, read_yaml
     from refgen.toyworld.train_model import ToyModelConfig
 
     if VARIANTS[name] == "tiny":
         return ToyModelConfig.tiny(eval_identities=4, eval_steps=2, **top)
-    d = _merge(yaml.safe_load(Path(config).read_text()), VARIANTS[name])
+    d = _merge(read_yaml(config), VARIANTS[name])
     d.update({k: v for k, v in top.items() if v is not None})
-    return ToyModelConfig(**d)
+    return from_dict(ToyModelConfig, d, source=config)
 
 
 def _run_one(args) -> int:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refgen.config import from_dict, read_yaml
+
 
 @dataclass
 class NanoDiTConfig:
@@ -158,27 +160,8 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- dict / YAML round trip
 
-def _from_dict(cls, d: dict[str, Any]):
-    if not isinstance(d, dict):
-        raise TypeError(f"{cls.__name__}: expected a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
-    kw = {}
-    for k, v in d.items():
-        if k == "model" and cls is TrainConfig:
-            v = v if isinstance(v, NanoDiTConfig) else _from_dict(NanoDiTConfig, v)
-        elif k == "cfg_dropout":
-            v = v if isinstance(v, CFGDropout) else _from_dict(CFGDropout, v)
-        elif k == "betas":
-            v = tuple(float(x) for x in v)
-        kw[k] = v
-    return cls(**kw)
-
-
-def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
-    """A dict (from YAML or a checkpoint) -> validated TrainConfig.
+def train_config_from_dict(d: dict[str, Any], source: str | Path | None = None) -> TrainConfig:
+    """A dict (from YAML or a checkpoint) -> validated TrainConfig; `source` names where it came from in errors.
 
     `model` may be a preset name (str), a mapping, or a mapping with `preset:` plus overrides."""
     d = dict(d)
@@ -190,19 +173,17 @@ def train_config_from_dict(d: dict[str, Any]) -> TrainConfig:
         m = dict(m)
         name = m.pop("preset")
         d["model_preset"] = name
+        from_dict(NanoDiTConfig, m, source=source, section="model")  # names an unknown override key
         d["model"] = model_preset(name, **m)
-    cfg = _from_dict(TrainConfig, d)
+    cfg = from_dict(TrainConfig, d, source=source)
     cfg.validate()
     return cfg
 
 
 def load_train_config(path: str | Path, **overrides) -> TrainConfig:
-    import yaml
-
-    with open(path) as f:
-        d = yaml.safe_load(f) or {}
+    d = read_yaml(path)
     d.update({k: v for k, v in overrides.items() if v is not None})
-    return train_config_from_dict(d)
+    return train_config_from_dict(d, source=path)
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from refgen.artifacts import JsonlLogger, atomic_save_safetensors, atomic_write_json, provenance
-from refgen.config import from_yaml
+from refgen.config import from_dict, from_yaml
 from refgen.moe.cost import CostTable, cost_table
 from refgen.moe.data import DATASETS, ImageSet, load_dataset, stratified_split
 from refgen.moe.graph import graph_stats
@@ -63,8 +63,8 @@ class TrainConfig:
     eval_batch: int = 512
 
     def __post_init__(self):
-        if isinstance(self.model, dict):
-            self.model = MoEModelConfig(**self.model)
+        if isinstance(self.model, dict):  # built directly or from a checkpoint's JSON with a mapping
+            self.model = from_dict(MoEModelConfig, self.model, section="model")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.schedule not in SCHEDULES:
@@ -316,8 +316,8 @@ def load_model(folder: str | Path, device="cpu") -> tuple[MoEClassifier, dict]:
         raise FileNotFoundError(f"{f} does not exist: not a `refgen moe train` output folder")
     with safe_open(str(f), "pt") as so:
         meta = so.metadata()
-    model = MoEClassifier(MoEModelConfig(**json.loads(meta["refgen_moe_config"])), int(meta["in_channels"]),
-                          int(meta["num_classes"]))
+    mcfg = from_dict(MoEModelConfig, json.loads(meta["refgen_moe_config"]), source=f)
+    model = MoEClassifier(mcfg, int(meta["in_channels"]), int(meta["num_classes"]))
     model.load_state_dict(load_file(str(f)))
     info = json.loads((folder / "moe.json").read_text()) if (folder / "moe.json").is_file() else {}
     return model.to(device).eval(), info

@@ -35,7 +35,7 @@ import copy
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -121,14 +121,11 @@ class ToyModelConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
 
     def __post_init__(self):
+        from refgen.config import from_dict
+
         for name, cls in (("vae", VaeConfig), ("text", TextConfig), ("transformer", TransformerConfig)):
-            v = getattr(self, name)
-            if isinstance(v, dict):
-                known = {f.name for f in fields(cls)}
-                bad = sorted(set(v) - known)
-                if bad:
-                    raise ValueError(f"unknown keys {bad} in config section '{name}'; known: {sorted(known)}")
-                setattr(self, name, cls(**v))
+            if isinstance(getattr(self, name), dict):  # built directly with a mapping (from_yaml passes instances)
+                setattr(self, name, from_dict(cls, getattr(self, name), section=name))
         v, t, x = self.vae, self.text, self.transformer
         down = 2 ** (len(v.dim_mult) - 1)
         if self.size % (down * 2) or self.size < world.MIN_SIZE:
