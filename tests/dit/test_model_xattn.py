@@ -234,6 +234,29 @@ def test_clip_and_step_equals_clip_then_step(max_norm):
             torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")     # fp32 rounding
 
 
+def test_fused_adamw_honours_grad_scale():
+    """The private hook fused_step_dividing_grads relies on: torch's fused AdamW divides every grad by
+    `opt.grad_scale`. eps = 1 makes Adam's update depend on the grads' scale, so an ignored grad_scale shows."""
+    from refgen.dit.train import fused_step_dividing_grads
+
+    g = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    ps = [torch.nn.Parameter(torch.ones(50)) for _ in range(3)]
+    opts = [torch.optim.AdamW([p], lr=0.1, eps=1.0, weight_decay=0.0, fused=True) for p in ps]
+    for p, grad in zip(ps, (g, g / 4, g)):
+        p.grad = grad.clone()
+    fused_step_dividing_grads(opts[0], torch.tensor(4.0))
+    opts[1].step()                       # the reference: grads divided by hand
+    opts[2].step()                       # not divided
+    assert not hasattr(opts[0], "grad_scale")
+    assert not torch.allclose(ps[2], ps[1]), "the test cannot tell a divided grad from an undivided one"
+    torch.testing.assert_close(ps[0].detach(), ps[1].detach(), msg=lambda m: (
+        f"torch {torch.__version__}'s fused AdamW no longer divides the grads by opt.grad_scale; "
+        f"refgen.dit.train.fused_step_dividing_grads (clip_and_step) must change: {m}"))
+    torch.testing.assert_close(ps[0].grad, g / 4)                   # unscaled in place, as GradScaler's grads
+    with pytest.raises(ValueError, match="fused"):
+        fused_step_dividing_grads(torch.optim.AdamW([ps[0]], fused=False), torch.tensor(2.0))
+
+
 def test_bench_mfu40_tiny(tmp_path, monkeypatch):
     """The preset's rows on the tiny model (CPU, eager): the attention check passes, every exact option trains
     to the same loss as the masked reference, and a failing row is recorded without stopping the run."""

@@ -50,6 +50,28 @@ def test_batched_training_forward_equals_the_native_one():
     assert "forward" not in vars(model.model.visual.blocks[0].attn)
 
 
+def test_the_replaced_forwards_fit_the_installed_transformers(monkeypatch):
+    """batched_vision replaces two transformers methods; check_vision_tower is the loud failure when an update of
+    transformers changes what they assume (the equality itself: test_batched_training_forward_equals_the_native_one)."""
+    cfg = vl.VLConfig.tiny(vision_depth=1)
+    model = vl.build_model(cfg, vl.build_tokenizer(cfg.vocab_size))
+    visual = model.model.visual
+    vl.check_vision_tower(visual)                                  # the installed version fits
+    attn_cls = type(visual.blocks[0].attn)
+
+    def renamed(self, hidden_states, cu_seqlens, rotary_pos_emb=None, **kwargs):
+        raise AssertionError
+
+    monkeypatch.setattr(attn_cls, "forward", renamed)
+    with pytest.raises(RuntimeError, match=r"transformers .*forward takes .*rotary_pos_emb"):
+        with vl.batched_vision(model):
+            pass
+    monkeypatch.undo()
+    monkeypatch.setattr(visual.patch_embed, "proj", torch.nn.Conv3d(3, 4, kernel_size=(2, 16, 16), stride=8))
+    with pytest.raises(RuntimeError, match="kernel == stride"):
+        vl.check_vision_tower(visual)
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="size"):
         vl.VLConfig(size=48)

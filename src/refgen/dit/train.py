@@ -62,12 +62,23 @@ def clip_and_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_no
         return total
     grads = [p.grad for p in params if p.grad is not None]
     total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    opt.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0)
+    fused_step_dividing_grads(opt, torch.clamp((total + 1e-6) / max_norm, min=1.0))
+    return total
+
+
+def fused_step_dividing_grads(opt: torch.optim.Optimizer, divisor: torch.Tensor) -> None:
+    """`opt.step()` with every gradient divided by `divisor` (a 0-d tensor) inside the fused kernel, in place (the
+    grads are left divided, as GradScaler leaves them unscaled).
+
+    The one place refgen uses torch's private hook: fused Adam/AdamW read `opt.grad_scale` and unscale inside the
+    kernel (what GradScaler uses). tests/dit/test_model_xattn.py checks the installed torch still honours it."""
+    if not all(g.get("fused") for g in opt.param_groups):
+        raise ValueError("fused_step_dividing_grads needs a fused optimizer (torch reads grad_scale only there)")
+    opt.grad_scale = divisor
     try:
         opt.step()
     finally:
         del opt.grad_scale
-    return total
 
 
 def sample_cfg_drop(n: int, probs: CFGDropout, generator: torch.Generator,

@@ -245,11 +245,47 @@ def _attention_batched(self, hidden_states, cu_seqlens, position_embeddings=None
     return self.proj(o.transpose(1, 2).reshape(S, -1))
 
 
+# What `_patch_embed_linear` and `_attention_batched` assume of transformers' Qwen3-VL vision tower: the
+# attention's call signature and attributes, and a Conv3d patch embedding whose kernel equals its stride.
+_ATTENTION_PARAMS = ("hidden_states", "cu_seqlens", "position_embeddings")
+_ATTENTION_ATTRS = ("qkv", "proj", "num_heads", "scaling")
+
+
+def check_vision_tower(visual) -> None:
+    """Refuse, naming what changed, a vision tower the two replacement forwards no longer fit. This is the one
+    place refgen depends on the internals of transformers' Qwen3-VL (tests/toyworld/test_vl.py runs it against
+    the installed version and compares the replaced forwards with the native ones)."""
+    import inspect
+
+    import transformers
+    from transformers.models.qwen3_vl import modeling_qwen3_vl as qv
+
+    problems = []
+    if not hasattr(qv, "apply_rotary_pos_emb_vision"):
+        problems.append("modeling_qwen3_vl.apply_rotary_pos_emb_vision is gone")
+    proj = getattr(visual.patch_embed, "proj", None)
+    if not isinstance(proj, nn.Conv3d) or proj.kernel_size != proj.stride or proj.padding != (0, 0, 0):
+        problems.append(f"patch_embed.proj is no longer a Conv3d with kernel == stride: {proj!r}")
+    for b in visual.blocks[:1]:
+        params = list(inspect.signature(type(b.attn).forward).parameters)[1:]
+        if tuple(params[:len(_ATTENTION_PARAMS)]) != _ATTENTION_PARAMS:
+            problems.append(f"{type(b.attn).__name__}.forward takes {params}, expected {list(_ATTENTION_PARAMS)} first")
+        missing = [a for a in _ATTENTION_ATTRS if not hasattr(b.attn, a)]
+        if missing:
+            problems.append(f"{type(b.attn).__name__} has no {missing}")
+    if problems:
+        raise RuntimeError(f"refgen.toyworld.vl.batched_vision does not fit transformers {transformers.__version__}'s "
+                           f"Qwen3-VL vision tower: {'; '.join(problems)}. Train without it or update "
+                           f"_patch_embed_linear / _attention_batched.")
+
+
 @contextlib.contextmanager
 def batched_vision(model):
     """Inside the block, the model's vision tower runs its patch embedding as a Linear and its
-    attention batched over images (same weights, same maths; equal-size images only)."""
+    attention batched over images (same weights, same maths; equal-size images only). The one place refgen
+    replaces transformers methods; `check_vision_tower` refuses a tower they no longer fit."""
     visual = model.model.visual
+    check_vision_tower(visual)
     swapped = [(visual.patch_embed, _patch_embed_linear)] + [(b.attn, _attention_batched) for b in visual.blocks]
     for mod, fn in swapped:
         mod.forward = types.MethodType(fn, mod)
