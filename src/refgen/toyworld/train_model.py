@@ -19,7 +19,7 @@ Why the details are what they are:
   the first 34 template tokens dropped). The tokenizer is checked to split the template prefix into
   exactly 34 tokens, or the drop would cut caption tokens (or leave template tokens) silently.
 - Training matches the pipeline's sampling exactly: latents normalised (z - mean) / std, packed 2x2
-  with `QwenImagePipeline._pack_latents`, `img_shapes=[(1, h/2, w/2)]`, transformer timestep = sigma
+  as `QwenImagePipeline._pack_latents` does (`identity.qwen.pack`), `img_shapes=[(1, h/2, w/2)]`, transformer timestep = sigma
   (the pipeline passes t / 1000 with t = 1000 sigma), target noise - x0.
 - Each image gets `captions_per_image` caption draws (random attribute subsets, 25% of people
   described only as 'a person'), so the model learns each attribute alone and the placeholder-free
@@ -424,16 +424,14 @@ def build_text_bank(pipe, scenes: list[world.Scene], cfg: ToyModelConfig, dev, p
 
 def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ToyModelConfig, dev, log: JsonlLogger, clock: _Clock,
                       progress: bool) -> tuple[dict, dict]:
-    from diffusers import QwenImagePipeline
-
-    from refgen.identity.qwen import QwenFlowModel
+    from refgen.identity.qwen import QwenFlowModel, pack
 
     tc = cfg.transformer
     tf = pipe.transformer
     mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1)
     std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1)
     N, (C, h, w) = latents.shape[0], latents.shape[1:]
-    z_all = QwenImagePipeline._pack_latents((latents - mean) / std, N, C, h, w).to(dev)  # (N, h*w/4, 4C)
+    z_all = pack((latents - mean) / std).to(dev)  # (N, h*w/4, 4C), the pipeline's 2x2 packing
     t0 = time.time()
     emb_bank, mask_bank = build_text_bank(pipe, scenes, cfg, dev, progress)
     text_s = time.time() - t0
