@@ -31,7 +31,7 @@ def sample_sigmas(n: int, mode: str = "logit_normal", *, mean: float = 0.0, std:
                   generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Training noise levels, (n,) float32 in (0, 1).
 
-    logit_normal is SD3's choice (more weight on the middle of the path); uniform is the seed's.
+    logit_normal is SD3's choice (more weight on the middle of the path); uniform is plain rectified flow.
     """
     if mode == "uniform":
         s = torch.rand(n, generator=generator, device=device)
@@ -87,7 +87,7 @@ def true_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torc
 
 def dual_cfg(v_uncond: torch.Tensor, v_text: torch.Tensor, v_dino: torch.Tensor,
              s_text: float, s_dino: float) -> torch.Tensor:
-    """Two independent guidance directions (seed 003), each measured from the unconditional point:
+    """Two independent guidance directions, each taken from the unconditional point:
 
         v = v_uncond + s_text * (v_text - v_uncond) + s_dino * (v_dino - v_uncond)
 

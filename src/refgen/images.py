@@ -268,7 +268,7 @@ def resolve_refs(ref: str | Path | list) -> list[Path]:
 
 
 def center_crop_resize(im: Image.Image, width: int, height: int) -> Image.Image:
-    """Centre crop to the target aspect, then resize (seed phase 2 preprocessing)."""
+    """Centre crop to the target aspect, then resize (how identity photos are prepared for the VAE)."""
     W, H = im.size
     target = width / height
     if W / H > target:

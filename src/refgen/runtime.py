@@ -1,4 +1,4 @@
-"""Device and dtype policy (seed 000, phase 0.1-0.2).
+"""Device and dtype policy.
 
 Real models run on CUDA only. The CPU is allowed when the caller asks for it explicitly
 (`--device cpu`) and only for small models (tiny test models, the toy world), so tests and the

@@ -156,9 +156,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: to
     """softmax(q k^T / sqrt(hd)) v over the keys where `valid` is True. q (B, H, N, hd); k, v (B, H, L, hd);
     valid (B, L) bool. Three exact implementations:
 
-    "mask"  SDPA with the boolean mask (the reference). On H100 (torch 2.11) the mask becomes an additive bias
-            inside the cuDNN kernel; the profile of `base` (eager, batch 64) spent 21.5 ms per step in attention
-            kernels with the CFG-drop mask vs 14.4 ms without: the masked cross-attention ran ~1.8x slower.
+    "mask"  SDPA with the boolean mask (the reference). On the GPU the mask becomes an additive bias inside the
+            kernel, and the masked cross-attention runs markedly slower than an unmasked one (docs/dit.md).
     "zpad"  padded keys and values set to 0, ONE unmasked kernel call, then an exact per-row correction of the
             softmax denominator (each zero key adds exp(0) = 1): the speed of an unpadded batch
             (`_ZeroPadAttention`). Needs the kernel's log-sum-exp, so it calls SDPA's aten op directly.

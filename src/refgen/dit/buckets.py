@@ -1,8 +1,8 @@
-"""Aspect-ratio buckets (seed 002 part A.1): every image goes to the bucket with the nearest aspect ratio and is
+"""Aspect-ratio buckets: every image goes to the bucket with the nearest aspect ratio and is
 resized to exactly that size, without cropping and without padding.
 
 Residual mismatch: an image's aspect ratio rarely equals its bucket's, so the resize stretches it slightly
-(anisotropically). We accept that, because a crop loses framing (the seed's "no crop") and padding puts
+(anisotropically). We accept that, because a crop loses framing and padding puts
 non-image borders into both the latents and the DINO patches, which the DiT would learn to draw. The stretch is
 bounded by the bucket spacing (default set: at most ~7.2% between 1:2.4 and 2.4:1), recorded per sample as
 `aspect_distortion`, and images beyond `max_aspect_distortion` (extreme panoramas) are skipped and reported
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 # DINOv3 patch (16 px): VAE factor 8 x DiT patch 2 = 16 = DINOv3 patch size.
 ALIGN = 16
 
-# ~1 MP, sides multiples of 64 (SDXL-style list plus the seed's 1280x768 / 1344x704 and 2:1 steps).
+# ~1 MP, sides multiples of 64 (SDXL-style list plus 1280x768 / 1344x704 and 2:1 steps).
 DEFAULT_BUCKETS: tuple[tuple[int, int], ...] = (
     (1024, 1024),
     (1088, 960), (960, 1088),

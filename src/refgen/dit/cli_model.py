@@ -146,7 +146,7 @@ def register(dit_subparsers) -> None:
     s.add_argument("--device", help="cuda (default), or cpu for tiny models (< 200M parameters)")
     s.set_defaults(func=_sample)
 
-    v = dit_subparsers.add_parser("validate", help="seed 002 part B on a toy world: overfit, DINO swap, text")
+    v = dit_subparsers.add_parser("validate", help="overfit, DINO swap and text control, judged on a toy world")
     v.add_argument("--preset", default="h100", choices=["h100", "cpu", "tiny"],
                    help="h100: the real run (~9 min on one H100); cpu: a CPU sanity check (~6-11 min on 2 idle "
                         "cores, longer under load); tiny: a smoke test (~5 s) that judges nothing")

@@ -18,10 +18,10 @@ from refgen.config import from_dict, read_yaml
 @dataclass
 class NanoDiTConfig:
     """NanoDiT architecture. Dimensions of the conditioning come from the encoders the shards were made with:
-    T5-Large is 1024-d, T5-XXL 4096-d (seed 002 vs 003); DINOv3 ViT-L is 1024-d."""
+    T5-Large is 1024-d, T5-XXL 4096-d; DINOv3 ViT-L is 1024-d."""
 
     latent_channels: int = 16      # FLUX VAE: 16
-    patch_size: int = 2            # seed 002 part C: 2 keeps the VAE's high frequencies
+    patch_size: int = 2            # 2 keeps the VAE's high frequencies
     hidden_size: int = 384
     depth: int = 12
     num_heads: int = 6
@@ -48,14 +48,14 @@ class NanoDiTConfig:
 
 
 MODEL_PRESETS: dict[str, NanoDiTConfig] = {
-    # seed 002 part B: the validation "toy" model
+    # the model `refgen dit validate` trains
     "nano": NanoDiTConfig(hidden_size=384, depth=12, num_heads=6),
-    # seed 002 part C: ~400-600M, shape free. A block is 22 d^2 (self-attn 4, cross-attn 4, MLP 8, adaLN 6):
-    # 10 blocks at d=1536 = 532M. Wide and shallow on purpose: at a fixed size the GEMM FLOPs stay put while the
-    # activation bytes (norms, modulation, GELU, attention at a given head dim) go as depth x d ~ 1/d, so on an
-    # H100 (docs/benchmarks.md, 2026-11-24) 1024x22 trained at 35.9 % MFU, 1280x14 at 38.4 %, 1536x10 at 41.8 %,
-    # and 42.7 % with head dim 128 (cuDNN's fastest attention). At equal FLOPs DiT's FID tracks GFLOPs, not shape
-    # (Peebles & Xie 2023), and LM loss barely moves over aspect ratios d/depth of ~20-200 (Kaplan et al. 2020).
+    # ~400-600M, shape free. A block is 22 d^2 (self-attn 4, cross-attn 4, MLP 8, adaLN 6): 10 blocks at
+    # d=1536 = 532M. Wide and shallow on purpose: at a fixed size the GEMM FLOPs stay put while the activation
+    # bytes (norms, modulation, GELU, attention at a given head dim) go as depth x d ~ 1/d, so the wider shapes
+    # reach a higher MFU, and head dim 128 gets cuDNN's fastest attention (the shape sweep: docs/dit.md). At equal
+    # FLOPs DiT's FID tracks GFLOPs, not shape (Peebles & Xie 2023), and LM loss barely moves over aspect ratios
+    # d/depth of ~20-200 (Kaplan et al. 2020).
     "base": NanoDiTConfig(hidden_size=1536, depth=10, num_heads=12),
     # CPU tests: 2 layers, width 32, tiny latents / encoders
     "tiny": NanoDiTConfig(latent_channels=4, hidden_size=32, depth=2, num_heads=2, t5_dim=16, dino_dim=16),
@@ -72,7 +72,7 @@ def model_preset(name: str, **overrides) -> NanoDiTConfig:
 
 @dataclass
 class CFGDropout:
-    """Per-sample conditioning mode during training (seed 003, corrected in NOTES.md).
+    """Per-sample conditioning mode during training.
 
     text_only drops DINO (CLS and patches together), dino_only drops the text, uncond drops both."""
 
@@ -95,7 +95,7 @@ class TrainConfig:
     out_dir: str = "runs/dit"
     steps: int = 5000                    # optimizer steps
     batch_size: int = 16                 # per device, per micro step
-    effective_batch: int = 16            # batch_size * world_size * grad_accum; seed 002 suggests 256
+    effective_batch: int = 16            # batch_size * world_size * grad_accum (configs/dit_nano.yaml: 256)
     lr: float = 1e-4
     lr_warmup_steps: int = 500
     weight_decay: float = 0.0
@@ -109,7 +109,7 @@ class TrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     cfg_dropout: CFGDropout = field(default_factory=CFGDropout)
-    dtype: str = "bf16"                  # autocast dtype on CUDA; fp16 is refused (seed 002 part C)
+    dtype: str = "bf16"                  # autocast dtype on CUDA; fp16 is refused (validate() says why)
     device: str | None = None            # None = CUDA; "cpu" only for tiny models
     seed: int = 0
     ckpt_every: int = 5000
@@ -119,13 +119,13 @@ class TrainConfig:
     num_workers: int = 2
     compile: bool = False                # torch.compile (recompiles once per bucket shape)
     compile_regional: bool = True        # with compile: per block (one shared graph, ~1 block of compile time)
-                                         # instead of the whole model; H100 base 256^2 b128 (2026-11-24): 42.7 %
-                                         # MFU per block (38 s first step) vs 43.4 % whole model (83 s)
+                                         # instead of the whole model: about the same MFU for a half of the
+                                         # first step's compile time (docs/dit.md, Throughput)
     compile_tuning: bool = False         # with compile: inductor's coordinate-descent tuning of every Triton
-                                         # kernel's block sizes (same math); H100, the old 1024x22 base: 36.6 ->
-                                         # 37.1 % MFU per block, first step 26 -> 216 s (per bucket shape)
+                                         # kernel's block sizes (same math): half a point of MFU for ~8x the
+                                         # first step's compile time, per bucket shape (docs/dit.md)
     cross_attention: str = "zpad"        # "mask" (SDPA + key-padding mask), "zpad" or "split": all exact; zpad
-                                         # was fastest on an H100 (+3.8 % img/s, docs/benchmarks.md)
+                                         # is the fastest on the GPU (docs/dit.md, Throughput)
     progress: bool = True
     # The shards fix latent_channels, t5_dim and dino_dim (the encoders `prepare` ran). False: the config's numbers
     # must match the shards' index.json, or training refuses to start, naming both. True: take them from the shards
@@ -136,8 +136,8 @@ class TrainConfig:
         self.model.validate()
         self.cfg_dropout.validate()
         if self.dtype == "fp16":
-            raise ValueError("fp16 is refused for flow matching (seed 002 part C: the velocity field needs bf16's "
-                             "range); use bf16 or fp32")
+            raise ValueError("fp16 is refused for flow matching (the velocity field needs bf16's range); use bf16 "
+                             "or fp32")
         if self.dtype not in ("bf16", "fp32"):
             raise ValueError(f"dtype must be bf16 or fp32, got {self.dtype!r}")
         if self.cross_attention not in ("mask", "zpad", "split"):

@@ -1,5 +1,5 @@
 """NanoDiT: a DiT (Peebles & Xie, adaLN-Zero) on FLUX-VAE latents, conditioned on T5 text and DINOv3 image
-features (seed 002 parts B/C, seed 003 phases 2-3; corrections in /work/shared/NOTES.md).
+features. Design notes and where each choice comes from: docs/dit.md.
 
 Shapes (B batch, C latent channels, h x w latent, p patch size, gh = h/p, gw = w/p, N = gh*gw image tokens,
 T text tokens, d hidden size):
@@ -13,7 +13,7 @@ T text tokens, d hidden size):
                                      exactly one DINOv3 patch, so the DINO grid IS the token grid
     -> v          (B, C, h, w)       velocity (noise - x0)
 
-Per block (6-parameter adaLN-Zero, one cross-attention, as NOTES.md corrects seed 003):
+Per block (6-parameter adaLN-Zero, one cross-attention):
 
     c   = t_embed(sigma) + cls_proj(dino_cls)                       (B, d)       drives the adaLN modulation
     ctx = [text_proj(t5), cls_proj(dino_cls), patch_proj(patches)]  (B, T+1+N, d), mask [t5_mask, 1, 1...1]
@@ -197,7 +197,7 @@ class DiTBlock(nn.Module):
         d = cfg.hidden_size
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, cfg.num_heads, cfg.qk_norm, cross=False)
-        # The cross-attention input is not modulated (6 adaLN parameters, NOTES.md), so it keeps a learned affine.
+        # The cross-attention input is not modulated (6 adaLN parameters per block), so it keeps a learned affine.
         self.norm2 = nn.LayerNorm(d, eps=1e-6)
         self.cross_attn = Attention(d, cfg.num_heads, cfg.qk_norm, cross=True)
         self.norm3 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
@@ -279,7 +279,7 @@ class NanoDiT(nn.Module):
     def initialize_weights(self) -> None:
         """DiT's scheme: xavier linears, normal(0.02) timestep MLP, zero adaLN and output layer, so every block
         starts as the identity; the cross-attention output is zeroed too (PixArt-alpha) for the same reason.
-        Null tokens start at zero (seed 003, phase 2.3)."""
+        Null tokens start at zero."""
         def _basic(m):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -357,7 +357,7 @@ class NanoDiT(nn.Module):
         if self.cfg.dino_patch_pos:
             patch_h = patch_h + pos
         ctx = torch.cat([self.text_proj(t5), cls_h.unsqueeze(1), patch_h], 1)       # (B, T+1+N, d)
-        # DINO tokens are always valid (seed 003): key mask = [t5_mask, True x (1+N)]. With no padding anywhere,
+        # DINO tokens are always valid: key mask = [t5_mask, True x (1+N)]. With no padding anywhere,
         # pass no mask so SDPA takes its fastest kernel (a masked SDPA runs its kernel with an additive bias,
         # markedly slower; the "zpad" / "split" cross-attentions avoid the mask, see `cross_attention`). t5_mask None (decided by the
         # caller, on the host) = no padding, no check. With the default "mask" cross-attention, in eager mode an

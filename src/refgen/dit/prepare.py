@@ -1,7 +1,6 @@
 """`refgen dit prepare SRC OUT`: images (+ captions) -> per-bucket WebDataset shards for DiT training.
 
-Seed 002 part A and seed 003 phase 1, with the DINOv3 geometry of shared/NOTES.md (patch 16, register tokens
-excluded, no centre crop). Steps: scan + bucket, plan shards, encode (VAE latents, T5 sequence, DINOv3 CLS and
+DINOv3 geometry: patch 16, register tokens excluded, no centre crop. Steps: scan + bucket, plan shards, encode (VAE latents, T5 sequence, DINOv3 CLS and
 patch grid), write shards, aggregate latent statistics. The shard format is documented in docs/dit_data.md.
 
 Resumable and idempotent: the plan is deterministic (sorted keys, chunked per bucket); a shard counts as done

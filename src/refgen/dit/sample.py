@@ -1,6 +1,6 @@
 """Sampling NanoDiT: Euler integration of the flow (refgen.flow) with dual classifier-free guidance.
 
-Guidance (seed 003, phase 4.2), with three predictions at the same (x, sigma):
+Guidance, with three predictions at the same (x, sigma):
 
     v_uncond = v(x | null text, null DINO)
     v_text   = v(x | text,      null DINO)       Δv_text = v_text - v_uncond

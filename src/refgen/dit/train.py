@@ -1,4 +1,4 @@
-"""Training NanoDiT with rectified flow (seed 002 part C, seed 003 phases 3/5/7).
+"""Training NanoDiT with rectified flow.
 
 One optimizer step = `grad_accum` micro batches (effective batch = batch_size x world_size x grad_accum):
 
@@ -122,7 +122,8 @@ def _strip_prefixes(sd: dict) -> dict:
 
 def load_weights_report(model: nn.Module, state_dict: dict) -> dict:
     """Load what fits; return {missing, unexpected, shape_mismatch}. Never raises on a key mismatch: a warm
-    start from a checkpoint without the DINO-patch parameters (seed 003 phase 5.2) keeps their fresh init."""
+    start from a checkpoint without the DINO-patch parameters (a text+CLS model grown into one with patches) keeps
+    their fresh init."""
     sd = _strip_prefixes(state_dict)
     own = model.state_dict()
     mismatch = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -145,7 +146,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def model_from_checkpoint(path: str | Path, device, use_ema: bool = True) -> tuple[NanoDiT, TrainConfig]:
-    """The EMA weights (seed 002: "only save and visualise model B") as an eval-mode NanoDiT."""
+    """The EMA weights (what sampling and validation use) as an eval-mode NanoDiT."""
     ck = load_checkpoint(path)
     cfg = train_config_from_dict(ck["config"])
     model = NanoDiT(cfg.model)

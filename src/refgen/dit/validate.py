@@ -1,4 +1,4 @@
-"""`refgen dit validate`: seed 002 part B on a procedural toy world, measured.
+"""`refgen dit validate`: does NanoDiT overfit, and does it obey DINO and text? Judged on a procedural toy world.
 
 There are no real images, VAE, T5 or DINOv3 weights on the machines this runs on, so the toy world brings its
 own stand-ins, each built to make one question answerable:
@@ -69,8 +69,7 @@ class ValidatePreset:
     expected_time: str = ""                # what a run takes, measured (printed before it starts)
 
 
-# Measured on the 2-core CPU CI machine (2026-11-29). The cpu preset was not run to the end there: 100 of its
-# 1500 steps took 0.2-0.4 s each and its evaluation ~50 s; the same run under competing load reached ~2 s a step.
+# How these times were obtained: docs/dit.md, Validation.
 CPU_PRESET_TIME = ("~6-11 min on 2 otherwise idle CPU cores (estimated from 100 measured steps: 1500 x 0.2-0.4 s "
                    "+ ~1 min evaluation); up to ~50 min when other processes compete for the cores")
 TINY_PRESET_TIME = "~5 s on 2 CPU cores (measured: 2 s training, 4.7 s for the whole command)"
@@ -79,8 +78,8 @@ TINY_PRESET_TIME = "~5 s on 2 CPU cores (measured: 2 s training, 4.7 s for the w
 def presets() -> dict[str, ValidatePreset]:
     return {
         # the real run on one H100 (nano: 12 layers, 384 wide, 6 heads; 256 tokens per image)
-        "h100": ValidatePreset(expected_time="~9 min on one H100 (measured 2026-11-22: 522 s training + 5 s "
-                                             "evaluation, docs/results/dit_validate_h100.json)"),
+        "h100": ValidatePreset(expected_time="~9 min on one H100 (522 s training + 5 s evaluation, "
+                                             "docs/results/dit_validate_h100.json)"),
         # the same tests, a small model, 32 px: a CPU sanity check, not a quick one
         "cpu": ValidatePreset(image_size=32, enc_dim=32, steps=1500, batch_size=32, lr=1e-3, sample_steps=20,
                               n_eval=16, model=model_preset("tiny", hidden_size=128, depth=4, num_heads=4,

@@ -1,4 +1,4 @@
-"""refgen.moe: a small, energy-aware Mixture-of-Experts image classifier (seed 004, phases 1-5 and phase 6 stage 1).
+"""refgen.moe: a small, energy-aware Mixture-of-Experts image classifier (docs/moe.md).
 
 One concept per module:
     data         offline data sets (pinned wheels, sklearn digits, ToyWorld-27, a user-supplied CIFAR folder)

@@ -1,4 +1,5 @@
-"""`refgen moe bench`: the measurements of phase 5, one section at a time, into bench.json.
+"""`refgen moe bench`: the runtime measurements (time, memory, energy, cost, corruptions), one section at a time,
+into bench.json.
 
     sleep        the monitor's own check: Probe timing time.sleep(0.05) must read 50 +- 10 ms
     flops        the static cost table: FLOPs total / per expert / static top-k, bytes, FLOPs linear in batch

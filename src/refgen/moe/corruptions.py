@@ -25,7 +25,7 @@ from PIL import Image
 CORRUPTIONS = ("gaussian_noise", "impulse_noise", "defocus_blur", "motion_blur", "fog", "contrast",
                "jpeg_compression")
 
-# severity 1..5 -> parameters (CIFAR-10-C constants, spec section 9)
+# severity 1..5 -> parameters (the CIFAR-10-C constants)
 SEVERITY = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),
     "impulse_noise": (0.01, 0.02, 0.03, 0.05, 0.07),

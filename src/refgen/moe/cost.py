@@ -131,11 +131,11 @@ def calibrate(marginal_j_per_image: float, flops_per_image: float, device: str, 
 # ---- normalisation ------------------------------------------------------------------------------------
 
 class CostNormalizer:
-    """Running normalisation of one or more cost components (phase 5's «CostNormalizer»).
+    """Running normalisation of one or more cost components.
 
-    mode 'z': (x - EMA mean) / max(EMA std, std_floor), clipped to [-clip, clip]. The seed's «no values beyond
-    +-3 sigma» holds only *because* of the clip, so the share of clipped values is counted and reported. A std
-    floor replaces the seed's «jitter for constant inputs» (noise would break determinism).
+    mode 'z': (x - EMA mean) / max(EMA std, std_floor), clipped to [-clip, clip]. "No values beyond +-3 sigma"
+    holds only *because* of the clip, so the share of clipped values is counted and reported. A std floor handles
+    constant inputs (adding jitter instead would break determinism).
     mode 'minmax': (x - running min) / (running max - running min) in [0, 1].
     The first update initialises the statistics from that batch; later ones move them with EMA weight beta.
     """

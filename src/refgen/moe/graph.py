@@ -1,16 +1,16 @@
-"""The expert graph of phase 3: a learnable E x E adjacency over experts that lets the experts of a team exchange
+"""The expert graph: a learnable E x E adjacency over experts that lets the experts of a team exchange
 their features before the gate combines them.
 
-Why raw non-negative edges and not a softmax (seed 004 asks for «Softmax über Kanten» *and* «L1 auf
-Kantenmatrix»): every row of softmax(A) sums to 1, so its L1 norm is the constant E and the L1 term has zero
-gradient, and softmax never gives an exact zero, so «Sparsity > 30 %» could not be reached. Here the edges are
+Why raw non-negative edges and not a softmax over edges with an L1 on them: every row of softmax(A) sums to 1, so
+its L1 norm is the constant E and the L1 term has zero gradient, and softmax never gives an exact zero, so the
+edges could never become sparse. Here the edges are
 relu(W): L1 on them pulls edges down, an edge that crosses zero is exactly zero (and stays there: relu's gradient
 is 0), and rows are normalised by their sum *within the team the gate selected*.
 
 The L1 term is applied as a proximal step (`prox_l1`: soft-thresholding after each optimizer step), not added to
 the loss: Adam divides every gradient by its own running scale, so an L1 subgradient that dominates an edge's
 gradient moves that edge by the full learning rate whatever its coefficient, and every edge dies within a few
-hundred steps (measured: MNIST, 2 epochs, graph_l1 = 1e-3 in the loss: all off-diagonal edges 0). The proximal
+hundred steps (docs/moe.md, "Graph L1"). The proximal
 step shrinks edges by lr x graph_l1 per step in absolute units, which edges the task uses can resist.
 
 Message passing (one GraphConv-like step on the team's expert vectors h_j, j in S):

@@ -1,11 +1,11 @@
-"""Phase 6 stage 1: the plateau heuristic, gate and experts in separate optimizer parameter groups.
+"""The plateau heuristic, gate and experts in separate optimizer parameter groups.
 
-«LR halving when the validation loss stagnated for 3 epochs» is torch's ReduceLROnPlateau(factor=0.5); this
-wraps it instead of re-implementing it. One catch, tested: torch reduces when the number of bad epochs
-*exceeds* `patience`, so patience=3 (what the spec writes) halves on the 4th stagnant epoch. To halve after
+Halving the LR when the validation loss stagnated for `plateau_epochs` epochs is torch's
+ReduceLROnPlateau(factor=0.5); this wraps it instead of re-implementing it. One catch, tested: torch reduces when
+the number of bad epochs *exceeds* `patience`, so patience=3 halves on the 4th stagnant epoch. To halve after
 exactly `plateau_epochs` stagnant epochs the wrapper passes patience = plateau_epochs - 1.
 
-Gate and graph parameters get their own group with a smaller LR («Gate konservativ, Experten aggressiver»);
+Gate and graph parameters get their own group with a smaller LR (a conservative gate, aggressive experts);
 each epoch's LR and weight decay per group go to the JSONL log (the timeline).
 """
 

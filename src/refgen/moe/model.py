@@ -1,10 +1,10 @@
 """The MoE image classifier: a shared conv stem, E conv experts, a gate, an optional expert graph, a linear head.
 
-Gates (the seed builds on phases 1-2 but never defines them; these are the readings in spec section 1):
-    flat    phase 1: softmax over E experts, top-k, weights renormalised over the k chosen
-    hier    phase 2: a group gate picks the top group, an in-group gate the top-k experts in it; weight =
+Gates (how each is read from the design is in docs/moe.md):
+    flat    softmax over E experts, top-k, weights renormalised over the k chosen
+    hier    a group gate picks the top group, an in-group gate the top-k experts in it; weight =
             p(group) * p(expert | group) renormalised within the group, so both gates get gradients
-    graph   phase 3: the flat gate plus the expert graph (graph.py): the chosen team exchanges features
+    graph   the flat gate plus the expert graph (graph.py): the chosen team exchanges features
     dense   no gate: one expert (the dense CNN baselines of equal active FLOPs / equal stored bytes)
 
 Two execution paths with identical results in eval mode (tested):
@@ -15,8 +15,7 @@ Two execution paths with identical results in eval mode (tested):
 Experts use BatchNorm by default. In training, the sparse path normalises each expert over the inputs routed to it
 (its own batch statistics), the dense path over all inputs, so the two differ while training; in eval mode both
 use the running statistics and agree. expert_norm='gn' (GroupNorm, per sample) makes them agree in training too,
-but learned far slower: ToyWorld-27, 12k images, 3 CPU epochs, one dense expert: 24.8 % with GroupNorm, 92.8 %
-with BatchNorm (measured 2026-11-29).
+but learns far slower (docs/moe.md: the ToyWorld-27 comparison), so BatchNorm stays the default.
 """
 
 from __future__ import annotations
@@ -128,12 +127,11 @@ def balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     loss) + the mean per-input gate entropy / log E.
 
     The Switch term reaches an expert that is never chosen (its f is 0) only through the softmax, in proportion to
-    that expert's already small probability: measured, 2 MNIST epochs at weight 0.1 with the Switch term alone
-    left one expert with 0.05 % of the routing. The first two terms are both satisfied by a gate that gives every
-    input the *same* near-uniform distribution, whose top-k is then decided by tiny fixed margins: measured,
-    ToyWorld-27, 8 CPU epochs: 96.1 % test accuracy with every input routed to the same 2 experts. The entropy term
-    asks each input to commit while the other two keep the average balanced (together: high mutual information
-    between input and expert)."""
+    that expert's already small probability, so alone it lets an expert starve. The first two terms are both
+    satisfied by a gate that gives every input the *same* near-uniform distribution, whose top-k is then decided by
+    tiny fixed margins: every input routed to the same experts. The entropy term asks each input to commit while
+    the other two keep the average balanced (together: high mutual information between input and expert). The
+    runs that showed both failures: docs/moe.md, "Expert collapse"."""
     P = probs.mean(0)
     cv2 = P.var(unbiased=False) / P.mean().pow(2).clamp_min(1e-12)
     ent = -(probs * probs.clamp_min(1e-12).log()).sum(1).mean() / math.log(max(probs.shape[1], 2))

@@ -1,4 +1,4 @@
-"""Runtime measurements (phase 5): time, memory, GPU energy.
+"""Runtime measurements: time, memory, GPU energy.
 
 Time: CUDA events on a GPU (recorded without synchronising, read at `sample_every` boundaries: a
 `cuda.synchronize()` per batch would itself cost more than the 5 % overhead budget), `time.perf_counter_ns` on

@@ -1,17 +1,16 @@
-"""Phase 4: the RL gate. Reward = accuracy - lambda x cost, per sample.
+"""The RL gate. Reward = accuracy - lambda x cost, per sample.
 
-The seed's formulation («1 mini-batch = 1 episode, reward = mean accuracy - lambda cost»; «Gumbel-Softmax
-sampling» for a PPO/REINFORCE policy) is re-read as BlockDrop did it (spec section 7, items 4-5):
+Set up as BlockDrop did it (why not one reward per mini-batch with Gumbel-Softmax and PPO: docs/moe.md, "RL gate"):
   - a contextual bandit: each input is one decision with its own reward r_i = 1[correct_i] - lambda x c(a_i), and
-    the batch mean reward is the REINFORCE baseline (one reward per batch for B decisions is the high-variance
-    credit assignment the seed itself lists as a risk);
+    the batch mean reward is the REINFORCE baseline (one reward per batch for B decisions would be a
+    high-variance credit assignment);
   - the action is a team: a count m in 1..max_experts and an ordered choice of m experts, sampled exactly with
     the Gumbel-top-k trick (Plackett-Luce without replacement) at an annealed temperature; log pi(a|s) is the
     count's log probability plus the Plackett-Luce log probability of the sampled prefix;
   - cost c(a) = active FLOPs of the team / active FLOPs of the static top-2 team, from the static cost table
     (cost.py): deterministic, so the environment is too; live timings go to reports only.
-Experts can be fine-tuned by cross-entropy on the sampled teams at the same time (the seed's hybrid loss:
-«Experten via CE, Gate via RL»).
+Experts can be fine-tuned by cross-entropy on the sampled teams at the same time (a hybrid loss: experts by CE,
+the gate by RL).
 
 The random gate of equal expected cost gives every input the team size the RL gate gave some other input (the RL
 gate's counts, shuffled) with uniformly random experts: the same cost distribution, no input dependence.

@@ -26,10 +26,9 @@ Losses (per batch: `ids_per_batch` random identities x `photos_per_id` photos in
       are positives. The attribute heads alone only need z to be linearly separable per attribute;
       the contrastive term also pulls all photos of one person together and pushes different
       people apart, i.e. it removes scene/pose/position variance from z, which is what the
-      identity head and nearest-neighbour retrieval need. Measured (one seed each, default config,
-      docs/toyworld.md): with it vs without, 3-vs-3 retrieval top-1 is 100% both, the probe is the
-      same within noise (joint 95.4 vs 94.8% per photo, 99.3% both per 3-photo set), and the margin
-      grows: same-person cosine 0.986 vs 0.974, nearest other person 0.736 vs 0.833.
+      identity head and nearest-neighbour retrieval need: it leaves retrieval and the probe where
+      they are and widens the margin between the same person and the nearest other one
+      (docs/toyworld.md, "Why the contrastive term").
 
 The folder holds the model (config.json, model.safetensors), the image processor and a tokenizer
 (the language model is tiny and untrained: VisionFeatures drops it), plus
