@@ -245,22 +245,9 @@ def train(cfg: TrainConfig, data: Iterable | Callable[[], Iterable] | None = Non
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, taken: dict | None = None) -> dict:
-    is_main = rank == 0
-    out = Path(cfg.out_dir)
-    accum = cfg.grad_accum(world)
-    seed_everything(cfg.seed)
-    use_amp = device.type == "cuda" and cfg.dtype == "bf16"   # CPU (tests) stays fp32: bit-exact and simple
-
-    model = build_model(cfg, device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    fused = device.type == "cuda"
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
-    n_params = count_params(model)
-
-    # ---- resume, or warm start
-    step, consumed, resumed_from, warm = 0, 0, None, None
+def _resume_or_warm_start(cfg: TrainConfig, out: Path, model: NanoDiT, ema: nn.Module, opt, is_main: bool):
+    """Load the checkpoint to resume (model, EMA, optimizer, step, data position, RNG) or the warm-start weights.
+    Returns (step, batches consumed, resumed_from, warm-start report)."""
     ckpt_path = latest_checkpoint(out) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
@@ -271,29 +258,30 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
         model.load_state_dict(_strip_prefixes(ck["model"]))
         ema.load_state_dict(_strip_prefixes(ck["ema"]))
         opt.load_state_dict(ck["optimizer"])
-        step, consumed = int(ck["step"]), int(ck["batches_consumed"])
         _set_rng_state(ck.get("rng"))
-        resumed_from = str(ckpt_path)
-    elif cfg.init_from:
-        ck = load_checkpoint(cfg.init_from)
-        # a full training checkpoint (prefer its EMA weights) or a bare state dict
-        if "ema" in ck or "model" in ck:
-            sd = ck["ema"] if "ema" in ck else ck["model"]
-        else:
-            sd = ck
-        warm = load_weights_report(model, sd)
-        ema.load_state_dict(model.state_dict())
-        warm["from"] = str(cfg.init_from)
-        if is_main:
-            print(f"[dit train] warm start from {cfg.init_from}: {len(warm['missing'])} missing (fresh init): "
-                  f"{warm['missing']}; {len(warm['unexpected'])} unexpected (ignored): {warm['unexpected']}; "
-                  f"shape mismatches (fresh init): {warm['shape_mismatch']}")
-            atomic_write_json(out / "warm_start.json", warm)
-
+        return int(ck["step"]), int(ck["batches_consumed"]), str(ckpt_path), None
+    if not cfg.init_from:
+        return 0, 0, None, None
+    ck = load_checkpoint(cfg.init_from)
+    # a full training checkpoint (prefer its EMA weights) or a bare state dict
+    if "ema" in ck or "model" in ck:
+        sd = ck["ema"] if "ema" in ck else ck["model"]
+    else:
+        sd = ck
+    warm = load_weights_report(model, sd)
+    ema.load_state_dict(model.state_dict())
+    warm["from"] = str(cfg.init_from)
     if is_main:
-        atomic_write_json(out / "config.json", provenance(cfg, n_params=n_params, world_size=world,
-                                                          grad_accum=accum, resumed_from=resumed_from,
-                                                          dims_taken_from_data=taken or None))
+        print(f"[dit train] warm start from {cfg.init_from}: {len(warm['missing'])} missing (fresh init): "
+              f"{warm['missing']}; {len(warm['unexpected'])} unexpected (ignored): {warm['unexpected']}; "
+              f"shape mismatches (fresh init): {warm['shape_mismatch']}")
+        atomic_write_json(out / "warm_start.json", warm)
+    return 0, 0, None, warm
+
+
+def _wrap_for_training(cfg: TrainConfig, model: NanoDiT, world: int, device: torch.device) -> nn.Module:
+    """The module the training step calls: the model with its cross-attention set, compiled and under DDP as the
+    config says (the weights stay `model`'s)."""
     model.set_attention(cfg.cross_attention)  # exact either way; no parameters change
     train_model: nn.Module = model
     if cfg.compile and cfg.compile_tuning:
@@ -307,6 +295,62 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    return train_model
+
+
+def _accumulate_grads(cfg: TrainConfig, train_model: nn.Module, stream: _Stream, gen: torch.Generator, accum: int,
+                      world: int, device: torch.device, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward and backward over one optimizer step's `accum` micro batches (DDP syncs only on the last).
+    Returns (sum of the micro losses, sum of the velocities' RMS, images seen over all ranks)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def fwd(x, sigma, cond):
+        v = train_model(x, sigma, cond)
+        captured["v"] = v.detach()
+        return v
+
+    loss_sum = torch.zeros((), device=device)
+    vnorm_sum = torch.zeros((), device=device)
+    images = 0
+    for micro in range(accum):
+        batch = stream.next()
+        x0 = batch["latent"].to(device, torch.float32, non_blocking=True)
+        B = x0.shape[0]
+        sigma = flow.sample_sigmas(B, cfg.sigma_sampling, mean=cfg.logit_mean, std=cfg.logit_std,
+                                   generator=gen, device=device)
+        noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
+        drop_text, drop_dino = sample_cfg_drop(B, cfg.cfg_dropout, gen, device)
+        cond = Cond.from_batch(batch, device).with_drop(drop_text, drop_dino)
+        sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else train_model.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = flow.loss(fwd, x0, cond, sigma=sigma, noise=noise)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+        vnorm_sum += captured["v"].float().pow(2).mean().sqrt()
+        images += B * world
+    return loss_sum, vnorm_sum, images
+
+
+def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, taken: dict | None = None) -> dict:
+    is_main = rank == 0
+    out = Path(cfg.out_dir)
+    accum = cfg.grad_accum(world)
+    seed_everything(cfg.seed)
+    use_amp = device.type == "cuda" and cfg.dtype == "bf16"   # CPU (tests) stays fp32: bit-exact and simple
+
+    model = build_model(cfg, device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    fused = device.type == "cuda"
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
+    n_params = count_params(model)
+    step, consumed, resumed_from, warm = _resume_or_warm_start(cfg, out, model, ema, opt, is_main)
+    if is_main:
+        atomic_write_json(out / "config.json", provenance(cfg, n_params=n_params, world_size=world,
+                                                          grad_accum=accum, resumed_from=resumed_from,
+                                                          dims_taken_from_data=taken or None))
+    train_model = _wrap_for_training(cfg, model, world, device)
 
     if data is None:
         source = shard_loader(cfg, world)
@@ -314,13 +358,6 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
         source = (lambda: _rank_slice(data() if callable(data) else data, rank, world))
     stream = _Stream(source, skip=consumed)
     logger = JsonlLogger(out / "metrics.jsonl") if is_main else None
-
-    captured: dict[str, torch.Tensor] = {}
-
-    def fwd(x, sigma, cond):
-        v = train_model(x, sigma, cond)
-        captured["v"] = v.detach()
-        return v
 
     from tqdm.auto import tqdm
     bar = tqdm(total=cfg.steps, initial=step, desc="dit train", disable=not (is_main and cfg.progress))
@@ -334,25 +371,8 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        vnorm_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            batch = stream.next()
-            x0 = batch["latent"].to(device, torch.float32, non_blocking=True)
-            B = x0.shape[0]
-            sigma = flow.sample_sigmas(B, cfg.sigma_sampling, mean=cfg.logit_mean, std=cfg.logit_std,
-                                       generator=gen, device=device)
-            noise = torch.randn(x0.shape, generator=gen, device=device, dtype=x0.dtype)
-            drop_text, drop_dino = sample_cfg_drop(B, cfg.cfg_dropout, gen, device)
-            cond = Cond.from_batch(batch, device).with_drop(drop_text, drop_dino)
-            sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else train_model.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = flow.loss(fwd, x0, cond, sigma=sigma, noise=noise)
-                (loss / accum).backward()
-            loss_sum += loss.detach()
-            vnorm_sum += captured["v"].float().pow(2).mean().sqrt()
-            win_images += B * world
+        loss_sum, vnorm_sum, images = _accumulate_grads(cfg, train_model, stream, gen, accum, world, device, use_amp)
+        win_images += images
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = clip_and_step(opt, params, clip)
         decay = ema_decay_at(step, cfg.ema_decay, cfg.ema_warmup)

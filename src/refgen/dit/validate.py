@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
 from refgen.dit.config import CFGDropout, NanoDiTConfig, TrainConfig, model_preset
-from refgen.dit.model import Cond
+from refgen.dit.model import Cond, NanoDiT
 from refgen.dit.sample import sample, to_pil
 from refgen.dit.train import latest_checkpoint, model_from_checkpoint, train
 
@@ -282,13 +282,8 @@ def _pairs(scenes: list[Scene], n: int, seed: int) -> list[tuple[int, int]]:
     return out
 
 
-def run_validation(preset: str | ValidatePreset = "h100", out_dir: str | Path = "runs/dit_validate",
-                   device: str | None = None, steps: int | None = None, progress: bool = True) -> dict:
-    p = presets()[preset] if isinstance(preset, str) else preset
-    if steps is not None:
-        p = dataclasses.replace(p, steps=steps)
-    out = Path(out_dir)
-    data = ToySet(p)
+def _train_toy_model(p: ValidatePreset, out: Path, data: ToySet, device: str | None, progress: bool) -> dict:
+    """Train NanoDiT on the toy set through `refgen.dit.train` (checkpoint in out/train); returns its summary."""
     model_cfg = dataclasses.replace(p.model, latent_channels=12, t5_dim=p.enc_dim, dino_dim=p.enc_dim)
     tcfg = TrainConfig(model=model_cfg, model_preset=None, out_dir=str(out / "train"), steps=p.steps,
                        batch_size=p.batch_size, effective_batch=p.batch_size, lr=p.lr,
@@ -296,15 +291,14 @@ def run_validation(preset: str | ValidatePreset = "h100", out_dir: str | Path = 
                        cfg_dropout=CFGDropout(), device=device, dtype="bf16", seed=p.seed,
                        ckpt_every=max(p.steps, 1), log_every=max(1, min(100, p.steps // 20)), resume="auto",
                        progress=progress)
-    t0 = time.perf_counter()
-    summary = train(tcfg, data)
-    t_train = time.perf_counter() - t0
-    model, _ = model_from_checkpoint(latest_checkpoint(tcfg.out_dir), device=_device(device))
+    return train(tcfg, data)
+
+
+def _sampler(model: NanoDiT, data: ToySet, p: ValidatePreset):
+    """gen(batch, drop_text, drop_dino, guidance, s_text, s_dino, seed) -> decoded images in [0, 1]."""
     dev = next(model.parameters()).device
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    S = p.image_size
-    hw = (S // 2, S // 2)
-    n = min(p.n_eval, len(data.scenes))
+    hw = (p.image_size // 2, p.image_size // 2)
 
     def gen(batch: dict, drop_text, drop_dino, guidance, s_text=0.0, s_dino=0.0, seed=0):
         cond = Cond.from_batch(batch, dev)
@@ -314,62 +308,87 @@ def run_validation(preset: str | ValidatePreset = "h100", out_dir: str | Path = 
                      seed=seed, autocast_dtype=amp)
         return data.decode(lat)
 
-    t1 = time.perf_counter()
-    # 1. overfit: own caption + own DINO, fully conditioned prediction
-    idx = list(range(n))
-    rec = gen(data.batch(idx), False, False, "none", seed=p.seed)
+    return gen
+
+
+def _check_overfit(gen, data: ToySet, idx: list[int], seed: int) -> tuple[dict, torch.Tensor]:
+    """Own caption + own DINO, fully conditioned: PSNR to the image and identification among all images."""
+    rec = gen(data.batch(idx), False, False, "none", seed=seed)
     gt = (data.images + 1) / 2
     own = psnr(rec, gt[idx])
     all_psnr = torch.stack([psnr(rec, gt[j:j + 1]) for j in range(len(gt))], 1)     # (n, n_images)
     ident = (all_psnr.argmax(1) == torch.tensor(idx)).float().mean().item()
     mean_img_psnr = psnr(gt[idx], gt.mean(0, keepdim=True)).mean().item()
+    return {"psnr_own_db": own.mean().item(), "psnr_own_min_db": own.min().item(), "identification_acc": ident,
+            "psnr_to_mean_image_db": mean_img_psnr, "n": len(idx),
+            "passed": bool(ident >= 0.9 and own.mean().item() >= 20.0)}, rec
 
-    # 2. DINO swap: patches of A, CLS of B, null text; dual CFG with s_text = 0
+
+def _check_dino_swap(gen, data: ToySet, p: ValidatePreset, n: int) -> tuple[dict, torch.Tensor, list, list]:
+    """Patches of A, CLS of B, null text (dual CFG with s_text = 0): composition from A, look from B."""
     pairs = _pairs(data.scenes, n, p.seed)
     a_idx, b_idx = [a for a, _ in pairs], [b for _, b in pairs]
     swap_batch = data.batch(a_idx)
     swap_batch["dino_cls"] = data.cls[b_idx]
     swap_batch["t5"], swap_batch["t5_mask"] = data.enc.text(["a"] * n)   # content irrelevant: replaced by null
     swap = gen(swap_batch, True, False, "dual", s_text=0.0, s_dino=p.guidance_scale, seed=p.seed + 1)
-    swap_rows = []
+    rows = []
     for k, (a, b) in enumerate(pairs):
         m, bg, obj = segment(swap[k])
         colA = torch.tensor(PALETTE[data.scenes[a].bg] + PALETTE[data.scenes[a].obj])
         colB = torch.tensor(PALETTE[data.scenes[b].bg] + PALETTE[data.scenes[b].obj])
         col = torch.cat([bg, obj])
-        swap_rows.append({"iou_A": iou(m, data.masks[a] > 0.5), "iou_B": iou(m, data.masks[b] > 0.5),
-                          "colour_dist_A": float((col - colA).norm()), "colour_dist_B": float((col - colB).norm())})
-
-    # 3. text control: same caption with "left" / "right", null DINO; dual CFG with s_dino = 0
-    caps_l = [data.scenes[i].caption("left") for i in idx]
-    caps_r = [data.scenes[i].caption("right") for i in idx]
-    bl, br = data.batch(idx), data.batch(idx)
-    bl["t5"], bl["t5_mask"] = data.enc.text(caps_l)
-    br["t5"], br["t5_mask"] = data.enc.text(caps_r)
-    left = gen(bl, False, True, "dual", s_text=p.guidance_scale, s_dino=0.0, seed=p.seed + 2)
-    right = gen(br, False, True, "dual", s_text=p.guidance_scale, s_dino=0.0, seed=p.seed + 2)
-    dx = torch.tensor([centroid_x(segment(right[k])[0]) - centroid_x(segment(left[k])[0]) for k in range(n)])
-    t_eval = time.perf_counter() - t1
+        rows.append({"iou_A": iou(m, data.masks[a] > 0.5), "iou_B": iou(m, data.masks[b] > 0.5),
+                     "colour_dist_A": float((col - colA).norm()), "colour_dist_B": float((col - colB).norm())})
 
     def mean(key):
-        return sum(r[key] for r in swap_rows) / len(swap_rows)
+        return sum(r[key] for r in rows) / len(rows)
 
-    results = {
-        "overfit": {"psnr_own_db": own.mean().item(), "psnr_own_min_db": own.min().item(),
-                    "identification_acc": ident, "psnr_to_mean_image_db": mean_img_psnr, "n": n,
-                    "passed": bool(ident >= 0.9 and own.mean().item() >= 20.0)},
-        "dino_swap": {"iou_with_A": mean("iou_A"), "iou_with_B": mean("iou_B"),
-                      "colour_dist_to_A": mean("colour_dist_A"), "colour_dist_to_B": mean("colour_dist_B"),
-                      "composition_from_A_rate": sum(r["iou_A"] > r["iou_B"] for r in swap_rows) / n,
-                      "look_from_B_rate": sum(r["colour_dist_B"] < r["colour_dist_A"] for r in swap_rows) / n,
-                      "n": n},
-        "text_control": {"mean_dx_right_minus_left": dx.mean().item(),
-                         "sign_correct_rate": (dx > 0).float().mean().item(), "n": n},
-    }
-    sw = results["dino_swap"]
-    sw["passed"] = bool(sw["composition_from_A_rate"] >= 0.75 and sw["look_from_B_rate"] >= 0.75)
-    tc = results["text_control"]
-    tc["passed"] = bool(tc["sign_correct_rate"] >= 0.8 and tc["mean_dx_right_minus_left"] >= 0.2)
+    res = {"iou_with_A": mean("iou_A"), "iou_with_B": mean("iou_B"),
+           "colour_dist_to_A": mean("colour_dist_A"), "colour_dist_to_B": mean("colour_dist_B"),
+           "composition_from_A_rate": sum(r["iou_A"] > r["iou_B"] for r in rows) / n,
+           "look_from_B_rate": sum(r["colour_dist_B"] < r["colour_dist_A"] for r in rows) / n, "n": n}
+    res["passed"] = bool(res["composition_from_A_rate"] >= 0.75 and res["look_from_B_rate"] >= 0.75)
+    return res, swap, a_idx, b_idx
+
+
+def _check_text_control(gen, data: ToySet, p: ValidatePreset, idx: list[int]):
+    """The same caption with "left" / "right", null DINO (dual CFG with s_dino = 0): the object's shift."""
+    bl, br = data.batch(idx), data.batch(idx)
+    bl["t5"], bl["t5_mask"] = data.enc.text([data.scenes[i].caption("left") for i in idx])
+    br["t5"], br["t5_mask"] = data.enc.text([data.scenes[i].caption("right") for i in idx])
+    left = gen(bl, False, True, "dual", s_text=p.guidance_scale, s_dino=0.0, seed=p.seed + 2)
+    right = gen(br, False, True, "dual", s_text=p.guidance_scale, s_dino=0.0, seed=p.seed + 2)
+    dx = torch.tensor([centroid_x(segment(right[k])[0]) - centroid_x(segment(left[k])[0]) for k in range(len(idx))])
+    res = {"mean_dx_right_minus_left": dx.mean().item(), "sign_correct_rate": (dx > 0).float().mean().item(),
+           "n": len(idx)}
+    res["passed"] = bool(res["sign_correct_rate"] >= 0.8 and res["mean_dx_right_minus_left"] >= 0.2)
+    return res, left, right
+
+
+def run_validation(preset: str | ValidatePreset = "h100", out_dir: str | Path = "runs/dit_validate",
+                   device: str | None = None, steps: int | None = None, progress: bool = True) -> dict:
+    p = presets()[preset] if isinstance(preset, str) else preset
+    if steps is not None:
+        p = dataclasses.replace(p, steps=steps)
+    out = Path(out_dir)
+    data = ToySet(p)
+    t0 = time.perf_counter()
+    summary = _train_toy_model(p, out, data, device, progress)
+    t_train = time.perf_counter() - t0
+    model, _ = model_from_checkpoint(latest_checkpoint(out / "train"), device=_device(device))
+    dev = next(model.parameters()).device
+    gen = _sampler(model, data, p)
+    n = min(p.n_eval, len(data.scenes))
+    idx = list(range(n))
+
+    t1 = time.perf_counter()
+    overfit, rec = _check_overfit(gen, data, idx, p.seed)
+    dino_swap, swap, a_idx, b_idx = _check_dino_swap(gen, data, p, n)
+    text_control, left, right = _check_text_control(gen, data, p, idx)
+    t_eval = time.perf_counter() - t1
+
+    results = {"overfit": overfit, "dino_swap": dino_swap, "text_control": text_control}
     passed: bool | None = all(r["passed"] for r in results.values())
     if not p.thresholds:   # a smoke test: 2 training steps cannot pass, and a "failed" here would mean nothing
         for r in results.values():
@@ -379,6 +398,7 @@ def run_validation(preset: str | ValidatePreset = "h100", out_dir: str | Path = 
                         seconds={"train": t_train, "eval": t_eval}, device=str(dev), passed=passed,
                         smoke_test=not p.thresholds)
     atomic_write_json(out / "validate.json", report)
+    gt = (data.images + 1) / 2
     _save_grid(out / "overfit.png", [gt[idx], rec])
     _save_grid(out / "dino_swap.png", [gt[a_idx], gt[b_idx], swap])
     _save_grid(out / "text_control.png", [left, right])
