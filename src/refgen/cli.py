@@ -216,13 +216,29 @@ def cmd_features(args) -> int:
 
 
 def cmd_train_head(args) -> int:
-    from refgen.identity.head import HeadConfig, train_head
     from refgen.runtime import resolve_device
 
-    cfg = HeadConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, val_fraction=args.val_fraction,
-                     seed=args.seed)
     device = str(resolve_device(args.device))
-    summary = train_head(args.root, args.out, cfg, device=device)
+    if args.objective == "teacher" and args.head == "linear" and args.model is None and args.config is None:
+        # the regression of cached features (`refgen features`) onto teacher residuals: no model to load
+        from refgen.identity.head import HeadConfig, train_head
+
+        cfg = HeadConfig(epochs=args.epochs, batch_size=args.batch_size or 32, lr=args.lr or 1e-3,
+                         val_fraction=args.val_fraction, seed=args.seed)
+        print(json.dumps(train_head(args.root, args.out, cfg, device=device)))
+        return 0
+    from refgen.identity.train_e2e import E2EConfig, train_e2e
+
+    if args.model is None or args.vl_model is None:
+        raise ValueError(f"--objective {args.objective} --head {args.head} trains through the photos: it needs "
+                         "--model (Qwen-Image) and --vl-model (Qwen3-VL)")
+    over = {"objective": args.objective, "head": args.head, "steps": args.steps, "batch_size": args.batch_size,
+            "lr": args.lr, "teacher_weight": args.teacher_weight, "teacher_root": args.teacher_root,
+            "two_person_fraction": args.two_person_fraction, "val_identities": args.val_identities,
+            "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing or None}
+    over = {k: v for k, v in over.items() if v is not None}
+    cfg = E2EConfig.from_yaml(args.config, **over) if args.config else E2EConfig(**over)
+    summary = train_e2e(args.root, args.out, args.model, args.vl_model, cfg, device=device, dtype=args.dtype)
     print(json.dumps(summary))
     return 0
 
@@ -357,15 +373,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime(f)
     f.set_defaults(func=cmd_features)
 
-    h = sub.add_parser("train-head", help="train the linear head z -> slot residual on teacher residuals")
-    h.add_argument("root", help="identity root with teacher_residual + vl_features per identity")
+    h = sub.add_parser("train-head", help="train a head (photos -> slot residual): by regression onto teacher "
+                                          "residuals, or end to end through the frozen Qwen-Image")
+    h.add_argument("root", help="identity root: seed_<id>/ folders (>= 2 photos each); for --objective teacher "
+                                "with the linear head and no --model, the cached vl_features + teacher residuals")
     h.add_argument("--out", required=True)
-    h.add_argument("--epochs", type=int, default=20)
-    h.add_argument("--batch-size", type=int, default=32)
-    h.add_argument("--lr", type=float, default=1e-3)
-    h.add_argument("--val-fraction", type=float, default=0.1)
+    h.add_argument("--objective", default="teacher", choices=["e2e", "teacher", "mixed"],
+                   help="e2e: flow matching through the frozen transformer on another photo of the person; "
+                        "teacher: regression onto teacher residuals (default); mixed: e2e + weight x teacher")
+    h.add_argument("--head", default="linear", choices=["linear", "resampler"],
+                   help="linear: pooled z -> residual (default); resampler: learned queries over every visual "
+                        "token of every reference photo")
+    h.add_argument("--model", default=None, help="Qwen-Image (e2e/mixed, or any resampler)")
+    h.add_argument("--vl-model", default=None, help="Qwen3-VL the features come from (with --model)")
+    h.add_argument("--config", default=None, help="E2EConfig YAML (configs/train_head_e2e.yaml); flags override it")
+    h.add_argument("--steps", type=int, default=None, help="optimisation steps (with --model)")
+    h.add_argument("--teacher-weight", type=float, default=None, help="mixed: weight of the teacher regression")
+    h.add_argument("--teacher-root", default=None, help="seed_<id>/teacher_residual.safetensors (default: ROOT)")
+    h.add_argument("--two-person-fraction", type=float, default=None,
+                   help="share of steps on two-person toy-world images (toy identities only)")
+    h.add_argument("--val-identities", type=int, default=None, help="identities held out for the logged val loss")
+    h.add_argument("--gradient-checkpointing", action="store_true")
+    h.add_argument("--epochs", type=int, default=20, help="regression of cached features: passes over the data")
+    h.add_argument("--batch-size", type=int, default=None, help="identities (regression, 32) or target photos "
+                                                               "(with --model, 16) per step, over all ranks")
+    h.add_argument("--lr", type=float, default=None, help="1e-3 by default")
+    h.add_argument("--val-fraction", type=float, default=0.1, help="regression of cached features only")
     h.add_argument("--seed", type=parse_seed, default=0)
-    h.add_argument("--device", default=None, help="cuda (default) or cpu (the head is small)")
+    h.add_argument("--device", default=None, help="cuda (default) or cpu (tiny/toy models)")
+    h.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="with --model: bf16 (default) or fp32")
     h.set_defaults(func=cmd_train_head)
 
     g = sub.add_parser("generate", help="render 1-n people into a prompt with ~ID~ slots")

@@ -298,10 +298,10 @@ class IdentityPipeline:
             raise ValueError("reference photos need a head: IdentityPipeline.from_pretrained(model, vl_model=..., "
                              "head=...) (a head from `refgen train-head`); or make the residual by teacher "
                              "inversion with .invert(photos)")
+        from refgen.identity.head import residual_from_photos
+
         photos = reference_photos(images)
-        with torch.no_grad():
-            z = self.features(photos).to(self.device, self.dtype)
-            r = self.head(z[None])[0].float().cpu()  # (L, H)
+        r = residual_from_photos(self.head, self.features, photos)[0].float().cpu()  # (L, H), either kind of head
         md = residual_metadata(self.pipe, self.model_id, {"source": "head", "head": self.head_path,
                                                           "references": photos_id(photos)})
         return SlotResidual(r, md)

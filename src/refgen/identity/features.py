@@ -98,20 +98,53 @@ class VisionFeatures:
         return self.processor(images=images, return_tensors="pt")
 
     @torch.no_grad()
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        """z (D,) float32, ||z|| = 1."""
+    def per_image(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """Each photo's merged visual tokens, [(T_i, D)] float32 (the first `max_images` photos, sized together
+        under the pixel budget): the one path from photos to the tower that every feature goes through."""
         if not images:
             raise ValueError("no images given for feature extraction")
         inp = self.prepare(images)
         pv = inp["pixel_values"].to(self.device, self.dtype)  # (sum of patches, 3*2*16*16)
         thw = inp["image_grid_thw"].to(self.device)  # (n, 3)
         out = self.model.model.get_image_features(pv, thw)
-        per_image = per_image_embeds(out, thw, self.model.model.visual.spatial_merge_size)
-        z = torch.stack([e.float().mean(0) for e in per_image]).mean(0)  # (D,)
-        z = z / z.norm().clamp_min(1e-12)
-        if not torch.isfinite(z).all() or abs(z.norm().item() - 1) > 1e-4:
-            raise ValueError(f"feature vector is not unit-norm/finite (norm {z.norm().item()})")
-        return z
+        return [e.float() for e in per_image_embeds(out, thw, self.model.model.visual.spatial_merge_size)]
+
+    def tokens(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-photo token features for token-reading heads (the resampler): tokens (B_photos, T, D) float32,
+        zero-padded to the longest photo, and mask (B_photos, T) bool, True = a real token."""
+        return pad_tokens(self.per_image(images))
+
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        """z (D,) float32, ||z|| = 1."""
+        return pool_photos(torch.stack([e.mean(0) for e in self.per_image(images)]))
+
+
+def pool_photos(photo_means: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-photo token means (..., n, D) -> z (..., D): the mean over photos (only those `mask` (..., n) marks
+    real), L2-normalised. Shared by VisionFeatures and the end-to-end trainer, which caches per-photo means once
+    and pools each step's reference subsets, a batch of them at a time."""
+    if mask is None:
+        z = photo_means.mean(-2)
+    else:
+        m = mask.to(photo_means.dtype).unsqueeze(-1)  # (..., n, 1)
+        z = (photo_means * m).sum(-2) / m.sum(-2).clamp_min(1)
+    z = z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    norm = z.norm(dim=-1)
+    if not torch.isfinite(z).all() or (norm - 1).abs().max().item() > 1e-4:
+        raise ValueError(f"feature vector is not unit-norm/finite (norm {norm.min().item()}..{norm.max().item()}): "
+                         "a person without any photo?")
+    return z
+
+
+def pad_tokens(per_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(T_i, D)] -> tokens (n, T, D) zero-padded, mask (n, T) bool (True = real token)."""
+    T = max(e.shape[0] for e in per_image)
+    tok = per_image[0].new_zeros(len(per_image), T, per_image[0].shape[1])
+    mask = torch.zeros(len(per_image), T, dtype=torch.bool, device=per_image[0].device)
+    for i, e in enumerate(per_image):
+        tok[i, :e.shape[0]] = e
+        mask[i, :e.shape[0]] = True
+    return tok, mask
 
 
 def per_image_embeds(out, grid_thw: torch.Tensor, merge: int) -> list[torch.Tensor]:

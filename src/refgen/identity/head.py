@@ -1,4 +1,5 @@
-"""The amortised residual head (seed 000, phase 3.2-3.5): z (D,) -> slot residual (L, H).
+"""The amortised residual head (seed 000, phase 3.2-3.5): z (D,) -> slot residual (L, H); and `load_head`, which
+loads either kind of head (this linear one, or `refgen.identity.resampler.ResamplerHead`) from a head folder.
 
 Linear baseline, as the seed specifies: W z + b reshaped to (L, H), each token RMS-normalised, times one
 learned clamped scale exp(log_scale) in [0.01, 1.5]. Its targets are the teacher residuals of phase 2
@@ -27,6 +28,8 @@ from refgen.artifacts import JsonlLogger, atomic_save_safetensors, atomic_write_
 
 
 class LinearHead(nn.Module):
+    kind = "linear"
+
     def __init__(self, dim: int, L: int, H: int, scale_min: float = 0.01, scale_max: float = 1.5):
         super().__init__()
         self.L, self.H, self.scale_min, self.scale_max = L, H, scale_min, scale_max
@@ -150,7 +153,8 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
     model = torch.nn.parallel.DistributedDataParallel(head) if world > 1 else head
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log = JsonlLogger(out / "metrics.jsonl") if rank == 0 else None
-    meta = {"L": str(L), "H": str(H), "D": str(D), "placeholder_token_ids": rmd["placeholder_token_ids"],
+    meta = {"kind": "linear", "head_config": json.dumps(head_config(head)), "L": str(L), "H": str(H), "D": str(D),
+            "placeholder_token_ids": rmd["placeholder_token_ids"],
             "tokenizer_fingerprint": rmd["tokenizer_fingerprint"], "qwen_image_model": rmd.get("model", ""),
             "vl_model": fmd.get("vl_model", ""),
             "feature_settings": json.dumps({k: fmd[k] for k in FEATURE_SETTING_KEYS}),
@@ -188,7 +192,7 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
             sd = {k: v.detach().cpu() for k, v in head.state_dict().items()}
             atomic_save_safetensors(sd, out / f"head_epoch{epoch:03d}.safetensors", md)
             atomic_save_safetensors(sd, out / "head.safetensors", md)
-            atomic_write_json(out / "head.json", provenance(cfg, kind="residual_head", **meta, epoch=epoch,
+            atomic_write_json(out / "head.json", provenance(cfg, **meta, epoch=epoch,
                                                              metrics=rec, train_ids=[ids[i] for i in tr],
                                                              val_ids=[ids[i] for i in va]))
     if world > 1:
@@ -196,17 +200,102 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
     return summary
 
 
-def load_head(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[LinearHead, dict]:
-    from safetensors import safe_open
+HEAD_KINDS = ("linear", "resampler")
+HEAD_FILE, HEAD_JSON = "head.safetensors", "head.json"
+# what a head's weights file and its head.json must agree on, or the weights are not the head the record describes
+_AGREE = ("kind", "head_config", "L", "H", "D", "feature_settings", "placeholder_token_ids", "tokenizer_fingerprint")
 
-    path = Path(path)
+
+def build_head(kind: str, dim: int, L: int, H: int, config: dict | None = None) -> nn.Module:
+    """A fresh head of `kind` ("linear" | "resampler") mapping features of dim D to a residual (L, H)."""
+    config = dict(config or {})
+    if kind == "linear":
+        return LinearHead(dim, L, H, **config)
+    if kind == "resampler":
+        from refgen.identity.resampler import ResamplerConfig, ResamplerHead
+
+        return ResamplerHead(dim, L, H, ResamplerConfig(**config))
+    raise ValueError(f"unknown head kind {kind!r}; choose one of {HEAD_KINDS}")
+
+
+def head_config(head: nn.Module) -> dict:
+    """The architecture settings `build_head` needs to rebuild `head` (recorded in every head file)."""
+    if head.kind == "resampler":
+        return head.cfg.to_dict()
+    return {"scale_min": head.scale_min, "scale_max": head.scale_max}
+
+
+def _head_paths(path: Path) -> tuple[Path, Path | None]:
+    """(weights, head.json or None) for a head folder or a weights file (its head.json, if any, beside it)."""
+    if path.is_dir():
+        w, j = path / HEAD_FILE, path / HEAD_JSON
+        if not w.is_file():
+            raise FileNotFoundError(f"head folder {path} has no {HEAD_FILE} (train one with `refgen train-head`)")
+        return w, j if j.is_file() else None
     if not path.is_file():
         raise FileNotFoundError(f"head checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        md = f.metadata() or {}
+    j = path.parent / HEAD_JSON
+    return path, j if j.is_file() and path.name == HEAD_FILE else None
+
+
+def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: str | None = None
+              ) -> tuple[nn.Module, dict]:
+    """(head in eval mode, weights metadata) from a head folder (head.safetensors + head.json) or a weights file.
+
+    Either kind: the weights file records `kind` and `head_config` (files from before the resampler have neither
+    and are linear). Refused with HeadMismatchError, naming both sides: a head.json beside the weights that
+    disagrees with them on kind, architecture, L/H/D, feature settings or tokenizer (the record would describe
+    another head); `kind` given and not the file's; weights that do not fit the recorded architecture."""
+    from safetensors import safe_open
+
+    from refgen.identity.generate import HeadMismatchError
+
+    weights, record = _head_paths(Path(path))
+    with safe_open(str(weights), framework="pt") as f:
+        md = dict(f.metadata() or {})
         sd = {k: f.get_tensor(k) for k in f.keys()}
     if "L" not in md:
-        raise ValueError(f"{path} is not a refgen head checkpoint (no L/H metadata)")
-    head = LinearHead(int(md["D"]), int(md["L"]), int(md["H"]))
-    head.load_state_dict(sd)
+        raise ValueError(f"{weights} is not a refgen head checkpoint (no L/H metadata)")
+    md.setdefault("kind", "linear")
+    if md["kind"] not in HEAD_KINDS:
+        raise HeadMismatchError(f"{weights}: unknown head kind {md['kind']!r} (known: {', '.join(HEAD_KINDS)})")
+    if kind is not None and kind != md["kind"]:
+        raise HeadMismatchError(f"{weights} is a {md['kind']} head, not the {kind} head asked for")
+    if record is not None:
+        rec = json.loads(record.read_text())
+        rec_kind = "linear" if rec.get("kind") in (None, "residual_head") else rec["kind"]
+        for key in _AGREE:
+            want, got = md.get(key), (rec_kind if key == "kind" else rec.get(key))
+            if key == "head_config" and want is None:
+                continue  # a linear head from before the architecture was recorded
+            if key != "kind" and got is not None and not isinstance(got, str):
+                got = json.dumps(got) if key in ("head_config", "feature_settings") else str(got)
+            if got is not None and _canon(key, got) != _canon(key, want):
+                raise HeadMismatchError(f"{record} and {weights} disagree on {key}: {got!r} in the record, {want!r} "
+                                        "in the weights (a weights file copied over another head's folder?)")
+    config = json.loads(md["head_config"]) if md.get("head_config") else {}
+    head = build_head(md["kind"], int(md["D"]), int(md["L"]), int(md["H"]), config)
+    try:
+        head.load_state_dict(sd)
+    except RuntimeError as e:
+        raise HeadMismatchError(f"{weights}: the weights do not fit a {md['kind']} head with D={md['D']} L={md['L']} "
+                                f"H={md['H']} {config}: {str(e).splitlines()[0]} ...") from e
     return head.to(device, dtype).eval(), md
+
+
+def _canon(key: str, v):
+    """JSON-valued metadata compared as values, not as spellings."""
+    if v is not None and key in ("head_config", "feature_settings", "placeholder_token_ids"):
+        return json.loads(v)
+    return v
+
+
+@torch.no_grad()
+def residual_from_photos(head: nn.Module, features, photos: list) -> torch.Tensor:
+    """Reference photos of one person -> R (1, L, H) on the head's device and dtype, each kind fed as it was
+    trained: the linear head the pooled z, the resampler every token of every photo."""
+    p = next(head.parameters())
+    if head.kind == "resampler":
+        tok, mask = features.tokens(photos)  # (n, T, D), (n, T)
+        return head(tok.reshape(1, -1, tok.shape[-1]).to(p.device, p.dtype), mask.reshape(1, -1).to(p.device))
+    return head(features(photos).to(p.device, p.dtype)[None])

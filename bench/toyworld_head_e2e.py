@@ -1,0 +1,215 @@
+"""A head trained end to end through the frozen toy Qwen-Image, read on people it has never seen.
+
+1. make-identities: N training identities (ids 100000...), validation identities (ids 400000...: they choose
+   alpha, so the test set tunes nothing) and test identities (ids 200000..., the benchmark's); seed ranges checked
+   disjoint from each other and from everything the recognizer and the toy model were trained or validated on;
+2. `refgen.identity.train_e2e.train_e2e` on the training identities (the `refgen train-head --objective e2e` path);
+3. each validation/test person's photos -> `load_head` + `residual_from_photos` (the inference path of
+   `IdentityPipeline.residual_from_refs`) -> residual, rendered into the benchmark's own prompt in every scene x
+   seed x alpha, read by the shipped recognizer; two-slot prompts on the benchmark's test pairs;
+4. the caption ceiling on the same test people, scenes and seeds.
+Rendering, scoring, Wilson intervals, pairs and the ceiling are `refgen.toyworld.benchmark`'s own functions.
+
+    python bench/toyworld_head_e2e.py --out /tmp/head_e2e                       # CUDA: 1,200 training people
+    python bench/toyworld_head_e2e.py --out /tmp/head_e2e_tiny --tiny           # CPU smoke, ~1 min
+    python bench/toyworld_head_e2e.py --out /tmp/h --device cpu --dtype fp32 --n-train 300 --n-test 24 \\
+        --n-val 12 --steps 400 --n-pairs 0 --threads 1                          # the CPU measurement in docs/head.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+VAL_SEED = 400_000
+
+
+def _pct(m: dict, key: str) -> str:
+    ci = m[key.replace("_acc", "_ci")]
+    return f"{m[key]:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]"
+
+
+def _dirs(root: Path) -> list[Path]:
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("seed_")),
+                  key=lambda p: int(p.name.split("_")[1]))
+
+
+def residuals(head, fx, dirs: list[Path]) -> list[torch.Tensor]:
+    """(L, H) per person from all of its photos, as IdentityPipeline.residual_from_refs makes it."""
+    from refgen.identity.head import residual_from_photos
+    from refgen.images import image_files, load_rgb
+
+    return [residual_from_photos(head, fx, [load_rgb(p) for p in image_files(d)])[0].float().cpu() for d in dirs]
+
+
+def sweep(pipe, net, dev, attrs, res, alphas, bcfg, neg) -> dict:
+    """One person per prompt ("A photo of ~ID~ {where}."): every person x scene x seed x alpha, scored per alpha."""
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld import world
+    from refgen.toyworld.benchmark import SCENE_PROMPT, render_config, render_rows, score
+
+    prompts = [SCENE_PROMPT.format(where=world.SCENE_PHRASES[s][0]) for s in bcfg.scenes]
+    jobs, rows = [], []
+    for a in alphas:
+        for k in range(len(res)):
+            for si, s in enumerate(bcfg.scenes):
+                for seed in bcfg.seeds:
+                    jobs.append({"prompt": si, "residuals": [res[k]], "alpha": a, "seed": seed})
+                    rows.append({"people": [attrs[k]], "scene": s})
+    preds = R.predict(net, render_rows(pipe, prompts, jobs, render_config(bcfg), neg), dev)
+    return {f"{a:g}": score([p for p, j in zip(preds, jobs) if j["alpha"] == a],
+                            [r for r, j in zip(rows, jobs) if j["alpha"] == a]) for a in alphas}
+
+
+def two_slot(pipe, net, dev, attrs, res, pairs, alpha, bcfg, neg) -> dict:
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld import world
+    from refgen.toyworld.benchmark import PAIR_PROMPT, render_config, render_rows, score
+
+    prompts = [PAIR_PROMPT.format(where=world.SCENE_PHRASES[s][0]) for s in bcfg.scenes]
+    jobs, rows = [], []
+    for i, j in pairs:
+        for si, s in enumerate(bcfg.scenes):
+            for seed in bcfg.seeds:
+                jobs.append({"prompt": si, "residuals": [res[i], res[j]], "alpha": alpha, "seed": seed})
+                rows.append({"people": [attrs[i], attrs[j]], "scene": s})
+    return score(R.predict(net, render_rows(pipe, prompts, jobs, render_config(bcfg), neg), dev), rows)
+
+
+def main(argv=None) -> int:
+    from refgen.artifacts import atomic_write_json, provenance
+    from refgen.identity.features import VisionFeatures, feature_config_from_settings
+    from refgen.identity.generate import head_feature_settings
+    from refgen.identity.head import load_head
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.render import load_pipeline
+    from refgen.identity.train_e2e import E2EConfig, train_e2e
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld.benchmark import (BenchmarkConfig, attributes_of, caption_ceiling, check_disjoint,
+                                           default_model, default_vl_model, held_out_ranges, render_config,
+                                           test_pairs)
+    from refgen.toyworld.identities import make_identities
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke settings: every stage, a few identities/steps")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--n-train", type=int, default=1200)
+    ap.add_argument("--n-val", type=int, default=24, help="validation identities (ids 400000...): choose alpha")
+    ap.add_argument("--n-test", type=int, default=48)
+    ap.add_argument("--n-pairs", type=int, default=24)
+    ap.add_argument("--head", default="resampler", choices=["linear", "resampler"])
+    ap.add_argument("--objective", default="e2e", choices=["e2e"], help="the toy identities have no teachers")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--two-person-fraction", type=float, default=0.0)
+    ap.add_argument("--alphas", default="1,1.4,1.8", help="head alphas to render (chosen on validation people)")
+    ap.add_argument("--config", default=None, help="E2EConfig YAML; the flags above override it")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.device, a.dtype, a.n_train, a.n_val, a.n_test, a.n_pairs = "cpu", "fp32", 6, 2, 2, 1
+        a.steps, a.batch_size, a.alphas = 4, 4, "1"
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    alphas = [float(x) for x in a.alphas.split(",")]
+    t0 = time.time()
+    times: dict = {}
+    model, vl = default_model(), default_vl_model()
+    bcfg = BenchmarkConfig(device=a.device, dtype=a.dtype, n_train=a.n_train, n_test=a.n_test, n_pairs=a.n_pairs,
+                           head_alphas=alphas, **({"render_steps": 2, "seeds": [0], "scenes": ["beach", "city"]}
+                                                  if a.tiny else {}))
+    ranges = held_out_ranges(bcfg, model)
+    if a.n_val:
+        ranges["validation identities (alpha)"] = [VAL_SEED, VAL_SEED + a.n_val]
+        check_disjoint(ranges)
+    make_identities(out / "train", n=a.n_train, seed=bcfg.train_seed, progress=False)
+    make_identities(out / "test", n=a.n_test, seed=bcfg.test_seed, progress=False)
+    if a.n_val:
+        make_identities(out / "val", n=a.n_val, seed=VAL_SEED, progress=False)
+    times["identities_s"] = time.time() - t0
+
+    over = {"objective": a.objective, "head": a.head, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+            "two_person_fraction": a.two_person_fraction,
+            "eval_every": max(1, a.steps // 4), "checkpoint_every": max(1, a.steps // 4)}
+    if a.tiny:
+        over.update(eval_identities=2, warmup_steps=1, two_person_images=8,
+                    two_person_fraction=a.two_person_fraction or 0.5)
+    ecfg = E2EConfig.from_yaml(a.config, **over) if a.config else E2EConfig(**over)
+    t = time.time()
+    summary = train_e2e(out / "train", out / "head", model, vl, ecfg, device=a.device, dtype=a.dtype,
+                        progress=not a.tiny)
+    times["train_total_s"] = time.time() - t
+    rec = json.loads((out / "head" / "head.json").read_text())
+    times.update({f"train_{k}": v for k, v in rec.get("timings", {}).items()})
+
+    t = time.time()
+    dev = a.device
+    pipe = load_pipeline(model, dev, a.dtype)
+    head, md = load_head(out / "head", pipe.transformer.device, torch.float32)
+    fx = VisionFeatures(vl, dev, head_feature_settings(md, out / "head")["dtype"],
+                        feature_config_from_settings(head_feature_settings(md, out / "head")))
+    net = R.load(device=dev)
+    ne = encode_prompts(pipe, " ")
+    neg = (ne.embeds, ne.mask)
+    test_dirs = _dirs(out / "test")
+    test_attrs = [attributes_of(d) for d in test_dirs]
+    pairs = test_pairs(len(test_dirs), a.n_pairs)
+    result: dict = {"config": vars(a), "e2e_config": rec["config"], "train_summary": summary,
+                    "held_out_ranges": ranges, "model": model, "vl_model": vl}
+    if a.n_val:
+        val_dirs = _dirs(out / "val")
+        val = sweep(pipe, net, dev, [attributes_of(d) for d in val_dirs], residuals(head, fx, val_dirs), alphas,
+                    bcfg, neg)
+        ok = {k: m for k, m in val.items() if m["scene_acc"] >= 0.9} or val
+        alpha = max(ok, key=lambda k: (ok[k]["identity_acc"], ok[k]["attribute_acc"]))
+        result["val"] = {"per_alpha": val, "chosen_alpha": alpha}
+    else:
+        alpha = f"{alphas[0]:g}"
+    test_res = residuals(head, fx, test_dirs)
+    result["test"] = {"per_alpha": sweep(pipe, net, dev, test_attrs, test_res, alphas, bcfg, neg), "alpha": alpha}
+    times["eval_head_s"] = time.time() - t
+    t = time.time()
+    result["ceiling"] = caption_ceiling(pipe, net, test_attrs, pairs, bcfg.scenes, bcfg.seeds, render_config(bcfg),
+                                        neg, dev)
+    if pairs:
+        result["two_slot"] = two_slot(pipe, net, dev, test_attrs, test_res, pairs, float(alpha), bcfg, neg)
+    times["eval_ceiling_two_slot_s"] = time.time() - t
+    times["total_s"] = time.time() - t0
+    result["timings"] = times
+    result["device"] = torch.cuda.get_device_name() if str(dev).startswith("cuda") else "cpu"
+    atomic_write_json(out / "result.json", provenance(**result))
+
+    c1 = result["ceiling"]["single"]
+    print(f"head {a.head}, objective {a.objective}: {a.n_train} training people, {a.steps} steps x {a.batch_size}; "
+          f"{len(test_dirs)} unseen test people x {len(bcfg.scenes)} scenes x {len(bcfg.seeds)} seeds, "
+          f"{bcfg.render_steps} steps, true CFG {bcfg.true_cfg}; intervals 95 % Wilson")
+    if "val" in result:
+        print(f"alpha chosen on {a.n_val} validation people: {alpha} (" + ", ".join(
+            f"{k}: id {m['identity_acc']:.1%}, scene {m['scene_acc']:.1%}" for k, m in result["val"]["per_alpha"].items())
+            + ")")
+    print(f"{'':24s} {'identity (all 7)':28s} {'of ceiling':10s} {'attributes':10s} {'scene':28s} n")
+    print(f"{'caption ceiling':24s} {_pct(c1, 'identity_acc'):28s} {'':10s} {c1['attribute_acc']:<10.1%} "
+          f"{_pct(c1, 'scene_acc'):28s} {c1['n_people']}")
+    for k, m in result["test"]["per_alpha"].items():
+        name = f"head alpha {k}" + (" (chosen)" if k == alpha else "")
+        print(f"{name:24s} {_pct(m, 'identity_acc'):28s} {m['identity_acc'] / max(c1['identity_acc'], 1e-9):<10.0%} "
+              f"{m['attribute_acc']:<10.1%} {_pct(m, 'scene_acc'):28s} {m['n_people']}")
+    if pairs:
+        c2, m = result["ceiling"]["pair"], result["two_slot"]
+        print(f"two people, both right in order: ceiling {_pct(c2, 'all_people_acc')}, head (alpha {alpha}) "
+              f"{_pct(m, 'all_people_acc')}, n = {m['n_images']} images")
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    print(f"record: {out / 'result.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,684 @@
+"""`refgen train-head --objective e2e|teacher|mixed`: a head trained end to end through the frozen Qwen-Image.
+
+Why. A head regressed onto teacher residuals can be no better than the teachers, and it learns from one pooled
+vector per person. Trained through the frozen generator instead (as PhotoMaker, InstantID, IP-Adapter and
+FastComposer are), the head is asked the question that matters: do its residuals, put into a prompt, make the
+model draw this person? And the person must be drawn in a DIFFERENT photo than the references show (another scene,
+another pose), so the head learns who it is, not how the reference photo looked.
+
+One step, for a batch of target photos (each of a person with >= 2 photos):
+  refs    1..refs_max other photos of the same person (never the target): their Qwen3-VL features, cached once
+          per photo (the vision tower is frozen), go through the head -> residual R (L, H)
+  prompt  the target photo's own sentence with `~ID~` (seed_<id>/prompts.json, else `default_prompt`), from a bank
+          encoded once (the text encoder is frozen, so this is exact); R is added in its slot window
+  loss    e2e:     flow matching on the target's VAE latent (cached once) through the frozen transformer: the
+                   one path `refgen invert` optimises (QwenFlowModel + flow.loss), with R in place of a teacher
+          teacher: the regression head_loss on the person's teacher residual (no transformer)
+          mixed:   e2e + teacher_weight * teacher
+Two-person steps (toy-world identities only, `two_person_fraction`): a two-person image of two training people
+rendered by the toy world, in a prompt with two `~ID~` slots, each filled with its own person's head output.
+
+Data parallel under torchrun: every rank holds the same caches and draws the same global batch from the same
+generator, then takes its share (items rank, rank + world, ...). Gradients are summed over ranks by one
+all-reduce per step that EVERY rank joins, also when the share is empty (the last batch of an epoch can be
+smaller than the number of ranks): an empty share contributes zeros. Each rank scales its loss by 1 / global
+batch, so the summed gradient is the mean over the global batch, as in one process (tested on 2 gloo ranks).
+
+Everything a step draws (targets, references, sigma, noise, two-person or not) comes from a generator seeded by
+(seed, step), and the epoch order by (seed, epoch): a resumed run continues exactly where it stopped.
+
+Caches hold every photo of every identity on each rank (features, latents, prompt rows): at 64 px that is
+~70 KB a photo; for 20,000 real identities at 768x512 it is ~2 GB of latents per rank.
+Features of a person's photos are taken together, as `VisionFeatures` takes a reference set (in chunks of
+`max_images`, one pixel budget per chunk); a step's subset is then pooled from these per-photo features. Under a
+pixel budget that scales photos down, a subset alone would be scaled less than the full set: the features would
+differ slightly from inference on that subset (not at all for photos within the budget, e.g. the toy world's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from refgen import flow
+from refgen.artifacts import JsonlLogger, atomic_save_safetensors, atomic_torch_save, atomic_write_json, provenance
+
+OBJECTIVES = ("e2e", "teacher", "mixed")
+
+
+@dataclass
+class E2EConfig:
+    objective: str = "e2e"            # e2e | teacher | mixed
+    head: str = "resampler"           # linear | resampler
+    resampler: dict = field(default_factory=dict)  # ResamplerConfig overrides (width, layers, heads, ...)
+    features: dict = field(default_factory=dict)   # FeatureConfig overrides (pixel_budget, max_side, max_images)
+    steps: int = 2000
+    batch_size: int = 16              # target photos per step, over all ranks together
+    refs_min: int = 1                 # reference photos per person and step: uniform in [refs_min, refs_max],
+    refs_max: int = 3                 # never more than the person's other photos
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50            # linear warm-up, then cosine down to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    sigma_sampling: str = "logit_normal"
+    height: int = 64                  # target photos are centre-cropped and resized to this before the VAE
+    width: int = 64
+    default_prompt: str = "A photo of ~ID~."   # for photos without a prompts.json entry
+    teacher_weight: float = 1.0       # mixed: e2e + teacher_weight * teacher
+    teacher_root: str = ""            # folder with seed_<id>/teacher_residual.safetensors ("" = the data root)
+    two_person_fraction: float = 0.0  # share of steps on two-person toy-world images (toy identities only)
+    two_person_images: int = 2000     # how many two-person images are rendered once for those steps
+    val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
+    eval_identities: int = 16         # training identities whose fixed-noise flow loss is logged (0 = none)
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        from refgen.identity.features import FeatureConfig
+        from refgen.identity.resampler import ResamplerConfig
+
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.head not in ("linear", "resampler"):
+            raise ValueError(f"head must be 'linear' or 'resampler', got {self.head!r}")
+        ResamplerConfig(**self.resampler)
+        fc = FeatureConfig(**self.features)
+        for name in ("steps", "batch_size", "refs_min", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.refs_min <= self.refs_max <= fc.max_images:
+            raise ValueError(f"need 1 <= refs_min <= refs_max <= features.max_images ({fc.max_images}), got "
+                             f"refs_min={self.refs_min}, refs_max={self.refs_max}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.grad_clip <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("need lr > 0, weight_decay >= 0, grad_clip > 0 and 0 <= min_lr_ratio <= 1")
+        if self.warmup_steps < 0 or self.val_identities < 0 or self.eval_identities < 0:
+            raise ValueError("warmup_steps, val_identities and eval_identities must be >= 0")
+        if self.sigma_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"sigma_sampling must be 'uniform' or 'logit_normal', got {self.sigma_sampling!r}")
+        if self.height % 16 or self.width % 16:
+            raise ValueError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
+        if self.default_prompt.count("~ID~") != 1:
+            raise ValueError(f"default_prompt must contain exactly one ~ID~: {self.default_prompt!r}")
+        if self.teacher_weight < 0:
+            raise ValueError(f"teacher_weight must be >= 0, got {self.teacher_weight}")
+        if not 0 <= self.two_person_fraction <= 1 or self.two_person_images < 1:
+            raise ValueError("need 0 <= two_person_fraction <= 1 and two_person_images >= 1")
+        if self.two_person_fraction and self.objective == "teacher":
+            raise ValueError("two_person_fraction needs the e2e or mixed objective (two-person steps are "
+                             "flow-matching steps)")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> "E2EConfig":
+        from refgen.config import from_yaml
+
+        return from_yaml(cls, path, **overrides)
+
+
+# Settings a run may resume under with other values: they do not change what a step computes.
+_RESUMABLE = {"steps", "eval_every", "checkpoint_every", "gradient_checkpointing", "eval_identities"}
+
+
+def step_generator(seed: int, *parts) -> torch.Generator:
+    """A CPU generator seeded by (seed, parts): the same on every rank and after a resume."""
+    h = hashlib.sha256(":".join(str(p) for p in (seed, *parts)).encode()).hexdigest()
+    return torch.Generator("cpu").manual_seed(int(h[:15], 16))
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class E2EData:
+    """Everything the steps read, cached once (all on the training device)."""
+    ids: list[str]                 # identity folder names, index = identity number
+    photos: list[torch.Tensor]     # per identity: its photo numbers (n_i,) into the tables below
+    tokens: torch.Tensor           # (P, T, D) float32 visual tokens of every photo, zero-padded
+    tok_mask: torch.Tensor         # (P, T) bool, True = real token
+    means: torch.Tensor            # (P, D) each photo's token mean (what the linear head's z pools)
+    latents: torch.Tensor          # (P + P2, C, h, w) VAE latents: the photos, then the two-person images
+    photo_row: torch.Tensor        # (P,) prompt-bank row of each photo's own sentence
+    bank: torch.Tensor             # (Q, S, H) encoded prompts
+    bank_mask: torch.Tensor        # (Q, S) int64
+    bank_starts: torch.Tensor      # (Q, 2) window start of each ~ID~ (left to right), -1 = no such slot
+    L: int
+    H: int
+    teachers: torch.Tensor | None  # (N, L, H) float32 teacher residuals (teacher / mixed objectives)
+    pairs: torch.Tensor | None     # (P2, 4) two-person images: left id, right id, latent index, bank row
+    feature_settings: dict = field(default_factory=dict)
+    residual_metadata: dict = field(default_factory=dict)
+
+
+def _read_prompts(ident, default: str) -> list[str]:
+    f = ident.path / "prompts.json"
+    table = json.loads(f.read_text()) if f.is_file() else {}
+    out = []
+    for p in ident.images:
+        text = table.get(p.name, default)
+        if text.count("~ID~") != 1:
+            raise ValueError(f"{f}: the prompt of {p.name} must contain exactly one ~ID~: {text!r}")
+        out.append(text)
+    return out
+
+
+def _pair_scenes(ids: list[str], n: int, seed: int) -> list[tuple[int, int, object, str]]:
+    """n two-person toy-world scenes of two different training people: (left, right, scene, prompt with two ~ID~,
+    the left person's slot first). Toy identities only: the folder name seed_<id> pins the person's attributes."""
+    from refgen.toyworld import world
+
+    nums = []
+    for name in ids:
+        try:
+            nums.append(int(name.split("_", 1)[1]))
+        except (IndexError, ValueError):
+            raise ValueError(f"two_person_fraction renders toy-world people, but {name!r} is not a toy identity "
+                             "folder (seed_<integer id>)") from None
+    rng = random.Random(world.derive_seed("e2e-pairs", seed))
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(range(len(ids)), 2)
+        scene = world.sample_scene(rng, [world.identity_from_seed(nums[a]), world.identity_from_seed(nums[b])])
+        where = rng.choice(world.SCENE_PHRASES[scene.background])
+        body = rng.choice(world.PAIR_FORMS).format(a="~ID~", b="~ID~", where=where)
+        out.append((a, b, scene, f"A photo of {body}."))
+    return out
+
+
+def prepare_data(pipe, fx, root: str | Path, cfg: E2EConfig, progress: bool = True) -> E2EData:
+    """Scan ROOT (seed_<id>/ folders with >= 2 photos), cache features, latents and the prompt bank."""
+    from tqdm.auto import tqdm
+
+    from refgen.identity.features import feature_settings, pad_tokens
+    from refgen.identity.inject import read_residual, residual_metadata
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.qwen import encode_qwen_latents
+    from refgen.identity.render import execution_device
+    from refgen.images import center_crop_resize, load_rgb, no_identities_message, scan
+    from refgen.model_identity import identify_model
+
+    dev = execution_device(pipe)
+    res = scan(root)
+    idents = sorted(res.identities, key=lambda i: i.id)
+    if not idents:
+        raise ValueError(no_identities_message(res, root))
+    per_photo, latents, texts, photos = [], [], [], []
+    for ident in tqdm(idents, desc="e2e cache", disable=not progress):
+        ims = [load_rgb(p) for p in ident.images]
+        k = fx.cfg.max_images
+        for c in range(0, len(ims), k):  # as VisionFeatures takes a reference set: max_images photos at a time
+            per_photo += [e.cpu() for e in fx.per_image(ims[c:c + k])]
+        latents.append(encode_qwen_latents(pipe.vae, [center_crop_resize(im, cfg.width, cfg.height) for im in ims],
+                                           batch=64, device=dev))
+        photos.append(torch.arange(len(texts), len(texts) + len(ims)))
+        texts += _read_prompts(ident, cfg.default_prompt)
+    tokens, tok_mask = pad_tokens(per_photo)  # (P, T, D), (P, T)
+    means = torch.stack([e.mean(0) for e in per_photo])  # (P, D)
+    ids = [i.id for i in idents]
+    pairs = []
+    if cfg.two_person_fraction > 0:
+        from refgen.toyworld import world
+
+        if len(ids) < 2:
+            raise ValueError("two-person steps need at least 2 training identities")
+        scenes = _pair_scenes(ids, cfg.two_person_images, cfg.seed)
+        n0 = sum(x.shape[0] for x in latents)
+        ims = [world.render(s, max(cfg.height, cfg.width)) for _, _, s, _ in scenes]
+        latents.append(encode_qwen_latents(pipe.vae, [center_crop_resize(im, cfg.width, cfg.height) for im in ims],
+                                           batch=64, device=dev))
+        for j, (a, b, _, text) in enumerate(scenes):
+            pairs.append([a, b, n0 + j, -1])
+            texts.append(text)
+    uniq = sorted(set(texts))
+    row_of = {t: r for r, t in enumerate(uniq)}
+    enc = encode_prompts(pipe, uniq)
+    lengths = {sl.length for slots in enc.slots for sl in slots}
+    if len(lengths) != 1:
+        raise ValueError(f"~ID~ has windows of different lengths {sorted(lengths)} in these prompts: a residual has "
+                         "one length L")
+    starts = torch.full((len(uniq), 2), -1, dtype=torch.long)
+    for r, slots in enumerate(enc.slots):
+        for k, sl in enumerate(slots):
+            starts[r, k] = sl.start
+    P = len(per_photo)
+    photo_row = torch.tensor([row_of[t] for t in texts[:P]])
+    pair_t = None
+    if pairs:
+        for j, p in enumerate(pairs):
+            p[3] = row_of[texts[P + j]]
+        pair_t = torch.tensor(pairs)
+    L, H = lengths.pop(), enc.embeds.shape[2]
+    teachers = None
+    if cfg.objective != "e2e":
+        troot = Path(cfg.teacher_root or root)
+        missing = [i for i in ids if not (troot / i / "teacher_residual.safetensors").is_file()]
+        if missing:
+            raise ValueError(f"the {cfg.objective} objective needs a teacher residual for every training identity; "
+                             f"{len(missing)} have none under {troot} (e.g. {missing[0]}/teacher_residual.safetensors:"
+                             " run `refgen invert` first, or set teacher_root)")
+        rs = [read_residual(troot / i / "teacher_residual.safetensors")[0].float() for i in ids]
+        bad = [i for i, r in zip(ids, rs) if tuple(r.shape) != (L, H)]
+        if bad:
+            raise ValueError(f"teacher residual of {bad[0]} has shape {tuple(rs[ids.index(bad[0])].shape)}, this "
+                             f"model's slot needs ({L}, {H})")
+        teachers = torch.stack(rs).to(dev)
+    vl = identify_model(fx.model_id, "--vl-model")
+    return E2EData(ids, photos, tokens.to(dev), tok_mask.to(dev), means.to(dev), torch.cat(latents),
+                   photo_row.to(dev), enc.embeds, enc.mask.to(dev), starts.to(dev), L, H, teachers,
+                   pair_t, feature_settings(vl, fx.cfg, _dtype_name(fx.dtype)),
+                   residual_metadata(pipe, str(getattr(pipe, "name_or_path", "") or "")))
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dt]
+
+
+# ---- one batch -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """A batch of targets (B items) with their slots (n slots in all; an item has 1 or 2)."""
+    latent: torch.Tensor     # (B,) latent index of each target
+    row: torch.Tensor        # (B,) prompt-bank row of each target's sentence
+    sigma: torch.Tensor      # (B,)
+    noise: torch.Tensor      # (B, C, h, w)
+    slot_item: torch.Tensor  # (n,) the item each slot belongs to
+    slot_k: torch.Tensor     # (n,) which ~ID~ of its item's prompt (0 = leftmost)
+    slot_ident: torch.Tensor  # (n,) identity number
+    refs: torch.Tensor       # (n, K) photo numbers of each slot's references, padded with 0
+    ref_mask: torch.Tensor   # (n, K) bool, True = a real reference
+
+    def select(self, items: list[int]) -> "Batch":
+        """The sub-batch of `items` (this rank's share); slots follow their items, renumbered."""
+        idx = torch.tensor(items, dtype=torch.long)
+        keep = torch.isin(self.slot_item, idx)
+        renum = torch.full((self.latent.shape[0],), -1, dtype=torch.long)
+        renum[idx] = torch.arange(len(items))
+        return Batch(self.latent[idx], self.row[idx], self.sigma[idx], self.noise[idx], renum[self.slot_item[keep]],
+                     self.slot_k[keep], self.slot_ident[keep], self.refs[keep], self.ref_mask[keep])
+
+
+def _pick_refs(photos: torch.Tensor, exclude: int | None, cfg: E2EConfig, g: torch.Generator) -> list[int]:
+    """refs_min..refs_max of `photos` other than `exclude`, at random (all others if there are fewer)."""
+    pool = [int(p) for p in photos if int(p) != exclude]
+    hi = min(cfg.refs_max, len(pool))
+    k = int(torch.randint(min(cfg.refs_min, hi), hi + 1, (1,), generator=g))
+    return [pool[i] for i in torch.randperm(len(pool), generator=g)[:k].tolist()]
+
+
+def single_batch(data: E2EData, idents: list[int], cfg: E2EConfig, g: torch.Generator) -> Batch:
+    """One target photo per identity, its references among the person's OTHER photos."""
+    latent, row, slots = [], [], []
+    for i in idents:
+        ph = data.photos[i]
+        if len(ph) < 2:
+            raise ValueError(f"{data.ids[i]} has {len(ph)} photo: a target and a reference need >= 2")
+        t = int(ph[int(torch.randint(len(ph), (1,), generator=g))])
+        latent.append(t)
+        row.append(int(data.photo_row[t]))
+        slots.append([(i, _pick_refs(ph, t, cfg, g))])
+    return _finish(data, latent, row, slots, cfg, g)
+
+
+def pair_batch(data: E2EData, n: int, cfg: E2EConfig, g: torch.Generator) -> Batch:
+    """n two-person images; each slot's references are photos of its own person (none of them is the target)."""
+    pick = torch.randint(data.pairs.shape[0], (n,), generator=g).tolist()
+    latent, row, slots = [], [], []
+    for j in pick:
+        a, b, lat, r = data.pairs[j].tolist()
+        latent.append(lat)
+        row.append(r)
+        slots.append([(a, _pick_refs(data.photos[a], None, cfg, g)), (b, _pick_refs(data.photos[b], None, cfg, g))])
+    return _finish(data, latent, row, slots, cfg, g)
+
+
+def _finish(data: E2EData, latent, row, slots, cfg: E2EConfig, g: torch.Generator) -> Batch:
+    B = len(latent)
+    K = max(len(r) for item in slots for _, r in item)
+    s_item, s_k, s_id, refs, mask = [], [], [], [], []
+    for b, item in enumerate(slots):
+        for k, (i, r) in enumerate(item):
+            s_item.append(b)
+            s_k.append(k)
+            s_id.append(i)
+            refs.append(r + [0] * (K - len(r)))
+            mask.append([True] * len(r) + [False] * (K - len(r)))
+    shape = (B, *data.latents.shape[1:])
+    sigma = flow.sample_sigmas(B, cfg.sigma_sampling, generator=g)
+    noise = torch.randn(shape, generator=g)
+    return Batch(torch.tensor(latent), torch.tensor(row), sigma, noise, torch.tensor(s_item), torch.tensor(s_k),
+                 torch.tensor(s_id), torch.tensor(refs), torch.tensor(mask))
+
+
+# ---- forward -----------------------------------------------------------------------------------------------------
+
+
+def head_forward(head, data: E2EData, batch: Batch) -> torch.Tensor:
+    """R (n, L, H) float32 for every slot of the batch, each kind of head fed as at inference: the linear head the
+    pooled z of the references, the resampler every token of every reference photo."""
+    from refgen.identity.features import pool_photos
+    from refgen.identity.resampler import photo_tokens
+
+    dev = data.means.device
+    refs, rmask = batch.refs.to(dev), batch.ref_mask.to(dev)
+    if head.kind == "resampler":
+        tok, kmask = photo_tokens(data.tokens[refs], data.tok_mask[refs], rmask)  # (n, K*T, D), (n, K*T)
+        return head(tok, kmask)
+    return head(pool_photos(data.means[refs], rmask))  # z (n, D)
+
+
+def inject_slots(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E (B, S, H), mask (B, S)): each target's own prompt from the bank with every slot's R added in its window
+    (rows at different positions: index_put, as inversion does for per-image prompts)."""
+    dev = data.bank.device
+    row = batch.row.to(dev)
+    E0, M = data.bank[row], data.bank_mask[row]
+    item, k = batch.slot_item.to(dev), batch.slot_k.to(dev)
+    start = data.bank_starts[row[item], k]  # (n,)
+    if (start < 0).any():
+        raise ValueError("a slot has no ~ID~ window in its prompt (one ~ID~ per person the prompt names)")
+    pos = start[:, None] + torch.arange(data.L, device=dev)  # (n, L)
+    rows = item[:, None].expand_as(pos)
+    return E0.index_put((rows, pos), R.to(dtype), accumulate=True), M
+
+
+def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype: torch.dtype) -> dict:
+    """Per item (B,) losses of the objective: {"loss", and "flow" and/or "teacher"}."""
+    from refgen.identity.head import head_loss_terms
+    from refgen.identity.qwen import pack
+
+    dev = data.means.device
+    B = batch.latent.shape[0]
+    R = head_forward(head, data, batch)  # (n, L, H)
+    out = {}
+    total = torch.zeros(B, device=dev)
+    if cfg.objective in ("e2e", "mixed"):
+        E, M = inject_slots(data, batch, R, dtype)
+        x0 = pack(data.latents[batch.latent.to(dev)])
+        noise = pack(batch.noise.to(x0))
+        out["flow"] = flow.loss(model, x0, (E, M), sigma=batch.sigma.to(dev), noise=noise, reduction="none")
+        total = total + out["flow"]
+    if cfg.objective in ("teacher", "mixed"):
+        per_slot, _ = head_loss_terms(R, data.teachers[batch.slot_ident.to(dev)])  # (n,)
+        item = batch.slot_item.to(dev)
+        t = torch.zeros(B, device=dev).index_add(0, item, per_slot)
+        t = t / torch.zeros(B, device=dev).index_add(0, item, torch.ones_like(per_slot))
+        out["teacher"] = t
+        total = total + (cfg.teacher_weight if cfg.objective == "mixed" else 1.0) * t
+    out["loss"] = total
+    return out
+
+
+@torch.no_grad()
+def eval_flow_loss(head, data: E2EData, idents: list[int], model, cfg: E2EConfig, dtype: torch.dtype,
+                   n_sigmas: int = 4, zero: bool = False) -> float:
+    """Mean flow loss on a fixed set: every photo of `idents` as the target, the person's other photos (up to
+    refs_max) as references, n_sigmas evenly spaced sigmas, noise from a fixed seed. `zero`: R = 0 (the bare
+    placeholder), the reference point any head must beat."""
+    from refgen.identity.qwen import pack
+
+    g = step_generator(cfg.seed, "eval")
+    dev = data.means.device
+    tot, n = 0.0, 0
+    for i in idents:  # one batch per person: each of its photos as the target x n_sigmas
+        ph = data.photos[i].tolist()
+        refs = [[p for p in ph if p != t][:cfg.refs_max] for t in ph]
+        K = max(len(r) for r in refs)
+        lat = torch.tensor(ph).repeat_interleave(n_sigmas)  # (B,)
+        B = lat.shape[0]
+        rr = [r + [0] * (K - len(r)) for r in refs for _ in range(n_sigmas)]
+        mm = [[True] * len(r) + [False] * (K - len(r)) for r in refs for _ in range(n_sigmas)]
+        b = Batch(lat, data.photo_row[lat.to(dev)].cpu(), torch.linspace(0.1, 0.9, n_sigmas).repeat(len(ph)),
+                  torch.randn((B, *data.latents.shape[1:]), generator=g), torch.arange(B),
+                  torch.zeros(B, dtype=torch.long), torch.full((B,), i), torch.tensor(rr), torch.tensor(mm))
+        R = head_forward(head, data, b)
+        if zero:
+            R = torch.zeros_like(R)
+        E, M = inject_slots(data, b, R, dtype)
+        x0 = pack(data.latents[lat.to(dev)])
+        per = flow.loss(model, x0, (E, M), sigma=b.sigma.to(dev), noise=pack(b.noise.to(x0)), reduction="none")
+        tot += per.sum().item()
+        n += B
+    return tot / max(1, n)
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+
+def _lr_at(step: int, cfg: E2EConfig) -> float:
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def split_identities(n: int, cfg: E2EConfig) -> tuple[list[int], list[int]]:
+    """(train, val) identity numbers: val_identities held out at random (seeded), the rest trained on."""
+    if cfg.val_identities >= n:
+        raise ValueError(f"val_identities={cfg.val_identities} leaves no training identity out of {n}")
+    order = torch.randperm(n, generator=step_generator(cfg.seed, "split")).tolist()
+    return sorted(order[cfg.val_identities:]), sorted(order[:cfg.val_identities])
+
+
+def epoch_order(train: list[int], epoch: int, seed: int) -> list[int]:
+    return [train[i] for i in torch.randperm(len(train), generator=step_generator(seed, "epoch", epoch)).tolist()]
+
+
+def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
+    """Sum every gradient over ranks in one collective (zeros stand in for a rank that had nothing to learn from)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if world == 1:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    o = 0
+    for p in params:
+        p.grad.copy_(flat[o:o + p.numel()].view_as(p))
+        o += p.numel()
+
+
+def _distributed(device: str) -> tuple[int, int, str]:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(device))
+    return rank, world, device
+
+
+def train_e2e(root: str | Path, out: str | Path, model: str, vl_model: str, cfg: E2EConfig | None = None,
+              device: str | None = None, dtype: str = "bf16", progress: bool = True) -> dict:
+    """Train a head on ROOT's identities; writes OUT/head.safetensors + head.json (the folder `load_head` reads),
+    metrics.jsonl, checkpoint.pt (resumed from when present and made with the same settings)."""
+    from refgen.identity.features import FeatureConfig, VisionFeatures
+    from refgen.identity.render import load_pipeline
+    from refgen.runtime import resolve_device
+
+    cfg = cfg or E2EConfig()
+    rank, world, dev_name = _distributed(str(resolve_device(device)))
+    try:
+        pipe = load_pipeline(model, dev_name, dtype)
+        fx = VisionFeatures(vl_model, dev_name, dtype, FeatureConfig(**cfg.features))
+        t0 = time.time()
+        data = prepare_data(pipe, fx, root, cfg, progress=progress and rank == 0)
+        cache_s = time.time() - t0
+        del fx
+        return _train(pipe, data, Path(out), cfg, model, vl_model, rank, world, progress, {"cache_s": cache_s})
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_model: str, rank: int, world: int,
+           progress: bool, timings: dict) -> dict:
+    from tqdm.auto import tqdm
+
+    from refgen.identity.head import build_head
+    from refgen.identity.qwen import QwenFlowModel
+    from refgen.identity.render import execution_device, release_text_encoder
+
+    dev = execution_device(pipe)
+    dtype = pipe.transformer.dtype
+    release_text_encoder(pipe)  # every prompt is in the bank
+    tr = pipe.transformer
+    tr.requires_grad_(False)
+    tr.eval()
+    if cfg.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    vae_scale = 2 ** len(pipe.vae.temperal_downsample)
+    fm = QwenFlowModel(tr, (cfg.height // vae_scale, cfg.width // vae_scale))
+    train_ids, val_ids = split_identities(len(data.ids), cfg)
+    if len(train_ids) < 1:
+        raise ValueError("no training identity")
+    torch.manual_seed(cfg.seed)
+    head = build_head(cfg.head, data.means.shape[1], data.L, data.H,
+                      cfg.resampler if cfg.head == "resampler" else None).to(dev)
+    params = [p for p in head.parameters()]
+    if world > 1:  # one starting point on every rank
+        for p in params:
+            torch.distributed.broadcast(p.data, 0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    meta = _metadata(head, data, cfg, model_id, vl_model)
+    step, cursor = 0, [0, 0]  # (epoch, position in its order)
+    ck = out / "checkpoint.pt"
+    if ck.exists():
+        st = torch.load(ck, map_location="cpu", weights_only=False)
+        now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in _RESUMABLE}
+        was = {k: v for k, v in st["config"].items() if k not in _RESUMABLE}
+        if was != now or st["ids"] != data.ids:
+            diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k)) or ["the identities"]
+            raise ValueError(f"{ck} was made with other settings ({', '.join(diff)}): use another --out, or delete "
+                             "the checkpoint to start over")
+        head.load_state_dict(st["head"])
+        opt.load_state_dict(st["opt"])
+        step, cursor = st["step"], list(st["cursor"])
+    log = JsonlLogger(out / "metrics.jsonl") if rank == 0 else None
+    if rank == 0:
+        _drop_metrics_after(out / "metrics.jsonl", step)
+    eval_sets = {"val": val_ids, "train": train_ids[:cfg.eval_identities]}
+    base = {}
+    if rank == 0 and cfg.objective != "teacher":  # the bare placeholder: what every head is read against
+        base = {f"{k}_flow_zero": eval_flow_loss(head, data, v, fm, cfg, dtype, zero=True)
+                for k, v in eval_sets.items() if v}
+
+    def evaluate(s: int) -> dict:
+        head.eval()
+        rec = {"step": s, **base}
+        if cfg.objective != "teacher":
+            rec.update({f"{k}_flow": eval_flow_loss(head, data, v, fm, cfg, dtype) for k, v in eval_sets.items() if v})
+        head.train()
+        return rec
+
+    summary: dict = {}
+    if rank == 0 and step == 0:
+        summary = evaluate(0)
+        log.log(**summary)
+    B = cfg.batch_size
+    t_train = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-head e2e", disable=not progress or rank != 0)
+    head.train()
+    while step < cfg.steps:
+        g = step_generator(cfg.seed, "step", step)
+        pair_step = data.pairs is not None and bool(torch.rand((), generator=g) < cfg.two_person_fraction)
+        if pair_step:
+            batch = pair_batch(data, B, cfg, g)
+        else:
+            order = epoch_order(train_ids, cursor[0], cfg.seed)
+            chunk = order[cursor[1]:cursor[1] + B]  # the last chunk of an epoch may be short
+            cursor = [cursor[0] + 1, 0] if cursor[1] + B >= len(order) else [cursor[0], cursor[1] + B]
+            batch = single_batch(data, chunk, cfg, g)
+        n_items = batch.latent.shape[0]
+        mine = list(range(rank, n_items, world))  # may be empty: this rank still joins the all-reduce
+        lr = _lr_at(step, cfg)
+        for grp in opt.param_groups:
+            grp["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        sums = torch.zeros(3, device=dev)  # loss, flow, teacher: summed over this rank's items
+        if mine:
+            losses = item_losses(head, data, batch.select(mine), fm, cfg, dtype)
+            (losses["loss"].sum() / n_items).backward()
+            sums = torch.stack([losses[k].detach().sum() if k in losses else torch.zeros((), device=dev)
+                                for k in ("loss", "flow", "teacher")])
+        _all_reduce_grads(params, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        step += 1
+        bar.update(1)
+        rec = {"step": step, "lr": lr, "loss": sums[0].item() / n_items, "grad_norm": float(gnorm),
+               "two_person": pair_step, "items": n_items,
+               "scale": float(head.log_scale.detach().exp().clamp(head.scale_min, head.scale_max))}
+        if cfg.objective != "teacher":
+            rec["flow"] = sums[1].item() / n_items
+        if cfg.objective != "e2e":
+            rec["teacher"] = sums[2].item() / n_items
+        if not math.isfinite(rec["loss"]):
+            raise FloatingPointError(f"train-head: non-finite loss at step {step} ({rec}); try a lower lr or fp32")
+        if rank == 0:
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                rec.update(evaluate(step))
+                summary = rec
+            log.log(**rec)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                timings["train_s"] = timings.get("train_s", 0.0) + time.time() - t_train
+                t_train = time.time()
+                _save(out, head, opt, step, cursor, cfg, data, meta, train_ids, val_ids, summary, timings)
+    bar.close()
+    summary = {**summary, "step": step}
+    return summary
+
+
+def _metadata(head, data: E2EData, cfg: E2EConfig, model_id: str, vl_model: str) -> dict[str, str]:
+    """The head's record, as `train_head` writes it for the linear head: what `load_head` and `generate` check."""
+    from refgen.identity.head import head_config
+
+    rmd = data.residual_metadata
+    return {"kind": head.kind, "head_config": json.dumps(head_config(head)), "L": str(data.L), "H": str(data.H),
+            "D": str(data.means.shape[1]), "placeholder_token_ids": rmd["placeholder_token_ids"],
+            "tokenizer_fingerprint": rmd["tokenizer_fingerprint"], "qwen_image_model": str(model_id),
+            "vl_model": str(vl_model), "feature_settings": json.dumps(data.feature_settings),
+            "objective": cfg.objective}
+
+
+def _save(out: Path, head, opt, step: int, cursor, cfg: E2EConfig, data: E2EData, meta: dict, train_ids, val_ids,
+          summary: dict, timings: dict) -> None:
+    """head.safetensors, then head.json (its record), then the resumable checkpoint; each written atomically."""
+    sd = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    md = {**meta, "step": str(step), "metrics": json.dumps(summary), "git_commit": str(provenance()["git_commit"]),
+          "config": json.dumps(dataclasses.asdict(cfg))}
+    atomic_save_safetensors(sd, out / "head.safetensors", md)
+    atomic_write_json(out / "head.json", provenance(cfg, **meta, step=step, metrics=summary, timings=timings,
+                                                    train_ids=[data.ids[i] for i in train_ids],
+                                                    val_ids=[data.ids[i] for i in val_ids]))
+    atomic_torch_save({"step": step, "cursor": list(cursor), "head": sd, "opt": opt.state_dict(),
+                       "config": json.loads(json.dumps(dataclasses.asdict(cfg))), "ids": data.ids},
+                      out / "checkpoint.pt")
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the metric lines of steps <= `step`: a resumed run logs each step once."""
+    from refgen.artifacts import atomic_write_text
+
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))

@@ -1,0 +1,142 @@
+"""End-to-end head training on the shipped toy Qwen-Image and toy Qwen3-VL (real models, CPU-sized)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from refgen.identity.train_e2e import E2EConfig, pair_batch, prepare_data, single_batch, step_generator, train_e2e
+from refgen.toyworld.benchmark import default_model, default_vl_model
+from refgen.toyworld.identities import make_identities
+
+
+@pytest.fixture(scope="module")
+def toy_ids(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e_ids")
+    make_identities(root, n=5, seed=100_000, progress=False)  # training-range ids: 3-5 photos each
+    return root
+
+
+@pytest.fixture(scope="module")
+def toy(toy_ids):
+    from refgen.identity.features import VisionFeatures
+    from refgen.identity.render import load_pipeline
+
+    pipe = load_pipeline(default_model(), "cpu", "fp32")
+    fx = VisionFeatures(default_vl_model(), "cpu", "fp32")
+    cfg = E2EConfig(refs_max=3, two_person_fraction=0.5, two_person_images=6)
+    return pipe, fx, prepare_data(pipe, fx, toy_ids, cfg, progress=False), cfg
+
+
+def test_references_are_other_photos_of_the_same_person(toy, toy_ids):
+    pipe, fx, data, cfg = toy
+    owner = {p: i for i, ph in enumerate(data.photos) for p in ph.tolist()}
+    seen_k = set()
+    for s in range(40):
+        g = step_generator(0, "step", s)
+        b = single_batch(data, [0, 1, 2, 3, 4], cfg, g)
+        assert b.slot_item.tolist() == [0, 1, 2, 3, 4]
+        for j in range(5):
+            refs = b.refs[j][b.ref_mask[j]].tolist()
+            seen_k.add(len(refs))
+            assert b.latent[j].item() not in refs  # the target is never a reference
+            assert {owner[r] for r in refs} == {owner[b.latent[j].item()]} == {b.slot_ident[j].item()}
+            assert len(set(refs)) == len(refs) and cfg.refs_min <= len(refs) <= cfg.refs_max
+            assert b.row[j].item() == data.photo_row[b.latent[j]].item()  # the target's own sentence
+        p = pair_batch(data, 3, cfg, g)  # two-person targets: each slot's references are its own person's photos
+        assert p.slot_item.tolist() == [0, 0, 1, 1, 2, 2] and p.slot_k.tolist() == [0, 1] * 3
+        for j in range(6):
+            assert {owner[r] for r in p.refs[j][p.ref_mask[j]].tolist()} == {p.slot_ident[j].item()}
+        assert (p.latent >= len(owner)).all()  # rendered two-person images, not anyone's reference photo
+    assert seen_k == {1, 2, 3}
+    # the cache pools exactly as VisionFeatures does at inference
+    from refgen.identity.features import pool_photos
+    from refgen.images import load_rgb, scan
+
+    ident = sorted(scan(toy_ids).identities, key=lambda i: i.id)[2]
+    photos = [load_rgb(p) for p in ident.images[1:3]]
+    z = pool_photos(data.means[data.photos[2][1:3]])
+    torch.testing.assert_close(z, fx(photos), rtol=1e-5, atol=1e-6)
+    tok, mask = fx.tokens(photos)
+    torch.testing.assert_close(data.tokens[data.photos[2][1:3]][mask], tok[mask])
+    # a two-person prompt has two windows, a one-person prompt one
+    assert (data.bank_starts[data.pairs[:, 3]] >= 0).all()
+    assert (data.bank_starts[data.photo_row][:, 1] == -1).all()
+
+
+def test_e2e_training_lowers_the_flow_loss_and_the_head_loads(toy_ids, tmp_path):
+    from refgen.identity.head import load_head
+
+    cfg = E2EConfig(head="linear", steps=40, batch_size=3, lr=1e-2, warmup_steps=0, eval_every=40,
+                    eval_identities=3, checkpoint_every=20)
+    out = tmp_path / "head"
+    s = train_e2e(toy_ids, out, default_model(), default_vl_model(), cfg, device="cpu", dtype="fp32", progress=False)
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = log[0], log[-1]
+    assert first["step"] == 0 and last["step"] == 40 and s["step"] == 40
+    # fixed noise and sigmas: the untrained head's loss on the same targets, and the bare placeholder's
+    assert last["train_flow"] < 0.9 * first["train_flow"], (first, last)
+    assert last["train_flow"] < last["train_flow_zero"]
+    rec = json.loads((out / "head.json").read_text())
+    assert rec["kind"] == "linear" and rec["objective"] == "e2e" and rec["step"] == 40 and rec["git_commit"]
+    assert len(rec["train_ids"]) == 5 and json.loads(rec["feature_settings"])["dtype"] == "fp32"
+    head, md = load_head(out, torch.device("cpu"), torch.float32)
+    assert md["kind"] == "linear" and md["L"] == rec["L"]
+    # a finished run resumes to nothing; other settings are refused, not mixed into the checkpoint
+    again = train_e2e(toy_ids, out, default_model(), default_vl_model(), cfg, device="cpu", dtype="fp32",
+                      progress=False)
+    assert again["step"] == 40 and len((out / "metrics.jsonl").read_text().splitlines()) == len(log)
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        train_e2e(toy_ids, out, default_model(), default_vl_model(), E2EConfig(**{**cfg.__dict__, "lr": 1e-3}),
+                  device="cpu", dtype="fp32", progress=False)
+
+
+def test_config_refusals():
+    with pytest.raises(ValueError, match="objective must be one of"):
+        E2EConfig(objective="regress")
+    with pytest.raises(ValueError, match="refs_max"):
+        E2EConfig(refs_max=9)
+    with pytest.raises(ValueError, match="two_person_fraction needs the e2e or mixed"):
+        E2EConfig(objective="teacher", two_person_fraction=0.5)
+    with pytest.raises(ValueError, match="exactly one ~ID~"):
+        E2EConfig(default_prompt="a photo")
+
+
+def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy_ids, tmp_path):
+    """2 ranks (gloo), 5 identities in batches of 4: step 2 is the epoch's last batch, 1 target, so rank 1 has
+    nothing and must still join the gradient all-reduce. Same losses and weights as one process."""
+    cfg_file = tmp_path / "e2e.yaml"
+    cfg_file.write_text("steps: 3\nbatch_size: 4\nlr: 0.01\nwarmup_steps: 0\neval_identities: 0\n"
+                        "resampler: {width: 32, layers: 1, heads: 2}\n")
+    common = ["train-head", str(toy_ids), "--objective", "e2e", "--head", "resampler", "--model", default_model(),
+              "--vl-model", default_vl_model(), "--config", str(cfg_file), "--device", "cpu", "--dtype", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "refgen.cli", *common, "--out", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    from refgen.cli import main
+
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    a = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["items"] for r in a if "items" in r] == [4, 1, 4]
+    assert [r["loss"] for r in a if "loss" in r] == pytest.approx([r["loss"] for r in b if "loss" in r], rel=1e-4)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "ddp" / "head.safetensors"), load_file(tmp_path / "one" / "head.safetensors")
+    # AdamW turns float noise in gradients that are zero in exact arithmetic (the key bias: softmax ignores a shift
+    # common to all keys) into steps of up to lr, so weights agree to a fraction of lr, not to float precision
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=2e-3, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_cli_needs_the_models_for_e2e(tmp_path, capsys):
+    from refgen.cli import main
+
+    assert main(["train-head", str(tmp_path), "--out", str(tmp_path / "h"), "--objective", "e2e",
+                 "--device", "cpu"]) == 1
+    assert "needs --model (Qwen-Image) and --vl-model" in capsys.readouterr().err
