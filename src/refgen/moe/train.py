@@ -180,6 +180,112 @@ def build_model(cfg: TrainConfig, ds: ImageSet) -> MoEClassifier:
     return MoEClassifier(cfg.model, ds.shape[0], ds.num_classes)
 
 
+@dataclass
+class _Run:
+    """What one training run's steps share: the model, its optimizer and schedules, the monitor, the log."""
+    cfg: TrainConfig
+    model: MoEClassifier
+    table: CostTable
+    opt: torch.optim.Optimizer
+    log: JsonlLogger
+    total_steps: int
+    plateau: PlateauController | None
+    sched: torch.optim.lr_scheduler.LRScheduler | None
+    probe: Probe | None
+    gate_group: dict
+    gen: torch.Generator
+    train_flops: float
+
+
+def _start_run(cfg: TrainConfig, model: MoEClassifier, shape, n_train: int, out: Path, device) -> _Run:
+    table = cost_table(model, shape)
+    opt = make_optimizer(model, cfg.lr, cfg.gate_lr_scale, cfg.weight_decay)
+    log = JsonlLogger(out / "metrics.jsonl")
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
+                                                                                   cfg.epochs * steps_per_epoch)
+    plateau = PlateauController(opt, cfg.plateau_epochs, logger=log) if cfg.schedule == "plateau" else None
+    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                 total_steps=total_steps) if cfg.schedule == "onecycle" else None)
+    probe = Probe(device, cfg.sample_every, logger=log) if cfg.monitor else None
+    gate_group = next((g for g in opt.param_groups if g["name"] == "gate"), opt.param_groups[0])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_flops = 3 * table.static_topk_flops(cfg.model.top_k) * cfg.batch_size  # forward + backward ~ 3x forward
+    return _Run(cfg, model, table, opt, log, total_steps, plateau, sched, probe, gate_group, gen, train_flops)
+
+
+def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor):
+    """One optimizer step (with the graph's proximal L1 and the per-step schedule); returns (CE, model output)."""
+    cfg, model = run.cfg, run.model
+    out_ = model(x, path=cfg.path)
+    ce = F.cross_entropy(out_.logits, y)
+    loss = ce + cfg.balance_coef * out_.balance_loss
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    if model.graph is not None and cfg.graph_l1 > 0:
+        model.graph.prox_l1(run.gate_group["lr"] * cfg.graph_l1)
+    if run.sched is not None:
+        run.sched.step()
+    return ce, out_
+
+
+def _train_epoch(run: _Run, train_b: Batches, epoch: int, step: int, bar) -> tuple[int, float]:
+    """One pass over the shuffled training split, or up to run.total_steps. Returns (step, mean train loss)."""
+    cfg, opt = run.cfg, run.opt
+    run.model.train()
+    perm = torch.randperm(len(train_b), generator=run.gen).to(train_b.y.device)
+    run_loss, run_n = 0.0, 0
+    for i in range(0, len(train_b), cfg.batch_size):
+        x, y = train_b.get(perm[i:i + cfg.batch_size])
+        x = random_shift(x, cfg.shift_px, run.gen)
+        if run.probe is not None:
+            with run.probe.step(step, flops=run.train_flops, images=len(y)):
+                ce, o = _train_step(run, x, y)
+        else:
+            ce, o = _train_step(run, x, y)
+        step += 1
+        run_loss, run_n = run_loss + float(ce.detach()) * len(y), run_n + len(y)
+        if step % cfg.log_every == 0:
+            if not math.isfinite(float(ce.detach())):
+                raise FloatingPointError(f"training loss is {float(ce)} at step {step} (lr {cfg.lr}); "
+                                         f"lower the learning rate")
+            run.log.log(kind="train", step=step, epoch=epoch, loss=float(ce.detach()),
+                        balance=float(o.balance_loss.detach()),
+                        lr={g["name"]: g["lr"] for g in opt.param_groups},
+                        weight_decay={g["name"]: g["weight_decay"] for g in opt.param_groups})
+            if run.probe is not None:
+                run.probe.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(ce.detach()):.3f}")
+        if step >= run.total_steps:
+            break
+    return step, run_loss / max(run_n, 1)
+
+
+def _epoch_record(run: _Run, epoch: int, step: int, train_loss: float, val_b: Batches | None, t_train: float) -> dict:
+    """The epoch's validation accuracy / loss and graph statistics, logged; the plateau heuristic steps on it."""
+    model = run.model
+    val = evaluate(model, val_b, batch=run.cfg.eval_batch) if val_b is not None else None
+    rec = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": train_loss,
+           "val_acc": val["acc"] if val else None, "val_loss": val["loss"] if val else None,
+           "seconds": time.perf_counter() - t_train}
+    if model.graph is not None:
+        gs = graph_stats(model.graph)
+        rec.update(graph_sparsity=gs["sparsity"], graph_dist_from_identity=gs["dist_from_identity"],
+                   adjacency=gs["adjacency"])
+    run.log.log(**rec)
+    if run.plateau is not None:
+        run.plateau.step(val["loss"] if val else rec["train_loss"], epoch)
+    return rec
+
+
+def _save_model(model: MoEClassifier, out: Path) -> None:
+    atomic_save_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.safetensors",
+                            metadata={"refgen_moe_config": json.dumps(dataclasses.asdict(model.cfg)),
+                                      "in_channels": str(model.in_channels), "num_classes": str(model.num_classes)})
+
+
 def train(cfg: TrainConfig, out: str | Path, progress: bool = True, data: ImageSet | None = None,
           model: MoEClassifier | None = None) -> dict:
     """Train, evaluate on the test split, write the artifact folder; returns moe.json's content. DATA and MODEL
@@ -205,82 +311,20 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True, data: ImageS
 
     torch.manual_seed(cfg.seed)
     model = (model if model is not None else build_model(cfg, ds)).to(device)
-    table = cost_table(model, ds.shape)
-    opt = make_optimizer(model, cfg.lr, cfg.gate_lr_scale, cfg.weight_decay)
-    log = JsonlLogger(out / "metrics.jsonl")
-    steps_per_epoch = math.ceil(len(train_b) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
-                                                                                   cfg.epochs * steps_per_epoch)
-    plateau = PlateauController(opt, cfg.plateau_epochs, logger=log) if cfg.schedule == "plateau" else None
-    sched = (torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                 total_steps=total_steps) if cfg.schedule == "onecycle" else None)
-    probe = Probe(device, cfg.sample_every, logger=log) if cfg.monitor else None
-    gate_group = next((g for g in opt.param_groups if g["name"] == "gate"), opt.param_groups[0])
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_flops = 3 * table.static_topk_flops(cfg.model.top_k) * cfg.batch_size  # forward + backward ~ 3x forward
-    log.log(kind="start", config=dataclasses.asdict(cfg), params=model.num_params(), cost=table.to_json(),
-            n_train=len(train_b), n_val=len(va), n_test=len(test_b), device=str(device))
+    run = _start_run(cfg, model, ds.shape, len(train_b), out, device)
+    table = run.table
+    run.log.log(kind="start", config=dataclasses.asdict(cfg), params=model.num_params(), cost=table.to_json(),
+                n_train=len(train_b), n_val=len(va), n_test=len(test_b), device=str(device))
 
-    step, epoch_recs, stopped = 0, [], False
-    bar = tqdm(total=total_steps, desc=f"moe train {cfg.dataset} {cfg.model.kind}", disable=not progress)
+    step, epoch_recs = 0, []
+    bar = tqdm(total=run.total_steps, desc=f"moe train {cfg.dataset} {cfg.model.kind}", disable=not progress)
     t_train = time.perf_counter()
     for epoch in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(len(train_b), generator=gen).to(device)
-        run_loss, run_n = 0.0, 0
-        for i in range(0, len(train_b), cfg.batch_size):
-            x, y = train_b.get(perm[i:i + cfg.batch_size])
-            x = random_shift(x, cfg.shift_px, gen)
-
-            def train_step():
-                out_ = model(x, path=cfg.path)
-                ce = F.cross_entropy(out_.logits, y)
-                loss = ce + cfg.balance_coef * out_.balance_loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if model.graph is not None and cfg.graph_l1 > 0:
-                    model.graph.prox_l1(gate_group["lr"] * cfg.graph_l1)
-                if sched is not None:
-                    sched.step()
-                return ce, out_
-
-            if probe is not None:
-                with probe.step(step, flops=train_flops, images=len(y)):
-                    ce, o = train_step()
-            else:
-                ce, o = train_step()
-            step += 1
-            run_loss, run_n = run_loss + float(ce.detach()) * len(y), run_n + len(y)
-            if step % cfg.log_every == 0:
-                if not math.isfinite(float(ce.detach())):
-                    raise FloatingPointError(f"training loss is {float(ce)} at step {step} (lr {cfg.lr}); "
-                                             f"lower the learning rate")
-                log.log(kind="train", step=step, epoch=epoch, loss=float(ce.detach()),
-                        balance=float(o.balance_loss.detach()),
-                        lr={g["name"]: g["lr"] for g in opt.param_groups},
-                        weight_decay={g["name"]: g["weight_decay"] for g in opt.param_groups})
-                if probe is not None:
-                    probe.flush()
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(ce.detach()):.3f}")
-            if step >= total_steps:
-                stopped = cfg.max_steps is not None
-                break
-        val = evaluate(model, val_b, batch=cfg.eval_batch) if val_b is not None else None
-        rec = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": run_loss / max(run_n, 1),
-               "val_acc": val["acc"] if val else None, "val_loss": val["loss"] if val else None,
-               "seconds": time.perf_counter() - t_train}
-        if model.graph is not None:
-            gs = graph_stats(model.graph)
-            rec.update(graph_sparsity=gs["sparsity"], graph_dist_from_identity=gs["dist_from_identity"],
-                       adjacency=gs["adjacency"])
-        log.log(**rec)
-        epoch_recs.append(rec)
-        if plateau is not None:
-            plateau.step(val["loss"] if val else rec["train_loss"], epoch)
-        if step >= total_steps:
+        step, train_loss = _train_epoch(run, train_b, epoch, step, bar)
+        epoch_recs.append(_epoch_record(run, epoch, step, train_loss, val_b, t_train))
+        if step >= run.total_steps:
             break
+    stopped = step >= run.total_steps and cfg.max_steps is not None
     bar.close()
     train_s = time.perf_counter() - t_train
 
@@ -293,15 +337,13 @@ def train(cfg: TrainConfig, out: str | Path, progress: bool = True, data: ImageS
                       metrics={"test": test, "test_acc_sparse_path": test_sparse["acc"],
                                "final_val": epoch_recs[-1] if epoch_recs else None},
                       graph=graph_stats(model.graph) if model.graph is not None else None,
-                      hparams_timeline=plateau.timeline if plateau is not None else None,
-                      monitor=probe.summary() if probe is not None else None,
+                      hparams_timeline=run.plateau.timeline if run.plateau is not None else None,
+                      monitor=run.probe.summary() if run.probe is not None else None,
                       seconds={"data": t_data, "train": train_s, "total": time.perf_counter() - t_start},
                       model_config=dataclasses.asdict(model.cfg))
-    atomic_save_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.safetensors",
-                            metadata={"refgen_moe_config": json.dumps(dataclasses.asdict(model.cfg)),
-                                      "in_channels": str(model.in_channels), "num_classes": str(model.num_classes)})
+    _save_model(model, out)
     atomic_write_json(out / "moe.json", info)
-    log.log(kind="done", test_acc=test["acc"], steps=step, train_s=train_s)
+    run.log.log(kind="done", test_acc=test["acc"], steps=step, train_s=train_s)
     return info
 
 
