@@ -416,6 +416,79 @@ def _lr_factor(step: int, progress: float, warmup: int) -> float:
     return min(1.0, (step + 1) / max(1, warmup)) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _sample_batch(X: torch.Tensor, cfg: VLConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(identity indices, their photos (ids_per_batch, photos_per_id, 3, H, W)) for one step."""
+    idx = torch.randint(0, X.shape[0], (cfg.ids_per_batch,), generator=g)
+    # the photos of each identity in a random order, so the two halves differ per step
+    perm = torch.argsort(torch.rand(cfg.ids_per_batch, cfg.photos_per_id, generator=g), dim=1)
+    x = X[idx[:, None], perm]
+    if cfg.flip:  # every identity attribute is left-right symmetric (the waving arm is a state)
+        f = torch.rand(x.shape[:2], generator=g) < 0.5
+        x = torch.where(f[..., None, None, None], x.flip(-1), x)
+    return idx, x
+
+
+def _optimise(model, probe, X: torch.Tensor, Y: torch.Tensor, cfg: VLConfig, dev, logger, progress: bool):
+    """The training loop over the rendered photos. Returns (losses, stopped_early, steps_done, train seconds)."""
+    params = [p for p in model.model.visual.parameters()] + list(probe.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    it = range(cfg.steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="vl")
+    losses, stopped_early, steps_done = [], False, 0
+    t_train0 = time.time()
+    budget_s = 60 * cfg.max_train_minutes
+    with batched_vision(model):
+        for step in it:
+            # The cosine follows whichever is further along, steps or the time budget: on a
+            # slow or busy machine the run still anneals to lr 0 and ends inside the budget
+            # (then `stopped_early`, fewer steps); otherwise it is a plain step schedule.
+            frac = max(step / cfg.steps, (time.time() - t_train0) / budget_s)
+            if frac >= 1.0:
+                stopped_early = True
+                break
+            lr = cfg.lr * _lr_factor(step, frac, cfg.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            idx, x = _sample_batch(X, cfg, g)
+            L = _batch_losses(model, probe, x.to(dev), Y[idx].to(dev), cfg)
+            opt.zero_grad(set_to_none=True)
+            L["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            rec = {k: float(v.detach()) for k, v in L.items()}
+            losses.append(rec["loss"])
+            steps_done = step + 1
+            if logger and ((step + 1) % cfg.log_every == 0 or step == 0):
+                logger.log(step=step + 1, lr=lr, scale=float(probe.log_scale.detach().exp()),
+                           elapsed_s=round(time.time() - t_train0, 2), **rec)
+            if progress:
+                it.set_postfix(loss=f"{rec['loss']:.3f}")
+    return losses, stopped_early, steps_done, time.time() - t_train0
+
+
+def _save_and_evaluate(model, probe, tok, cfg: VLConfig, tmp: Path, meta: dict, train_keys: set, t0: float):
+    """Write the folder into `tmp`, then evaluate what was saved (bf16 weights read back as fp32), on the CPU
+    like VisionFeatures. Returns the loaded (model, probe); `meta` gains the metrics."""
+    t_eval = time.time()
+    _write_folder(model.cpu(), probe.cpu(), tok, cfg, tmp)
+    model = load_model(tmp)
+    probe = load_probe(tmp)
+    meta["metrics"] = evaluate(model, probe, cfg, train_keys=train_keys)
+    meta["metrics"]["visionfeatures_check"] = check_visionfeatures(tmp, model, cfg)
+    meta["timings"]["eval_s"] = round(time.time() - t_eval, 1)
+    meta["timings"]["total_s"] = round(time.time() - t0, 1)
+    meta["weights_bytes"] = (tmp / "model.safetensors").stat().st_size
+    _write_meta(tmp, meta)
+    return model, probe
+
+
 def train(cfg: VLConfig, out: str | Path | None = None, *, device: str = "cpu", progress: bool = True) -> dict:
     """Train the vision tower (and attribute probe) from scratch. With `out`, writes the folder
     atomically (temp folder + rename) and evaluates the saved weights. Returns the metadata dict
@@ -438,12 +511,6 @@ def train(cfg: VLConfig, out: str | Path | None = None, *, device: str = "cpu", 
         X, Y = render_identities("vl-train", cfg.seed, cfg.n_train_ids, cfg.photos_per_id, cfg.size, progress)
         t_render = time.time() - t0 - t_build
 
-        params = [p for p in model.model.visual.parameters()] + list(probe.parameters())
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-        g = torch.Generator().manual_seed(cfg.seed)
         tmp = None
         if out is not None:
             out = Path(out)
@@ -451,48 +518,7 @@ def train(cfg: VLConfig, out: str | Path | None = None, *, device: str = "cpu", 
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         try:
             logger = JsonlLogger(tmp / "metrics.jsonl") if tmp is not None else None
-            it = range(cfg.steps)
-            if progress:
-                from tqdm.auto import tqdm
-
-                it = tqdm(it, desc="vl")
-            losses, stopped_early, steps_done = [], False, 0
-            t_train0 = time.time()
-            budget_s = 60 * cfg.max_train_minutes
-            with batched_vision(model):
-                for step in it:
-                    # The cosine follows whichever is further along, steps or the time budget: on a
-                    # slow or busy machine the run still anneals to lr 0 and ends inside the budget
-                    # (then `stopped_early`, fewer steps); otherwise it is a plain step schedule.
-                    frac = max(step / cfg.steps, (time.time() - t_train0) / budget_s)
-                    if frac >= 1.0:
-                        stopped_early = True
-                        break
-                    lr = cfg.lr * _lr_factor(step, frac, cfg.warmup)
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                    idx = torch.randint(0, X.shape[0], (cfg.ids_per_batch,), generator=g)
-                    # the photos of each identity in a random order, so the two halves differ per step
-                    perm = torch.argsort(torch.rand(cfg.ids_per_batch, cfg.photos_per_id, generator=g), dim=1)
-                    x = X[idx[:, None], perm]
-                    if cfg.flip:  # every identity attribute is left-right symmetric (the waving arm is a state)
-                        f = torch.rand(x.shape[:2], generator=g) < 0.5
-                        x = torch.where(f[..., None, None, None], x.flip(-1), x)
-                    x = x.to(dev)
-                    L = _batch_losses(model, probe, x, Y[idx].to(dev), cfg)
-                    opt.zero_grad(set_to_none=True)
-                    L["loss"].backward()
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    rec = {k: float(v.detach()) for k, v in L.items()}
-                    losses.append(rec["loss"])
-                    steps_done = step + 1
-                    if logger and ((step + 1) % cfg.log_every == 0 or step == 0):
-                        logger.log(step=step + 1, lr=lr, scale=float(probe.log_scale.detach().exp()),
-                                   elapsed_s=round(time.time() - t_train0, 2), **rec)
-                    if progress:
-                        it.set_postfix(loss=f"{rec['loss']:.3f}")
-            t_train = time.time() - t_train0
+            losses, stopped_early, steps_done, t_train = _optimise(model, probe, X, Y, cfg, dev, logger, progress)
             train_keys = set(combo_key(Y).tolist())
             del X, Y
             model.eval()
@@ -507,17 +533,7 @@ def train(cfg: VLConfig, out: str | Path | None = None, *, device: str = "cpu", 
                                 "threads": torch.get_num_threads(), "device": str(dev)}}
             if tmp is None:
                 return {**meta, "model": model, "probe": probe, "losses": losses}
-            t_eval = time.time()
-            _write_folder(model.cpu(), probe.cpu(), tok, cfg, tmp)
-            # evaluate what was saved (bf16 weights read back as fp32), on the CPU like VisionFeatures
-            model = load_model(tmp)
-            probe = load_probe(tmp)
-            meta["metrics"] = evaluate(model, probe, cfg, train_keys=train_keys)
-            meta["metrics"]["visionfeatures_check"] = check_visionfeatures(tmp, model, cfg)
-            meta["timings"]["eval_s"] = round(time.time() - t_eval, 1)
-            meta["timings"]["total_s"] = round(time.time() - t0, 1)
-            meta["weights_bytes"] = (tmp / "model.safetensors").stat().st_size
-            _write_meta(tmp, meta)
+            model, probe = _save_and_evaluate(model, probe, tok, cfg, tmp, meta, train_keys, t0)
             _publish(tmp, out)
             tmp = None
             return {**meta, "model": model, "probe": probe, "losses": losses}
