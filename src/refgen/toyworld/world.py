@@ -278,113 +278,153 @@ def _draw_clipped(d: ImageDraw.ImageDraw, kind: str, box: list[float], fill, y_m
     d.chord(box, 180 - ang, 360 + ang, fill=fill)
 
 
-def _draw_person(d: ImageDraw.ImageDraw, C: int, p: Person) -> None:
+@dataclass(frozen=True)
+class _Body:
+    """Where one person's parts go on the C x C canvas, and their colours (jittered per person)."""
+    skin: tuple[int, int, int]
+    hair: tuple[int, int, int]
+    shirt: tuple[int, int, int]
+    H: float                            # body height
+    cx: float                           # body centre x
+    foot: float
+    r: float                            # head radius
+    hy: float                           # head centre y
+    neck: float
+    torso_b: float                      # torso bottom
+    tw: float                           # torso half width
+    arm_w: float
+    face_box: list[float]
+    face_kind: str
+    fw: float                           # face half width
+
+
+def _body(C: int, p: Person) -> _Body:
     rng = random.Random(p.color_seed)
-    ident, st = p.identity, p.state
+    ident = p.identity
     skin = _jit(SKIN[ident.skin], rng, 8)
     hair = _jit(HAIR_COLOR[ident.hair_color], rng, 8)
     shirt = _jit(SHIRT_COLOR[ident.shirt_color], rng, 8)
-    H = p.scale * C                     # body height
+    H = p.scale * C
     cx, foot = p.x * C, 0.97 * C
     top = foot - H
-    r = 0.145 * H                       # head radius: big, so face/hair/glasses survive 64 px
-    hy = top + 0.06 * H + r             # head centre (room above for the bun)
+    r = 0.145 * H                       # big, so face/hair/glasses survive 64 px
+    hy = top + 0.06 * H + r             # room above for the bun
     neck = hy + r
-    torso_b = neck + 0.40 * H
-    tw = 0.22 * H                       # torso half width
-    arm_w = 0.075 * H
-
-    # legs
-    leg_w = 0.09 * H
-    for s in (-1, 1):
-        lx = cx + s * 0.55 * leg_w
-        d.rectangle([lx - leg_w / 2, torso_b - 0.02 * H, lx + leg_w / 2, foot], fill=TROUSERS)
-
     # face silhouette: the three shapes differ by several output pixels in width and height
     # (round: circle of radius r; square: wide box with hard corners; long: tall narrow oval)
     face_box, face_kind = _face_geometry(ident.face_shape, cx, hy, r)
-    fw = (face_box[2] - face_box[0]) / 2        # face half width
+    return _Body(skin, hair, shirt, H, cx, foot, r, hy, neck, torso_b=neck + 0.40 * H, tw=0.22 * H,
+                 arm_w=0.075 * H, face_box=face_box, face_kind=face_kind, fw=(face_box[2] - face_box[0]) / 2)
 
-    # long hair: a mane behind the head, wider than any face, down to the shoulders
-    if ident.hair_style == "long":
-        d.rounded_rectangle([cx - fw - 0.42 * r, hy - 1.12 * r, cx + fw + 0.42 * r, neck + 0.3 * r],
-                            radius=0.5 * r, fill=hair)
 
-    # arms (drawn before the torso so the shoulder joint hides under the shirt)
+def _draw_legs(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    leg_w = 0.09 * b.H
     for s in (-1, 1):
-        sx, sy = cx + s * (tw - 0.3 * arm_w), neck + 0.05 * H
-        if st.pose == "waving" and s == 1:
+        lx = b.cx + s * 0.55 * leg_w
+        d.rectangle([lx - leg_w / 2, b.torso_b - 0.02 * b.H, lx + leg_w / 2, b.foot], fill=TROUSERS)
+
+
+def _draw_arms(d: ImageDraw.ImageDraw, b: _Body, pose: str) -> None:
+    H = b.H
+    for s in (-1, 1):
+        sx, sy = b.cx + s * (b.tw - 0.3 * b.arm_w), b.neck + 0.05 * H
+        if pose == "waving" and s == 1:
             ex, ey = sx + 0.16 * H, sy - 0.26 * H
         else:
             ex, ey = sx + s * 0.07 * H, sy + 0.36 * H
-        d.line([(sx, sy), (ex, ey)], fill=shirt, width=int(arm_w))
-        d.ellipse([ex - 0.045 * H, ey - 0.045 * H, ex + 0.045 * H, ey + 0.045 * H], fill=skin)
+        d.line([(sx, sy), (ex, ey)], fill=b.shirt, width=int(b.arm_w))
+        d.ellipse([ex - 0.045 * H, ey - 0.045 * H, ex + 0.045 * H, ey + 0.045 * H], fill=b.skin)
 
-    # torso with pattern
-    box = [cx - tw, neck - 0.02 * H, cx + tw, torso_b]
-    d.rounded_rectangle(box, radius=0.06 * H, fill=shirt)
+
+def _draw_torso(d: ImageDraw.ImageDraw, b: _Body, pattern: str) -> None:
+    H = b.H
+    box = [b.cx - b.tw, b.neck - 0.02 * H, b.cx + b.tw, b.torso_b]
+    d.rounded_rectangle(box, radius=0.06 * H, fill=b.shirt)
     patt = (250, 250, 250)
-    if ident.shirt_pattern == "striped":
+    if pattern == "striped":
         period = 0.095 * H
         y = box[1] + 0.5 * period
         while y + 0.45 * period <= box[3]:
             d.rectangle([box[0] + 0.02 * H, y, box[2] - 0.02 * H, y + 0.45 * period], fill=patt)
             y += period
-    elif ident.shirt_pattern == "dotted":
+    elif pattern == "dotted":
         step, dr = 0.11 * H, 0.028 * H
         for iy, y in enumerate(np.arange(box[1] + 0.6 * step, box[3] - 0.3 * step, step)):
             off = 0.5 * step * (iy % 2)
             for x in np.arange(box[0] + 0.5 * step + off, box[2] - 0.3 * step, step):
                 d.ellipse([x - dr, y - dr, x + dr, y + dr], fill=patt)
 
-    # long hair: two locks falling in front of the shoulders down to the chest
-    if ident.hair_style == "long":
-        lw = 0.42 * r
-        for sgn in (-1, 1):
-            x_in, x_out = cx + sgn * (fw - 0.05 * r), cx + sgn * (fw + 0.42 * r)
-            d.rectangle([min(x_in, x_out), hy, max(x_in, x_out), neck + 0.2 * H], fill=hair)
-            d.ellipse([min(x_in, x_out), neck + 0.2 * H - lw / 2, max(x_in, x_out), neck + 0.2 * H + lw / 2],
-                      fill=hair)
 
-    # neck and face
-    d.rectangle([cx - 0.35 * r, hy + 0.6 * r, cx + 0.35 * r, neck + 0.1 * r], fill=skin)
-    _draw_face_shape(d, face_kind, face_box, skin)
+def _draw_long_hair_locks(d: ImageDraw.ImageDraw, b: _Body) -> None:
+    """Two locks falling in front of the shoulders down to the chest."""
+    r, lw = b.r, 0.42 * b.r
+    for sgn in (-1, 1):
+        x_in, x_out = b.cx + sgn * (b.fw - 0.05 * r), b.cx + sgn * (b.fw + 0.42 * r)
+        d.rectangle([min(x_in, x_out), b.hy, max(x_in, x_out), b.neck + 0.2 * b.H], fill=b.hair)
+        d.ellipse([min(x_in, x_out), b.neck + 0.2 * b.H - lw / 2, max(x_in, x_out), b.neck + 0.2 * b.H + lw / 2],
+                  fill=b.hair)
 
-    # hair on top of the head (all styles): a cap that follows the face outline, covering only its
-    # top, so the silhouette of the face stays visible; a big bun sits clearly above the head
+
+def _draw_head(d: ImageDraw.ImageDraw, b: _Body, hair_style: str) -> None:
+    """Neck, face, and the hair on top of the head (all styles): a cap that follows the face outline, covering
+    only its top, so the silhouette of the face stays visible; a big bun sits clearly above the head."""
+    cx, r, face_box = b.cx, b.r, b.face_box
+    d.rectangle([cx - 0.35 * r, b.hy + 0.6 * r, cx + 0.35 * r, b.neck + 0.1 * r], fill=b.skin)
+    _draw_face_shape(d, b.face_kind, face_box, b.skin)
     cap_bottom = face_box[1] + 0.55 * r
     m = 0.1 * r
     cap_box = [face_box[0] - m, face_box[1] - m, face_box[2] + m, face_box[3] + m]
-    _draw_clipped(d, face_kind, cap_box, hair, cap_bottom)
-    if ident.hair_style == "bun":
+    _draw_clipped(d, b.face_kind, cap_box, b.hair, cap_bottom)
+    if hair_style == "bun":
         br = 0.62 * r
         by = face_box[1] - 0.75 * br
-        d.ellipse([cx - br, by - br, cx + br, by + br], fill=hair)
+        d.ellipse([cx - br, by - br, cx + br, by + br], fill=b.hair)
 
-    # eyes / glasses
-    ey, ex = hy + 0.05 * r, 0.42 * r
-    if ident.glasses == "sunglasses":
+
+def _draw_eyes(d: ImageDraw.ImageDraw, b: _Body, glasses: str) -> None:
+    cx, r = b.cx, b.r
+    ey, ex = b.hy + 0.05 * r, 0.42 * r
+    if glasses == "sunglasses":
         d.rounded_rectangle([cx - 0.95 * r, ey - 0.28 * r, cx + 0.95 * r, ey + 0.3 * r], radius=0.12 * r,
                             fill=(12, 12, 14))
-    else:
+        return
+    for s in (-1, 1):
+        er = 0.11 * r
+        d.ellipse([cx + s * ex - er, ey - er, cx + s * ex + er, ey + er], fill=(20, 20, 24))
+    if glasses == "glasses":
+        gr, gw = 0.34 * r, max(1, int(0.16 * r))
         for s in (-1, 1):
-            er = 0.11 * r
-            d.ellipse([cx + s * ex - er, ey - er, cx + s * ex + er, ey + er], fill=(20, 20, 24))
-        if ident.glasses == "glasses":
-            gr, gw = 0.34 * r, max(1, int(0.16 * r))
-            for s in (-1, 1):
-                d.ellipse([cx + s * ex - gr, ey - gr, cx + s * ex + gr, ey + gr], outline=(20, 20, 26), width=gw)
-            d.line([(cx - ex + gr, ey), (cx + ex - gr, ey)], fill=(20, 20, 26), width=gw)
+            d.ellipse([cx + s * ex - gr, ey - gr, cx + s * ex + gr, ey + gr], outline=(20, 20, 26), width=gw)
+        d.line([(cx - ex + gr, ey), (cx + ex - gr, ey)], fill=(20, 20, 26), width=gw)
 
-    # mouth: the expression state
-    my, mw = hy + 0.55 * r, 0.35 * r
+
+def _draw_mouth(d: ImageDraw.ImageDraw, b: _Body, expression: str) -> None:
+    cx, r = b.cx, b.r
+    my, mw = b.hy + 0.55 * r, 0.35 * r
     mouth = (120, 30, 40)
-    if st.expression == "neutral":
+    if expression == "neutral":
         d.line([(cx - mw, my), (cx + mw, my)], fill=mouth, width=max(1, int(0.1 * r)))
-    elif st.expression == "smiling":
+    elif expression == "smiling":
         d.arc([cx - mw, my - 0.35 * r, cx + mw, my + 0.15 * r], 20, 160, fill=mouth, width=max(1, int(0.12 * r)))
     else:
         d.ellipse([cx - 0.16 * r, my - 0.2 * r, cx + 0.16 * r, my + 0.2 * r], fill=mouth)
+
+
+def _draw_person(d: ImageDraw.ImageDraw, C: int, p: Person) -> None:
+    """Back to front: legs, long hair's mane, arms (under the shirt at the shoulder), torso, long hair's locks,
+    head, eyes, mouth."""
+    ident, b = p.identity, _body(C, p)
+    _draw_legs(d, b)
+    if ident.hair_style == "long":  # a mane behind the head, wider than any face, down to the shoulders
+        d.rounded_rectangle([b.cx - b.fw - 0.42 * b.r, b.hy - 1.12 * b.r, b.cx + b.fw + 0.42 * b.r,
+                             b.neck + 0.3 * b.r], radius=0.5 * b.r, fill=b.hair)
+    _draw_arms(d, b, p.state.pose)
+    _draw_torso(d, b, ident.shirt_pattern)
+    if ident.hair_style == "long":
+        _draw_long_hair_locks(d, b)
+    _draw_head(d, b, ident.hair_style)
+    _draw_eyes(d, b, ident.glasses)
+    _draw_mouth(d, b, p.state.expression)
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
