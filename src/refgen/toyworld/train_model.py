@@ -575,11 +575,70 @@ def _grid(imgs, size: int):
 # the recipe
 
 
+def _build_components(cfg: ToyModelConfig, scenes: list[world.Scene], dev):
+    """(tokenizer, text encoder, VAE, transformer), each from its own seed. The tokenizer is trained on captions
+    of the data set (several draws per scene: all attribute words)."""
+    from refgen.runtime import check_cpu_size
+
+    rng = random.Random(cfg.seed)
+    cap_sample = [world.caption(scenes[i % len(scenes)], rng, p_bare=0.0) for i in range(min(20000, 4 * len(scenes)))]
+    tokenizer = build_tokenizer(cap_sample, cfg.text.vocab_size)
+    text_encoder = build_text_encoder(tokenizer, cfg.text, cfg.seed).to(dev)
+    torch.manual_seed(cfg.seed + 10)
+    vae = build_vae(cfg.vae).to(dev)
+    torch.manual_seed(cfg.seed + 20)
+    transformer = build_transformer(cfg.transformer, cfg.vae.z_dim, cfg.text.hidden).to(dev)
+    for name, m in (("vae", vae), ("transformer", transformer), ("text_encoder", text_encoder)):
+        check_cpu_size(m, dev, name)
+    return tokenizer, text_encoder, vae, transformer
+
+
+def _evaluate_shipped(pipe, cfg: ToyModelConfig, dev, work: Path, log: JsonlLogger) -> dict:
+    """The recognizer's reading of the weights that ship: bf16 (as Qwen-Image ships, and as the benchmark loads
+    them on a GPU); on the CPU (smoke runs) the evaluation stays fp32, as CPU users load the model."""
+    if dev.type == "cuda":
+        pipe.to(torch.bfloat16)
+    if cfg.eval_identities <= 0:
+        return {}
+    evals = evaluate_with_recognizer(pipe, cfg, dev, work)
+    if dev.type == "cuda":  # the same bf16-rounded weights computed in fp32, as `--dtype fp32` runs them
+        pipe.to(torch.float32)
+        evals["fp32_compute"] = evaluate_with_recognizer(pipe, cfg, dev, work, roundtrip=False, samples=False)
+    log.log(stage="eval", **_flat(evals))
+    return evals
+
+
+def _publish_model(pipe, cfg: ToyModelConfig, out: Path, work: Path, report: dict, clock: _Clock) -> None:
+    """Save the pipeline in bf16 with refgen_toyworld.json beside it (the report gains the weights' size and the
+    total time), then swap it in at `out` (with the logs and samples from `work`); a half-written folder is never
+    at `out`."""
+    import os
+    import shutil
+
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.to(torch.bfloat16)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    report["weights_mb"] = sum(p.stat().st_size for p in tmp.rglob("*.safetensors")) / 2**20
+    report["total_s"] = time.time() - clock.t0
+    atomic_write_json(tmp / "refgen_toyworld.json", provenance(asdict(cfg), report=report))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    if (work / "metrics.jsonl").exists():
+        shutil.copy2(work / "metrics.jsonl", out / "metrics.jsonl")
+    for extra in ("samples.png", "samples.json"):
+        if (work / extra).exists():
+            shutil.copy2(work / extra, out / extra)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def train_model(cfg: ToyModelConfig, out: str | Path, *, progress: bool = True) -> Path:
     """Run the whole recipe and save a QwenImagePipeline folder at `out`. Returns `out`."""
     from diffusers import QwenImagePipeline
 
-    from refgen.runtime import check_cpu_size, resolve_device, seed_everything
+    from refgen.runtime import resolve_device, seed_everything
 
     out = Path(out)
     dev = resolve_device(cfg.device)
@@ -594,19 +653,7 @@ def train_model(cfg: ToyModelConfig, out: str | Path, *, progress: bool = True) 
 
     images, scenes = render_dataset(cfg, progress)
     t["render_s"] = time.time() - clock.t0
-
-    # tokenizer: trained on captions of the data set (several draws per scene: all attribute words)
-    rng = random.Random(cfg.seed)
-    cap_sample = [world.caption(scenes[i % len(scenes)], rng, p_bare=0.0) for i in range(min(20000, 4 * len(scenes)))]
-    tokenizer = build_tokenizer(cap_sample, cfg.text.vocab_size)
-    text_encoder = build_text_encoder(tokenizer, cfg.text, cfg.seed).to(dev)
-
-    torch.manual_seed(cfg.seed + 10)
-    vae = build_vae(cfg.vae).to(dev)
-    torch.manual_seed(cfg.seed + 20)
-    transformer = build_transformer(cfg.transformer, cfg.vae.z_dim, cfg.text.hidden).to(dev)
-    for name, m in (("vae", vae), ("transformer", transformer), ("text_encoder", text_encoder)):
-        check_cpu_size(m, dev, name)
+    tokenizer, text_encoder, vae, transformer = _build_components(cfg, scenes, dev)
 
     stats = train_vae(vae, images, cfg, dev, log, clock, progress)
     t["vae_s"] = time.time() - clock.t0 - t["render_s"]
@@ -624,42 +671,15 @@ def train_model(cfg: ToyModelConfig, out: str | Path, *, progress: bool = True) 
     transformer.eval()
     del ema
 
-    # bf16 weights (as Qwen-Image ships, and as the benchmark loads them on a GPU) are what is evaluated
-    # and saved; on the CPU (smoke runs) the evaluation stays fp32, as CPU users load the model
-    import os
-    import shutil
-
-    if dev.type == "cuda":
-        pipe.to(torch.bfloat16)
-    evals = {}
+    t1 = time.time()
+    evals = _evaluate_shipped(pipe, cfg, dev, work, log)
     if cfg.eval_identities > 0:
-        t1 = time.time()
-        evals = evaluate_with_recognizer(pipe, cfg, dev, work)
-        if dev.type == "cuda":  # the same bf16-rounded weights computed in fp32, as `--dtype fp32` runs them
-            pipe.to(torch.float32)
-            evals["fp32_compute"] = evaluate_with_recognizer(pipe, cfg, dev, work, roundtrip=False, samples=False)
         t["eval_s"] = time.time() - t1
-        log.log(stage="eval", **_flat(evals))
-    tmp = out.parent / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.to(torch.bfloat16)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    size_mb = sum(p.stat().st_size for p in tmp.rglob("*.safetensors")) / 2**20
     report = {**stats, "timings_s": t, "train_s": t["render_s"] + t["vae_s"] + t["transformer_s"],
-              "total_s": time.time() - clock.t0, "latents_mean": lat_mean,
-              "latents_std": lat_std, "weights_mb": size_mb, "eval": evals, "device": str(dev),
+              "total_s": None, "latents_mean": lat_mean,
+              "latents_std": lat_std, "weights_mb": None, "eval": evals, "device": str(dev),
               "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
               "stopped_early": stats["vae_steps_done"] < cfg.vae.steps
               or stats["transformer_steps_done"] < cfg.transformer.steps}
-    atomic_write_json(tmp / "refgen_toyworld.json", provenance(asdict(cfg), report=report))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    if (work / "metrics.jsonl").exists():
-        shutil.copy2(work / "metrics.jsonl", out / "metrics.jsonl")
-    for extra in ("samples.png", "samples.json"):
-        if (work / extra).exists():
-            shutil.copy2(work / extra, out / extra)
-    shutil.rmtree(work, ignore_errors=True)
+    _publish_model(pipe, cfg, out, work, report, clock)
     return out
