@@ -1,4 +1,4 @@
-"""The MFU options of NanoDiT (issue 8 item 5): the unmasked cross-attentions ("zpad", "split") equal the masked
+"""The MFU options of NanoDiT: the unmasked cross-attentions ("zpad", "split") equal the masked
 SDPA reference, forward and backward, on CPU in fp32; regional compilation; the clip folded into fused AdamW."""
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def test_bench_mfu40_tiny(tmp_path, monkeypatch):
 
 def test_bench_presets_pin_the_old_base_and_train_runs_tiny(tmp_path):
     """Rows measured while `base` was 1024 x 22 keep that shape (their results files say so); the `train`
-    preset (issue 8's table: the training step with EMA) runs on the tiny model."""
+    preset (the training step with EMA) runs on the tiny model."""
     bench = _bench()
     for name in ("sweep", "mfu40", "mfu40b", "mfu40c", "mfu40d", "mfu40e"):
         for r in bench.PRESETS[name]:

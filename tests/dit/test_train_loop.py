@@ -112,8 +112,8 @@ def test_warm_start_reports_missing_and_unexpected_keys(tmp_path):
     data = synthetic_batches(2)
     src = train(tiny_cfg(tmp_path / "src", steps=2, ckpt_every=2), data)
     ck = load_checkpoint(src["checkpoint"])
-    # an "old" checkpoint: no DINO-patch parameters (seed 003 phase 5.2), one parameter it no longer has,
-    # and one with another shape
+    # an "old" checkpoint: no DINO-patch parameters (a text+CLS model grown into one with patches), one
+    # parameter the model does not have, and one with another shape
     old = {k: v for k, v in ck["ema"].items() if not k.startswith(("patch_proj.", "null_patch"))}
     old["old_head.weight"] = torch.zeros(3)
     old["text_proj.bias"] = torch.zeros(7)
