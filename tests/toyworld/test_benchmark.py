@@ -126,3 +126,17 @@ def test_shipped_model_draws_people_spelled_out_in_words():
     assert c["single"]["identity_acc"] >= 6 / 8, c["single"]
     assert c["pair"]["all_people_acc"] >= 3 / 4, c["pair"]
     assert c["single"]["scene_acc"] == 1.0
+
+
+def test_benchmark_reads_a_token_teacher_through_the_text_encoder(tmp_path):
+    cfg = B.BenchmarkConfig.tiny(invert={"steps": 3, "images_per_step": 1, "parametrisation": "tokens",
+                                         "image_prompts": True})
+    r = B.run_benchmark(cfg, tmp_path, progress=False)
+    d = tmp_path / "teacher" / f"seed_{cfg.test_seed}"
+    assert (d / "teacher_tokens.safetensors").exists() and not (d / "teacher_residual.safetensors").exists()
+    assert set(r["teacher"]["per_alpha"]) == {"0", "1"}
+    assert "skipped" in r["head"]  # the head predicts slot residuals: no head row from a token teacher
+    assert r["two_slot"]["teacher"]["n_images"] == cfg.n_pairs * len(cfg.scenes) * len(cfg.seeds)
+    # alpha 0 is the untouched prompt whatever the mode: the floor equals a slot-residual run's floor
+    res = B.run_benchmark(B.BenchmarkConfig.tiny(n_train=0), tmp_path / "res", progress=False)
+    assert r["teacher"]["per_alpha"]["0"] == res["teacher"]["per_alpha"]["0"]

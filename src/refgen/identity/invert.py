@@ -35,6 +35,9 @@ from refgen.identity.render import execution_device, release_text_encoder
 from refgen.images import Identity, center_crop_resize, load_rgb
 
 
+PARAMETRISATIONS = ("rms_scaled", "free", "tokens")
+
+
 @dataclass
 class InvertConfig:
     base_prompt: str = "a portrait photo of ~ID~, studio lighting"
@@ -56,6 +59,10 @@ class InvertConfig:
     #   free        P itself, started at init_scale * N(0, 1): any vector, no clamp. The transformer RMS-normalises
     #               text tokens, so what a residual changes is each window token's direction; a bound on its size
     #               bounds how far that direction can turn.
+    #   tokens      not on the encoder output: the placeholder's input token embeddings T = T_ph + e * P (e the RMS
+    #               of the embedding table, so lr means the same for any text encoder), learnt through the frozen
+    #               text encoder (textual inversion). Every token after the slot sees the person too; the text
+    #               encoder stays loaded and is back-propagated through. Saved as teacher_tokens.safetensors.
     parametrisation: str = "rms_scaled"
     # Prompts (each with exactly one ~ID~) the identity is optimised in besides base_prompt; each image of a step
     # draws one of base_prompt + contexts from the identity's own generator. A residual fitted in one sentence
@@ -101,8 +108,8 @@ class InvertConfig:
                 raise ValueError(f"{name} must contain exactly one ~ID~: {text!r}")
         if self.image_prompts and self.contexts:
             raise ValueError("image_prompts and contexts are two ways to choose each image's prompt: set one")
-        if self.parametrisation not in ("rms_scaled", "free"):
-            raise ValueError(f"parametrisation must be 'rms_scaled' or 'free', got {self.parametrisation!r}")
+        if self.parametrisation not in PARAMETRISATIONS:
+            raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, got {self.parametrisation!r}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "InvertConfig":
@@ -147,23 +154,34 @@ class Inverter:
     """Runs teacher inversion for identities against one loaded QwenImagePipeline."""
 
     def __init__(self, pipe, cfg: InvertConfig, out_root: str | Path, model_id: str = "", progress: bool = True):
-        from refgen.identity.prompts import encode_prompts
+        from refgen.identity.prompts import encode_prompts, tokenize
 
         self.pipe, self.cfg, self.out_root, self.model_id, self.progress = pipe, cfg, Path(out_root), model_id, progress
         self.device = execution_device(pipe)
         self.dtype = pipe.transformer.dtype
+        self.tokens = cfg.parametrisation == "tokens"
         base = encode_prompts(pipe, cfg.base_prompt, n_identities=1)
         self.E_base, self.slot = base.embeds, base.slots[0][0]  # (1, S, H), Slot
-        self.ctx = None
-        if cfg.contexts:  # base_prompt is context 0
+        self.base_tp = tokenize(pipe, cfg.base_prompt, 1)
+        self.ctx, self.bank_tps = None, None
+        if cfg.contexts or (self.tokens and not cfg.image_prompts):  # base_prompt is context 0
             self.ctx = self._prompt_bank([cfg.base_prompt] + list(cfg.contexts), "contexts")
+        if self.tokens:
+            from refgen.identity.tokens import embed_rms, placeholder_embeds
+
+            te = pipe.text_encoder
+            te.requires_grad_(False)
+            te.eval()
+            self.te_dtype = te.dtype
+            self.T_ph = placeholder_embeds(pipe).to(self.device)  # (L, H_in)
+            self.emb_rms = embed_rms(pipe)
         self.neg = None
         if cfg.true_cfg > 1 or (cfg.qa and cfg.qa_true_cfg > 1):
             ne = encode_prompts(pipe, cfg.negative_prompt)
             self.neg = (ne.embeds, ne.mask)
         # The text encoder is needed for nothing else: off the GPU with it (Qwen2.5-VL-7B is ~16 GB in bf16).
-        # With image_prompts it first encodes the photos' own prompts, in run().
-        if not cfg.image_prompts:
+        # With image_prompts it first encodes the photos' own prompts, in run(); with tokens it runs every step.
+        if not cfg.image_prompts and not self.tokens:
             release_text_encoder(pipe)
         self.image_rows: dict[str, torch.Tensor] = {}  # identity id -> bank row of each of its images
         tr = pipe.transformer
@@ -218,14 +236,17 @@ class Inverter:
             return
         self.ctx = self._prompt_bank(texts, "image prompts")
         self.image_rows = rows
-        release_text_encoder(self.pipe)
+        if not self.tokens:
+            release_text_encoder(self.pipe)
 
     def _prompt_bank(self, texts: list[str], what: str) -> tuple:
         """(embeds (P, S, H), mask (P, S) int64, window start (P,)): prompts with one ~ID~ each, one padded batch.
         Every window must have base_prompt's length L: the residual is (L, H)."""
-        from refgen.identity.prompts import encode_prompts
+        from refgen.identity.prompts import encode_prompts, tokenize
 
         enc = encode_prompts(self.pipe, texts, n_identities=1)
+        if self.tokens:  # the rows are encoded again every step, with the identity's tokens in the window
+            self.bank_tps = [tokenize(self.pipe, t, 1) for t in texts]
         if {sl[0].length for sl in enc.slots} != {self.slot.length}:
             raise ValueError(f"~ID~ has different window lengths in the {what} than in base_prompt "
                              f"({self.slot.length}): {[sl[0] for sl in enc.slots]}")
@@ -265,8 +286,10 @@ class Inverter:
         latents = encode_qwen_latents(self.pipe.vae, images, device=self.device)  # (N, C, h, w)
         gen = torch.Generator("cpu").manual_seed(identity_seed(self.cfg.seed, ident.id))
         L, H = self.slot.length, self.E_base.shape[2]
+        if self.tokens:
+            H = self.T_ph.shape[1]
         P = torch.randn(L, H, generator=gen)
-        if self.cfg.parametrisation == "free":  # the residual is P: start it small, near the placeholder's own
+        if self.cfg.parametrisation in ("free", "tokens"):  # start small, near the placeholder's own
             P = P * self.cfg.init_scale
         P = torch.nn.Parameter(P.to(self.device, torch.float32))
         ls = torch.nn.Parameter(torch.tensor(math.log(self.cfg.init_scale), device=self.device))
@@ -281,9 +304,12 @@ class Inverter:
         return st
 
     def residual(self, st: _State) -> torch.Tensor:
-        """(L, H) float32: clamp(exp(log_scale)) * P / RMS(P), or P itself (parametrisation 'free')."""
+        """(L, H) float32: clamp(exp(log_scale)) * P / RMS(P), or P itself (parametrisation 'free'); with
+        'tokens' the learnt input token embeddings (L, H_in) T_ph + e * P."""
         if self.cfg.parametrisation == "free":
             return st.P
+        if self.tokens:
+            return self.T_ph + self.emb_rms * st.P
         scale = st.log_scale.exp().clamp(self.cfg.scale_min, self.cfg.scale_max)
         return scale * st.P / st.P.pow(2).mean().add(1e-12).sqrt()
 
@@ -363,9 +389,20 @@ class Inverter:
         sigma = torch.cat(sigmas).to(self.device)
         R = torch.stack([self.residual(s) for s in active])  # (K, L, H) float32
         from refgen.identity.inject import inject
+        from refgen.identity.prompts import encode_tokenized
 
-        Rn = R.to(self.dtype).repeat_interleave(n, 0)  # (K*n, L, H)
-        if self.ctx is None:
+        Rn = R.to(self.te_dtype if self.tokens else self.dtype).repeat_interleave(n, 0)  # (K*n, L, H or H_in)
+        if self.tokens:  # the text encoder reads the identity's tokens in each row's own prompt
+            c = torch.cat(ctx_idx)  # (K*n,)
+            enc = encode_tokenized(self.pipe, [self.bank_tps[i] for i in c.tolist()], self.device, self.dtype, [Rn])
+            E, M = enc.embeds, enc.mask
+            c = c.to(self.device)
+            E0 = self.ctx[0][c][:, :E.shape[1]]  # the placeholder as written, for the metrics
+            pos = self.ctx[2][c][:, None] + torch.arange(self.slot.length, device=self.device)  # (K*n, L)
+            rows = torch.arange(E0.shape[0], device=self.device)[:, None].expand_as(pos)
+            win = torch.zeros(E0.shape[:2], dtype=torch.bool, device=self.device)
+            win[rows, pos] = True
+        elif self.ctx is None:
             E0, M = self.E_base.expand(len(active) * n, -1, -1), None
             E = inject(E0, [self.slot], [Rn], [1.0])  # (K*n, S, H)
             win = torch.zeros(E0.shape[:2], dtype=torch.bool, device=self.device)
@@ -466,18 +503,29 @@ class Inverter:
         x0 = st.latents.repeat_interleave(n_sigmas, 0)
         noise = torch.randn(x0.shape, generator=g).to(x0)
         sigma = torch.linspace(0.05, 0.95, n_sigmas).repeat(st.latents.shape[0]).to(self.device)
-        E = self.E_base.expand(x0.shape[0], -1, -1)
-        if R is not None:
-            from refgen.identity.inject import inject
-
-            E = inject(E, [self.slot], [R.to(self.dtype)], [1.0])
+        E = self.base_embeds(R).expand(x0.shape[0], -1, -1)
         per = [flow.loss(self.model, pack(x0[i:i + 8]), (E[i:i + 8], None), sigma=sigma[i:i + 8],
                          noise=pack(noise[i:i + 8]), reduction="none") for i in range(0, x0.shape[0], 8)]
         return torch.cat(per).mean().item()
 
+    def base_embeds(self, R: torch.Tensor | None) -> torch.Tensor:
+        """(1, S, H) base_prompt's embeddings as the optimisation saw them: R rounded to the model's dtype and
+        added in that dtype (inject), or the tokens read by the text encoder; R None: the bare base prompt."""
+        if R is None:
+            return self.E_base
+        if self.tokens:
+            from refgen.identity.prompts import encode_tokenized
+
+            return encode_tokenized(self.pipe, [self.base_tp], self.device, self.dtype,
+                                    [R[None].to(self.device, self.te_dtype)]).embeds
+        from refgen.identity.inject import inject
+
+        return inject(self.E_base, [self.slot], [R.to(self.device, self.dtype)], [1.0])
+
     # ---- artifacts ------------------------------------------------------------------------------------
     def finish(self, s: _State) -> dict:
-        """teacher_prompt_embeds.pt, teacher_residual.safetensors, alpha_eval/, then teacher.json (last)."""
+        """teacher_prompt_embeds.pt, teacher_residual.safetensors (teacher_tokens.safetensors with 'tokens'),
+        alpha_eval/, then teacher.json (last)."""
         from refgen.identity.inject import residual_metadata, save_residual
         from refgen.identity.render import RenderConfig, render_grid
 
@@ -498,25 +546,36 @@ class Inverter:
                             if R is not None else None,
                             eval_loss_base=self.eval_loss(s, None), eval_loss_teacher=self.eval_loss(s, R) if R is not None else None)
         if R is not None:
-            from refgen.identity.inject import inject
-
             # The embeddings the model was optimised on: R rounded to the model's dtype, then added in that dtype
-            # (the training step's inject), not E + R in fp32 rounded once. Off-slot untouched: Δ exactly 0.
-            E_t = inject(self.E_base.detach(), [self.slot], [R.to(self.dtype)], [1.0]).cpu()
+            # (the training step's inject), not E + R in fp32 rounded once; or the tokens read by the encoder.
+            E_t = self.base_embeds(R).detach().cpu()
             atomic_torch_save(E_t, d / "teacher_prompt_embeds.pt")
             atomic_torch_save(self.E_base.detach().cpu(), d / "base_prompt_embeds.pt")
-            md = residual_metadata(self.pipe, self.model_id, {"identity": s.ident.id, "base_prompt": cfg.base_prompt,
-                                                               "slot_start": str(self.slot.start)})
-            save_residual(d / "teacher_residual.safetensors", R, md)
-            record.update(teacher_prompt_embeds="teacher_prompt_embeds.pt", residual="teacher_residual.safetensors",
-                          slot_rms=R.pow(2).mean().sqrt().item(), offslot_rms=0.0)
+            extra = {"identity": s.ident.id, "base_prompt": cfg.base_prompt, "slot_start": str(self.slot.start)}
+            delta = E_t.float() - self.E_base.detach().cpu().float()  # (1, S, H)
+            win = torch.zeros(delta.shape[1], dtype=torch.bool)
+            win[self.slot.start:self.slot.start + self.slot.length] = True
+            record.update(teacher_prompt_embeds="teacher_prompt_embeds.pt", slot_rms=delta[:, win].pow(2).mean().sqrt().item(),
+                          offslot_rms=delta[:, ~win].pow(2).mean().sqrt().item() if (~win).any() else 0.0)
+            if self.tokens:
+                from refgen.identity.tokens import save_tokens, token_metadata
+
+                save_tokens(d / "teacher_tokens.safetensors", R, self.T_ph, token_metadata(self.pipe, self.model_id, extra))
+                record.update(tokens="teacher_tokens.safetensors",
+                              token_shift_rms=((R - self.T_ph).pow(2).mean().sqrt() / self.emb_rms).item())
+            else:
+                save_residual(d / "teacher_residual.safetensors", R, residual_metadata(self.pipe, self.model_id, extra))
+                record.update(residual="teacher_residual.safetensors")
             if cfg.qa:
                 rc = RenderConfig(prompt=cfg.base_prompt, alphas=cfg.qa_alphas, seeds=cfg.qa_seeds, steps=cfg.qa_steps,
                                   true_cfg=cfg.qa_true_cfg, negative_prompt=cfg.negative_prompt, height=cfg.height,
                                   width=cfg.width)
-                render_grid(self.pipe, rc, [R.to(self.device, self.dtype)], d / "alpha_eval", progress=self.progress,
-                            encoded=(self.E_base, torch.ones(self.E_base.shape[:2], dtype=torch.long,
-                                                             device=self.device), [self.slot]), neg=self.neg)
+                if self.tokens:
+                    render_grid(self.pipe, rc, [], d / "alpha_eval", progress=self.progress, neg=self.neg, tokens=[R])
+                else:
+                    render_grid(self.pipe, rc, [R.to(self.device, self.dtype)], d / "alpha_eval", progress=self.progress,
+                                encoded=(self.E_base, torch.ones(self.E_base.shape[:2], dtype=torch.long,
+                                                                 device=self.device), [self.slot]), neg=self.neg)
                 record["alpha_eval"] = "alpha_eval/grid.png"
         atomic_write_json(d / "teacher.json", record)
         ck = d / "teacher_ckpt.pt"

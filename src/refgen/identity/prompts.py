@@ -41,36 +41,83 @@ def tokenize(pipe, prompt: str, n_identities: int | None = None) -> TokenizedPro
     return tokenize_with_slots(pipe.tokenizer, prompt, template, drop, max_len, n_identities)
 
 
-@torch.no_grad()
+def text_encoder_device(pipe) -> torch.device:
+    """Where the text encoder computes: the execution device under offload hooks (its weights sit on the CPU
+    until it runs), else where its weights are. Token ids and learnt token embeddings go there."""
+    from refgen.identity.render import execution_device, moved_by_hooks
+
+    te = pipe.text_encoder
+    return execution_device(pipe) if moved_by_hooks(te) else next(te.parameters()).device
+
+
 def encode_prompts(pipe, prompts: str | list[str], n_identities: int | None = None,
-                   device: torch.device | None = None, dtype: torch.dtype | None = None) -> Encoded:
+                   device: torch.device | None = None, dtype: torch.dtype | None = None,
+                   tokens: list[torch.Tensor] | None = None) -> Encoded:
     """Encode prompts to E (B, S, H) + mask (B, S) with each prompt's slot windows.
 
     `n_identities` (when given) is checked against each prompt's placeholder count.
+    `tokens` (input-level identities): tokens[k] (B, L, H_in) replaces the input token embeddings of slot k
+    of every prompt before the text encoder, so the person is read by the encoder and every token after the
+    slot sees it (the encoder is causal). Every prompt then needs len(tokens) slots. Gradients flow into
+    `tokens` when they require grad (inversion); otherwise this runs without autograd.
     """
-    from refgen.identity.render import execution_device, moved_by_hooks
-
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    tps = [tokenize(pipe, p, n_identities if tokens is None else len(tokens)) for p in prompts]
+    return encode_tokenized(pipe, tps, device, dtype, tokens)
+
+
+def encode_tokenized(pipe, tps: list[TokenizedPrompt], device: torch.device | None = None,
+                     dtype: torch.dtype | None = None, tokens: list[torch.Tensor] | None = None) -> Encoded:
+    """`encode_prompts` for prompts tokenized once (`tokenize`): inversion encodes the same prompts every step."""
+    from refgen.identity.render import execution_device
+
     device = device or execution_device(pipe)
     dtype = dtype or pipe.text_encoder.dtype
     _, drop, _ = template_of(pipe)
-    tps = [tokenize(pipe, p, n_identities) for p in prompts]
     batch = pipe.tokenizer.pad({"input_ids": [tp.input_ids for tp in tps]}, padding=True, return_tensors="pt")
     # Run the text encoder where it lives (it may be offloaded to the CPU once embeddings exist, to
     # free ~16 GB for the transformer), and hand the embeddings to the pipeline's device.
     # Under offload hooks the weights sit on the CPU and the hooks bring them to the execution device, so the
     # inputs go there.
-
-    te_device = device if moved_by_hooks(pipe.text_encoder) else next(pipe.text_encoder.parameters()).device
+    te_device = text_encoder_device(pipe)
     input_ids = batch["input_ids"].to(te_device)
     attn = batch["attention_mask"].to(te_device)
     check_tensors({"input_ids": input_ids, "attention_mask": attn}, te_device, where="encode_prompts: ")
-    out = pipe.text_encoder(input_ids=input_ids, attention_mask=attn, output_hidden_states=True)
-    hidden = out.hidden_states[-1]  # (B, T, H)
-    rows = [h[m.bool()][drop:] for h, m in zip(hidden, attn)]  # each (S_b, H), the pipeline's masking
-    S = max(r.shape[0] for r in rows)
-    embeds = torch.stack([torch.cat([r, r.new_zeros(S - r.shape[0], r.shape[1])]) for r in rows])
+    grad = tokens is not None and any(t.requires_grad for t in tokens)
+    with torch.set_grad_enabled(grad):
+        if tokens is None:
+            out = pipe.text_encoder(input_ids=input_ids, attention_mask=attn, output_hidden_states=True)
+        else:
+            L = tps[0].slots[0].length
+            bad = [k for k, t in enumerate(tokens) if t.ndim != 3 or t.shape[1] != L]
+            if bad:
+                raise ValueError(f"encode_prompts: tokens[{bad[0]}] has shape {tuple(tokens[bad[0]].shape)}; the "
+                                 f"placeholder {tps[0].slots[0]} is {L} tokens long: (B, {L}, H_in)")
+            starts = torch.tensor([[sl.start + drop for sl in tp.slots] for tp in tps], device=te_device)  # (B, K)
+            x = place_tokens(pipe.text_encoder.get_input_embeddings()(input_ids), starts, tokens)
+            out = pipe.text_encoder(inputs_embeds=x, attention_mask=attn, output_hidden_states=True)
+        hidden = out.hidden_states[-1]  # (B, T, H)
+        rows = [h[m.bool()][drop:] for h, m in zip(hidden, attn)]  # each (S_b, H), the pipeline's masking
+        S = max(r.shape[0] for r in rows)
+        embeds = torch.stack([torch.cat([r, r.new_zeros(S - r.shape[0], r.shape[1])]) for r in rows])
     mask = torch.stack([torch.cat([torch.ones(r.shape[0], dtype=torch.long, device=device),
                                    torch.zeros(S - r.shape[0], dtype=torch.long, device=device)]) for r in rows])
-    return Encoded(embeds.to(device=device, dtype=dtype), mask, [tp.slots for tp in tps], prompts,
+    return Encoded(embeds.to(device=device, dtype=dtype), mask, [tp.slots for tp in tps], [tp.prompt for tp in tps],
                    [tp.input_ids for tp in tps])
+
+
+def place_tokens(x: torch.Tensor, starts: torch.Tensor, tokens: list[torch.Tensor]) -> torch.Tensor:
+    """A new x (B, T, H_in) with tokens[k] (B, L, H_in) written over positions starts[:, k] .. + L of each row.
+    Tokens must match x's device and dtype: no silent casts."""
+    B, T, H = x.shape
+    if starts.shape != (B, len(tokens)):
+        raise ValueError(f"tokens for {len(tokens)} slot(s), but the prompts' slot starts have shape "
+                         f"{tuple(starts.shape)}; every prompt needs one ~ID~ per token set")
+    for k, t in enumerate(tokens):
+        check_tensors({f"tokens[{k}]": t}, x.device, x.dtype, where="encode_prompts: ")
+        if t.ndim != 3 or t.shape[0] != B or t.shape[2] != H:
+            raise ValueError(f"encode_prompts: tokens[{k}] has shape {tuple(t.shape)}, expected ({B}, L, {H})")
+        pos = starts[:, k, None] + torch.arange(t.shape[1], device=x.device)  # (B, L)
+        rows = torch.arange(B, device=x.device)[:, None].expand_as(pos)
+        x = x.index_put((rows, pos), t)
+    return x

@@ -278,10 +278,30 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
     return image
 
 
+def encode_with_tokens(pipe, prompts: list[str], tokens: list[list[torch.Tensor]],
+                       alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E (B, S, H), mask (B, S)) of prompts[b] with slot k read as T_ph + alphas[b] (tokens[k][b] - T_ph).
+    tokens[k][b] (L, H_in) are learnt token embeddings (identity/tokens.py), any device and float dtype: they
+    are moved to where the text encoder computes, in its dtype."""
+    from refgen.identity.prompts import encode_prompts, text_encoder_device
+    from refgen.identity.tokens import at_alpha, placeholder_embeds
+
+    dev, dt = text_encoder_device(pipe), pipe.text_encoder.dtype
+    base = placeholder_embeds(pipe).to(dev)
+    a = torch.tensor([float(x) for x in alphas], device=dev)
+    toks = [at_alpha(torch.stack([t.to(dev, torch.float32) for t in per_slot]), base, a).to(dt) for per_slot in tokens]
+    enc = encode_prompts(pipe, prompts, n_identities=len(tokens), tokens=toks)
+    return enc.embeds, enc.mask
+
+
 def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir: str | Path,
                 residual_files: list[str] | None = None, progress: bool = True,
-                encoded: tuple | None = None, neg: tuple | None = None, model_id: str | None = None) -> dict:
+                encoded: tuple | None = None, neg: tuple | None = None, model_id: str | None = None,
+                tokens: list[torch.Tensor] | None = None) -> dict:
     """Alpha x seed grid for one prompt. Every slot gets its residual times the row's alpha.
+
+    `tokens` instead of `residuals`: learnt token embeddings (L, H_in) per slot (identity/tokens.py), each row
+    encoded with T_ph + alpha (T - T_ph) in its slots; `encoded` must then be None (the text encoder runs).
 
     With no residuals the placeholders stay as plain text (phase 1.3's empty-injection smoke test).
     `encoded` = (embeds (1,S,H), mask (1,S), slots) and `neg` = (embeds, mask) skip the text encoder
@@ -295,13 +315,17 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     from refgen.identity.prompts import encode_prompts
 
     out_dir = Path(out_dir)
+    if tokens and (residuals or encoded is not None):
+        raise ValueError("render_grid: tokens are encoded with the prompt; pass no residuals and no encoded prompt")
     if encoded is None:
-        enc = encode_prompts(pipe, cfg.prompt, n_identities=len(residuals) if residuals else None)
+        n = len(residuals or tokens or []) or None
+        enc = encode_prompts(pipe, cfg.prompt, n_identities=n)
         encoded = (enc.embeds, enc.mask, enc.slots[0])
     embeds, mask, slots = encoded
+    identities = residuals or tokens
     # Without a residual alpha scales nothing: every row would be the same pictures. Render one row, say so.
-    alphas = list(cfg.alphas) if residuals else [None]
-    if not residuals and len(cfg.alphas) > 1:
+    alphas = list(cfg.alphas) if identities else [None]
+    if not identities and len(cfg.alphas) > 1:
         print(f"refgen render: no residual, so alpha changes nothing: one row of {len(cfg.seeds)} seeds instead of "
               f"{len(cfg.alphas)} identical rows")
     pairs = [(a, s) for a in alphas for s in cfg.seeds]  # row-major: alpha rows, seed columns
@@ -311,6 +335,8 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     if residuals:
         alpha = torch.tensor([a for a, _ in pairs], device=E.device)
         E = inject(E, slots, residuals, [alpha] * len(residuals))
+    if tokens:
+        E, M = encode_with_tokens(pipe, [cfg.prompt] * B, [[t] * B for t in tokens], [a for a, _ in pairs])
     if neg is None:
         neg = encode_negative(pipe, cfg)
     images = render_images(pipe, E, M, [s for _, s in pairs], cfg, neg, progress)
@@ -326,7 +352,7 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     record = provenance(
         dataclasses.asdict(cfg), kind="alpha_grid", model=model_id or pipe.name_or_path,
         dtype=str(pipe.transformer.dtype).replace("torch.", ""), device=str(execution_device(pipe)),
-        alphas=cfg.alphas if residuals else [], seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg, height=cfg.height,
+        alphas=cfg.alphas if identities else [], seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg, height=cfg.height,
         width=cfg.width, negative_prompt=cfg.negative_prompt, residuals=residual_files or [],
         slots=[dataclasses.asdict(s) for s in slots], S=embeds.shape[1], H=embeds.shape[2],
         layout="rows=alphas, columns=seeds", images=files, grid="grid.png")

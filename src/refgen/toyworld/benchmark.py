@@ -273,13 +273,15 @@ def render_config(cfg: BenchmarkConfig):
 
 
 def render_rows(pipe, prompts: list[str], jobs: list[dict], rc, neg) -> list:
-    """jobs[i] = {"prompt": index into prompts, "residuals": [(L,H) per slot], "alpha": a, "seed": s}.
+    """jobs[i] = {"prompt": index into prompts, "residuals": [(L,H) per slot], "alpha": a, "seed": s}, or
+    "tokens": [(L,H_in) per slot] (learnt token embeddings) instead of "residuals".
     Prompts are encoded once; each job gets its residuals injected at its prompt's slots (a prompt with
-    no placeholder renders as written); images come back in job order. Jobs of one prompt are batched
-    together (their slots are at the same places). `rc` is a RenderConfig (steps, CFG, size, batch)."""
+    no placeholder renders as written), or its prompt is encoded again with its tokens; images come back in job
+    order. Jobs of one prompt are batched together (their slots are at the same places). `rc` is a
+    RenderConfig (steps, CFG, size, batch)."""
     from refgen.identity.inject import inject
     from refgen.identity.prompts import encode_prompts
-    from refgen.identity.render import execution_device, render_images
+    from refgen.identity.render import _pad_to, encode_with_tokens, execution_device, render_images
 
     enc = encode_prompts(pipe, prompts)
     dev, dt = execution_device(pipe), pipe.transformer.dtype
@@ -291,7 +293,12 @@ def render_rows(pipe, prompts: list[str], jobs: list[dict], rc, neg) -> list:
         slots = enc.slots[p]
         B = len(idx)
         E = enc.embeds[p:p + 1].expand(B, -1, -1)
-        if slots:
+        if slots and "tokens" in jobs[idx[0]]:
+            E, _ = encode_with_tokens(pipe, [prompts[p]] * B, [[jobs[i]["tokens"][k] for i in idx]
+                                                               for k in range(len(slots))],
+                                      [jobs[i]["alpha"] for i in idx])
+            E = _pad_to(E, enc.embeds.shape[1]).to(dev, dt)  # the same ids as the plain prompt: the same mask
+        elif slots:
             res = [torch.stack([jobs[i]["residuals"][k] for i in idx]).to(dev, dt) for k in range(len(slots))]
             alpha = torch.tensor([float(jobs[i]["alpha"]) for i in idx], device=dev)
             E = inject(E, slots, res, [alpha] * len(slots))
@@ -315,14 +322,21 @@ def _identity_dirs(root: Path) -> list[Path]:
                   key=lambda p: int(p.name.split("_")[1]))
 
 
-def _residuals(teacher_root: Path, dirs: list[Path]) -> list[torch.Tensor]:
+def _residuals(teacher_root: Path, dirs: list[Path]) -> tuple[str, list[torch.Tensor]]:
+    """("residuals", slot residuals (L, H)) or ("tokens", learnt token embeddings (L, H_in)) per identity: what
+    the inversion mode made (one mode per folder: settings are checked before any inversion)."""
     from refgen.identity.inject import read_residual
+    from refgen.identity.tokens import read_tokens
 
-    return [read_residual(teacher_root / d.name / "teacher_residual.safetensors")[0].float() for d in dirs]
+    if (teacher_root / dirs[0].name / "teacher_tokens.safetensors").exists():
+        return "tokens", [read_tokens(teacher_root / d.name / "teacher_tokens.safetensors")[0].float() for d in dirs]
+    return "residuals", [read_residual(teacher_root / d.name / "teacher_residual.safetensors")[0].float()
+                         for d in dirs]
 
 
-def _sweep(pipe, net, dirs, attrs, residuals, alphas, cfg, neg, dev) -> tuple[dict, list]:
-    """Single-person alpha sweep: every identity x scene x seed x alpha. attrs[k] are dirs[k]'s attributes.
+def _sweep(pipe, net, dirs, attrs, residuals, alphas, cfg, neg, dev, kind: str = "residuals") -> tuple[dict, list]:
+    """Single-person alpha sweep: every identity x scene x seed x alpha. attrs[k] are dirs[k]'s attributes;
+    residuals[k] dirs[k]'s slot residual, or its token embeddings with kind "tokens".
     Returns per-alpha scores and images."""
     from refgen.toyworld import recognizer as R
 
@@ -332,7 +346,7 @@ def _sweep(pipe, net, dirs, attrs, residuals, alphas, cfg, neg, dev) -> tuple[di
         for k, d in enumerate(dirs):
             for si, s in enumerate(cfg.scenes):
                 for seed in cfg.seeds:
-                    jobs.append({"prompt": si, "residuals": [residuals[k]], "alpha": a, "seed": seed, "id": d.name})
+                    jobs.append({"prompt": si, kind: [residuals[k]], "alpha": a, "seed": seed, "id": d.name})
                     rows.append({"people": [attrs[k]], "scene": s})
     images = render_rows(pipe, prompts, jobs, render_config(cfg), neg)
     preds = R.predict(net, images, dev)
@@ -376,6 +390,7 @@ class _Run:
     progress: bool
     result: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    kind: str = "residuals"  # what the teacher learnt: slot "residuals" or "tokens" (set by the teacher sweep)
 
     def save(self, partial: bool = True) -> None:
         _save(self.out, self.result, self.timings, partial)
@@ -411,7 +426,11 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) 
     _timed(run, "ceiling_s", _ceiling)         # 2. what the words alone draw: every row is read against it
     _timed(run, "invert_s", _invert_all)       # 3. teacher inversion, test and train identities together
     teach = _timed(run, "teacher_sweep_s", _teacher_sweep)  # 4. alpha sweep (alpha 0 = the floor)
-    pred = _timed(run, "head_s", _head, teach) if cfg.n_train else None  # 5. head on unseen identities
+    pred = None
+    if cfg.n_train and run.kind == "tokens":  # the head predicts slot residuals, not token embeddings
+        run.result["head"] = {"skipped": "the head predicts slot residuals; this teacher learnt token embeddings"}
+    elif cfg.n_train:
+        pred = _timed(run, "head_s", _head, teach)  # 5. head on unseen identities
     if cfg.n_pairs:
         _timed(run, "two_slot_s", _two_slot, teach, pred)  # 6. two people in one prompt
     run.timings["total_s"] = time.time() - t0
@@ -465,16 +484,17 @@ def _invert_all(run: _Run) -> None:
 
 def _teacher_sweep(run: _Run) -> list[torch.Tensor]:
     cfg = run.cfg
-    teach = _residuals(run.out / "teacher", run.test_dirs)
+    kind, teach = _residuals(run.out / "teacher", run.test_dirs)
+    run.kind = kind
     per_alpha, pairs = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, teach, cfg.alphas, cfg, run.neg,
-                              run.dev)
+                              run.dev, kind)
     best = _best_alpha(per_alpha)
     run.result["teacher"] = {"per_alpha": per_alpha, "best_alpha": best, "floor": per_alpha.get("0", None)}
     _grid(pairs, run.test_dirs[:cfg.grid_identities], cfg.alphas, 0, cfg.seeds[0], run.out / "grids" / "teacher_alpha.png")
     for steps in cfg.short_steps:
-        r = _residuals(run.out / f"teacher_s{steps}", run.test_dirs)
+        k, r = _residuals(run.out / f"teacher_s{steps}", run.test_dirs)
         a = [float(best)] if best is not None else [a for a in cfg.alphas if a > 0]
-        pa, _ = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, r, a, cfg, run.neg, run.dev)
+        pa, _ = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, r, a, cfg, run.neg, run.dev, k)
         run.result.setdefault("short_steps", {})[str(steps)] = pa
     return teach
 
@@ -519,17 +539,17 @@ def _two_slot(run: _Run, teach: list[torch.Tensor], pred: list[torch.Tensor] | N
 
     cfg = run.cfg
     prompts = [PAIR_PROMPT.format(where=world.SCENE_PHRASES[s][0]) for s in cfg.scenes]
-    sources = {"floor": (teach, 0.0), "teacher": (teach, run.result["teacher"]["best_alpha"])}
+    sources = {"floor": (teach, 0.0, run.kind), "teacher": (teach, run.result["teacher"]["best_alpha"], run.kind)}
     if pred is not None:
-        sources["head"] = (pred, run.result["head"]["best_alpha"])
+        sources["head"] = (pred, run.result["head"]["best_alpha"], "residuals")
     run.result["two_slot"] = {}
-    for name, (res, a) in sources.items():
+    for name, (res, a, kind) in sources.items():
         alpha = float(a) if a is not None else 1.0  # no alpha kept the scene: report alpha 1
         jobs, rows = [], []
         for (i, j) in run.pairs:
             for si, s in enumerate(cfg.scenes):
                 for seed in cfg.seeds:
-                    jobs.append({"prompt": si, "residuals": [res[i], res[j]], "alpha": alpha, "seed": seed})
+                    jobs.append({"prompt": si, kind: [res[i], res[j]], "alpha": alpha, "seed": seed})
                     rows.append({"people": [run.test_attrs[i], run.test_attrs[j]], "scene": s})
         images = render_rows(run.pipe, prompts, jobs, render_config(cfg), run.neg)
         run.result["two_slot"][name] = {"alpha": alpha, **score(R.predict(run.net, images, run.dev), rows)}
@@ -571,7 +591,7 @@ def goals(r: dict) -> dict:
     g.update({"teacher_id_ge_90_at_alpha_1_to_1.8_with_scene_ge_90": best_in_range >= 0.9,
               "teacher_best_id_in_range": best_in_range,
               "id_rising_with_alpha_up_to_1.8": rising})
-    if "head" in r:
+    if "per_alpha" in r.get("head", {}):
         hb = r["head"]["best_alpha"]
         g["head_id_ge_75_unseen"] = None if hb is None else r["head"]["per_alpha"][hb]["identity_acc"] >= 0.75
     if "two_slot" in r:
@@ -622,7 +642,7 @@ def to_markdown(r: dict) -> str:
         for steps, pa in r.get("short_steps", {}).items():
             for a, m in pa.items():
                 out.append(row(f"{steps} inversion steps, alpha {a}", m))
-    if "head" in r:
+    if "per_alpha" in r.get("head", {}):
         h = r["head"]
         out += ["", f"## Head on unseen identities (trained on {h['n_train_identities']} training identities; "
                 f"cosine to the test teachers {h['cos_to_teacher_test']:.3f})", "", hdr]

@@ -1,0 +1,90 @@
+"""Input-level identities: learnt placeholder token embeddings through the frozen text encoder."""
+
+import json
+
+import pytest
+import torch
+
+from refgen.identity.invert import InvertConfig, Inverter
+from refgen.identity.prompts import encode_prompts
+from refgen.identity.render import encode_with_tokens
+from refgen.identity.tokens import (TokensMismatchError, placeholder_embeds, read_checked_tokens, read_tokens,
+                                    save_tokens)
+from refgen.images import scan
+
+from .test_invert import FAST, make_identities
+
+
+def test_placeholder_tokens_encode_exactly_as_the_prompt_and_grads_reach_them(pipe):
+    prompts = ["A photo of two people on a beach: on the left, ~ID~; on the right, ~ID~.", "~ID~ and ~ID~"]
+    T = placeholder_embeds(pipe)  # (L, H_in)
+    plain = encode_prompts(pipe, prompts)
+    same = encode_prompts(pipe, prompts, tokens=[T[None].expand(2, -1, -1)] * 2)
+    assert torch.equal(plain.embeds, same.embeds) and torch.equal(plain.mask, same.mask)
+    t = torch.nn.Parameter(T[None].clone())
+    out = encode_prompts(pipe, "A photo of ~ID~ at sunset.", tokens=[t])
+    out.embeds.float().pow(2).sum().backward()
+    assert t.grad is not None and t.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="placeholder"):  # tokens for one slot, prompts with two
+        encode_prompts(pipe, prompts, tokens=[T[None].expand(2, -1, -1)])
+    with pytest.raises(ValueError, match="tokens long"):
+        encode_prompts(pipe, "a ~ID~", tokens=[T[None, :1]])
+
+
+def test_alpha_zero_is_the_prompt_as_written_and_each_person_has_their_own_alpha(pipe):
+    T = placeholder_embeds(pipe)
+    g = torch.Generator().manual_seed(0)
+    A, B = T + torch.randn(T.shape, generator=g), T + torch.randn(T.shape, generator=g)
+    p = "~ID~ next to ~ID~ in the city."
+    E0, M0 = encode_with_tokens(pipe, [p], [[A], [B]], [0.0])
+    plain = encode_prompts(pipe, p)
+    assert torch.equal(E0, plain.embeds) and torch.equal(M0, plain.mask)
+    E1, _ = encode_with_tokens(pipe, [p], [[A], [B]], [1.0])
+    s0, s1 = plain.slots[0]
+    # the encoder is causal: tokens before the first slot never see the people, tokens after it do
+    assert torch.equal(E1[:, :s0.start], E0[:, :s0.start])
+    assert (E1[:, s0.start + s0.length:s1.start] - E0[:, s0.start + s0.length:s1.start]).abs().max() > 0
+
+
+def test_tokens_inversion_learns_the_person_and_saves_a_checked_token_file(pipe, tmp_path):
+    root = make_identities(tmp_path / "ids", n=2)
+    cfg = InvertConfig(**{**FAST, "parametrisation": "tokens", "init_scale": 0.1, "steps": 30, "lr": 0.1,
+                          "qa": True, "qa_alphas": [1.0], "qa_seeds": [0], "qa_steps": 2})
+    inv = Inverter(pipe, cfg, tmp_path / "o", model_id="tiny", progress=False)
+    recs = inv.run(scan(root).identities)
+    for rec in recs:
+        assert rec["eval_loss_teacher"] < rec["eval_loss_base"], rec  # the tokens help denoise this person
+        d = tmp_path / "o" / rec["identity"]
+        assert not (d / "teacher_residual.safetensors").exists()
+        T, md = read_checked_tokens(d / "teacher_tokens.safetensors", pipe)
+        assert T.shape == placeholder_embeds(pipe).shape and md["identity"] == rec["identity"]
+        # what is saved is what the model was optimised on: the base prompt read with these tokens
+        E_t = torch.load(d / "teacher_prompt_embeds.pt")
+        E_again = encode_prompts(pipe, cfg.base_prompt, tokens=[T[None].to(pipe.text_encoder.dtype)]).embeds
+        assert torch.equal(E_t, E_again.cpu())
+        s = rec["s"]
+        E_b = torch.load(d / "base_prompt_embeds.pt")
+        assert torch.equal(E_t[:, :s], E_b[:, :s]) and rec["offslot_rms"] > 0  # after the slot, the person is read
+        assert (d / "alpha_eval" / "grid.png").exists() and rec["token_shift_rms"] > 0
+    lines = [json.loads(x) for x in (tmp_path / "o" / recs[0]["identity"] / "teacher_metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 30 and all(x["offslot_rms"] > 0 for x in lines)
+
+
+def test_token_file_from_another_text_encoder_is_refused(pipe, tmp_path):
+    from refgen.identity.tokens import token_metadata
+
+    T = placeholder_embeds(pipe)
+    md = token_metadata(pipe, "tiny")
+    save_tokens(tmp_path / "ok.safetensors", T + 1, T, md)
+    t, _ = read_checked_tokens(tmp_path / "ok.safetensors", pipe)
+    assert torch.equal(t, T + 1)
+    save_tokens(tmp_path / "other.safetensors", T + 1, torch.randn_like(T), md)
+    with pytest.raises(TokensMismatchError, match="another text encoder"):
+        read_checked_tokens(tmp_path / "other.safetensors", pipe)
+    with pytest.raises(ValueError, match="does not match metadata"):
+        save_tokens(tmp_path / "bad.safetensors", T[:1], T, md)
+    from refgen.identity.inject import residual_metadata, save_residual
+
+    save_residual(tmp_path / "r.safetensors", torch.zeros(int(md["L"]), int(md["H"])), residual_metadata(pipe, "tiny"))
+    with pytest.raises(TokensMismatchError, match="no tensor named"):
+        read_tokens(tmp_path / "r.safetensors")
