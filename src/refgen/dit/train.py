@@ -61,7 +61,7 @@ def clip_and_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], max_no
         opt.step()
         return total
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    total = torch.nn.utils.get_total_norm(grads)   # what clip_grad_norm_ computes (public since torch 2.6)
     fused_step_dividing_grads(opt, torch.clamp((total + 1e-6) / max_norm, min=1.0))
     return total
 
