@@ -97,11 +97,15 @@ def encode_tokenized(pipe, tps: list[TokenizedPrompt], device: torch.device | No
             x = place_tokens(pipe.text_encoder.get_input_embeddings()(input_ids), starts, tokens)
             out = pipe.text_encoder(inputs_embeds=x, attention_mask=attn, output_hidden_states=True)
         hidden = out.hidden_states[-1]  # (B, T, H)
-        rows = [h[m.bool()][drop:] for h, m in zip(hidden, attn)]  # each (S_b, H), the pipeline's masking
-        S = max(r.shape[0] for r in rows)
-        embeds = torch.stack([torch.cat([r, r.new_zeros(S - r.shape[0], r.shape[1])]) for r in rows])
-    mask = torch.stack([torch.cat([torch.ones(r.shape[0], dtype=torch.long, device=device),
-                                   torch.zeros(S - r.shape[0], dtype=torch.long, device=device)]) for r in rows])
+        # The pipeline's masking (each row's real tokens h[m.bool()], the template prefix dropped, zero-padded to
+        # the longest) as one gather: no per-row boolean index, which costs a host sync per row.
+        lengths = [len(tp.input_ids) for tp in tps]
+        S = max(lengths) - drop
+        order = torch.argsort((attn == 0).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
+        idx = order[:, drop:drop + S]  # (B, S)
+        real = torch.tensor([[j < n - drop for j in range(S)] for n in lengths], device=hidden.device)  # (B, S)
+        embeds = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[2])).masked_fill(~real[..., None], 0)
+    mask = real.to(device=device, dtype=torch.long)
     return Encoded(embeds.to(device=device, dtype=dtype), mask, [tp.slots for tp in tps], [tp.prompt for tp in tps],
                    [tp.input_ids for tp in tps])
 
