@@ -193,8 +193,8 @@ def _check_head_args(head, vl_model):
                          "Qwen3-VL vision tower (vl_model) and a head trained on its features (head); "
                          f"got vl_model={vl_model!r}, head={head!r}")
     vl = identify_model(vl_model, "vl_model", allow_download=True)
-    if not Path(head).is_file():
-        raise FileNotFoundError(f"head checkpoint not found: {head}")
+    if not (Path(head).is_file() or (Path(head) / "head.safetensors").is_file()):
+        raise FileNotFoundError(f"head checkpoint not found: {head} (a head.safetensors or a head folder)")
     return vl
 
 

@@ -105,7 +105,7 @@ def test_config_refusals():
         E2EConfig(default_prompt="a photo")
 
 
-def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy_ids, tmp_path):
+def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy, toy_ids, tmp_path):
     """2 ranks (gloo), 5 identities in batches of 4: step 2 is the epoch's last batch, 1 target, so rank 1 has
     nothing and must still join the gradient all-reduce. Same losses and weights as one process."""
     cfg_file = tmp_path / "e2e.yaml"
@@ -132,6 +132,24 @@ def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy_ids, tmp_path):
     # common to all keys) into steps of up to lr, so weights agree to a fraction of lr, not to float precision
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=2e-3, msg=lambda m, k=k: f"{k}: {m}")
+    # the trained resampler at inference (IdentityPipeline.residual_from_refs on a head folder) gives the residual
+    # the trainer computed for the same reference photos
+    from refgen.identity.train_e2e import Batch, head_forward
+    from refgen.images import scan
+    from refgen.pipeline import IdentityPipeline
+
+    ip = IdentityPipeline.from_pretrained(default_model(), vl_model=default_vl_model(), head=str(tmp_path / "one"),
+                                          device="cpu", dtype="fp32")
+    assert ip.head.kind == "resampler"
+    data = toy[2]
+    ident = sorted(scan(toy_ids).identities, key=lambda i: i.id)[1]
+    got = ip.residual_from_refs(ident.images[:3]).tensor
+    ph = data.photos[1][:3]
+    b = Batch(ph[:1], data.photo_row[ph[:1]], torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long),
+              torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), ph[None], torch.ones(1, 3, dtype=torch.bool))
+    with torch.no_grad():
+        want = head_forward(ip.head, data, b)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_cli_needs_the_models_for_e2e(tmp_path, capsys):
@@ -140,3 +158,31 @@ def test_cli_needs_the_models_for_e2e(tmp_path, capsys):
     assert main(["train-head", str(tmp_path), "--out", str(tmp_path / "h"), "--objective", "e2e",
                  "--device", "cpu"]) == 1
     assert "needs --model (Qwen-Image) and --vl-model" in capsys.readouterr().err
+
+
+def test_teacher_and_mixed_objectives(toy, toy_ids, tmp_path):
+    from refgen.identity.inject import residual_metadata, save_residual
+
+    pipe, _, data, _ = toy
+    teachers = tmp_path / "teachers"
+    g = torch.Generator().manual_seed(0)
+    md = residual_metadata(pipe, "toy")
+    for name in data.ids[:4]:
+        save_residual(teachers / name / "teacher_residual.safetensors", 0.5 * torch.randn(data.L, data.H, generator=g), md)
+    base = dict(teacher_root=str(teachers), batch_size=5, lr=1e-2, warmup_steps=0, eval_identities=0,
+                resampler={"width": 32, "layers": 1, "heads": 2})
+    with pytest.raises(ValueError, match=r"1 have none under .*seed_100004/teacher_residual"):
+        train_e2e(toy_ids, tmp_path / "t0", default_model(), default_vl_model(), E2EConfig(objective="teacher", **base),
+                  device="cpu", dtype="fp32", progress=False)
+    save_residual(teachers / data.ids[4] / "teacher_residual.safetensors", 0.5 * torch.randn(data.L, data.H, generator=g),
+                  md)
+    train_e2e(toy_ids, tmp_path / "t", default_model(), default_vl_model(),
+              E2EConfig(objective="teacher", steps=30, **base), device="cpu", dtype="fp32", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "teacher" in r]
+    assert "flow" not in steps[0] and steps[-1]["teacher"] < 0.7 * steps[0]["teacher"]
+    train_e2e(toy_ids, tmp_path / "m", default_model(), default_vl_model(),
+              E2EConfig(objective="mixed", steps=2, teacher_weight=0.5, **base), device="cpu", dtype="fp32",
+              progress=False)
+    m = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert m["loss"] == pytest.approx(m["flow"] + 0.5 * m["teacher"], rel=1e-5)
