@@ -103,7 +103,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from refgen.tiny import write_tiny_models
+    from refgen.tiny_qwen import write_tiny_models
 
     paths = write_tiny_models(args.out, seed=args.seed)
     print(json.dumps(paths, indent=2))
