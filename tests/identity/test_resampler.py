@@ -12,8 +12,9 @@ def _head(D=16, L=3, H=24, **kw):
     return ResamplerHead(D, L, H, ResamplerConfig(width=32, layers=2, heads=4, **kw)).eval()
 
 
-def test_resampler_shapes_scale_and_padding_invariance():
-    h = _head()
+@pytest.mark.parametrize("pooled_query", [True, False])
+def test_resampler_shapes_scale_and_padding_invariance(pooled_query):
+    h = _head(pooled_query=pooled_query)
     g = torch.Generator().manual_seed(1)
     tok = torch.randn(2, 3, 4, 16, generator=g)  # 2 people, up to 3 photos of 4 tokens
     tok_mask = torch.ones(2, 3, 4, dtype=torch.bool)

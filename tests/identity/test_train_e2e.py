@@ -145,8 +145,9 @@ def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy, toy_ids, tmp_pa
     ident = sorted(scan(toy_ids).identities, key=lambda i: i.id)[1]
     got = ip.residual_from_refs(ident.images[:3]).tensor
     ph = data.photos[1][:3]
-    b = Batch(ph[:1], data.photo_row[ph[:1]], torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long),
-              torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long), ph[None], torch.ones(1, 3, dtype=torch.bool))
+    zero = torch.zeros(1, dtype=torch.long)
+    b = Batch(ph[:1], data.photo_row[ph[:1]], torch.zeros(1), torch.zeros(1), zero, zero,
+              torch.ones(1, dtype=torch.long), ph[None], torch.ones(1, 3, dtype=torch.bool))
     with torch.no_grad():
         want = head_forward(ip.head, data, b)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -167,22 +168,25 @@ def test_teacher_and_mixed_objectives(toy, toy_ids, tmp_path):
     teachers = tmp_path / "teachers"
     g = torch.Generator().manual_seed(0)
     md = residual_metadata(pipe, "toy")
+    def teacher(name):
+        save_residual(teachers / name / "teacher_residual.safetensors", 0.5 * torch.randn(data.L, data.H, generator=g),
+                      md)
+
     for name in data.ids[:4]:
-        save_residual(teachers / name / "teacher_residual.safetensors", 0.5 * torch.randn(data.L, data.H, generator=g), md)
+        teacher(name)
     base = dict(teacher_root=str(teachers), batch_size=5, lr=1e-2, warmup_steps=0, eval_identities=0,
                 resampler={"width": 32, "layers": 1, "heads": 2})
     with pytest.raises(ValueError, match=r"1 have none under .*seed_100004/teacher_residual"):
         train_e2e(toy_ids, tmp_path / "t0", default_model(), default_vl_model(), E2EConfig(objective="teacher", **base),
                   device="cpu", dtype="fp32", progress=False)
-    save_residual(teachers / data.ids[4] / "teacher_residual.safetensors", 0.5 * torch.randn(data.L, data.H, generator=g),
-                  md)
+    teacher(data.ids[4])
     train_e2e(toy_ids, tmp_path / "t", default_model(), default_vl_model(),
               E2EConfig(objective="teacher", steps=30, **base), device="cpu", dtype="fp32", progress=False)
     log = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in log if "teacher" in r]
     assert "flow" not in steps[0] and steps[-1]["teacher"] < 0.7 * steps[0]["teacher"]
     train_e2e(toy_ids, tmp_path / "m", default_model(), default_vl_model(),
-              E2EConfig(objective="mixed", steps=2, teacher_weight=0.5, **base), device="cpu", dtype="fp32",
-              progress=False)
+              E2EConfig(objective="mixed", steps=2, teacher_weight=0.5, two_person_fraction=1.0, two_person_images=4,
+                        **base), device="cpu", dtype="fp32", progress=False)
     m = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert m["loss"] == pytest.approx(m["flow"] + 0.5 * m["teacher"], rel=1e-5)
+    assert m["two_person"] and m["loss"] == pytest.approx(m["flow"] + 0.5 * m["teacher"], rel=1e-5)

@@ -274,6 +274,8 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
                 raise HeadMismatchError(f"{record} and {weights} disagree on {key}: {got!r} in the record, {want!r} "
                                         "in the weights (a weights file copied over another head's folder?)")
     config = json.loads(md["head_config"]) if md.get("head_config") else {}
+    if md["kind"] == "resampler":
+        config.setdefault("pooled_query", False)  # resamplers recorded before the option had no pooled query
     head = build_head(md["kind"], int(md["D"]), int(md["L"]), int(md["H"]), config)
     try:
         head.load_state_dict(sd)

@@ -6,6 +6,11 @@ where in the photo a detail sits and how many photos agree on it; the queries ca
 photos add evidence instead of blurring into one mean. The keys are the photo tokens plus the queries themselves
 (as in Flamingo's resampler), so the L window tokens can also agree with each other.
 
+With `pooled_query` (the default) the queries start from the person's pooled feature: the L2-normalised mean of all real tokens (the linear head's
+z when the photos have equal token counts, as the toy world's do), projected to the query width and added to every
+query. That vector is what the vision tower was trained to make identity-discriminative, so the head carries
+identity from its first step; the attention then adds what the mean loses.
+
 The number of photos varies per person: a batch pads photos and tokens and passes a key mask; masked keys get no
 attention weight, so padding changes nothing (tested). No positional code is added: the tokens come out of the
 vision tower with their position inside the photo already mixed in, and the photos of a person are a set.
@@ -31,6 +36,7 @@ class ResamplerConfig:
     layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
+    pooled_query: bool = True  # add the projected mean of all real tokens to every query
     scale_min: float = 0.01
     scale_max: float = 1.5
 
@@ -88,6 +94,7 @@ class ResamplerHead(nn.Module):
         self.scale_min, self.scale_max = cfg.scale_min, cfg.scale_max
         self.inp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, cfg.width))  # vision tokens into the query width
         self.queries = nn.Parameter(torch.randn(L, cfg.width) * 0.02)  # one per window token
+        self.summary = nn.Linear(dim, cfg.width) if cfg.pooled_query else None  # pooled z -> every query
         self.blocks = nn.ModuleList(_Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
         self.out_norm = nn.LayerNorm(cfg.width)
         self.out = nn.Linear(cfg.width, H)
@@ -106,6 +113,10 @@ class ResamplerHead(nn.Module):
         B = tokens.shape[0]
         x = self.inp(tokens)  # (B, N, W)
         q = self.queries.unsqueeze(0).expand(B, -1, -1)  # (B, L, W)
+        if self.summary is not None:
+            m = mask.to(tokens.dtype).unsqueeze(-1)  # (B, N, 1)
+            z = (tokens * m).sum(1) / m.sum(1)  # (B, D) mean of the real tokens; padding has weight 0
+            q = q + self.summary(z / z.norm(dim=-1, keepdim=True).clamp_min(1e-12)).unsqueeze(1)
         allow = torch.cat([mask, mask.new_ones(B, self.L)], 1)  # (B, N+L): the queries always see each other
         for blk in self.blocks:
             q = blk(q, x, allow)

@@ -27,8 +27,9 @@ batch, so the summed gradient is the mean over the global batch, as in one proce
 Everything a step draws (targets, references, sigma, noise, two-person or not) comes from a generator seeded by
 (seed, step), and the epoch order by (seed, epoch): a resumed run continues exactly where it stopped.
 
-Caches hold every photo of every identity on each rank (features, latents, prompt rows): at 64 px that is
-~70 KB a photo; for 20,000 real identities at 768x512 it is ~2 GB of latents per rank.
+Caches hold every photo of every identity on each rank's device (features, latents, prompt rows): ~20 KB a photo
+at 64 px; at 768x512 a latent is 16 x 96 x 64 values (~200 KB in bf16), so 20,000 real identities of ~5 photos
+need ~20 GB per rank (sharding the cache across ranks is not done).
 Features of a person's photos are taken together, as `VisionFeatures` takes a reference set (in chunks of
 `max_images`, one pixel budget per chunk); a step's subset is then pooled from these per-photo features. Under a
 pixel budget that scales photos down, a subset alone would be scaled less than the full set: the features would
