@@ -185,7 +185,7 @@ def test_two_people_from_photos_then_a_wrong_slot_count_in_the_browser(page):
     assert rec["prompt"] == TWO and rec["seeds"] == [0, 1] and len(rec["slots"]) == 2
     assert [p["from"] for p in rec["people"]] == [f"{len(photos[0])} photo(s), teacher inversion (20 steps)",
                                                   f"{len(photos[1])} photo(s), teacher inversion (20 steps)"]
-    assert len(list((tmp / "work" / "inversions").glob("*/ref_*/teacher_residual.safetensors"))) == 2
+    assert len(list((tmp / "work" / "inversions").glob("*/ref_*/teacher_tokens.safetensors"))) == 2  # the default mode
 
     # the alpha-grid tab: the same people (their inversions are reused), rows of alpha multipliers
     driver.find_element("xpath", "//button[@role='tab'][normalize-space()='Alpha grid']").click()

@@ -6,7 +6,7 @@ only, so `refgen --help` stays fast.
 
 __version__ = "0.1.0"
 
-_API = ("IdentityPipeline", "SlotResidual", "encode_identity", "InversionError")
+_API = ("IdentityPipeline", "SlotResidual", "SlotTokens", "load_person", "encode_identity", "InversionError")
 __all__ = ["__version__", *_API]
 
 

@@ -283,7 +283,7 @@ def build_page(app: IdentityApp):
                     person_inputs += [
                         gr.File(label="Reference photos (1-n)", file_count="multiple", file_types=["image"],
                                 elem_id=f"person{k + 1}_photos", height=140),
-                        gr.File(label="or a residual file (.safetensors)", file_types=[".safetensors"],
+                        gr.File(label="or an identity file from refgen invert (.safetensors)", file_types=[".safetensors"],
                                 elem_id=f"person{k + 1}_residual", height=120),
                         gr.Slider(-1.0, 3.0, value=1.0, step=0.05, label="α", elem_id=f"person{k + 1}_alpha"),
                     ]

@@ -196,7 +196,8 @@ def cmd_invert(args) -> int:
                   dtype=args.dtype, offload=args.offload)
     for r in recs:
         print(f"{r['identity']}: {r['stop_reason']} after {r['steps_run']} steps, loss {r['first_loss']:.4f} -> "
-              f"{r['final_loss']:.4f}, scale {r['scale']}" if r["final_loss"] is not None else
+              f"{r['final_loss']:.4f}, eval loss {r['eval_loss_base']:.4f} -> {r['eval_loss_teacher'] or float('nan'):.4f}"
+              if r["final_loss"] is not None else
               f"{r['identity']}: {r['stop_reason']} ({r['message']})")
     failed = [r for r in recs if r["stop_reason"] in ("nan", "diverged")]
     return 1 if failed else 0
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("render", help="alpha x seed grid through QwenImagePipeline with injected residuals")
     r.add_argument("--model", required=True)
     r.add_argument("--prompt", required=True)
-    r.add_argument("--residual", action="append", default=[], help="slot residual .safetensors, one per ~ID~")
+    r.add_argument("--residual", action="append", default=[], help="slot residual or token file (.safetensors from refgen invert), one per ~ID~")
     r.add_argument("--alphas", type=parse_floats, default=[0.5, 1.0, 1.5, 2.0],
                    help="comma-separated, finite; a list starting with a negative value is written --alphas=-1,1 "
                         "(alpha < 0 subtracts the identity, with a warning)")
@@ -343,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed(r)
     r.set_defaults(func=cmd_render)
 
-    v = sub.add_parser("invert", help="teacher inversion: one slot residual per identity folder (resumable)")
+    v = sub.add_parser("invert", help="teacher inversion: one identity file (learnt tokens or a slot residual) per identity folder (resumable)")
     v.add_argument("root", help="folder of seed_<id>/ identity folders")
     v.add_argument("--model", required=True)
     v.add_argument("--out", default=None, help="output root (default: ROOT, next to the images)")
@@ -410,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head", default=None, help="head checkpoint (head.safetensors) for --ref people")
     g.add_argument("--prompt", required=True)
     g.add_argument("--ref", nargs="+", action=_PersonAction, help="a folder or image files: the next person")
-    g.add_argument("--residual", action=_PersonAction, help="a slot residual file: the next person")
+    g.add_argument("--residual", action=_PersonAction, help="a slot residual or token file (from refgen invert): the next person")
     g.add_argument("--alpha", type=parse_float, action="append", default=[],
                    help="one per person, or one for all (default 1; < 0 subtracts the identity, with a warning)")
     g.add_argument("--seeds", type=parse_seeds, default=[0])

@@ -98,19 +98,104 @@ class SlotResidual:
                                         "loaded model: " + "; ".join(problems))
 
 
+@dataclass
+class SlotTokens:
+    """One person as learnt token embeddings [L, H_in] for the `~ID~` placeholder, read by the text encoder
+    (`InvertConfig.parametrisation = "tokens"`), with the placeholder's own embeddings they were learnt from
+    and the metadata of a residual (the file format of `refgen invert` in that mode: teacher_tokens.safetensors).
+    Strength alpha moves from the placeholder (alpha 0) to the learnt tokens (alpha 1) and on."""
+
+    tensor: torch.Tensor  # (L, H_in) float32 on the CPU
+    placeholder: torch.Tensor  # (L, H_in) float32 on the CPU
+    metadata: dict[str, str]
+
+    def __post_init__(self):
+        for name in ("tensor", "placeholder"):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.dtype != torch.float32 or t.device.type != "cpu":
+                raise ValueError(f"SlotTokens.{name} must be an (L, H_in) float32 CPU tensor, got "
+                                 f"{getattr(t, 'shape', type(t).__name__)} {getattr(t, 'dtype', '')}")
+        if self.tensor.shape != self.placeholder.shape:
+            raise ValueError(f"SlotTokens.tensor {tuple(self.tensor.shape)} and placeholder "
+                             f"{tuple(self.placeholder.shape)} differ in shape")
+        missing = [k for k in ("L", "H_in", "placeholder_token_ids", "tokenizer_fingerprint") if k not in self.metadata]
+        if missing:
+            raise ValueError(f"SlotTokens.metadata lacks {', '.join(missing)}: build it with "
+                             "refgen.identity.tokens.token_metadata(pipe, model_id)")
+
+    def save(self, path: str | Path) -> None:
+        """Write the token file (atomically), as `refgen invert` does; `refgen render --residual` reads it."""
+        from refgen.identity.tokens import save_tokens
+
+        save_tokens(path, self.tensor, self.placeholder, self.metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, pipe) -> "SlotTokens":
+        """Read a token file, refused (TokensMismatchError) unless it fits `pipe`: placeholder ids, tokenizer
+        fingerprint, and the text encoder's own placeholder embeddings."""
+        from refgen.identity.tokens import read_tokens
+
+        p = cls(*read_tokens(path))
+        p.check_fits(pipe, f"token file {path}")
+        return p
+
+    def check_fits(self, pipe, name: str = "tokens") -> None:
+        from refgen.identity.tokens import TokensMismatchError, token_problems
+
+        problems = token_problems(self.tensor, self.placeholder, self.metadata, _diffusers_pipe(pipe))
+        if problems:
+            raise TokensMismatchError(f"{name} (made for model {self.metadata.get('model')!r}) does not fit the "
+                                      "loaded model: " + "; ".join(problems))
+
+
 def _diffusers_pipe(pipe):
     return pipe.pipe if isinstance(pipe, IdentityPipeline) else pipe
 
 
-def _residual_of(person, pipe, k: int) -> SlotResidual:
-    """A SlotResidual, or a residual file, as person k (checked against `pipe`)."""
+def load_person(path: str | Path, pipe) -> "SlotResidual | SlotTokens":
+    """A residual or token file (what `refgen invert` wrote, told apart by the format in its metadata), checked
+    against `pipe`."""
+    from refgen.identity.tokens import FORMAT as TOKENS
+
+    if _file_format(path) == TOKENS:
+        return SlotTokens.load(path, pipe)
+    return SlotResidual.load(path, pipe)
+
+
+def read_person_file(path: str | Path) -> None:
+    """The cheap check of a residual or token file before any model loads: it is there, readable, and of a known
+    format (the error names the file). Its fit to a model is checked when it is loaded."""
+    from refgen.identity.inject import read_residual
+    from refgen.identity.tokens import FORMAT as TOKENS, read_tokens
+
+    if _file_format(path) == TOKENS:
+        read_tokens(path)
+    else:
+        read_residual(path)
+
+
+def _file_format(path: str | Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:
+        return None  # not readable: SlotResidual.load names the file and the reason
+
+
+def _residual_of(person, pipe, k: int) -> "SlotResidual | SlotTokens":
+    """A SlotResidual, SlotTokens, or a residual/token file, as person k (checked against `pipe`)."""
     if isinstance(person, SlotResidual):
         person.check_fits(pipe, f"person {k + 1}'s residual")
         return person
+    if isinstance(person, SlotTokens):
+        person.check_fits(pipe, f"person {k + 1}'s tokens")
+        return person
     if isinstance(person, (str, os.PathLike)):
-        return SlotResidual.load(person, pipe)
-    raise TypeError(f"person {k + 1}: expected a SlotResidual or a residual file (.safetensors), got "
-                    f"{type(person).__name__}")
+        return load_person(person, pipe)
+    raise TypeError(f"person {k + 1}: expected a SlotResidual, SlotTokens or a residual/token file (.safetensors), "
+                    f"got {type(person).__name__}")
 
 
 def _alphas_for(n_people: int, alphas) -> list[float]:
@@ -133,13 +218,48 @@ def _inject(enc, residuals: Sequence[SlotResidual], alphas: Sequence[float]) -> 
     return E, enc.mask
 
 
+def _people_by_kind(pipe, people: Sequence, alphas: Sequence[float]) -> tuple[list, list]:
+    """(tokens per slot, residuals per slot) for a prompt with at least one SlotTokens person: a token person's
+    tokens at its alpha and a zero residual; a residual person's alpha * R and the placeholder's own embeddings."""
+    from refgen.identity.tokens import at_alpha, placeholder_embeds
+
+    ph = placeholder_embeds(_diffusers_pipe(pipe))
+    H = _diffusers_pipe(pipe).transformer.config.joint_attention_dim
+    toks, res = [], []
+    for p, a in zip(people, alphas):
+        if isinstance(p, SlotTokens):
+            toks.append(at_alpha(p.tensor, ph, a))
+            res.append(torch.zeros(ph.shape[0], H))
+        else:
+            toks.append(ph)
+            res.append(a * p.tensor)
+    return toks, res
+
+
+def _encode_people(pipe, prompt: str, people: Sequence, alphas: Sequence[float], encode_text):
+    """(prompt_embeds (1, S, H), prompt_embeds_mask (1, S)) with person k in slot k. Residual people only: the
+    prompt (`encode_text`, which may cache it) plus alpha_k R_k. With token people the text encoder reads the
+    prompt with their tokens in their slots, then residual people are added."""
+    from refgen.identity.inject import inject
+    from refgen.identity.render import encode_with_tokens
+
+    if not any(isinstance(p, SlotTokens) for p in people):
+        return _inject(encode_text(prompt, len(people) or None), people, alphas)
+    toks, res = _people_by_kind(pipe, people, alphas)
+    dp = _diffusers_pipe(pipe)
+    E, M = encode_with_tokens(dp, [prompt], [[t] for t in toks], [1.0])
+    slots = encode_text(prompt, len(people)).slots[0]
+    E = inject(E, slots, [r.to(E.device, E.dtype) for r in res], [1.0] * len(res))
+    return E, M
+
+
 def encode_identity(pipe, prompt: str, people: Sequence = (), alphas=None) -> tuple[torch.Tensor, torch.Tensor]:
     """`(prompt_embeds, prompt_embeds_mask)` for a stock `QwenImagePipeline`, with person k in the k-th `~ID~`.
 
         prompt_embeds, mask = refgen.encode_identity(pipe, "~ID~ on a beach", [SlotResidual.load("anna.safetensors", pipe)])
         image = pipe(prompt_embeds=prompt_embeds, prompt_embeds_mask=mask, negative_prompt=" ", true_cfg_scale=4).images[0]
 
-    `people`: SlotResiduals or residual files, one per `~ID~` (none: the placeholders stay plain text); `alphas`:
+    `people`: SlotResiduals, SlotTokens or their files, one per `~ID~` (none: the placeholders stay plain text); `alphas`:
     one per person, or one for all (default 1). The prompt is encoded as `pipe.encode_prompt` does (bit-identical
     without placeholders), every `~ID~` with the same fixed token ids; the slot count, each residual's fit and the
     alphas are checked first. Reference photos need the vision tower and a head: use `IdentityPipeline`.
@@ -147,9 +267,9 @@ def encode_identity(pipe, prompt: str, people: Sequence = (), alphas=None) -> tu
     from refgen.identity.prompts import encode_prompts, tokenize
 
     tokenize(pipe, prompt, n_identities=len(people) or None)  # slot count first: it needs no model
-    residuals = [_residual_of(p, pipe, k) for k, p in enumerate(people)]
-    alphas = _alphas_for(len(residuals), alphas)
-    return _inject(encode_prompts(pipe, prompt, n_identities=len(residuals) or None), residuals, alphas)
+    people = [_residual_of(p, pipe, k) for k, p in enumerate(people)]
+    alphas = _alphas_for(len(people), alphas)
+    return _encode_people(pipe, prompt, people, alphas, lambda p, n: encode_prompts(pipe, p, n_identities=n))
 
 
 def reference_photos(images) -> list[Image.Image]:
@@ -182,6 +302,29 @@ def photos_id(photos: Sequence[Image.Image]) -> str:
         h.update(f"{im.size[0]}x{im.size[1]}:".encode())
         h.update(im.tobytes())
     return "ref_" + h.hexdigest()[:16]
+
+
+def _photo_prompts(images, prompts: Sequence[str] | None, n: int) -> list[str]:
+    """Each photo's own prompt for image_prompts inversion: `prompts` (one per photo), or the prompts.json of a
+    folder given as the photos (in the order its photos are read)."""
+    from refgen.images import resolve_refs
+
+    if prompts is None:
+        folder = Path(images) if isinstance(images, (str, os.PathLike)) and Path(images).is_dir() else None
+        table = folder / "prompts.json" if folder else None
+        if table is None or not table.is_file():
+            raise ValueError("config.image_prompts needs each photo's prompt: pass prompts=[...] (one per photo, each "
+                             "with one ~ID~), or a folder of photos with a prompts.json ({file name: prompt})")
+        rows = json.loads(table.read_text())
+        files = resolve_refs(folder)
+        missing = [f.name for f in files if f.name not in rows]
+        if missing:
+            raise ValueError(f"{table}: no prompt for {missing}")
+        prompts = [rows[f.name] for f in files]
+    prompts = list(prompts)
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} photos: one prompt per photo")
+    return prompts
 
 
 def _check_head_args(head, vl_model):
@@ -287,8 +430,10 @@ class IdentityPipeline:
         return describe_slots(self.pipe.tokenizer, tokenize(self.pipe, prompt, n_identities=n), template_of(self.pipe)[1])
 
     # ---- people ---------------------------------------------------------------------------------------------
-    def load_residual(self, path: str | Path) -> SlotResidual:
-        return SlotResidual.load(path, self)
+    def load_residual(self, path: str | Path) -> "SlotResidual | SlotTokens":
+        """A residual or token file from `refgen invert` (the format is read from the file), checked against
+        this model."""
+        return load_person(path, self)
 
     def residual_from_refs(self, images) -> SlotResidual:
         """1-n reference photos (paths, a folder, PIL images) -> Qwen3-VL features -> head -> SlotResidual."""
@@ -307,19 +452,20 @@ class IdentityPipeline:
         return SlotResidual(r, md)
 
     def invert(self, images, config=None, out: str | Path | None = None, identity: str | None = None,
-               progress: bool = True) -> SlotResidual:
+               progress: bool = True, prompts: Sequence[str] | None = None) -> "SlotResidual | SlotTokens":
         """Teacher inversion of 1-n photos of one person (`refgen invert`'s engine: the same optimisation,
-        checkpoints and records) -> SlotResidual, in memory.
+        checkpoints and records) -> SlotTokens (the default parametrisation) or SlotResidual, in memory.
 
         `out`: a folder to keep the run in (`OUT/<identity>/`: the photos, teacher_residual.safetensors,
         teacher.json, metrics, checkpoints); a killed run resumes there and a finished one is reused. Without it
         the run goes to a temporary folder that is deleted afterwards. `identity` (default: a name made from the
         photos' pixels, so the same photos find their finished run) also seeds the inversion's noise.
         `config`: an InvertConfig (default: its defaults, with qa=False when there is no `out` to keep the QA
-        grid in).
+        grid in). With `config.image_prompts`, `prompts` gives each photo its own sentence with one `~ID~` (in the
+        photos' order); a folder of photos may carry them instead as prompts.json ({file name: prompt}).
         """
         from refgen.artifacts import atomic_save_image
-        from refgen.identity.invert import InvertConfig
+        from refgen.identity.invert import InvertConfig, teacher_file
         from refgen.images import Identity
 
         if config is None:
@@ -328,6 +474,7 @@ class IdentityPipeline:
             raise ValueError("config.qa renders an alpha grid into OUT/<identity>/alpha_eval/, which a run without "
                              "out would delete: pass out=... or an InvertConfig with qa=False")
         photos = reference_photos(images)
+        prompts = _photo_prompts(images, prompts, len(photos)) if config.image_prompts else None
         ident_id = identity or photos_id(photos)
         with tempfile.TemporaryDirectory(prefix="refgen_invert_") if out is None else nullcontext(out) as root:
             root = Path(root)
@@ -338,12 +485,17 @@ class IdentityPipeline:
                 if not f.exists():
                     atomic_save_image(im, f)
                 files.append(f)
+            if prompts is not None:  # where Inverter.run reads them, keyed by the copies' names
+                from refgen.artifacts import atomic_write_json
+
+                atomic_write_json(d / "prompts.json", {f.name: t for f, t in zip(files, prompts)})
             self.invert_identities([Identity(ident_id, d, files)], config, root, progress=progress)
-            rec = json.loads((d / "teacher.json").read_text())
-            if not rec.get("residual"):
-                msg = f"inversion of {ident_id} stopped without a residual: {rec['stop_reason']} ({rec.get('message')})"
-                raise InversionError(msg + (f"; delete {d / 'teacher.json'} to retry it" if out is not None else ""))
-            return self.load_residual(d / rec["residual"])
+            try:
+                made = teacher_file(d)
+            except ValueError as e:
+                raise InversionError(f"inversion of {ident_id}: {e}" + (
+                    f"; delete {d / 'teacher.json'} to retry it" if out is not None else "")) from None
+            return self.load_residual(made)
 
     def invert_identities(self, identities: list, config, out_root: str | Path, progress: bool = True,
                           label: str | None = None) -> list[dict]:
@@ -361,18 +513,18 @@ class IdentityPipeline:
             print(f"{label}: {len(identities)} identities, {n_done} complete, {len(identities) - n_done} to do")
         return inv.run(identities)
 
-    def _residuals(self, people: Sequence) -> list[SlotResidual]:
-        """Person k as a SlotResidual: a SlotResidual, a residual file (.safetensors), or reference photos (a folder,
-        an image file, a PIL image, or a list of them) through the head."""
+    def _residuals(self, people: Sequence) -> list:
+        """Person k as a SlotResidual or SlotTokens: one of those, a residual/token file (.safetensors), or
+        reference photos (a folder, an image file, a PIL image, or a list of them) through the head."""
         out = []
         for k, p in enumerate(people):
-            if isinstance(p, SlotResidual) or (isinstance(p, (str, os.PathLike)) and
-                                               Path(p).suffix.lower() == ".safetensors"):
+            if isinstance(p, (SlotResidual, SlotTokens)) or (isinstance(p, (str, os.PathLike)) and
+                                                             Path(p).suffix.lower() == ".safetensors"):
                 out.append(_residual_of(p, self, k))
             elif isinstance(p, (str, os.PathLike, Image.Image, list, tuple)):
                 out.append(self.residual_from_refs(p))
             else:
-                raise TypeError(f"person {k + 1}: expected a SlotResidual, a residual file, or reference photos "
+                raise TypeError(f"person {k + 1}: expected a SlotResidual, SlotTokens, their file, or reference photos "
                                 f"(paths, a folder, PIL images), got {type(p).__name__}")
         return out
 
@@ -418,7 +570,9 @@ class IdentityPipeline:
         self.slots(prompt, len(people) or None)  # slot count before any photo goes through a model
         residuals = self._residuals(people)
         alphas = _alphas_for(len(residuals), alphas)
-        E, M = _inject(self._encode_text(prompt, len(residuals) or None), residuals, alphas)
+        if any(isinstance(p, SlotTokens) for p in residuals):
+            self._text_encoder_ready()  # token people are read by the text encoder: no cached prompt serves
+        E, M = _encode_people(self, prompt, residuals, alphas, self._encode_text)
         return E, M, residuals
 
     def encode(self, prompt: str, people: Sequence = (), alphas=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,10 +616,17 @@ class IdentityPipeline:
         person_alphas = _alphas_for(len(residuals), alphas)
         enc = self._encode_text(cfg.prompt, len(residuals) or None)
         neg = self._negative(cfg)
+        if any(isinstance(p, SlotTokens) for p in residuals):  # rows are read by the text encoder, at their alpha
+            toks, res = _people_by_kind(self, residuals, person_alphas)
+            res = [r.to(self.device, self.dtype) for r in res] if any(isinstance(p, SlotResidual) for p in residuals) else []
+            rec = render_grid(self.pipe, cfg, res, out, residual_files=residual_files, progress=progress, neg=neg,
+                              model_id=self.model_id, tokens=toks)
+            self._after_encoding()
+            return rec
         self._after_encoding()
         scaled = [(a * r.tensor).to(self.device, self.dtype) for a, r in zip(person_alphas, residuals)]
         return render_grid(self.pipe, cfg, scaled, out, residual_files=residual_files, progress=progress,
                            encoded=(enc.embeds, enc.mask, enc.slots[0]), neg=neg, model_id=self.model_id)
 
 
-__all__ = ["IdentityPipeline", "SlotResidual", "encode_identity", "InversionError", "reference_photos", "photos_id"]
+__all__ = ["IdentityPipeline", "SlotResidual", "SlotTokens", "load_person", "encode_identity", "InversionError", "reference_photos", "photos_id"]

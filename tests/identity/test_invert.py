@@ -15,7 +15,7 @@ from refgen.identity.inject import load_residual
 from refgen.identity.invert import InvertConfig, Inverter, shard_identities
 from refgen.images import scan
 
-FAST = dict(height=32, width=32, steps=8, lr=5e-2, init_scale=1.0, qa=False, checkpoint_every=5)
+FAST = dict(height=32, width=32, steps=8, lr=5e-2, init_scale=1.0, qa=False, checkpoint_every=5, parametrisation="rms_scaled")
 
 
 def make_identities(root, n=3, size=40):

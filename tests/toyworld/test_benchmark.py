@@ -54,8 +54,11 @@ def test_config_validation():
         B.BenchmarkConfig(invert={"steps": 0})
 
 
+RESIDUAL = {"steps": 3, "images_per_step": 1, "parametrisation": "rms_scaled"}  # a teacher the head can regress
+
+
 def test_benchmark_runs_every_stage_and_is_idempotent(tmp_path):
-    cfg = B.BenchmarkConfig.tiny()
+    cfg = B.BenchmarkConfig.tiny(invert=RESIDUAL)
     r = B.run_benchmark(cfg, tmp_path, progress=False)
     per = r["teacher"]["per_alpha"]
     assert set(per) == {"0", "1"}
@@ -79,7 +82,7 @@ def test_benchmark_runs_every_stage_and_is_idempotent(tmp_path):
     again = B.run_benchmark(cfg, tmp_path, progress=False)
     assert again["inversion"] == {}  # every teacher was complete: nothing re-inverted
     assert again["teacher"]["per_alpha"] == per  # renders are seeded: same pictures, same scores
-    other = B.BenchmarkConfig.tiny(invert={"steps": 4, "images_per_step": 1})
+    other = B.BenchmarkConfig.tiny(invert={**RESIDUAL, "steps": 4})
     with pytest.raises(ValueError, match="other settings"):  # stale teachers are never reported as this config's
         B.run_benchmark(other, tmp_path, progress=False)
 
@@ -138,5 +141,5 @@ def test_benchmark_reads_a_token_teacher_through_the_text_encoder(tmp_path):
     assert "skipped" in r["head"]  # the head predicts slot residuals: no head row from a token teacher
     assert r["two_slot"]["teacher"]["n_images"] == cfg.n_pairs * len(cfg.scenes) * len(cfg.seeds)
     # alpha 0 is the untouched prompt whatever the mode: the floor equals a slot-residual run's floor
-    res = B.run_benchmark(B.BenchmarkConfig.tiny(n_train=0), tmp_path / "res", progress=False)
+    res = B.run_benchmark(B.BenchmarkConfig.tiny(n_train=0, invert=RESIDUAL), tmp_path / "res", progress=False)
     assert r["teacher"]["per_alpha"]["0"] == res["teacher"]["per_alpha"]["0"]

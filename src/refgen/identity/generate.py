@@ -119,11 +119,10 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
              offload: str = "none", compile: bool = False) -> dict:
     """Load an IdentityPipeline, render one image per seed into OUT (seed<N>.png, generate.json, optional grid/)."""
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
-    from refgen.identity.inject import read_residual
     from refgen.identity.prompts import tokenize
     from refgen.identity.render import load_tokenizer_only
     from refgen.images import resolve_refs
-    from refgen.pipeline import IdentityPipeline
+    from refgen.pipeline import IdentityPipeline, read_person_file
 
     out = Path(out)
     if not cfg.people:
@@ -135,7 +134,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     refs = {k: resolve_refs(p.source) for k, p in enumerate(cfg.people) if p.kind == "ref"}
     for p in cfg.people:
         if p.kind == "residual":
-            read_residual(p.source[0])
+            read_person_file(p.source[0])
     if refs and not (vl_model and head):
         raise ValueError("--ref needs --vl-model and --head (a head checkpoint from `refgen train-head`)")
     if refs:
@@ -183,6 +182,7 @@ def generate_log(out: str | Path, prompt: str) -> Iterator[dict]:
 
 
 ERROR_KINDS = {"SlotError": "slot", "HeadMismatchError": "head_mismatch", "ResidualMismatchError": "residual_mismatch",
+               "TokensMismatchError": "residual_mismatch",
                "DeviceMismatchError": "device_dtype", "PolicyError": "policy", "FileNotFoundError": "missing_file",
                "ValueError": "bad_input"}
 

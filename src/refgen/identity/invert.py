@@ -45,7 +45,7 @@ class InvertConfig:
     height: int = 768
     width: int = 512
     steps: int = 600
-    lr: float = 5e-3
+    lr: float = 0.05  # measured on the toy world for every parametrisation (P is unit-scale in tokens and free)
     weight_decay: float = 0.0  # decay would pull P toward 0, which the normalisation P/RMS(P) undoes anyway
     grad_clip: float = 1.0
     images_per_step: int = 2  # the seed's batch size, per identity
@@ -63,7 +63,8 @@ class InvertConfig:
     #               of the embedding table, so lr means the same for any text encoder), learnt through the frozen
     #               text encoder (textual inversion). Every token after the slot sees the person too; the text
     #               encoder stays loaded and is back-propagated through. Saved as teacher_tokens.safetensors.
-    parametrisation: str = "rms_scaled"
+    # Default: tokens, which measured best by far on the toy-world benchmark (docs/benchmarks.md).
+    parametrisation: str = "tokens"
     # Prompts (each with exactly one ~ID~) the identity is optimised in besides base_prompt; each image of a step
     # draws one of base_prompt + contexts from the identity's own generator. A residual fitted in one sentence
     # is not read the same in another; scenes and a second person make it hold in the prompts users write.
@@ -167,9 +168,15 @@ class Inverter:
         if cfg.contexts or (self.tokens and not cfg.image_prompts):  # base_prompt is context 0
             self.ctx = self._prompt_bank([cfg.base_prompt] + list(cfg.contexts), "contexts")
         if self.tokens:
+            from refgen.identity.render import moved_by_hooks
             from refgen.identity.tokens import embed_rms, placeholder_embeds
 
             te = pipe.text_encoder
+            if moved_by_hooks(te):
+                raise ValueError("parametrisation 'tokens' back-propagates through the text encoder every step, which "
+                                 "model CPU offload moves off the GPU as soon as the transformer runs: use --offload "
+                                 "none (with gradient_checkpointing on smaller cards), or parametrisation 'free' or "
+                                 "'rms_scaled' (a residual on the encoder output) under offload")
             te.requires_grad_(False)
             te.eval()
             self.te_dtype = te.dtype
@@ -582,6 +589,20 @@ class Inverter:
         if ck.exists():
             ck.unlink()  # complete: teacher.json is the record now
         return record
+
+
+def teacher_file(identity_dir: str | Path) -> Path:
+    """The identity file a complete inversion wrote into `identity_dir` (teacher_tokens.safetensors or
+    teacher_residual.safetensors, as its teacher.json records); an error naming the folder if it has none."""
+    d = Path(identity_dir)
+    f = d / "teacher.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{d}: no teacher.json (not inverted, or not finished)")
+    rec = json.loads(f.read_text())
+    made = rec.get("tokens") or rec.get("residual")
+    if not made:
+        raise ValueError(f"{d}: the inversion stopped without a result ({rec.get('stop_reason')}: {rec.get('message')})")
+    return d / made
 
 
 # Settings that do not change one identity's optimisation: a run may resume under other values

@@ -300,8 +300,10 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
                 tokens: list[torch.Tensor] | None = None) -> dict:
     """Alpha x seed grid for one prompt. Every slot gets its residual times the row's alpha.
 
-    `tokens` instead of `residuals`: learnt token embeddings (L, H_in) per slot (identity/tokens.py), each row
-    encoded with T_ph + alpha (T - T_ph) in its slots; `encoded` must then be None (the text encoder runs).
+    `tokens`: learnt token embeddings (L, H_in) per slot (identity/tokens.py), each row encoded with
+    T_ph + alpha (T - T_ph) in its slots; `encoded` must then be None (the text encoder runs). People of both
+    kinds in one prompt: `tokens` has every slot (the placeholder's own embeddings for a residual person) and so
+    has `residuals` (zeros for a token person).
 
     With no residuals the placeholders stay as plain text (phase 1.3's empty-injection smoke test).
     `encoded` = (embeds (1,S,H), mask (1,S), slots) and `neg` = (embeds, mask) skip the text encoder
@@ -315,8 +317,11 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     from refgen.identity.prompts import encode_prompts
 
     out_dir = Path(out_dir)
-    if tokens and (residuals or encoded is not None):
-        raise ValueError("render_grid: tokens are encoded with the prompt; pass no residuals and no encoded prompt")
+    if tokens and encoded is not None:
+        raise ValueError("render_grid: tokens are encoded with the prompt; pass no encoded prompt")
+    if tokens and residuals and len(tokens) != len(residuals):
+        raise ValueError(f"render_grid: {len(tokens)} token sets and {len(residuals)} residuals: with both kinds, "
+                         "one of each per slot")
     if encoded is None:
         n = len(residuals or tokens or []) or None
         enc = encode_prompts(pipe, cfg.prompt, n_identities=n)
@@ -332,11 +337,11 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     B = len(pairs)
     E = embeds.expand(B, -1, -1)
     M = mask.expand(B, -1)
+    if tokens:
+        E, M = encode_with_tokens(pipe, [cfg.prompt] * B, [[t] * B for t in tokens], [a for a, _ in pairs])
     if residuals:
         alpha = torch.tensor([a for a, _ in pairs], device=E.device)
         E = inject(E, slots, residuals, [alpha] * len(residuals))
-    if tokens:
-        E, M = encode_with_tokens(pipe, [cfg.prompt] * B, [[t] * B for t in tokens], [a for a, _ in pairs])
     if neg is None:
         neg = encode_negative(pipe, cfg)
     images = render_images(pipe, E, M, [s for _, s in pairs], cfg, neg, progress)

@@ -62,7 +62,8 @@ def toy_invert_settings(**overrides) -> dict:
 def _invert_defaults() -> dict:
     # 64 px steps are cheap: more images per step (less gradient noise) and more steps than the seed's 600 at
     # 768x512, all identities in one batch (the toy model is launch-bound)
-    return toy_invert_settings(steps=1500, images_per_step=8, identities_per_batch=256)
+    # toy identities carry prompts.json: each photo in its own sentence (measured: docs/benchmarks.md)
+    return toy_invert_settings(steps=1500, images_per_step=8, identities_per_batch=256, image_prompts=True)
 
 
 @dataclass

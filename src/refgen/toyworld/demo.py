@@ -55,10 +55,9 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     from refgen.grid import make_grid
     from PIL import Image
 
-    from refgen.identity.inject import inject, load_residual
-    from refgen.identity.invert import InvertConfig, Inverter
-    from refgen.identity.prompts import encode_prompts
-    from refgen.identity.render import RenderConfig, execution_device, load_pipeline, render_grid, render_images
+    from refgen.identity.invert import InvertConfig, Inverter, teacher_file
+    from refgen.identity.render import RenderConfig, load_pipeline
+    from refgen.pipeline import IdentityPipeline
     from refgen.images import scan
     from refgen.toyworld import recognizer as R
     from refgen.toyworld import world
@@ -85,7 +84,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
     pipe = load_pipeline(model, cfg.device, dtype)
     icfg = InvertConfig(**toy_invert_settings(steps=cfg.invert_steps, lr=cfg.lr, images_per_step=cfg.images_per_step,
-                                              sigma_sampling=cfg.sigma_sampling, identities_per_batch=2))
+                                              sigma_sampling=cfg.sigma_sampling, identities_per_batch=2,
+                                              image_prompts=True))
     inv = Inverter(pipe, icfg, out / "teacher", model_id=model, progress=progress)
     for i in chosen:
         diff = inv.settings_diff(i)
@@ -98,18 +98,16 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     inv.run(chosen)
     t_inv = time.time() - t0
 
-    dev, dt = execution_device(pipe), pipe.transformer.dtype
-    res = [load_residual(out / "teacher" / i.id / "teacher_residual.safetensors", pipe, dev, dt) for i in chosen]
+    ip = IdentityPipeline(pipe, model)
+    people = [ip.load_residual(teacher_file(out / "teacher" / i.id)) for i in chosen]  # tokens or residuals
     where = world.SCENE_PHRASES[cfg.scene][0]
     net = R.load(device=cfg.device)
-    ne = encode_prompts(pipe, " ")
-    neg = (ne.embeds, ne.mask)
     summary = {"identities": {}, "pictures": {}}
-    for ident, r in zip(chosen, res):
+    for ident, person in zip(chosen, people):
         rc = RenderConfig(prompt=SCENE_PROMPT.format(where=where), alphas=cfg.alphas, seeds=cfg.seeds,
                           steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64)
         say(f"rendering {ident.id}: {len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds")
-        rec = render_grid(pipe, rc, [r], out / "grids" / ident.id, progress=progress, neg=neg)
+        rec = ip.render_grid(rc, [person], out / "grids" / ident.id, progress=progress)
         images = [Image.open(out / "grids" / ident.id / f) for f in rec["images"]]
         preds = R.predict(net, images, cfg.device)
         attrs, S = attributes_of(ident.path), len(cfg.seeds)
@@ -118,13 +116,11 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
         summary["identities"][ident.id] = {"attributes": attrs, "per_alpha": per_alpha}
         summary["pictures"][f"alpha grid {ident.id}"] = str(out / "grids" / ident.id / "grid.png")
 
-    # both people in one prompt, left then right, each with its own residual
-    enc = encode_prompts(pipe, PAIR_PROMPT.format(where=where), n_identities=2)
+    # both people in one prompt, left then right, each with its own identity
     B = len(cfg.seeds)
-    E = inject(enc.embeds.expand(B, -1, -1), enc.slots[0], res, [cfg.pair_alpha, cfg.pair_alpha])
-    rc = RenderConfig(prompt="", steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64)
     say(f"rendering both people in one picture: {B} seeds")
-    pair_imgs = render_images(pipe, E, enc.mask.expand(B, -1), cfg.seeds, rc, neg, progress=progress)
+    pair_imgs = ip(PAIR_PROMPT.format(where=where), people, [cfg.pair_alpha, cfg.pair_alpha], seeds=cfg.seeds,
+                   steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64, progress=progress)
     two = score(R.predict(net, pair_imgs, cfg.device),
                 [{"people": [attributes_of(i.path) for i in chosen], "scene": cfg.scene}] * B)
     refs = [_ref_images(i) for i in chosen]
