@@ -284,6 +284,16 @@ def test_token_people_and_residual_people_share_a_prompt(pipe, ip, tmp_path):
     assert isinstance(load_person(tmp_path / "a.safetensors", ip), SlotTokens)
     assert isinstance(load_person(tmp_path / "b.safetensors", ip), SlotResidual)
     img = ip(TWO, [tmp_path / "a.safetensors", b], seeds=[3], steps=2, height=32, width=32)[0]
+    # refgen render and generate read a token file like a residual file
+    assert main(["render", "--model", pipe.name_or_path, "--prompt", TWO, "--residual", str(tmp_path / "a.safetensors"),
+                 "--residual", str(tmp_path / "b.safetensors"), "--alphas", "1", "--seeds", "3", "--steps", "2",
+                 "--height", "32", "--width", "32", "--out", str(tmp_path / "cli"), "--device", "cpu",
+                 "--dtype", "fp32"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cli" / "images" / "a1_s3.png")), np.asarray(img))
+    assert main(["generate", "--model", pipe.name_or_path, "--prompt", TWO, "--residual", str(tmp_path / "a.safetensors"),
+                 "--residual", str(tmp_path / "b.safetensors"), "--seeds", "3", "--steps", "2", "--height", "32",
+                 "--width", "32", "--out", str(tmp_path / "gen"), "--device", "cpu", "--dtype", "fp32"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "gen" / "seed3.png")), np.asarray(img))
     # an alpha grid: row alpha 0 is the prompt as written, the same picture as no people at all
     rc = RenderConfig(prompt=TWO, alphas=[0.0, 1.0], seeds=[3], steps=2, height=32, width=32)
     rec = ip.render_grid(rc, [a, b], tmp_path / "grid")
