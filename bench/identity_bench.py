@@ -22,6 +22,7 @@ recorded with the error and the run goes on. Prints a table and writes all numbe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -360,12 +361,14 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
     root = Path(td.name)
     make_identities(root, 4, size=(W + 64, H + 64))
     idents = scan(root).identities
-    cfg = InvertConfig(height=H, width=W, identities_per_batch=4, steps=10 ** 6, qa=False, checkpoint_every=10 ** 6)
+    cfg = InvertConfig(height=H, width=W, identities_per_batch=4, steps=10 ** 6, qa=False, checkpoint_every=10 ** 6,
+                       parametrisation=S["parametrisation"])
     peak_reset()
-    inv = Inverter(pipe, cfg, root / "out", progress=False)  # encodes, then moves the text encoder off the GPU
+    # encodes; a residual mode then moves the text encoder off the GPU, tokens keep it there (it runs every step)
+    inv = Inverter(pipe, cfg, root / "out", progress=False)
     states = [inv._new_state(i) for i in idents]
     b.res["invert_setup"] = peaks()
-    b.row("inversion setup (encode, text encoder off, 4 x 3 photos through the VAE)",
+    b.row(f"inversion setup, parametrisation {cfg.parametrisation} (encode, 4 x 3 photos through the VAE)",
           f"peak {b.res['invert_setup']['peak_gib']:.1f} GiB")
     n_rep = 1 if tiny else 3
 
@@ -391,7 +394,7 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
     if "sizes" in parts:  # step time and memory vs resolution (its own photos, Inverter and states per size)
         for h, w in (SIZES if not tiny else ((32, 48),)):
             make_identities(root / f"{h}x{w}", 2, size=(w + 64, h + 64))
-            cfg_s = InvertConfig(height=h, width=w, steps=10 ** 6, qa=False, checkpoint_every=10 ** 6)
+            cfg_s = dataclasses.replace(cfg, height=h, width=w, identities_per_batch=2)
             pipe.text_encoder.to(inv.device)  # the Inverter encodes its base prompt, then releases it again
             inv_s = Inverter(pipe, cfg_s, root / f"out_{h}x{w}", progress=False)
             st = [inv_s._new_state(i) for i in scan(root / f"{h}x{w}").identities]
@@ -438,12 +441,15 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
         place(pipe, torch.device("cuda"), "model")
         peak_reset()
         try:
-            inv2 = Inverter(pipe, cfg, root / "out2", progress=False)
+            # tokens refuse model offload (the text encoder is back-propagated through): a residual mode there
+            cfg_o = cfg if cfg.parametrisation != "tokens" else dataclasses.replace(cfg, parametrisation="free")
+            inv2 = Inverter(pipe, cfg_o, root / "out2", progress=False)
             states[:] = [inv2._new_state(i) for i in idents[:2]]
             inv = inv2
             b.res["invert_offload_model_setup"] = peaks()
             for K in (1, 2):
-                steps(f"invert_offload_model_K{K}_ckpt", "inversion step, offload=model, compiled", K, True, warmup=2)
+                steps(f"invert_offload_model_K{K}_ckpt",
+                      f"inversion step, offload=model ({cfg_o.parametrisation}), compiled", K, True, warmup=2)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             b.res["invert_offload_model"] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -494,6 +500,8 @@ def main():
     ap.add_argument("--section", choices=["render", "invert", "flops", "all"], default="all")
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default=",".join(INVERT_PARTS), help=f"invert section: any of {INVERT_PARTS}")
+    ap.add_argument("--parametrisation", default="tokens", help="invert section: InvertConfig.parametrisation "
+                    "(tokens, free, rms_scaled); offload runs a residual mode")
     args = ap.parse_args()
     if args.section == "all" and not args.tiny:
         raise SystemExit("--section all is for --tiny; with the real models run render and invert as two calls")
@@ -519,6 +527,7 @@ def main():
     else:
         pipe = build_full_pipeline(tok)
         S = dict(H=768, W=512, steps=28, grid_seeds=8, reps=2, grid_bs=8, group_steps=4)
+    S["parametrisation"] = args.parametrisation
     import diffusers
     import transformers
 
