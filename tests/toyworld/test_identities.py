@@ -47,3 +47,28 @@ def test_cli(tmp_path, capsys):
     assert refgen_main(["toyworld", "make-identities", str(tmp_path / "ids"), "--n", "2", "--seed", "5", "--quiet"]) == 0
     assert (tmp_path / "ids" / "seed_6" / "identity.json").is_file()
     assert "2 identities" in capsys.readouterr().out
+
+
+def test_pair_photos_put_the_person_beside_someone_and_say_where(tmp_path):
+    solo = make_identities(tmp_path / "solo", n=2, seed=20, progress=False)
+    pairs = make_identities(tmp_path / "pairs", n=2, seed=20, pair_images=3, progress=False)
+    for s, p in zip(solo, pairs):
+        rec = json.loads((p / "identity.json").read_text())
+        prompts = json.loads((p / "prompts.json").read_text())
+        solo_files = sorted(x.name for x in s.glob("img_*.png"))
+        for f in solo_files:  # the one-person photos are the same with or without pair photos
+            assert (s / f).read_bytes() == (p / f).read_bytes() and prompts[f] == json.loads(
+                (s / "prompts.json").read_text())[f]
+        pair = [e for e in rec["images"] if e["file"].startswith("pair_")]
+        assert len(pair) == 3
+        for e in pair:
+            sc = world.Scene.from_dict(e["scene"])
+            k = 0 if e["side"] == "left" else 1
+            assert len(sc.people) == 2 and sc.people[k].identity.to_dict() == rec["attributes"]
+            text = prompts[e["file"]].lower()
+            assert text.count("~id~") == 1 and "a person" in text
+            # the placeholder stands where the person is: the first-named person is the one on the left
+            assert (text.index("~id~") < text.index("a person")) == (k == 0)
+    # a folder made with other photo settings is rebuilt, not reused
+    again = make_identities(tmp_path / "solo", n=2, seed=20, pair_images=3, progress=False)
+    assert len(list(again[0].glob("pair_*.png"))) == 3

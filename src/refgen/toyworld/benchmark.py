@@ -77,6 +77,7 @@ class BenchmarkConfig:
     train_seed: int = 100_000  # identity ids train_seed .. train_seed + n_train - 1
     test_seed: int = 200_000
     size: int = 64
+    pair_images: int = 0       # reference photos per identity beside another person (two-person prompts)
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.4, 1.8, 2.4])
     head_alphas: list[float] = field(default_factory=lambda: [1.0, 1.4, 1.8, 2.4])
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # per (identity, scene)
@@ -412,10 +413,11 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) 
     dev = resolve_device(cfg.device)
     t0 = time.time()
     # 1. identities (idempotent: complete folders are kept)
-    make_identities(out / "identities" / "test", n=cfg.n_test, seed=cfg.test_seed, size=cfg.size, progress=progress)
+    make_identities(out / "identities" / "test", n=cfg.n_test, seed=cfg.test_seed, size=cfg.size,
+                    pair_images=cfg.pair_images, progress=progress)
     if cfg.n_train:
         make_identities(out / "identities" / "train", n=cfg.n_train, seed=cfg.train_seed, size=cfg.size,
-                        progress=progress)
+                        pair_images=cfg.pair_images, progress=progress)
     identities_s = time.time() - t0
     pipe = load_pipeline(model, str(dev), cfg.dtype)
     ne = encode_prompts(pipe, InvertConfig(**cfg.invert_config()).negative_prompt)  # the one inversion renders with

@@ -10,7 +10,8 @@ from pathlib import Path
 def _make_identities(args) -> int:
     from refgen.toyworld.identities import make_identities
 
-    folders = make_identities(args.out, n=args.n, seed=args.seed, size=args.size, progress=not args.quiet)
+    folders = make_identities(args.out, n=args.n, seed=args.seed, size=args.size, pair_images=args.pair_images,
+                              progress=not args.quiet)
     print(f"{len(folders)} identities in {args.out} (seed_{args.seed} .. seed_{args.seed + args.n - 1})")
     return 0
 
@@ -96,6 +97,8 @@ def register(toyworld_subparsers) -> None:
     p.add_argument("--n", type=int, default=50, help="number of identities (default 50)")
     p.add_argument("--seed", type=int, default=0, help="first identity id; ids are seed .. seed+n-1")
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+    p.add_argument("--pair-images", type=int, default=0,
+                   help="photos per identity beside a random other person (captioned; default 0)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_make_identities)
 
