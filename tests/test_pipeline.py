@@ -322,3 +322,9 @@ def test_invert_with_each_photos_own_prompt(ip, tmp_path):
     photos = [Image.open(p) for p in sorted(Path(folder).glob("*.png"))]
     with pytest.raises(ValueError, match="prompts="):
         ip.invert(photos, config=cfg, progress=False)
+    # a head's guess (or any person of the right kind) as the start: the run begins there
+    started = ip.invert(folder, config=cfg, out=tmp_path / "o2", start=person, progress=False)
+    rec = json.loads((tmp_path / "o2" / started.metadata["identity"] / "teacher.json").read_text())
+    assert rec["started_from"] == "given"
+    with pytest.raises(TypeError, match="starts from a SlotTokens"):
+        ip.invert(folder, config=cfg, start=_random_residual(ip.pipe), progress=False)

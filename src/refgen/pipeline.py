@@ -452,7 +452,8 @@ class IdentityPipeline:
         return SlotResidual(r, md)
 
     def invert(self, images, config=None, out: str | Path | None = None, identity: str | None = None,
-               progress: bool = True, prompts: Sequence[str] | None = None) -> "SlotResidual | SlotTokens":
+               progress: bool = True, prompts: Sequence[str] | None = None,
+               start: "SlotResidual | SlotTokens | None" = None) -> "SlotResidual | SlotTokens":
         """Teacher inversion of 1-n photos of one person (`refgen invert`'s engine: the same optimisation,
         checkpoints and records) -> SlotTokens (the default parametrisation) or SlotResidual, in memory.
 
@@ -463,6 +464,8 @@ class IdentityPipeline:
         `config`: an InvertConfig (default: its defaults, with qa=False when there is no `out` to keep the QA
         grid in). With `config.image_prompts`, `prompts` gives each photo its own sentence with one `~ID~` (in the
         photos' order); a folder of photos may carry them instead as prompts.json ({file name: prompt}).
+        `start`: begin at this person (e.g. a head's `residual_from_refs(photos)`) instead of near the placeholder:
+        a SlotTokens for parametrisation "tokens", a SlotResidual for "free"/"rms_scaled".
         """
         from refgen.artifacts import atomic_save_image
         from refgen.identity.invert import InvertConfig, teacher_file
@@ -475,6 +478,12 @@ class IdentityPipeline:
                              "out would delete: pass out=... or an InvertConfig with qa=False")
         photos = reference_photos(images)
         prompts = _photo_prompts(images, prompts, len(photos)) if config.image_prompts else None
+        if start is not None:
+            want = SlotTokens if config.parametrisation == "tokens" else SlotResidual
+            if not isinstance(start, want):
+                raise TypeError(f"parametrisation {config.parametrisation!r} starts from a {want.__name__}, got "
+                                f"{type(start).__name__}")
+            start.check_fits(self, "start")
         ident_id = identity or photos_id(photos)
         with tempfile.TemporaryDirectory(prefix="refgen_invert_") if out is None else nullcontext(out) as root:
             root = Path(root)
@@ -489,7 +498,8 @@ class IdentityPipeline:
                 from refgen.artifacts import atomic_write_json
 
                 atomic_write_json(d / "prompts.json", {f.name: t for f, t in zip(files, prompts)})
-            self.invert_identities([Identity(ident_id, d, files)], config, root, progress=progress)
+            self.invert_identities([Identity(ident_id, d, files)], config, root, progress=progress,
+                                   start=None if start is None else {ident_id: start.tensor})
             try:
                 made = teacher_file(d)
             except ValueError as e:
@@ -498,7 +508,7 @@ class IdentityPipeline:
             return self.load_residual(made)
 
     def invert_identities(self, identities: list, config, out_root: str | Path, progress: bool = True,
-                          label: str | None = None) -> list[dict]:
+                          label: str | None = None, start: dict | None = None) -> list[dict]:
         """Teacher inversion of identity folders (refgen.images.Identity) into OUT_ROOT/<id>/, K per forward,
         resumable, complete ones skipped; the records of those inverted now. What `refgen invert` runs (`label`:
         print how many are complete and to do under that name). A complete identity made with other settings
@@ -511,7 +521,7 @@ class IdentityPipeline:
         if label:
             n_done = sum(inv.is_complete(i) for i in identities)
             print(f"{label}: {len(identities)} identities, {n_done} complete, {len(identities) - n_done} to do")
-        return inv.run(identities)
+        return inv.run(identities, start)
 
     def _residuals(self, people: Sequence) -> list:
         """Person k as a SlotResidual or SlotTokens: one of those, a residual/token file (.safetensors), or

@@ -88,3 +88,20 @@ def test_token_file_from_another_text_encoder_is_refused(pipe, tmp_path):
     save_residual(tmp_path / "r.safetensors", torch.zeros(int(md["L"]), int(md["H"])), residual_metadata(pipe, "tiny"))
     with pytest.raises(TokensMismatchError, match="no tensor named"):
         read_tokens(tmp_path / "r.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["tokens", "free", "rms_scaled"])
+def test_inversion_starts_from_a_given_identity_in_every_mode(pipe, tmp_path, mode):
+    root = make_identities(tmp_path / "ids", n=1)
+    cfg = InvertConfig(**{**FAST, "parametrisation": mode, "steps": 1, "lr": 1e-9})
+    inv = Inverter(pipe, cfg, tmp_path / "o", model_id="tiny", progress=False)
+    ident = scan(root).identities[0]
+    noise = inv.residual(inv._new_state(ident)).detach()
+    g = torch.Generator().manual_seed(1)
+    start = torch.randn(noise.shape, generator=g) * 0.5 + (placeholder_embeds(pipe) if mode == "tokens" else 0)
+    st = inv._new_state(ident, start)
+    torch.testing.assert_close(inv.residual(st).detach().cpu(), start)  # the optimisation begins where it was told
+    (rec,) = inv.run([ident], start={ident.id: start})
+    assert rec["started_from"] == "given"
+    with pytest.raises(ValueError, match="starts from a finite"):
+        inv._new_state(ident, start[:, :-1])

@@ -149,6 +149,7 @@ class _State:
     stop_reason: str | None = None
     message: str = ""
     adam_state: dict | None = None  # AdamW moments restored from a checkpoint
+    started_from: str = "noise"  # or "given" (Inverter.run's start: a head's prediction)
 
 
 class Inverter:
@@ -209,17 +210,20 @@ class Inverter:
     def is_complete(self, ident: Identity) -> bool:
         return (self.dir(ident) / "teacher.json").exists()  # written last, atomically
 
-    def run(self, identities: list[Identity]) -> list[dict]:
+    def run(self, identities: list[Identity], start: dict[str, torch.Tensor] | None = None) -> list[dict]:
         """Invert every identity of `identities` that is not complete, K (identities_per_batch) per forward;
         returns the records of those it inverted. The one loop behind `refgen invert`, the toy benchmark and
-        the demo."""
+        the demo. `start` (identity id -> what `residual` returns: (L, H), or (L, H_in) tokens) starts those
+        identities there instead of near the placeholder, e.g. from a head's prediction."""
         todo = [i for i in identities if not self.is_complete(i)]
         if self.cfg.image_prompts:
             self.encode_image_prompts(todo)
         records = []
         K = self.cfg.identities_per_batch
         for b in range(0, len(todo), K):
-            records += [self.finish(s) for s in self.run_batch(todo[b:b + K])]
+            batch = todo[b:b + K]
+            states = [self._new_state(i, (start or {}).get(i.id)) for i in batch]
+            records += [self.finish(s) for s in self.run_batch(batch, states)]
         return records
 
     def encode_image_prompts(self, identities: list[Identity]) -> None:
@@ -288,7 +292,7 @@ class Inverter:
                              "folder (--out)")
 
     # ---- state -------------------------------------------------------------------------------------
-    def _new_state(self, ident: Identity) -> _State:
+    def _new_state(self, ident: Identity, start: torch.Tensor | None = None) -> _State:
         images = [center_crop_resize(load_rgb(p), self.cfg.width, self.cfg.height) for p in ident.images]
         latents = encode_qwen_latents(self.pipe.vae, images, device=self.device)  # (N, C, h, w)
         gen = torch.Generator("cpu").manual_seed(identity_seed(self.cfg.seed, ident.id))
@@ -298,9 +302,12 @@ class Inverter:
         P = torch.randn(L, H, generator=gen)
         if self.cfg.parametrisation in ("free", "tokens"):  # start small, near the placeholder's own
             P = P * self.cfg.init_scale
+        log_scale = math.log(self.cfg.init_scale)
+        if start is not None:  # after the draw above, so the identity's noise stream is the same either way
+            P, log_scale = self._params_for(start, ident.id)
         P = torch.nn.Parameter(P.to(self.device, torch.float32))
-        ls = torch.nn.Parameter(torch.tensor(math.log(self.cfg.init_scale), device=self.device))
-        st = _State(ident, latents, P, ls, gen, lr=self.cfg.lr)
+        ls = torch.nn.Parameter(torch.tensor(log_scale, device=self.device))
+        st = _State(ident, latents, P, ls, gen, lr=self.cfg.lr, started_from="noise" if start is None else "given")
         ckpt = self.dir(ident) / "teacher_ckpt.pt"
         if ckpt.exists():
             self._load_ckpt(st, ckpt)
@@ -309,6 +316,20 @@ class Inverter:
             if self.progress:
                 print(f"{ident.id}: resuming from step {st.step} ({ckpt})")
         return st
+
+    def _params_for(self, start: torch.Tensor, name: str) -> tuple[torch.Tensor, float]:
+        """(P, log_scale) whose `residual` is `start` (rms_scaled: up to its scale clamp)."""
+        want = (self.slot.length, self.T_ph.shape[1] if self.tokens else self.E_base.shape[2])
+        if tuple(start.shape) != want or not torch.isfinite(start).all():
+            raise ValueError(f"{name}: start has shape {tuple(start.shape)} (finite: {bool(torch.isfinite(start).all())}); "
+                             f"parametrisation {self.cfg.parametrisation!r} starts from a finite {want} tensor")
+        start = start.detach().to("cpu", torch.float32)
+        if self.tokens:
+            return (start - self.T_ph.cpu()) / self.emb_rms, math.log(self.cfg.init_scale)
+        if self.cfg.parametrisation == "free":
+            return start.clone(), math.log(self.cfg.init_scale)
+        rms = start.pow(2).mean().sqrt().item()
+        return start.clone(), math.log(min(max(rms, self.cfg.scale_min), self.cfg.scale_max))
 
     def residual(self, st: _State) -> torch.Tensor:
         """(L, H) float32: clamp(exp(log_scale)) * P / RMS(P), or P itself (parametrisation 'free'); with
@@ -547,6 +568,7 @@ class Inverter:
                             L=self.slot.length, s=self.slot.start, dtype=str(self.dtype).replace("torch.", ""),
                             scheduler=type(self.pipe.scheduler).__name__, true_cfg=cfg.true_cfg,
                             steps_run=s.step, stop_reason=s.stop_reason, message=s.message,
+                            started_from=s.started_from,
                             final_loss=(sum(s.losses[-10:]) / len(s.losses[-10:])) if s.losses else None,
                             first_loss=(sum(s.losses[:10]) / len(s.losses[:10])) if s.losses else None,
                             scale=float(s.log_scale.detach().exp().clamp(cfg.scale_min, cfg.scale_max))
