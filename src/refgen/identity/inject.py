@@ -1,4 +1,4 @@
-"""Injection E[b, s_k:s_k+L, :] += alpha_k * R_k[b] and the slot-residual file format (phases 1.3, 4.4-4.5).
+"""Injection E[b, s_k:s_k+L, :] += alpha_k * R_k[b] and the slot-residual file format.
 
 A residual file is safetensors with one tensor `residual` (L, H) and string metadata that pins what it
 fits: L, H, the placeholder's token ids, a fingerprint of the tokenizer's vocabulary and merges, and

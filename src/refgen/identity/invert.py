@@ -1,13 +1,18 @@
-"""Teacher inversion (seed 000, phase 2): one slot-only residual per identity, K identities per forward.
+"""Teacher inversion: one identity (learnt tokens or a slot residual) per person, K identities per forward.
 
-Objective. The frozen Qwen-Image transformer should denoise an identity's images when its slot residual R
-is added to the base prompt's embeddings:  min_R  E_{sigma, eps, x0} || v(x_sigma, sigma, E_base + R) - (eps - x0) ||^2
-(flow matching, as the model was trained; the seed's epsilon/v-prediction branch is UNet thinking).
+Objective. The frozen Qwen-Image transformer should denoise a person's photos when the prompt carries them:
+min_X  E_{sigma, eps, x0} || v(x_sigma, sigma, E(prompt, X)) - (eps - x0) ||^2  (flow matching, as the model
+was trained; the seed's epsilon/v-prediction branch is UNet thinking). Where X lives (parametrisation):
 
-Parametrisation (the seed's "Re-Parametrisierung"). R = clamp(exp(log_scale), 0.01, 1.5) * P / RMS(P) with
-P (L, H) living only in the slot window, so off-slot entries are exactly zero at every step and the seed's
-off-slot penalty is identically 0. P starts as a seeded Gaussian (not 0: P/RMS(P) would be 0/0) and
-log_scale at log(init_scale): a small random push away from the base prompt.
+  tokens      the placeholder's input token embeddings T = T_ph + e * P, read by the frozen text encoder, so every
+              word after the slot sees the person too (the default: it measured best, docs/benchmarks.md)
+  rms_scaled  the seed's residual on the encoder output's window, R = clamp(exp(log_scale), 0.01, 1.5) * P / RMS(P);
+              off-slot entries are exactly zero at every step, so the seed's off-slot penalty is identically 0
+  free        that window residual as P itself, no normalisation or clamp
+
+P starts as a seeded Gaussian (not 0: P/RMS(P) would be 0/0), scaled by init_scale in tokens and free, or at
+a given start (a head's guess). Each photo may come with its own prompt (image_prompts), so the scene is said in
+words and not learnt into the person.
 
 Batching. Identities share the base prompt, so K of them go through one transformer forward (K x batch
 rows). Everything that makes one identity's run is its own: its parameters form their own AdamW param

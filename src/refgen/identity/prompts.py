@@ -1,4 +1,4 @@
-"""Prompt encoding for Qwen-Image with slot windows (seed 000, phases 1.2, 4.3).
+"""Prompt encoding for Qwen-Image with slot windows.
 
 This is QwenImagePipeline._get_qwen_prompt_embeds with one change: the token ids come from
 `tokenize_with_slots`, so every `~ID~` has fixed ids and a known window. Everything else (chat template,

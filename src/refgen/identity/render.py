@@ -1,4 +1,4 @@
-"""Loading Qwen-Image under the device policy, and rendering with injected slot residuals (phase 1.4, 4.6).
+"""Loading Qwen-Image under the device policy, and rendering with injected slot residuals.
 
 Rendering goes through diffusers' own QwenImagePipeline with `prompt_embeds`/`prompt_embeds_mask`
 (and negative embeds for true CFG). An alpha x seed grid is one prompt encoded once, then batched:
@@ -305,7 +305,7 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     kinds in one prompt: `tokens` has every slot (the placeholder's own embeddings for a residual person) and so
     has `residuals` (zeros for a token person).
 
-    With no residuals the placeholders stay as plain text (phase 1.3's empty-injection smoke test).
+    With no residuals the placeholders stay as plain text (the empty-injection smoke test).
     `encoded` = (embeds (1,S,H), mask (1,S), slots) and `neg` = (embeds, mask) skip the text encoder
     (inversion has them already and has moved the text encoder off the GPU). `model_id` is what grid.json
     names as the model (default: the path or hub id the pipeline was loaded from).

@@ -1,4 +1,4 @@
-"""Monitoring (seed 000, phase 6.3): offline KPIs of a head checkpoint, error counts of generate runs."""
+"""Monitoring: offline KPIs of a head checkpoint, error counts of generate runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Slots: where each `~ID~` lands in the prompt embeddings (seed 000, phases 0.4-0.5, 4.2, 5.1, 5.3).
+"""Slots: where each `~ID~` lands in the prompt embeddings.
 
 Why not search the placeholder's ids in the tokenized prompt: byte-level BPE is context-sensitive.
 Qwen2's pre-tokenizer turns "of ~ID~, studio" into ' ~', 'ID', '~,' and "(~ID~)" into '(~', 'ID', '~)':
