@@ -6,10 +6,11 @@ where in the photo a detail sits and how many photos agree on it; the queries ca
 photos add evidence instead of blurring into one mean. The keys are the photo tokens plus the queries themselves
 (as in Flamingo's resampler), so the L window tokens can also agree with each other.
 
-With `pooled_query` (the default) the queries start from the person's pooled feature: the L2-normalised mean of all real tokens (the linear head's
-z when the photos have equal token counts, as the toy world's do), projected to the query width and added to every
-query. That vector is what the vision tower was trained to make identity-discriminative, so the head carries
-identity from its first step; the attention then adds what the mean loses.
+With `pooled_query` (off by default) the queries start from the person's pooled feature: the L2-normalised mean
+of all real tokens (the linear head's z when the photos have equal token counts, as the toy world's do), projected
+to the query width and added to every query. That vector is what the vision tower was trained to make
+identity-discriminative, so the head would carry identity from its first step and the attention add what the mean
+loses; on the toy world it has not yet been shown to help (docs/head.md).
 
 The number of photos varies per person: a batch pads photos and tokens and passes a key mask; masked keys get no
 attention weight, so padding changes nothing (tested). No positional code is added: the tokens come out of the
@@ -36,7 +37,7 @@ class ResamplerConfig:
     layers: int = 2
     heads: int = 4
     mlp_ratio: float = 4.0
-    pooled_query: bool = True  # add the projected mean of all real tokens to every query
+    pooled_query: bool = False  # add the projected mean of all real tokens to every query
     scale_min: float = 0.01
     scale_max: float = 1.5
 

@@ -588,7 +588,8 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
     summary: dict = {}
     if rank == 0 and step == 0:
         summary = evaluate(0)
-        log.log(**summary)
+        if len(summary) > 1:  # the untrained head's numbers, when there is something to evaluate
+            log.log(**summary)
     B = cfg.batch_size
     t_train = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="train-head e2e", disable=not progress or rank != 0)
