@@ -402,55 +402,14 @@ class Inverter:
         return states
 
     def _step(self, active: list[_State], opt) -> tuple[list[float], list[dict]]:
+        """One optimisation step of every active identity; (loss (K), metrics (K)) read back once."""
         cfg, n = self.cfg, self.cfg.images_per_step
-        x0s, noises, sigmas, ctx_idx = [], [], [], []
-        for s in active:  # each identity draws from its own generator: batch make-up does not matter
-            idx = torch.randint(0, s.latents.shape[0], (n,), generator=s.gen)
-            x0 = s.latents[idx]
-            noises.append(torch.randn(x0.shape, generator=s.gen))
-            sigmas.append(flow.sample_sigmas(n, cfg.sigma_sampling, generator=s.gen))
-            if cfg.image_prompts:
-                if s.ident.id not in self.image_rows:
-                    raise RuntimeError(f"{s.ident.id}: image prompts not encoded; invert through Inverter.run()")
-                ctx_idx.append(self.image_rows[s.ident.id][idx])  # each photo with its own sentence
-            elif self.ctx is not None:
-                ctx_idx.append(torch.randint(0, self.ctx[0].shape[0], (n,), generator=s.gen))
-            x0s.append(x0)
-        x0 = torch.cat(x0s)
-        noise = pack(torch.cat(noises).to(x0))  # one host-to-device copy for the batch
-        x0 = pack(x0)  # (K*n, N_tok, 4C)
-        sigma = torch.cat(sigmas).to(self.device)
-        R = torch.stack([self.residual(s) for s in active])  # (K, L, H) float32
-        from refgen.identity.inject import inject
-        from refgen.identity.prompts import encode_tokenized
-
-        Rn = R.to(self.te_dtype if self.tokens else self.dtype).repeat_interleave(n, 0)  # (K*n, L, H or H_in)
-        if self.tokens:  # the text encoder reads the identity's tokens in each row's own prompt
-            c = torch.cat(ctx_idx)  # (K*n,)
-            enc = encode_tokenized(self.pipe, [self.bank_tps[i] for i in c.tolist()], self.device, self.dtype, [Rn])
-            E, M = enc.embeds, enc.mask
-            c = c.to(self.device)
-            E0 = self.ctx[0][c][:, :E.shape[1]]  # the placeholder as written, for the metrics
-            pos = self.ctx[2][c][:, None] + torch.arange(self.slot.length, device=self.device)  # (K*n, L)
-            rows = torch.arange(E0.shape[0], device=self.device)[:, None].expand_as(pos)
-            win = torch.zeros(E0.shape[:2], dtype=torch.bool, device=self.device)
-            win[rows, pos] = True
-        elif self.ctx is None:
-            E0, M = self.E_base.expand(len(active) * n, -1, -1), None
-            E = inject(E0, [self.slot], [Rn], [1.0])  # (K*n, S, H)
-            win = torch.zeros(E0.shape[:2], dtype=torch.bool, device=self.device)
-            win[:, self.slot.start:self.slot.start + self.slot.length] = True
-        else:  # each row its own context: its slot starts elsewhere, so add R at per-row window positions
-            c = torch.cat(ctx_idx).to(self.device)  # (K*n,)
-            E0, M = self.ctx[0][c], self.ctx[1][c]
-            pos = self.ctx[2][c][:, None] + torch.arange(self.slot.length, device=self.device)  # (K*n, L)
-            rows = torch.arange(E0.shape[0], device=self.device)[:, None].expand_as(pos)
-            E = E0.index_put((rows, pos), Rn, accumulate=True)
-            win = torch.zeros(E0.shape[:2], dtype=torch.bool, device=self.device)
-            win[rows, pos] = True
+        x0, noise, sigma, c = self._draw(active)
+        R = torch.stack([self.residual(s) for s in active])  # (K, L, H) float32, or (K, L, H_in) tokens
+        E, M, E0, win = self._embeds(R, c, n)
         per = flow.loss(self.model, x0, (E, M), sigma=sigma, noise=noise, reduction="none")
         per_id = per.view(len(active), n).mean(1)  # (K,)
-        tok_rms = R.pow(2).mean(-1).sqrt()  # (K, L) per-token RMS of the slot residual
+        tok_rms = R.pow(2).mean(-1).sqrt()  # (K, L) per-token RMS of what is learnt
         reg = []
         for k, s in enumerate(active):
             ref = tok_rms[k].detach() if s.rms_mean is None else s.rms_mean
@@ -462,17 +421,7 @@ class Inverter:
         opt.zero_grad(set_to_none=True)
         if any(ok):
             total[finite].sum().backward()  # params are disjoint: each identity gets its own gradient
-        with torch.no_grad():
-            for k, s in enumerate(active):
-                if not ok[k]:
-                    s.P.grad = None  # identities that failed take no step
-                    s.log_scale.grad = None
-                    continue
-                grads = [p.grad for p in (s.P, s.log_scale) if p.grad is not None]
-                norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
-                coef = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-                for g in grads:
-                    g.mul_(coef)
+        self._clip_each(active, ok)
         opt.step()
         with torch.no_grad():
             # per-identity metrics as (K,) tensors, read back to the host once per step
@@ -491,6 +440,68 @@ class Inverter:
         metrics = [dict(zip(("mse", "rms_reg", "total_rms", "slot_rms", "offslot_rms", "scale", "log_scale"), c[:7]))
                    for c in cols]
         return [c[7] for c in cols], metrics
+
+    def _draw(self, active: list[_State]) -> tuple:
+        """(x0 (K*n, N_tok, 4C), noise, sigma (K*n,), prompt-bank row per image (K*n,) or None). Each identity draws
+        from its own generator, in a fixed order: batch make-up does not change what it sees."""
+        cfg, n = self.cfg, self.cfg.images_per_step
+        x0s, noises, sigmas, ctx_idx = [], [], [], []
+        for s in active:
+            idx = torch.randint(0, s.latents.shape[0], (n,), generator=s.gen)
+            x0 = s.latents[idx]
+            noises.append(torch.randn(x0.shape, generator=s.gen))
+            sigmas.append(flow.sample_sigmas(n, cfg.sigma_sampling, generator=s.gen))
+            if cfg.image_prompts:
+                if s.ident.id not in self.image_rows:
+                    raise RuntimeError(f"{s.ident.id}: image prompts not encoded; invert through Inverter.run()")
+                ctx_idx.append(self.image_rows[s.ident.id][idx])  # each photo with its own sentence
+            elif self.ctx is not None:
+                ctx_idx.append(torch.randint(0, self.ctx[0].shape[0], (n,), generator=s.gen))
+            x0s.append(x0)
+        x0 = torch.cat(x0s)
+        noise = pack(torch.cat(noises).to(x0))  # one host-to-device copy for the batch
+        return pack(x0), noise, torch.cat(sigmas).to(self.device), torch.cat(ctx_idx) if ctx_idx else None
+
+    def _embeds(self, R: torch.Tensor, c: torch.Tensor | None, n: int) -> tuple:
+        """(E (K*n, S, H) with each identity in its rows' prompts, mask or None, E0 the prompts as written, window
+        mask (K*n, S)). c: each row's prompt-bank row (None: every row is base_prompt)."""
+        from refgen.identity.inject import inject
+        from refgen.identity.prompts import encode_tokenized
+
+        Rn = R.to(self.te_dtype if self.tokens else self.dtype).repeat_interleave(n, 0)  # (K*n, L, H or H_in)
+        if c is None:
+            E0 = self.E_base.expand(R.shape[0] * n, -1, -1)
+            win = torch.zeros(E0.shape[:2], dtype=torch.bool, device=self.device)
+            win[:, self.slot.start:self.slot.start + self.slot.length] = True
+            return inject(E0, [self.slot], [Rn], [1.0]), None, E0, win  # (K*n, S, H)
+        if self.tokens:  # the text encoder reads the identity's tokens in each row's own prompt
+            enc = encode_tokenized(self.pipe, [self.bank_tps[i] for i in c.tolist()], self.device, self.dtype, [Rn])
+            E, M = enc.embeds, enc.mask
+        c = c.to(self.device)
+        pos = self.ctx[2][c][:, None] + torch.arange(self.slot.length, device=self.device)  # (K*n, L)
+        rows = torch.arange(pos.shape[0], device=self.device)[:, None].expand_as(pos)
+        if self.tokens:
+            E0 = self.ctx[0][c][:, :E.shape[1]]  # the placeholder as written, for the metrics
+        else:  # each row its own context: its slot starts elsewhere, so add R at per-row window positions
+            E0, M = self.ctx[0][c], self.ctx[1][c]
+            E = E0.index_put((rows, pos), Rn, accumulate=True)
+        win = torch.zeros(E0.shape[:2], dtype=torch.bool, device=self.device)
+        win[rows, pos] = True
+        return E, M, E0, win
+
+    def _clip_each(self, active: list[_State], ok: list[bool]) -> None:
+        """Clip each identity's gradient by its own norm; identities whose loss was not finite take no step."""
+        with torch.no_grad():
+            for k, s in enumerate(active):
+                if not ok[k]:
+                    s.P.grad = None
+                    s.log_scale.grad = None
+                    continue
+                grads = [p.grad for p in (s.P, s.log_scale) if p.grad is not None]
+                norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+                coef = (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+                for g in grads:
+                    g.mul_(coef)
 
     def _after_step(self, s: _State, loss: float, m: dict, opt, log: JsonlLogger) -> None:
         cfg = self.cfg
