@@ -227,3 +227,19 @@ def test_execution_device_is_read_through_one_wrapper(pipe):
 
     assert isinstance(getattr(QwenImagePipeline, "_execution_device", None), property)
     assert execution_device(pipe) == torch.device("cpu")
+
+
+def test_unpack_is_the_pipelines_own_layout():
+    # sample_batched_cfg decodes with identity.qwen.unpack, not diffusers' private _unpack_latents: same layout
+    from diffusers import QwenImagePipeline
+
+    from refgen.identity.qwen import pack, unpack
+
+    z = torch.randn(2, 16, 12, 8)  # (B, C, h, w) latents
+    x = pack(z)
+    for vsf in (8, 4):
+        ref = QwenImagePipeline._unpack_latents(x, 12 * vsf, 8 * vsf, vsf)
+        assert torch.equal(unpack(x, 12, 8), ref)
+    assert torch.equal(unpack(x, 12, 8)[:, :, 0], z)  # and it inverts pack
+    with pytest.raises(ValueError, match="do not tile"):
+        unpack(x, 10, 8)

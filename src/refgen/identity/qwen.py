@@ -45,6 +45,15 @@ def pack(z: torch.Tensor) -> torch.Tensor:
     return z.view(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
 
 
+def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, 1, h, w): the inverse of `pack`, with the VAE's frame axis, as
+    QwenImagePipeline._unpack_latents gives it for an image of (h, w) * vae_scale_factor pixels."""
+    B, N, C4 = x.shape
+    if N != (h // 2) * (w // 2) or h % 2 or w % 2:
+        raise ValueError(f"unpack: {N} tokens do not tile an {h}x{w} latent in 2x2 patches")
+    return x.view(B, h // 2, w // 2, C4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C4 // 4, 1, h, w)
+
+
 class QwenFlowModel:
     """`model(x, sigma, cond)` over packed latents; cond = (embeds (B,S,H), mask (B,S) or None).
 
