@@ -53,16 +53,13 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
     from refgen.grid import make_grid
-    from PIL import Image
 
-    from refgen.identity.invert import InvertConfig, Inverter, teacher_file
-    from refgen.identity.render import RenderConfig, load_pipeline
+    from refgen.identity.invert import teacher_file
+    from refgen.identity.render import load_pipeline
     from refgen.pipeline import IdentityPipeline
     from refgen.images import scan
     from refgen.toyworld import recognizer as R
-    from refgen.toyworld import world
-    from refgen.toyworld.benchmark import (PAIR_PROMPT, SCENE_PROMPT, attributes_of, default_model, score,
-                                           toy_invert_settings)
+    from refgen.toyworld.benchmark import default_model
     from refgen.toyworld.identities import make_identities
 
     from refgen.runtime import pick_cpu_threads
@@ -81,59 +78,85 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     idents = {x.id: x for x in scan(ids_root).identities}
     chosen = [idents[f"seed_{i}"] for i in cfg.identities]
 
-    dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
-    pipe = load_pipeline(model, cfg.device, dtype)
+    pipe = load_pipeline(model, cfg.device, "bf16" if cfg.device.startswith("cuda") else "fp32")
+    _invert(cfg, pipe, model, chosen, out, say, progress)
+    t_inv = time.time() - t0
+
+    ip = IdentityPipeline(pipe, model)
+    people = [ip.load_residual(teacher_file(out / "teacher" / i.id)) for i in chosen]  # tokens or residuals
+    net = R.load(device=cfg.device)
+    summary = {"identities": {}, "pictures": {}}
+    for ident, person in zip(chosen, people):
+        summary["identities"][ident.id] = _alpha_grid(cfg, ip, net, ident, person, out, say, progress)
+        summary["pictures"][f"alpha grid {ident.id}"] = str(out / "grids" / ident.id / "grid.png")
+    pair_imgs, summary["two_people"] = _two_people(cfg, ip, net, chosen, people, say, progress)
+    refs = [_ref_images(i) for i in chosen]
+    atomic_save_image(make_grid([pair_imgs], ["two people"], [f"seed {s}" for s in cfg.seeds]),
+                      out / "two_people.png")
+    atomic_save_image(make_grid([r[:3] for r in refs], [i.id for i in chosen], ["ref 1", "ref 2", "ref 3"]),
+                      out / "references.png")
+    summary["pictures"]["two people"] = str(out / "two_people.png")
+    summary["pictures"]["references"] = str(out / "references.png")
+    summary["seconds"] = {"identities+inversion": t_inv, "total": time.time() - t0}
+    atomic_write_json(out / "demo.json", provenance(dataclasses.asdict(cfg), model=model, threads=threads, **summary))
+    return summary
+
+
+def _invert(cfg: DemoConfig, pipe, model: str, chosen: list, out: Path, say, progress: bool) -> None:
+    """Both identities inverted (each photo in its own sentence); finished ones made with these settings are kept,
+    ones made with other settings are redone, so demo.json never describes stale pictures."""
+    from refgen.identity.invert import InvertConfig, Inverter
+    from refgen.toyworld.benchmark import toy_invert_settings
+
     icfg = InvertConfig(**toy_invert_settings(steps=cfg.invert_steps, lr=cfg.lr, images_per_step=cfg.images_per_step,
                                               sigma_sampling=cfg.sigma_sampling, identities_per_batch=2,
                                               image_prompts=True))
     inv = Inverter(pipe, icfg, out / "teacher", model_id=model, progress=progress)
     for i in chosen:
         diff = inv.settings_diff(i)
-        if diff:  # made by an earlier run with other settings: redo, so demo.json never describes stale pictures
+        if diff:
             say(f"{i.id}: inverted earlier with other settings ({', '.join(diff)}); inverting again")
             shutil.rmtree(inv.dir(i))  # all of it: the old run's metrics log would otherwise be appended to
     todo = [i for i in chosen if not inv.is_complete(i)]
     say(f"inversion: {len(todo)} of {len(chosen)} identities to invert ({cfg.invert_steps} steps)"
         if todo else "inversion: both identities already inverted with these settings")
     inv.run(chosen)
-    t_inv = time.time() - t0
 
-    ip = IdentityPipeline(pipe, model)
-    people = [ip.load_residual(teacher_file(out / "teacher" / i.id)) for i in chosen]  # tokens or residuals
+
+def _alpha_grid(cfg: DemoConfig, ip, net, ident, person, out: Path, say, progress: bool) -> dict:
+    """One person's alpha x seed grid on the demo's scene, read by the recognizer: {attributes, per_alpha}."""
+    from PIL import Image
+
+    from refgen.identity.render import RenderConfig
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld import world
+    from refgen.toyworld.benchmark import SCENE_PROMPT, attributes_of, score
+
     where = world.SCENE_PHRASES[cfg.scene][0]
-    net = R.load(device=cfg.device)
-    summary = {"identities": {}, "pictures": {}}
-    for ident, person in zip(chosen, people):
-        rc = RenderConfig(prompt=SCENE_PROMPT.format(where=where), alphas=cfg.alphas, seeds=cfg.seeds,
-                          steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64)
-        say(f"rendering {ident.id}: {len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds")
-        rec = ip.render_grid(rc, [person], out / "grids" / ident.id, progress=progress)
-        images = [Image.open(out / "grids" / ident.id / f) for f in rec["images"]]
-        preds = R.predict(net, images, cfg.device)
-        attrs, S = attributes_of(ident.path), len(cfg.seeds)
-        per_alpha = {f"{a:g}": score(preds[i * S:(i + 1) * S], [{"people": [attrs], "scene": cfg.scene}] * S)
-                     for i, a in enumerate(cfg.alphas)}  # render_grid's images are row-major: alpha rows
-        summary["identities"][ident.id] = {"attributes": attrs, "per_alpha": per_alpha}
-        summary["pictures"][f"alpha grid {ident.id}"] = str(out / "grids" / ident.id / "grid.png")
+    rc = RenderConfig(prompt=SCENE_PROMPT.format(where=where), alphas=cfg.alphas, seeds=cfg.seeds,
+                      steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64)
+    say(f"rendering {ident.id}: {len(cfg.alphas)} alphas x {len(cfg.seeds)} seeds")
+    rec = ip.render_grid(rc, [person], out / "grids" / ident.id, progress=progress)
+    images = [Image.open(out / "grids" / ident.id / f) for f in rec["images"]]
+    preds = R.predict(net, images, cfg.device)
+    attrs, S = attributes_of(ident.path), len(cfg.seeds)
+    per_alpha = {f"{a:g}": score(preds[i * S:(i + 1) * S], [{"people": [attrs], "scene": cfg.scene}] * S)
+                 for i, a in enumerate(cfg.alphas)}  # render_grid's images are row-major: alpha rows
+    return {"attributes": attrs, "per_alpha": per_alpha}
 
-    # both people in one prompt, left then right, each with its own identity
-    B = len(cfg.seeds)
-    say(f"rendering both people in one picture: {B} seeds")
-    pair_imgs = ip(PAIR_PROMPT.format(where=where), people, [cfg.pair_alpha, cfg.pair_alpha], seeds=cfg.seeds,
-                   steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64, progress=progress)
-    two = score(R.predict(net, pair_imgs, cfg.device),
-                [{"people": [attributes_of(i.path) for i in chosen], "scene": cfg.scene}] * B)
-    refs = [_ref_images(i) for i in chosen]
-    atomic_save_image(make_grid([pair_imgs], ["two people"], [f"seed {s}" for s in cfg.seeds]),
-                      out / "two_people.png")
-    atomic_save_image(make_grid([r[:3] for r in refs], [i.id for i in chosen], ["ref 1", "ref 2", "ref 3"]),
-                      out / "references.png")
-    summary["two_people"] = two
-    summary["pictures"]["two people"] = str(out / "two_people.png")
-    summary["pictures"]["references"] = str(out / "references.png")
-    summary["seconds"] = {"identities+inversion": t_inv, "total": time.time() - t0}
-    atomic_write_json(out / "demo.json", provenance(dataclasses.asdict(cfg), model=model, threads=threads, **summary))
-    return summary
+
+def _two_people(cfg: DemoConfig, ip, net, chosen: list, people: list, say, progress: bool) -> tuple[list, dict]:
+    """Both people in one prompt, left then right, each with its own identity: (images, recognizer's score)."""
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld import world
+    from refgen.toyworld.benchmark import PAIR_PROMPT, attributes_of, score
+
+    where = world.SCENE_PHRASES[cfg.scene][0]
+    say(f"rendering both people in one picture: {len(cfg.seeds)} seeds")
+    imgs = ip(PAIR_PROMPT.format(where=where), people, [cfg.pair_alpha, cfg.pair_alpha], seeds=cfg.seeds,
+              steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64, progress=progress)
+    return imgs, score(R.predict(net, imgs, cfg.device),
+                       [{"people": [attributes_of(i.path) for i in chosen], "scene": cfg.scene}] * len(cfg.seeds))
 
 
 def _ref_images(ident):
