@@ -253,6 +253,43 @@ def error_text(e: BaseException) -> str:
     return f"**Internal error** ({type(e).__name__}): {md_escape(e)}. The server's log has the details."
 
 
+def _person_inputs(n: int) -> list:
+    """Per person: reference photos, or an identity file, and an alpha (3 inputs each, person by person)."""
+    import gradio as gr
+
+    inputs = []
+    with gr.Row():
+        for k in range(n):
+            with gr.Column(variant="panel", min_width=220):
+                gr.Markdown(f"**Person {k + 1}**: fills slot {k + 1}")
+                inputs += [
+                    gr.File(label="Reference photos (1-n)", file_count="multiple", file_types=["image"],
+                            elem_id=f"person{k + 1}_photos", height=140),
+                    gr.File(label="or an identity file from refgen invert (.safetensors)", file_types=[".safetensors"],
+                            elem_id=f"person{k + 1}_residual", height=120),
+                    gr.Slider(-1.0, 3.0, value=1.0, step=0.05, label="α", elem_id=f"person{k + 1}_alpha"),
+                ]
+    return inputs
+
+
+def _sampling_inputs(d: PageDefaults, inverts: bool) -> list:
+    """[seeds, steps, true_cfg, height, width, negative prompt, inversion steps], in that order."""
+    import gradio as gr
+
+    with gr.Row():
+        seeds = gr.Textbox(value="0-3", label="Seeds (0-3, or 1,5,9)", elem_id="seeds")
+        steps = gr.Slider(2, 100, value=d.steps, step=1, label="Steps", elem_id="steps")
+        true_cfg = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="True CFG", elem_id="true_cfg")
+        height = gr.Slider(16, d.max_side, value=d.height, step=16, label="Height", elem_id="height")
+        width = gr.Slider(16, d.max_side, value=d.width, step=16, label="Width", elem_id="width")
+    with gr.Row():
+        negative = gr.Textbox(value=" ", label="Negative prompt", elem_id="negative_prompt")
+        invert_steps = gr.Slider(1, max(1000, d.invert_steps), value=d.invert_steps, step=1,
+                                 label="Inversion steps (photos, without a head)", elem_id="invert_steps",
+                                 visible=inverts)
+    return [seeds, steps, true_cfg, height, width, negative, invert_steps]
+
+
 def build_page(app: IdentityApp):
     """The Gradio page. Element ids (`person1_photos`, `prompt`, `generate`, `gallery`, `status`, ...) are stable:
     the browser test finds the page's parts by them."""
@@ -263,7 +300,7 @@ def build_page(app: IdentityApp):
            "by teacher inversion (the engine of `refgen invert`; a finished one is reused for the same photos)")
     model = "the toy Qwen-Image refgen ships" if cfg.toy else f"`{md_escape(ip.model_id)}`"
     header = (f"# refgen\nModel: {model}, on {ip.device}, {str(ip.dtype).removeprefix('torch.')}. "
-              f"Reference photos become a person's residual {how}.")
+              f"Reference photos become a person (learnt tokens or a residual) {how}.")
 
     def persons_of(values) -> list[PersonInput]:
         out = []
@@ -275,34 +312,12 @@ def build_page(app: IdentityApp):
 
     with gr.Blocks(title="refgen", analytics_enabled=False) as page:
         gr.Markdown(header)
-        person_inputs = []
-        with gr.Row():
-            for k in range(cfg.people):
-                with gr.Column(variant="panel", min_width=220):
-                    gr.Markdown(f"**Person {k + 1}**: fills slot {k + 1}")
-                    person_inputs += [
-                        gr.File(label="Reference photos (1-n)", file_count="multiple", file_types=["image"],
-                                elem_id=f"person{k + 1}_photos", height=140),
-                        gr.File(label="or an identity file from refgen invert (.safetensors)", file_types=[".safetensors"],
-                                elem_id=f"person{k + 1}_residual", height=120),
-                        gr.Slider(-1.0, 3.0, value=1.0, step=0.05, label="α", elem_id=f"person{k + 1}_alpha"),
-                    ]
+        person_inputs = _person_inputs(cfg.people)
         prompt = gr.Textbox(value=d.prompt, label="Prompt: ~ID~ marks each person, left to right", lines=2,
                             elem_id="prompt")
         slots = gr.Markdown(app.slots_text(d.prompt), elem_id="slots")
-        with gr.Row():
-            seeds = gr.Textbox(value="0-3", label="Seeds (0-3, or 1,5,9)", elem_id="seeds")
-            steps = gr.Slider(2, 100, value=d.steps, step=1, label="Steps", elem_id="steps")
-            true_cfg = gr.Slider(1.0, 10.0, value=4.0, step=0.5, label="True CFG", elem_id="true_cfg")
-            height = gr.Slider(16, d.max_side, value=d.height, step=16, label="Height", elem_id="height")
-            width = gr.Slider(16, d.max_side, value=d.width, step=16, label="Width", elem_id="width")
-        with gr.Row():
-            negative = gr.Textbox(value=" ", label="Negative prompt", elem_id="negative_prompt")
-            invert_steps = gr.Slider(1, max(1000, d.invert_steps), value=d.invert_steps, step=1,
-                                     label="Inversion steps (photos, without a head)", elem_id="invert_steps",
-                                     visible=ip.head is None)
+        common = [prompt, *_sampling_inputs(d, ip.head is None)]
         status = gr.Markdown(elem_id="status")
-        common = [prompt, seeds, steps, true_cfg, height, width, negative, invert_steps]
         with gr.Tabs():
             with gr.Tab("Images"):
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
