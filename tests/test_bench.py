@@ -39,3 +39,12 @@ def test_identity_bench_section_all_needs_tiny(tmp_path):
                         "--out", str(tmp_path / "b.json")], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--section all is for --tiny" in r.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+def test_toyworld_head_e2e_runs_tiny(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "toyworld_head_e2e.py"), "--tiny", "--threads", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["test"]["per_alpha"]["1"]["n_people"] == 4 and "pair" in res["ceiling"] and "two_slot" in res
+    assert "caption ceiling" in r.stdout and "validation identities (alpha)" in res["held_out_ranges"]
