@@ -1,7 +1,7 @@
 """Toy model v2: train recipe variants side by side, one per GPU, and print what each one draws.
 
 Each variant is configs/toyworld_model.yaml with a few keys changed. All of them run the real recipe
-(`refgen.toyworld.train_model.train_model`) at once, one process per visible GPU, and end with the
+(`refgen.toyworld.model_recipe.train_model`) at once, one process per visible GPU, and end with the
 recipe's own evaluation: VAE round trip and the caption ceiling (one and two people spelled out in
 words, validation identities 300000.., never the benchmark's). The table below is read from each
 model's refgen_toyworld.json.
@@ -43,7 +43,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def variant_config(name: str, config: str, **top):
     from refgen.config import from_dict, read_yaml
-    from refgen.toyworld.train_model import ToyModelConfig
+    from refgen.toyworld.model_recipe import ToyModelConfig
 
     if VARIANTS[name] == "tiny":
         return ToyModelConfig.tiny(eval_identities=4, eval_steps=2, **top)
@@ -53,7 +53,7 @@ def variant_config(name: str, config: str, **top):
 
 
 def _run_one(args) -> int:
-    from refgen.toyworld.train_model import train_model
+    from refgen.toyworld.model_recipe import train_model
 
     cfg = variant_config(args.run, args.config, device=args.device, workers=args.workers)
     train_model(cfg, Path(args.out) / args.run, progress=False)

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from diffusers import QwenImagePipeline
 
     from refgen.runtime import resolve_device
-    from refgen.toyworld import train_model as T
+    from refgen.toyworld import model_recipe as T
     from refgen.toyworld import world
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -12,7 +12,7 @@ from refgen.moe.model import MoEModelConfig
 from refgen.moe.routing import RLConfig
 from refgen.moe.train import TrainConfig as MoETrainConfig
 from refgen.toyworld.benchmark import BenchmarkConfig
-from refgen.toyworld.train_model import ToyModelConfig, VaeConfig
+from refgen.toyworld.model_recipe import ToyModelConfig, VaeConfig
 
 
 @pytest.mark.parametrize("cls,key", [(InvertConfig, "steps"), (BenchmarkConfig, "render_steps"), (ToyModelConfig, "seed"),

@@ -98,7 +98,7 @@ def test_wilson_interval_matches_the_textbook_values():
 
 def test_held_out_ranges_refuse_a_test_set_the_judge_or_the_model_has_seen():
     from refgen.toyworld import recognizer as R
-    from refgen.toyworld import train_model as T
+    from refgen.toyworld import model_recipe as T
 
     ok = B.held_out_ranges(B.BenchmarkConfig(), B.default_model())
     assert set(ok) >= {"test identities", "train identities", "recognizer training scenes",
@@ -117,7 +117,7 @@ def test_shipped_model_draws_people_spelled_out_in_words():
     from refgen.identity.prompts import encode_prompts
     from refgen.identity.render import load_pipeline
     from refgen.toyworld import recognizer as R
-    from refgen.toyworld import train_model as T
+    from refgen.toyworld import model_recipe as T
 
     pipe = load_pipeline(B.default_model(), "cpu", "fp32")
     attrs = [world.identity_from_seed(T.VAL_ID_BASE + i).to_dict() for i in range(4)]

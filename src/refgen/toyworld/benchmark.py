@@ -233,7 +233,7 @@ def held_out_ranges(cfg: BenchmarkConfig, model: str) -> dict[str, list[int]]:
     from their saved configs), and the identities the model recipe validated on. Refuses any overlap: a
     judge or a generator that has seen a test person would flatter every row."""
     from refgen.toyworld import recognizer as R
-    from refgen.toyworld import train_model as T
+    from refgen.toyworld import model_recipe as T
 
     ranges = {"test identities": [cfg.test_seed, cfg.test_seed + cfg.n_test]}
     if cfg.n_train:

@@ -43,7 +43,7 @@ def _eval_recognizer(args) -> int:
 
 
 def _train_model(args) -> int:
-    from refgen.toyworld.train_model import ToyModelConfig, train_model
+    from refgen.toyworld.model_recipe import ToyModelConfig, train_model
 
     over = {"device": args.device, "seed": args.seed}
     if args.tiny:

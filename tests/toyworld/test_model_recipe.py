@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from refgen.toyworld import train_model as T
+from refgen.toyworld import model_recipe as T
 from refgen.toyworld import world
 from refgen.cli import main as refgen_main
 
