@@ -139,7 +139,7 @@ def test_qwen_flow_model_takes_the_pipelines_denoising_step(pipe):
     """QwenFlowModel (what inversion trains through) + one Euler step reproduces QwenImagePipeline's own
     denoising steps on the tiny model, true CFG included: the transformer is given sigma (the pipeline divides
     its 0-1000 timesteps by 1000), not 1000 * sigma, and the velocity has the pipeline's sign."""
-    from refgen.identity.qwen import QwenFlowModel
+    from refgen.identity.qwen_flow import QwenFlowModel
 
     enc, ne = encode_prompts(pipe, "a red car on a street"), encode_prompts(pipe, "blurry")
     latents = []
@@ -230,10 +230,10 @@ def test_execution_device_is_read_through_one_wrapper(pipe):
 
 
 def test_unpack_is_the_pipelines_own_layout():
-    # sample_batched_cfg decodes with identity.qwen.unpack, not diffusers' private _unpack_latents: same layout
+    # sample_batched_cfg decodes with identity.qwen_flow.unpack, not diffusers' private _unpack_latents: same layout
     from diffusers import QwenImagePipeline
 
-    from refgen.identity.qwen import pack, unpack
+    from refgen.identity.qwen_flow import pack, unpack
 
     z = torch.randn(2, 16, 12, 8)  # (B, C, h, w) latents
     x = pack(z)

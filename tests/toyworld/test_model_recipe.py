@@ -115,11 +115,11 @@ def test_shipped_model_is_the_yaml_recipe_run_as_is():
 
 
 def test_training_packs_latents_as_the_pipeline_does():
-    """The toy transformer trains on identity.qwen.pack; QwenImagePipeline samples with its own (private) packing.
+    """The toy transformer trains on identity.qwen_flow.pack; QwenImagePipeline samples with its own (private) packing.
     If diffusers changes its layout, the shipped model would be trained on a different token order: fail here."""
     from diffusers import QwenImagePipeline
 
-    from refgen.identity.qwen import pack
+    from refgen.identity.qwen_flow import pack
 
     z = torch.randn(2, 16, 8, 6)
     torch.testing.assert_close(pack(z), QwenImagePipeline._pack_latents(z, 2, 16, 8, 6), rtol=0, atol=0)

@@ -35,7 +35,7 @@ import torch
 
 from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_torch_save, atomic_write_json, provenance)
-from refgen.identity.qwen import QwenFlowModel, encode_qwen_latents, pack
+from refgen.identity.qwen_flow import QwenFlowModel, encode_qwen_latents, pack
 from refgen.identity.render import execution_device, release_text_encoder
 from refgen.images import Identity, center_crop_resize, load_rgb
 

@@ -242,7 +242,7 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
     from refgen.flow import true_cfg
-    from refgen.identity.qwen import unpack
+    from refgen.identity.qwen_flow import unpack
 
     tr = pipe.transformer
     if tr.config.guidance_embeds:  # a guidance-distilled model takes no true CFG; the pipeline handles it

@@ -203,7 +203,7 @@ def prepare_data(pipe, fx, root: str | Path, cfg: E2EConfig, progress: bool = Tr
     from refgen.identity.features import feature_settings, pad_tokens
     from refgen.identity.inject import read_residual, residual_metadata
     from refgen.identity.prompts import encode_prompts
-    from refgen.identity.qwen import encode_qwen_latents
+    from refgen.identity.qwen_flow import encode_qwen_latents
     from refgen.identity.render import execution_device
     from refgen.images import center_crop_resize, load_rgb, no_identities_message, scan
     from refgen.model_identity import identify_model
@@ -397,7 +397,7 @@ def inject_slots(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtyp
 def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype: torch.dtype) -> dict:
     """Per item (B,) losses of the objective: {"loss", and "flow" and/or "teacher"}."""
     from refgen.identity.head import head_loss_terms
-    from refgen.identity.qwen import pack
+    from refgen.identity.qwen_flow import pack
 
     dev = data.means.device
     B = batch.latent.shape[0]
@@ -427,7 +427,7 @@ def eval_flow_loss(head, data: E2EData, idents: list[int], model, cfg: E2EConfig
     """Mean flow loss on a fixed set: every photo of `idents` as the target, the person's other photos (up to
     refs_max) as references, n_sigmas evenly spaced sigmas, noise from a fixed seed. `zero`: R = 0 (the bare
     placeholder), the reference point any head must beat."""
-    from refgen.identity.qwen import pack
+    from refgen.identity.qwen_flow import pack
 
     g = step_generator(cfg.seed, "eval")
     dev = data.means.device
@@ -530,7 +530,7 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
     from tqdm.auto import tqdm
 
     from refgen.identity.head import build_head
-    from refgen.identity.qwen import QwenFlowModel
+    from refgen.identity.qwen_flow import QwenFlowModel
     from refgen.identity.render import execution_device, release_text_encoder
 
     dev = execution_device(pipe)

@@ -19,7 +19,7 @@ Why the details are what they are:
   the first 34 template tokens dropped). The tokenizer is checked to split the template prefix into
   exactly 34 tokens, or the drop would cut caption tokens (or leave template tokens) silently.
 - Training matches the pipeline's sampling exactly: latents normalised (z - mean) / std, packed 2x2
-  as `QwenImagePipeline._pack_latents` does (`identity.qwen.pack`), `img_shapes=[(1, h/2, w/2)]`, transformer timestep = sigma
+  as `QwenImagePipeline._pack_latents` does (`identity.qwen_flow.pack`), `img_shapes=[(1, h/2, w/2)]`, transformer timestep = sigma
   (the pipeline passes t / 1000 with t = 1000 sigma), target noise - x0.
 - Each image gets `captions_per_image` caption draws (random attribute subsets, 25% of people
   described only as 'a person'), so the model learns each attribute alone and the placeholder-free
@@ -424,7 +424,7 @@ def build_text_bank(pipe, scenes: list[world.Scene], cfg: ToyModelConfig, dev, p
 
 def train_transformer(pipe, latents: torch.Tensor, scenes, cfg: ToyModelConfig, dev, log: JsonlLogger, clock: _Clock,
                       progress: bool) -> tuple[dict, dict]:
-    from refgen.identity.qwen import QwenFlowModel, pack
+    from refgen.identity.qwen_flow import QwenFlowModel, pack
 
     tc = cfg.transformer
     tf = pipe.transformer
