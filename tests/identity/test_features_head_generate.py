@@ -235,3 +235,15 @@ def test_generate_two_people_ref_and_residual_and_errors(pipe, tiny_models, tmp_
         "bad_input": 2, "head_mismatch": 3, "missing_file": 1, "slot": 2}
     assert main(["report", "--runs", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert "head_mismatch | 3" in (tmp_path / "rep.md").read_text()
+
+
+def test_regression_onto_token_teachers_is_refused_with_the_way_out(pipe, tmp_path):
+    from refgen.identity.head import load_pairs
+    from refgen.identity.tokens import placeholder_embeds, save_tokens, token_metadata
+
+    d = tmp_path / "ids" / "seed_0"
+    d.mkdir(parents=True)
+    ph = placeholder_embeds(pipe)
+    save_tokens(d / "teacher_tokens.safetensors", ph + 1, ph, token_metadata(pipe, "tiny"))  # the default mode's file
+    with pytest.raises(ValueError, match=r"seed_0 has teacher_tokens.safetensors.*rms_scaled or free.*e2e"):
+        load_pairs(tmp_path / "ids")

@@ -108,8 +108,12 @@ def load_pairs(root: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor,
         zs.append(z.float())
         rs.append(r.float())
     if not ids:
+        tokens = next(Path(root).glob("seed_*/teacher_tokens.safetensors"), None)
+        hint = (f"; {tokens.parent.name} has teacher_tokens.safetensors: the head regresses slot residuals, so invert "
+                "with parametrisation rms_scaled or free for it, or train it end to end (--objective e2e)"
+                if tokens else "")
         raise ValueError(f"no identity under {root} has both teacher_residual.safetensors and vl_features.safetensors "
-                         "(run `refgen invert` and `refgen features` first)")
+                         f"(run `refgen invert` and `refgen features` first){hint}")
     return ids, torch.stack(zs), torch.stack(rs), rmd, fmd
 
 

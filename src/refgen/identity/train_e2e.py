@@ -266,7 +266,9 @@ def prepare_data(pipe, fx, root: str | Path, cfg: E2EConfig, progress: bool = Tr
         if missing:
             raise ValueError(f"the {cfg.objective} objective needs a teacher residual for every training identity; "
                              f"{len(missing)} have none under {troot} (e.g. {missing[0]}/teacher_residual.safetensors:"
-                             " run `refgen invert` first, or set teacher_root)")
+                             " run `refgen invert` with parametrisation rms_scaled or free first (the default, tokens, "
+                             "writes teacher_tokens.safetensors, which a slot-residual head cannot regress), or set "
+                             "teacher_root)")
         rs = [read_residual(troot / i / "teacher_residual.safetensors")[0].float() for i in ids]
         bad = [i for i, r in zip(ids, rs) if tuple(r.shape) != (L, H)]
         if bad:
