@@ -139,3 +139,17 @@ def test_an_os_error_of_the_writer_itself_is_not_called_a_write_failure(tmp_path
         artifacts.atomic_write_file(tmp_path / "out.bin", fill)
     assert not isinstance(e.value, ArtifactWriteError)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_drop_metrics_after_keeps_each_step_once(tmp_path):
+    from refgen.artifacts import drop_metrics_after
+
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)))
+    drop_metrics_after(f, 4)  # a run resumed from step 4's checkpoint replays 5..7
+    assert [json.loads(x)["step"] for x in f.read_text().splitlines()] == [1, 2, 3, 4]
+    before = f.stat().st_mtime_ns
+    drop_metrics_after(f, 9)  # nothing after 9: the file is left as it is
+    assert f.stat().st_mtime_ns == before
+    drop_metrics_after(tmp_path / "none.jsonl", 1)  # no log yet: nothing to do
+    assert not (tmp_path / "none.jsonl").exists()

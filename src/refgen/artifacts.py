@@ -216,3 +216,15 @@ class JsonlLogger:
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def drop_metrics_after(path: str | Path, step: int) -> None:
+    """Keep the JSONL lines of steps <= `step` (rewritten atomically): a run resumed from a checkpoint at `step`
+    replays the later steps, and its log keeps each step once."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))

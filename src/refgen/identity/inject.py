@@ -108,20 +108,27 @@ def read_residual(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
     return r, md
 
 
+def tokenizer_problems(md: dict[str, str], pipe) -> list[str]:
+    """Why an identity file's placeholder ids or tokenizer fingerprint are not `pipe`'s; [] if they are."""
+    ids = placeholder_ids(pipe.tokenizer)
+    problems = []
+    if json.loads(md.get("placeholder_token_ids", "null")) != ids:
+        problems.append(f"placeholder token ids {md.get('placeholder_token_ids')} != this tokenizer's {ids}")
+    if md.get("tokenizer_fingerprint") != tokenizer_fingerprint(pipe.tokenizer):
+        problems.append(f"tokenizer fingerprint {md.get('tokenizer_fingerprint')} != this tokenizer's "
+                        f"{tokenizer_fingerprint(pipe.tokenizer)} (made for model {md.get('model')!r})")
+    return problems
+
+
 def residual_problems(r: torch.Tensor, md: dict[str, str], pipe) -> list[str]:
     """Why a residual (L, H) with its metadata does not fit `pipe` (L, H, placeholder ids, tokenizer); [] if it fits."""
     ids = placeholder_ids(pipe.tokenizer)
     H = pipe.transformer.config.joint_attention_dim
-    problems = []
-    if json.loads(md.get("placeholder_token_ids", "null")) != ids:
-        problems.append(f"placeholder token ids {md.get('placeholder_token_ids')} != this tokenizer's {ids}")
+    problems = tokenizer_problems(md, pipe)
     if int(md.get("L", -1)) != len(ids) or r.ndim != 2 or r.shape[0] != len(ids):
         problems.append(f"L={md.get('L')} (tensor {tuple(r.shape)}) != this tokenizer's L={len(ids)}")
     if int(md.get("H", -1)) != H or r.ndim != 2 or r.shape[1] != H:
         problems.append(f"H={md.get('H')} (tensor {tuple(r.shape)}) != this model's hidden size {H}")
-    if md.get("tokenizer_fingerprint") != tokenizer_fingerprint(pipe.tokenizer):
-        problems.append(f"tokenizer fingerprint {md.get('tokenizer_fingerprint')} != this tokenizer's "
-                        f"{tokenizer_fingerprint(pipe.tokenizer)} (made for model {md.get('model')!r})")
     if not problems and not torch.isfinite(r).all():
         problems.append("it contains NaN/Inf")
     return problems

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from refgen import flow
-from refgen.artifacts import (JsonlLogger, atomic_torch_save, atomic_write_json, provenance)
+from refgen.artifacts import JsonlLogger, atomic_torch_save, atomic_write_json, drop_metrics_after, provenance
 from refgen.identity.qwen_flow import QwenFlowModel, encode_qwen_latents, pack
 from refgen.identity.render import execution_device, release_text_encoder
 from refgen.images import Identity, center_crop_resize, load_rgb
@@ -317,7 +317,7 @@ class Inverter:
         if ckpt.exists():
             self._load_ckpt(st, ckpt)
             # steps after the checkpoint were logged by the killed run and are about to be replayed
-            _drop_metrics_after(self.dir(ident) / "teacher_metrics.jsonl", st.step)
+            drop_metrics_after(self.dir(ident) / "teacher_metrics.jsonl", st.step)
             if self.progress:
                 print(f"{ident.id}: resuming from step {st.step} ({ckpt})")
         return st
@@ -646,18 +646,6 @@ def teacher_file(identity_dir: str | Path) -> Path:
 # Settings that do not change one identity's optimisation: a run may resume under other values
 # (e.g. a worker with a smaller GPU picks a smaller K).
 _RESUMABLE = {"identities_per_batch", "gradient_checkpointing", "checkpoint_every", "compile"}
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Keep the metric lines of steps <= `step` (rewritten atomically): a resumed run logs each step once."""
-    from refgen.artifacts import atomic_write_text
-
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    if len(keep) != len(lines):
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def _diff(a: dict, b: dict) -> dict:

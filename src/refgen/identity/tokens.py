@@ -95,16 +95,10 @@ def read_tokens(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str,
 
 def token_problems(t: torch.Tensor, ph: torch.Tensor, md: dict[str, str], pipe) -> list[str]:
     """Why learnt tokens do not fit `pipe`; [] if they fit."""
-    from refgen.identity.inject import tokenizer_fingerprint
+    from refgen.identity.inject import tokenizer_problems
 
-    ids = placeholder_ids(pipe.tokenizer)
     mine = placeholder_embeds(pipe)
-    problems = []
-    if json.loads(md.get("placeholder_token_ids", "null")) != ids:
-        problems.append(f"placeholder token ids {md.get('placeholder_token_ids')} != this tokenizer's {ids}")
-    if md.get("tokenizer_fingerprint") != tokenizer_fingerprint(pipe.tokenizer):
-        problems.append(f"tokenizer fingerprint {md.get('tokenizer_fingerprint')} != this tokenizer's "
-                        f"{tokenizer_fingerprint(pipe.tokenizer)} (made for model {md.get('model')!r})")
+    problems = tokenizer_problems(md, pipe)
     if t.shape != mine.shape or ph.shape != mine.shape:
         problems.append(f"tokens {tuple(t.shape)} / placeholder {tuple(ph.shape)} != this text encoder's "
                         f"placeholder embeddings {tuple(mine.shape)}")

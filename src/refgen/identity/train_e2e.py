@@ -51,7 +51,8 @@ from pathlib import Path
 import torch
 
 from refgen import flow
-from refgen.artifacts import JsonlLogger, atomic_save_safetensors, atomic_torch_save, atomic_write_json, provenance
+from refgen.artifacts import (JsonlLogger, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
+                             drop_metrics_after, provenance)
 
 OBJECTIVES = ("e2e", "teacher", "mixed")
 
@@ -572,7 +573,7 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
         step, cursor = st["step"], list(st["cursor"])
     log = JsonlLogger(out / "metrics.jsonl") if rank == 0 else None
     if rank == 0:
-        _drop_metrics_after(out / "metrics.jsonl", step)
+        drop_metrics_after(out / "metrics.jsonl", step)
     eval_sets = {"val": val_ids, "train": train_ids[:cfg.eval_identities]}
     base = {}
     if rank == 0 and cfg.objective != "teacher":  # the bare placeholder: what every head is read against
@@ -676,13 +677,3 @@ def _save(out: Path, head, opt, step: int, cursor, cfg: E2EConfig, data: E2EData
                       out / "checkpoint.pt")
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Keep the metric lines of steps <= `step`: a resumed run logs each step once."""
-    from refgen.artifacts import atomic_write_text
-
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    if len(keep) != len(lines):
-        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
