@@ -174,3 +174,16 @@ def doctor() -> dict:
 
 def doctor_json() -> str:
     return json.dumps(doctor(), indent=2)
+
+
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device) under torchrun, (0, 1, device) otherwise. Joins the process group
+    (NCCL on CUDA, gloo on the CPU) and gives each rank its own GPU (LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(device))
+    return rank, world, device

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,12 +140,9 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
 
     cfg = cfg or HeadConfig()
     out = Path(out)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    from refgen.runtime import init_distributed
+
+    rank, world, device = init_distributed(device)
     dev = torch.device(device)
     ids, Z, R, rmd, fmd = load_pairs(root)
     tr, va = split_by_identity(ids, cfg.val_fraction, cfg.seed)

@@ -17,7 +17,6 @@ text encoder's: learnt tokens mean nothing to another embedding table, and nothi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

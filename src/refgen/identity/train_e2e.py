@@ -42,7 +42,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -494,27 +493,16 @@ def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
         o += p.numel()
 
 
-def _distributed(device: str) -> tuple[int, int, str]:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(torch.device(device))
-    return rank, world, device
-
-
 def train_e2e(root: str | Path, out: str | Path, model: str, vl_model: str, cfg: E2EConfig | None = None,
               device: str | None = None, dtype: str = "bf16", progress: bool = True) -> dict:
     """Train a head on ROOT's identities; writes OUT/head.safetensors + head.json (the folder `load_head` reads),
     metrics.jsonl, checkpoint.pt (resumed from when present and made with the same settings)."""
     from refgen.identity.features import FeatureConfig, VisionFeatures
     from refgen.identity.render import load_pipeline
-    from refgen.runtime import resolve_device
+    from refgen.runtime import init_distributed, resolve_device
 
     cfg = cfg or E2EConfig()
-    rank, world, dev_name = _distributed(str(resolve_device(device)))
+    rank, world, dev_name = init_distributed(str(resolve_device(device)))
     try:
         pipe = load_pipeline(model, dev_name, dtype)
         fx = VisionFeatures(vl_model, dev_name, dtype, FeatureConfig(**cfg.features))
