@@ -184,7 +184,8 @@ def cmd_invert(args) -> int:
     overrides = {"steps": args.steps, "identities_per_batch": args.identities_per_batch,
                  "height": args.height, "width": args.width,
                  "gradient_checkpointing": args.gradient_checkpointing or None, "compile": args.compile or None,
-                 "checkpoint_every": args.checkpoint_every, "qa": False if args.no_qa else None}
+                 "checkpoint_every": args.checkpoint_every, "qa": False if args.no_qa else None,
+                 "parametrisation": args.parametrisation, "image_prompts": args.image_prompts or None}
     cfg = InvertConfig.from_yaml(args.config, **overrides) if args.config else InvertConfig(
         **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -304,7 +305,19 @@ def cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refgen", description="Identity injection for Qwen-Image; DiT training.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_tools(sub)
+    _add_render(sub)
+    _add_invert(sub)
+    _add_head(sub)
+    _add_generate(sub)
+    _add_report(sub)
+    _add_systems(sub)
+    _add_demo(sub)
+    return p
 
+
+def _add_tools(sub) -> None:
+    """doctor, tiny-model, scan, slots"""
     d = sub.add_parser("doctor", help="JSON report: torch, CUDA runtime, driver, GPUs, bf16 support")
     d.set_defaults(func=cmd_doctor)
 
@@ -325,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--json", action="store_true")
     sl.set_defaults(func=cmd_slots)
 
+
+def _add_render(sub) -> None:
+    """render"""
     r = sub.add_parser("render", help="alpha x seed grid through QwenImagePipeline with injected residuals")
     r.add_argument("--model", required=True)
     r.add_argument("--prompt", required=True)
@@ -344,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speed(r)
     r.set_defaults(func=cmd_render)
 
+
+def _add_invert(sub) -> None:
+    """invert"""
     v = sub.add_parser("invert", help="teacher inversion: one identity file (learnt tokens or a slot residual) per identity folder (resumable)")
     v.add_argument("root", help="folder of seed_<id>/ identity folders")
     v.add_argument("--model", required=True)
@@ -358,12 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--gradient-checkpointing", action="store_true")
     v.add_argument("--checkpoint-every", type=int, default=None, help="steps between resumable checkpoints")
     v.add_argument("--no-qa", action="store_true", help="skip the alpha-grid QA render after each identity")
+    v.add_argument("--parametrisation", default=None, choices=["tokens", "rms_scaled", "free"],
+                   help="where the person lives: tokens (default: learnt input embeddings of ~ID~), or a residual "
+                        "on the encoder output's window (rms_scaled, the seed's; free). docs/benchmarks.md")
+    v.add_argument("--image-prompts", action="store_true",
+                   help="each photo in its own sentence from seed_<id>/prompts.json")
     _add_runtime(v)
     _add_speed(v, offload_modes=("none", "model"), render=False)
     v.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer's blocks (InvertConfig.compile)")
     v.set_defaults(func=cmd_invert)
 
+
+def _add_head(sub) -> None:
+    """features, train-head"""
     f = sub.add_parser("features", help="Qwen3-VL features z per identity under a pixel budget (cached)")
     f.add_argument("root")
     f.add_argument("--vl-model", default="Qwen/Qwen3-VL-8B-Instruct")
@@ -405,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="with --model: bf16 (default) or fp32")
     h.set_defaults(func=cmd_train_head)
 
+
+def _add_generate(sub) -> None:
+    """generate, app"""
     g = sub.add_parser("generate", help="render 1-n people into a prompt with ~ID~ slots")
     g.add_argument("--model", required=True)
     g.add_argument("--vl-model", default=None)
@@ -447,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile", action="store_true", help="torch.compile the transformer's blocks")
     ap.set_defaults(func=cmd_app)
 
+
+def _add_report(sub) -> None:
+    """report"""
     rp = sub.add_parser("report", help="monitoring: head val CosSim/RMS error, generate error counts")
     rp.add_argument("--head", default=None, help="head.json from train-head")
     rp.add_argument("--runs", nargs="*", default=[], help="generate output folders or generate_log.jsonl files")
@@ -454,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true")
     rp.set_defaults(func=cmd_report)
 
+
+def _add_systems(sub) -> None:
+    """the dit, toyworld and moe command groups"""
     from refgen.dit.cli_data import register as register_dit_data
     from refgen.dit.cli_model import register as register_dit_model
 
@@ -472,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     moe = sub.add_parser("moe", help="energy-aware MoE image classifier: fetch-data, train, rl, bench")
     register_moe(moe.add_subparsers(dest="moe_command", required=True))
 
+
+def _add_demo(sub) -> None:
+    """demo"""
     dm = sub.add_parser("demo", help="the identity path end to end on the embedded toy model (CPU, minutes)")
     dm.add_argument("--out", default="refgen_demo", help="output folder (default ./refgen_demo)")
     dm.add_argument("--device", default="cpu", help="cpu (default: the toy model is small) or cuda")
@@ -480,7 +519,6 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores other processes leave free)")
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=cmd_demo)
-    return p
 
 
 def cmd_demo(args) -> int:

@@ -208,6 +208,11 @@ def test_cli_turns_qa_off_and_sets_the_checkpoint_interval(tiny_models, tmp_path
     rec = json.loads((tmp_path / "o" / "seed_0" / "teacher.json").read_text())
     assert rec["config"]["qa"] is False and rec["config"]["checkpoint_every"] == 7
     assert not (tmp_path / "o" / "seed_0" / "alpha_eval").exists()
+    assert rec["config"]["parametrisation"] == "tokens" and (tmp_path / "o" / "seed_0" / "teacher_tokens.safetensors").exists()
+    assert main(["invert", str(root), "--model", tiny_models["qwen_image"], "--device", "cpu", "--dtype", "fp32",
+                 "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "free"), "--no-qa",
+                 "--parametrisation", "free"]) == 0
+    assert (tmp_path / "free" / "seed_0" / "teacher_residual.safetensors").exists()
 
 
 def test_complete_identities_made_with_other_settings_are_refused_not_reused(tiny_models, tmp_path, capsys):
