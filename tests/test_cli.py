@@ -82,3 +82,25 @@ def test_toyworld_eval_recognizer_on_cuda_without_cuda_is_the_policy_message(cap
     assert main(["toyworld", "eval-recognizer", "--device", "cuda", "--n", "4"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("refgen toyworld eval-recognizer: error: CUDA is not available") and "\n" not in err
+
+
+def test_render_and_generate_flags_are_made_from_one_sampling_config():
+    import dataclasses
+
+    from refgen.cli import build_parser
+    from refgen.identity.generate import GenerateConfig
+    from refgen.identity.render import RenderConfig
+    from refgen.identity.sampling import SamplingConfig
+
+    p = build_parser()
+    render = p.parse_args(["render", "--model", "m", "--prompt", "x", "--out", "o"])
+    gen = p.parse_args(["generate", "--model", "m", "--prompt", "x", "--out", "o"])
+    r, g = RenderConfig(prompt="x"), GenerateConfig(prompt="x", people=[])
+    for f in dataclasses.fields(SamplingConfig):  # each command's defaults are its config's
+        if f.name != "cfg_batch":
+            assert getattr(render, f.name) == getattr(r, f.name) and getattr(gen, f.name) == getattr(g, f.name), f.name
+    for cls, kw in ((RenderConfig, {}), (GenerateConfig, {"people": []})):  # and the same checks
+        with pytest.raises(ValueError, match="steps must be >= 2"):
+            cls(prompt="x", steps=1, **kw)
+        with pytest.raises(ValueError, match="multiples of 16"):
+            cls(prompt="x", height=100, **kw)

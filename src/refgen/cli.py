@@ -93,6 +93,38 @@ def _add_speed(p: argparse.ArgumentParser, offload_modes=("none", "model", "grou
                        help="true CFG as two forwards per step (the pipeline's way) instead of one batched forward")
 
 
+_SAMPLING_HELP = {"seeds": "e.g. 0-7 or 1,5,9; seeds are >= 0", "batch_size": "images per pipeline call",
+                  "true_cfg": "true classifier-free guidance scale (1: off)"}
+
+
+def _add_sampling(p: argparse.ArgumentParser, **defaults) -> None:
+    """--seeds, --steps, --true-cfg, --negative-prompt, --height, --width, --batch-size made from SamplingConfig's
+    fields and defaults (`defaults` overrides some, as RenderConfig does); --no-cfg-batch is _add_speed's. The
+    sampling module imports no torch, so `refgen --help` stays fast."""
+    import dataclasses
+
+    from refgen.identity.sampling import SamplingConfig
+
+    parse = {"int": int, "float": float, "str": str, "list[int]": parse_seeds}
+    for f in dataclasses.fields(SamplingConfig):
+        if f.name == "cfg_batch":
+            continue
+        default = defaults.get(f.name, f.default_factory() if f.default_factory is not dataclasses.MISSING
+                               else f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=parse[f.type], default=default,
+                       help=_SAMPLING_HELP.get(f.name, f"default {default!r}"))
+
+
+def _sampling_args(args) -> dict:
+    """The SamplingConfig keywords of parsed flags (_add_sampling + _add_speed)."""
+    import dataclasses
+
+    from refgen.identity.sampling import SamplingConfig
+
+    return {f.name: (not args.no_cfg_batch) if f.name == "cfg_batch" else getattr(args, f.name)
+            for f in dataclasses.fields(SamplingConfig)}
+
+
 # ---- commands: each a thin wrapper over a library function --------------------------------------------
 
 def cmd_doctor(args) -> int:
@@ -159,9 +191,7 @@ def cmd_render(args) -> int:
 
     warn_negative_alphas("render", args.alphas, "--alphas")
 
-    cfg = RenderConfig(prompt=args.prompt, alphas=args.alphas, seeds=args.seeds, steps=args.steps,
-                       true_cfg=args.true_cfg, negative_prompt=args.negative_prompt, height=args.height,
-                       width=args.width, batch_size=args.batch_size, cfg_batch=not args.no_cfg_batch)
+    cfg = RenderConfig(prompt=args.prompt, alphas=args.alphas, **_sampling_args(args))
     # one-shot: the text encoder leaves the GPU once the prompts are encoded
     ip = IdentityPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, offload=args.offload,
                                           compile=args.compile, free_text_encoder=True)
@@ -264,10 +294,7 @@ def cmd_generate(args) -> int:
         people = getattr(args, "people", None) or []
         alphas = assign_alphas(len(people), args.alpha)
         cfg = GenerateConfig(prompt=args.prompt, people=[Person(k, v, a) for (k, v), a in zip(people, alphas)],
-                             seeds=args.seeds, steps=args.steps, true_cfg=args.true_cfg,
-                             negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                             batch_size=args.batch_size, grid_alphas=args.grid_alphas,
-                             cfg_batch=not args.no_cfg_batch)
+                             grid_alphas=args.grid_alphas, **_sampling_args(args))
         run.update(generate(cfg, args.model, args.out, vl_model=args.vl_model, head=args.head, device=args.device,
                             dtype=args.dtype, offload=args.offload, compile=args.compile))
     print(f"wrote {len(run['images'])} images and generate.json to {args.out}")
@@ -341,6 +368,8 @@ def _add_tools(sub) -> None:
 
 def _add_render(sub) -> None:
     """render"""
+    from refgen.identity.sampling import GRID_SEEDS
+
     r = sub.add_parser("render", help="alpha x seed grid through QwenImagePipeline with injected residuals")
     r.add_argument("--model", required=True)
     r.add_argument("--prompt", required=True)
@@ -348,13 +377,7 @@ def _add_render(sub) -> None:
     r.add_argument("--alphas", type=parse_floats, default=[0.5, 1.0, 1.5, 2.0],
                    help="comma-separated, finite; a list starting with a negative value is written --alphas=-1,1 "
                         "(alpha < 0 subtracts the identity, with a warning)")
-    r.add_argument("--seeds", type=parse_seeds, default=list(range(8)), help="e.g. 0-7 or 1,5,9; seeds are >= 0")
-    r.add_argument("--steps", type=int, default=28)
-    r.add_argument("--true-cfg", type=float, default=4.0)
-    r.add_argument("--negative-prompt", default=" ")
-    r.add_argument("--height", type=int, default=768)
-    r.add_argument("--width", type=int, default=512)
-    r.add_argument("--batch-size", type=int, default=4, help="images per pipeline call")
+    _add_sampling(r, seeds=list(GRID_SEEDS))
     r.add_argument("--out", required=True)
     _add_runtime(r)
     _add_speed(r)
@@ -444,13 +467,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--residual", action=_PersonAction, help="a slot residual or token file (from refgen invert): the next person")
     g.add_argument("--alpha", type=parse_float, action="append", default=[],
                    help="one per person, or one for all (default 1; < 0 subtracts the identity, with a warning)")
-    g.add_argument("--seeds", type=parse_seeds, default=[0])
-    g.add_argument("--steps", type=int, default=28)
-    g.add_argument("--true-cfg", type=float, default=4.0)
-    g.add_argument("--negative-prompt", default=" ")
-    g.add_argument("--height", type=int, default=768)
-    g.add_argument("--width", type=int, default=512)
-    g.add_argument("--batch-size", type=int, default=4)
+    _add_sampling(g)
     g.add_argument("--grid-alphas", type=parse_floats, default=None, help="also write an alpha x seed QA grid")
     g.add_argument("--out", required=True)
     _add_runtime(g)

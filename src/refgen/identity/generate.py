@@ -15,10 +15,11 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from refgen.identity.inject import ResidualMismatchError
+from refgen.identity.sampling import SamplingConfig
 from refgen.model_identity import ModelIdentity, identify_model
 
 
@@ -33,27 +34,17 @@ class Person:
     alpha: float = 1.0
 
 
-@dataclass
-class GenerateConfig:
+@dataclass(kw_only=True)
+class GenerateConfig(SamplingConfig):
     prompt: str
     people: list[Person]
-    seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 28
-    true_cfg: float = 4.0
-    negative_prompt: str = " "
-    height: int = 768
-    width: int = 512
-    batch_size: int = 4
     grid_alphas: list[float] | None = None  # optional QA grid: rows multiply every person's alpha
-    cfg_batch: bool = True  # true CFG's prompt and negative rows in one forward (RenderConfig.cfg_batch)
 
     def render_config(self, alphas: list[float] | None = None):
-        """The sampling settings as a RenderConfig (which validates them); `alphas`: its grid rows."""
+        """The sampling settings as a RenderConfig; `alphas`: its grid rows."""
         from refgen.identity.render import RenderConfig
 
-        return RenderConfig(prompt=self.prompt, alphas=alphas or [1.0], seeds=self.seeds, steps=self.steps,
-                            true_cfg=self.true_cfg, negative_prompt=self.negative_prompt, height=self.height,
-                            width=self.width, batch_size=self.batch_size, cfg_batch=self.cfg_batch)
+        return RenderConfig(prompt=self.prompt, alphas=alphas or [1.0], **self.sampling())
 
 
 def assign_alphas(n_people: int, alphas: list[float]) -> list[float]:

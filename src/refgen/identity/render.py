@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from refgen.hub import require_model
+from refgen.identity.sampling import GRID_SEEDS, SamplingConfig
 from refgen.runtime import (check_cpu_size, check_dtype_for_model, check_tensors, diffusers_dtype_kwargs, parse_dtype,
                             resolve_device)
 
@@ -141,38 +142,19 @@ def _count_params(model: str) -> int:
     return n
 
 
-@dataclass
-class RenderConfig:
+@dataclass(kw_only=True)
+class RenderConfig(SamplingConfig):
+    """An alpha x seed grid of one prompt."""
     prompt: str
     alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
-    seeds: list[int] = field(default_factory=lambda: list(range(8)))
-    steps: int = 28
-    true_cfg: float = 4.0
-    negative_prompt: str = " "
-    height: int = 768
-    width: int = 512
-    batch_size: int = 4  # images per pipeline call
-    cfg_batch: bool = True  # true CFG's two forwards as one batched forward (see sample_batched_cfg)
+    seeds: list[int] = field(default_factory=lambda: list(GRID_SEEDS))
 
     def __post_init__(self):
-        if not self.alphas or not self.seeds:
+        super().__post_init__()
+        if not self.alphas:
             raise ValueError("need at least one alpha and one seed")
-        # torch.Generator takes -2**63..2**64-1 and maps a negative seed s onto 2**64 + s: refuse it instead
-        bad = [s for s in self.seeds if not 0 <= s < 2**64]
-        if bad:
-            raise ValueError(f"seeds must be in 0..2**64-1, got {bad[0]}")
         if not all(math.isfinite(a) for a in self.alphas):
             raise ValueError(f"alphas must be finite numbers, got {self.alphas}")
-        # Qwen-Image's scheduler stretches sigmas to shift_terminal; with one step that is 0/0 and the
-        # image comes out NaN (diffusers 0.42), so one step is refused rather than rendered black.
-        if self.steps < 2:
-            raise ValueError(f"steps must be >= 2 (got {self.steps}): one step gives NaN with Qwen-Image's "
-                             "terminal-shift schedule")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
-        if self.height % 16 or self.width % 16:
-            raise ValueError(f"height and width must be multiples of 16 (VAE /8 x 2x2 packing), got "
-                             f"{self.height}x{self.width}")
 
 
 def encode_negative(pipe, cfg: RenderConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
