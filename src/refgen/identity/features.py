@@ -1,4 +1,4 @@
-"""Qwen3-VL identity features under a pixel budget (seed 000, phase 3.1).
+"""Qwen3-VL identity features under a pixel budget.
 
 z = L2-normalise( mean over images ( mean over that image's visual tokens ) ), with the visual tokens of
 the frozen vision tower after its 2x2 merge (`get_image_features(...).pooler_output`).

@@ -1,9 +1,10 @@
-"""The amortised residual head (seed 000, phase 3.2-3.5): z (D,) -> slot residual (L, H); and `load_head`, which
+"""The amortised residual head: z (D,) -> slot residual (L, H); and `load_head`, which
 loads either kind of head (this linear one, or `refgen.identity.resampler.ResamplerHead`) from a head folder.
 
 Linear baseline, as the seed specifies: W z + b reshaped to (L, H), each token RMS-normalised, times one
-learned clamped scale exp(log_scale) in [0.01, 1.5]. Its targets are the teacher residuals of phase 2
-(not zeros, as the POC did). Loss: 0.7 (1 - cos) + 0.3 MSE + 0.05 |RMS(pred) - RMS(target)|.
+learned clamped scale exp(log_scale) in [0.01, 1.5]. Its regression targets are teacher residuals (not zeros,
+as the seed's proof of concept did), with loss 0.7 (1 - cos) + 0.3 MSE + 0.05 |RMS(pred) - RMS(target)|;
+`refgen.identity.train_e2e` trains either head through the generator instead.
 
 A checkpoint carries everything needed to refuse a mismatch at inference: L, H, the placeholder ids and
 tokenizer fingerprint of the Qwen-Image model the teachers were made with, and every feature setting (the
