@@ -279,6 +279,18 @@ def _resume_or_warm_start(cfg: TrainConfig, out: Path, model: NanoDiT, ema: nn.M
     return 0, 0, None, warm
 
 
+def enable_coordinate_descent_tuning() -> None:
+    """Inductor's coordinate-descent autotuning of generated kernels, for every compile of this process. The one
+    place refgen sets a private torch._inductor option; a torch without it is named, not silently ignored
+    (setting an unknown attribute on the config module would do nothing)."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "coordinate_descent_tuning"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch._inductor.config.coordinate_descent_tuning: set "
+                           "compile_tuning: false (or update refgen.dit.train.enable_coordinate_descent_tuning)")
+    inductor_config.coordinate_descent_tuning = True
+
+
 def _wrap_for_training(cfg: TrainConfig, model: NanoDiT, world: int, device: torch.device) -> nn.Module:
     """The module the training step calls: the model with its cross-attention set, compiled and under DDP as the
     config says (the weights stay `model`'s)."""
@@ -286,8 +298,7 @@ def _wrap_for_training(cfg: TrainConfig, model: NanoDiT, world: int, device: tor
     train_model: nn.Module = model
     if cfg.compile and cfg.compile_tuning:
         # compiles happen lazily (first step, then once per new bucket shape), so the knob is set for the process
-        import torch._inductor.config as inductor_config
-        inductor_config.coordinate_descent_tuning = True
+        enable_coordinate_descent_tuning()
     if cfg.compile and cfg.compile_regional:
         model.compile_blocks()  # in place: state-dict keys stay plain
     elif cfg.compile:
