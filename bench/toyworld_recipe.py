@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     rng = random.Random(0)
     scenes = [world.scene_from_seed(3_000_000_000 + i) for i in range(2048)]
     caps = [world.caption(s, rng) for s in scenes]
-    tok = T.build_tokenizer(caps, max(cfg.text.vocab_size, 1024))  # 2,048 captions need >400 to merge the template
+    tok = T.train_caption_tokenizer(caps, max(cfg.text.vocab_size, 1024))  # 2,048 captions need >400 to merge the template
     te = T.build_text_encoder(tok, cfg.text, 0).to(dev)
     pipe = QwenImagePipeline(scheduler=T.build_scheduler(1.0), vae=vae, text_encoder=te, tokenizer=tok,
                              transformer=None)

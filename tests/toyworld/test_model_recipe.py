@@ -52,12 +52,12 @@ def test_pipeline_loads_and_generates(tiny_model):
 
 def test_tokenizer_keeps_template_at_34_tokens():
     caps = [world.sample(s)[2] for s in range(50)]
-    tok = T.build_tokenizer(caps, 600)
+    tok = T.train_caption_tokenizer(caps, 600)
     prefix, _ = T._template_parts()
     assert len(tok(prefix).input_ids) == 34
     assert tok.decode(tok(caps[0]).input_ids) == caps[0]  # byte-level: lossless
     with pytest.raises(RuntimeError, match="34"):
-        T.build_tokenizer(caps, 300)  # too small a vocabulary to merge the template words
+        T.train_caption_tokenizer(caps, 300)  # too small a vocabulary to merge the template words
 
 
 def test_config_validation_names_the_field(tmp_path):

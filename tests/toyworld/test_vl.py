@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from refgen.tiny_qwen import build_tokenizer
 from refgen.toyworld import vl, world
 
 SHIPPED = (vl.DEFAULT_DIR / "model.safetensors").is_file()
@@ -38,7 +39,7 @@ def test_pixel_values_refuses_bad_input():
 def test_batched_training_forward_equals_the_native_one():
     cfg = vl.VLConfig.tiny(vision_depth=2)
     torch.manual_seed(0)
-    model = vl.build_model(cfg, vl.build_tokenizer(cfg.vocab_size)).eval()
+    model = vl.build_model(cfg, build_tokenizer(cfg.vocab_size)).eval()
     x = _uint8([world.sample(s)[0] for s in range(5)])
     with torch.no_grad():
         ref = vl.image_means(model, x)
@@ -54,7 +55,7 @@ def test_the_replaced_forwards_fit_the_installed_transformers(monkeypatch):
     """batched_vision replaces two transformers methods; check_vision_tower is the loud failure when an update of
     transformers changes what they assume (the equality itself: test_batched_training_forward_equals_the_native_one)."""
     cfg = vl.VLConfig.tiny(vision_depth=1)
-    model = vl.build_model(cfg, vl.build_tokenizer(cfg.vocab_size))
+    model = vl.build_model(cfg, build_tokenizer(cfg.vocab_size))
     visual = model.model.visual
     vl.check_vision_tower(visual)                                  # the installed version fits
     attn_cls = type(visual.blocks[0].attn)

@@ -177,7 +177,7 @@ class ToyModelConfig:
 # components
 
 
-def build_tokenizer(texts: list[str], vocab_size: int):
+def train_caption_tokenizer(texts: list[str], vocab_size: int):
     """Byte-level BPE with Qwen2's own pre-tokenizer regex, trained on `texts`, returned as a
     transformers Qwen2 tokenizer with Qwen's special tokens: eos <|im_end|>, pad <|endoftext|>, no bos.
 
@@ -582,7 +582,7 @@ def _build_components(cfg: ToyModelConfig, scenes: list[world.Scene], dev):
 
     rng = random.Random(cfg.seed)
     cap_sample = [world.caption(scenes[i % len(scenes)], rng, p_bare=0.0) for i in range(min(20000, 4 * len(scenes)))]
-    tokenizer = build_tokenizer(cap_sample, cfg.text.vocab_size)
+    tokenizer = train_caption_tokenizer(cap_sample, cfg.text.vocab_size)
     text_encoder = build_text_encoder(tokenizer, cfg.text, cfg.seed).to(dev)
     torch.manual_seed(cfg.seed + 10)
     vae = build_vae(cfg.vae).to(dev)

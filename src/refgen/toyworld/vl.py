@@ -196,12 +196,6 @@ def build_image_processor():
     return build_qwen3_vl_image_processor()
 
 
-def build_tokenizer(vocab_size: int):
-    from refgen.tiny_qwen import build_tokenizer as tiny_tokenizer
-
-    return tiny_tokenizer(vocab_size)
-
-
 def pixel_values(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The image processor's output for uint8 images (N, 3, H, W) that need no resize (sides multiples
     of 32 within its pixel bounds): rescale 1/255, normalise with mean/std 0.5, repeat the frame for
@@ -404,6 +398,8 @@ def _batch_losses(model, probe, x: torch.Tensor, y: torch.Tensor, cfg: VLConfig)
 
 
 def _build(cfg: VLConfig):
+    from refgen.tiny_qwen import build_tokenizer
+
     torch.manual_seed(cfg.seed)
     tok = build_tokenizer(cfg.vocab_size)
     model = build_model(cfg, tok)
@@ -727,7 +723,7 @@ def check_visionfeatures(folder: Path, model, cfg: VLConfig, n: int = 3) -> dict
     return {"max_abs_diff": max(diffs), "n_identities": n, "dim": fx.dim}
 
 
-__all__ = ["VLConfig", "build_model", "build_image_processor", "build_tokenizer", "pixel_values", "batched_vision",
+__all__ = ["VLConfig", "build_model", "build_image_processor", "pixel_values", "batched_vision",
            "image_means", "set_feature", "AttributeProbe", "render_identities", "retrieval_identities",
            "retrieval_accuracy", "supcon_loss", "train", "evaluate", "check_visionfeatures", "load_path",
            "load_model", "load_features", "load_probe", "read_attributes", "DEFAULT_DIR", "META_FILE"]
