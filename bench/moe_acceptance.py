@@ -35,11 +35,11 @@ TARGET = {"mnist": 0.993, "animal_mnist": 0.94, "toyworld27": 0.90, "digits": 0.
 
 def _cfg(args, dataset, seed, **model_over):
     from refgen.moe.model import MoEModelConfig
-    from refgen.moe.train import TrainConfig
+    from refgen.moe.train import MoETrainConfig
 
     name = "digits" if dataset == "digits" else dataset
     over = {"device": args.device, "seed": seed, "cache": args.cache, "epochs": args.epochs, "threads": args.threads}
-    cfg = TrainConfig.from_yaml(Path(args.config_dir) / f"moe_{name}.yaml", **over)
+    cfg = MoETrainConfig.from_yaml(Path(args.config_dir) / f"moe_{name}.yaml", **over)
     if model_over:
         cfg.model = MoEModelConfig(**{**dataclasses.asdict(cfg.model), **model_over})
     return cfg

@@ -10,7 +10,7 @@ from refgen.dit.config import NanoDiTConfig, load_train_config
 from refgen.identity.invert import InvertConfig
 from refgen.moe.model import MoEModelConfig
 from refgen.moe.routing import RLConfig
-from refgen.moe.train import TrainConfig as MoETrainConfig
+from refgen.moe.train import MoETrainConfig
 from refgen.toyworld.benchmark import BenchmarkConfig
 from refgen.toyworld.model_recipe import ToyModelConfig, VaeConfig
 

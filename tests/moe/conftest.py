@@ -4,16 +4,16 @@ import pytest
 
 from refgen.moe.data import load_digits
 from refgen.moe.model import MoEModelConfig
-from refgen.moe.train import TrainConfig, train
+from refgen.moe.train import MoETrainConfig, train
 
 TINY_MODEL = dict(num_experts=4, top_k=2, stem_channels=16, expert_channels=24, expert_dim=48, pool=1)
 
 
-def tiny_train_config(**over) -> TrainConfig:
+def tiny_train_config(**over) -> MoETrainConfig:
     model = MoEModelConfig(**{**TINY_MODEL, **over.pop("model", {})})
     base = dict(dataset="digits", device="cpu", epochs=8, batch_size=64, lr=3e-3, shift_px=0, log_every=10,
                 sample_every=5, model=model)
-    return TrainConfig(**{**base, **over})
+    return MoETrainConfig(**{**base, **over})
 
 
 @pytest.fixture(scope="session")

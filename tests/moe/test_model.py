@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from refgen.moe.model import KINDS, DenseLogits, MoEClassifier, MoEModelConfig
-from refgen.moe.train import TrainConfig
+from refgen.moe.train import MoETrainConfig
 
 from .conftest import TINY_MODEL
 
@@ -111,7 +111,7 @@ def test_config_validation_names_the_field():
 
 @pytest.mark.parametrize("name,channels,classes", [("mnist", 1, 10), ("animal_mnist", 1, 10), ("toyworld27", 3, 27)])
 def test_acceptance_recipes_stay_within_250k_parameters(name, channels, classes):
-    cfg = TrainConfig.from_yaml(f"configs/moe_{name}.yaml")
+    cfg = MoETrainConfig.from_yaml(f"configs/moe_{name}.yaml")
     n = MoEClassifier(cfg.model, channels, classes).num_params()
     assert n <= 250_000, n
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from refgen.artifacts import read_jsonl
 from refgen.cli import main
 from refgen.moe.cost import cost_table, match_dense_width
-from refgen.moe.train import Batches, TrainConfig, evaluate, load_model, split_data, train
+from refgen.moe.train import Batches, MoETrainConfig, evaluate, load_model, split_data, train
 
 from .conftest import tiny_train_config
 
@@ -71,9 +71,9 @@ def test_cli_errors_are_one_line_naming_the_culprit(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "animal_data_version_3.gz" in err and "refgen moe fetch-data" in err
     with pytest.raises(ValueError, match="schedule must be one of"):
-        TrainConfig(schedule="cosine")
+        MoETrainConfig(schedule="cosine")
     with pytest.raises(ValueError, match="lr must be a positive number"):
-        TrainConfig(lr=float("nan"))
+        MoETrainConfig(lr=float("nan"))
 
 
 def test_cli_bench_and_rl(tmp_path, capsys, trained_digits):

@@ -30,12 +30,12 @@ def _fetch(args) -> int:
 
 
 def _train_config(args):
-    from refgen.moe.train import TrainConfig
+    from refgen.moe.train import MoETrainConfig
 
     over = {"device": args.device, "seed": args.seed, "epochs": args.epochs, "max_steps": args.max_steps,
             "dataset": args.dataset, "cache": args.cache, "data_dir": args.data_dir, "threads": args.threads,
             "n_train": args.n_train, "n_test": args.n_test}
-    cfg = TrainConfig.from_yaml(args.config, **over) if args.config else TrainConfig(
+    cfg = MoETrainConfig.from_yaml(args.config, **over) if args.config else MoETrainConfig(
         **{k: v for k, v in over.items() if v is not None})
     if args.kind:
         import dataclasses
@@ -153,7 +153,7 @@ def register(sub) -> None:
     p.set_defaults(func=_fetch)
 
     def common(q):
-        q.add_argument("--config", default=None, help="YAML mirroring TrainConfig (configs/moe_*.yaml)")
+        q.add_argument("--config", default=None, help="YAML mirroring MoETrainConfig (configs/moe_*.yaml)")
         q.add_argument("--dataset", default=None, help="mnist, animal_mnist, mnist5k, digits, toyworld27, cifar10")
         q.add_argument("--kind", default=None, choices=["flat", "hier", "graph", "dense"])
         q.add_argument("--cache", default=None)

@@ -317,7 +317,7 @@ def rl_sweep(model_dir: str | Path, cfg: RLConfig, out: str | Path, progress: bo
     test split against the random gate of equal expected cost and the static top-k gates; write rl.json,
     rl_metrics.jsonl and lambda_<l>/ (policy and, when fine-tuned, model weights)."""
     from refgen.moe.data import load_dataset
-    from refgen.moe.train import Batches, TrainConfig, load_model, split_data
+    from refgen.moe.train import Batches, MoETrainConfig, load_model, split_data
     from refgen.runtime import resolve_device, seed_everything
 
     out = Path(out)
@@ -330,8 +330,8 @@ def rl_sweep(model_dir: str | Path, cfg: RLConfig, out: str | Path, progress: bo
         raise ValueError(f"{model_dir} holds a dense model (no gate): the RL gate needs an MoE")
     if cfg.max_experts > model.cfg.num_experts:
         raise ValueError(f"max_experts={cfg.max_experts} exceeds the model's {model.cfg.num_experts} experts")
-    tcfg = TrainConfig(**{k: v for k, v in info["config"].items() if k in {f.name for f in
-                                                                            dataclasses.fields(TrainConfig)}})
+    tcfg = MoETrainConfig(**{k: v for k, v in info["config"].items() if k in {f.name for f in
+                                                                            dataclasses.fields(MoETrainConfig)}})
     ds = data if data is not None else load_dataset(tcfg.dataset, tcfg.cache, tcfg.data_dir, tcfg.n_train,
                                                     tcfg.n_test)
     tr, _, mean, std = split_data(tcfg, ds)

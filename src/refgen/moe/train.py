@@ -34,7 +34,7 @@ SCHEDULES = ("plateau", "onecycle")
 
 
 @dataclass
-class TrainConfig:
+class MoETrainConfig:
     dataset: str = "mnist"
     cache: str | None = None            # data cache (default $REFGEN_MOE_DATA or ~/.cache/refgen/moe)
     data_dir: str | None = None         # cifar10 only: the user's folder of CIFAR-10 python pickles
@@ -88,7 +88,7 @@ class TrainConfig:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
     @classmethod
-    def from_yaml(cls, path, **overrides) -> TrainConfig:
+    def from_yaml(cls, path, **overrides) -> MoETrainConfig:
         return from_yaml(cls, path, **overrides)
 
 
@@ -166,7 +166,7 @@ def evaluate(model: MoEClassifier, data: Batches, path: str = "dense", batch: in
 
 # ---- training -----------------------------------------------------------------------------------------
 
-def split_data(cfg: TrainConfig, ds: ImageSet):
+def split_data(cfg: MoETrainConfig, ds: ImageSet):
     if cfg.val_fraction > 0:
         tr, va = stratified_split(ds.y_train, cfg.val_fraction, seed=0)
     else:
@@ -176,14 +176,14 @@ def split_data(cfg: TrainConfig, ds: ImageSet):
     return tr, va, mean, std
 
 
-def build_model(cfg: TrainConfig, ds: ImageSet) -> MoEClassifier:
+def build_model(cfg: MoETrainConfig, ds: ImageSet) -> MoEClassifier:
     return MoEClassifier(cfg.model, ds.shape[0], ds.num_classes)
 
 
 @dataclass
 class _Run:
     """What one training run's steps share: the model, its optimizer and schedules, the monitor, the log."""
-    cfg: TrainConfig
+    cfg: MoETrainConfig
     model: MoEClassifier
     table: CostTable
     opt: torch.optim.Optimizer
@@ -197,7 +197,7 @@ class _Run:
     train_flops: float
 
 
-def _start_run(cfg: TrainConfig, model: MoEClassifier, shape, n_train: int, out: Path, device) -> _Run:
+def _start_run(cfg: MoETrainConfig, model: MoEClassifier, shape, n_train: int, out: Path, device) -> _Run:
     table = cost_table(model, shape)
     opt = make_optimizer(model, cfg.lr, cfg.gate_lr_scale, cfg.weight_decay)
     log = JsonlLogger(out / "metrics.jsonl")
@@ -286,7 +286,7 @@ def _save_model(model: MoEClassifier, out: Path) -> None:
                                       "in_channels": str(model.in_channels), "num_classes": str(model.num_classes)})
 
 
-def train(cfg: TrainConfig, out: str | Path, progress: bool = True, data: ImageSet | None = None,
+def train(cfg: MoETrainConfig, out: str | Path, progress: bool = True, data: ImageSet | None = None,
           model: MoEClassifier | None = None) -> dict:
     """Train, evaluate on the test split, write the artifact folder; returns moe.json's content. DATA and MODEL
     (optional) replace loading the data set / building the model from the config (the dense baselines of
