@@ -196,12 +196,31 @@ def _pair_scenes(ids: list[str], n: int, seed: int) -> list[tuple[int, int, obje
     return out
 
 
+def _teachers(troot: Path, ids: list[str], cfg: E2EConfig, L: int, H: int) -> torch.Tensor:
+    """(N, L, H) the identities' teacher residuals, for the teacher and mixed objectives."""
+    from refgen.identity.inject import read_residual
+
+    missing = [i for i in ids if not (troot / i / "teacher_residual.safetensors").is_file()]
+    if missing:
+        raise ValueError(f"the {cfg.objective} objective needs a teacher residual for every training identity; "
+                         f"{len(missing)} have none under {troot} (e.g. {missing[0]}/teacher_residual.safetensors:"
+                         " run `refgen invert` with parametrisation rms_scaled or free first (the default, tokens, "
+                         "writes teacher_tokens.safetensors, which a slot-residual head cannot regress), or set "
+                         "teacher_root)")
+    rs = [read_residual(troot / i / "teacher_residual.safetensors")[0].float() for i in ids]
+    bad = [i for i, r in zip(ids, rs) if tuple(r.shape) != (L, H)]
+    if bad:
+        raise ValueError(f"teacher residual of {bad[0]} has shape {tuple(rs[ids.index(bad[0])].shape)}, this "
+                         f"model's slot needs ({L}, {H})")
+    return torch.stack(rs)
+
+
 def prepare_data(pipe, fx, root: str | Path, cfg: E2EConfig, progress: bool = True) -> E2EData:
     """Scan ROOT (seed_<id>/ folders with >= 2 photos), cache features, latents and the prompt bank."""
     from tqdm.auto import tqdm
 
     from refgen.identity.features import feature_settings, pad_tokens
-    from refgen.identity.inject import read_residual, residual_metadata
+    from refgen.identity.inject import residual_metadata
     from refgen.identity.prompts import encode_prompts
     from refgen.identity.qwen_flow import encode_qwen_latents
     from refgen.identity.render import execution_device
@@ -259,22 +278,7 @@ def prepare_data(pipe, fx, root: str | Path, cfg: E2EConfig, progress: bool = Tr
             p[3] = row_of[texts[P + j]]
         pair_t = torch.tensor(pairs)
     L, H = lengths.pop(), enc.embeds.shape[2]
-    teachers = None
-    if cfg.objective != "e2e":
-        troot = Path(cfg.teacher_root or root)
-        missing = [i for i in ids if not (troot / i / "teacher_residual.safetensors").is_file()]
-        if missing:
-            raise ValueError(f"the {cfg.objective} objective needs a teacher residual for every training identity; "
-                             f"{len(missing)} have none under {troot} (e.g. {missing[0]}/teacher_residual.safetensors:"
-                             " run `refgen invert` with parametrisation rms_scaled or free first (the default, tokens, "
-                             "writes teacher_tokens.safetensors, which a slot-residual head cannot regress), or set "
-                             "teacher_root)")
-        rs = [read_residual(troot / i / "teacher_residual.safetensors")[0].float() for i in ids]
-        bad = [i for i, r in zip(ids, rs) if tuple(r.shape) != (L, H)]
-        if bad:
-            raise ValueError(f"teacher residual of {bad[0]} has shape {tuple(rs[ids.index(bad[0])].shape)}, this "
-                             f"model's slot needs ({L}, {H})")
-        teachers = torch.stack(rs).to(dev)
+    teachers = _teachers(Path(cfg.teacher_root or root), ids, cfg, L, H).to(dev) if cfg.objective != "e2e" else None
     vl = identify_model(fx.model_id, "--vl-model")
     return E2EData(ids, photos, tokens.to(dev), tok_mask.to(dev), means.to(dev), torch.cat(latents),
                    photo_row.to(dev), enc.embeds, enc.mask.to(dev), starts.to(dev), L, H, teachers,
@@ -521,19 +525,11 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
     from tqdm.auto import tqdm
 
     from refgen.identity.head import build_head
-    from refgen.identity.qwen_flow import QwenFlowModel
-    from refgen.identity.render import execution_device, release_text_encoder
+    from refgen.identity.render import execution_device
 
     dev = execution_device(pipe)
     dtype = pipe.transformer.dtype
-    release_text_encoder(pipe)  # every prompt is in the bank
-    tr = pipe.transformer
-    tr.requires_grad_(False)
-    tr.eval()
-    if cfg.gradient_checkpointing:
-        tr.enable_gradient_checkpointing()
-    vae_scale = 2 ** len(pipe.vae.temperal_downsample)
-    fm = QwenFlowModel(tr, (cfg.height // vae_scale, cfg.width // vae_scale))
+    fm = _frozen_flow_model(pipe, cfg)
     train_ids, val_ids = split_identities(len(data.ids), cfg)
     if len(train_ids) < 1:
         raise ValueError("no training identity")
@@ -546,19 +542,7 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
             torch.distributed.broadcast(p.data, 0)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     meta = _metadata(head, data, cfg, model_id, vl_model)
-    step, cursor = 0, [0, 0]  # (epoch, position in its order)
-    ck = out / "checkpoint.pt"
-    if ck.exists():
-        st = torch.load(ck, map_location="cpu", weights_only=False)
-        now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in _RESUMABLE}
-        was = {k: v for k, v in st["config"].items() if k not in _RESUMABLE}
-        if was != now or st["ids"] != data.ids:
-            diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k)) or ["the identities"]
-            raise ValueError(f"{ck} was made with other settings ({', '.join(diff)}): use another --out, or delete "
-                             "the checkpoint to start over")
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        step, cursor = st["step"], list(st["cursor"])
+    step, cursor = _resume(out / "checkpoint.pt", head, opt, cfg, data)  # cursor: (epoch, position in its order)
     log = JsonlLogger(out / "metrics.jsonl") if rank == 0 else None
     if rank == 0:
         drop_metrics_after(out / "metrics.jsonl", step)
@@ -595,32 +579,10 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
             chunk = order[cursor[1]:cursor[1] + B]  # the last chunk of an epoch may be short
             cursor = [cursor[0] + 1, 0] if cursor[1] + B >= len(order) else [cursor[0], cursor[1] + B]
             batch = single_batch(data, chunk, cfg, g)
-        n_items = batch.latent.shape[0]
-        mine = list(range(rank, n_items, world))  # may be empty: this rank still joins the all-reduce
-        lr = _lr_at(step, cfg)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, device=dev)  # loss, flow, teacher: summed over this rank's items
-        if mine:
-            losses = item_losses(head, data, batch.select(mine), fm, cfg, dtype)
-            (losses["loss"].sum() / n_items).backward()
-            sums = torch.stack([losses[k].detach().sum() if k in losses else torch.zeros((), device=dev)
-                                for k in ("loss", "flow", "teacher")])
-        _all_reduce_grads(params, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        if world > 1:
-            torch.distributed.all_reduce(sums)
+        rec = _optimise(head, opt, params, data, batch, fm, cfg, dtype, step, rank, world, dev)
+        rec["two_person"] = pair_step
         step += 1
         bar.update(1)
-        rec = {"step": step, "lr": lr, "loss": sums[0].item() / n_items, "grad_norm": float(gnorm),
-               "two_person": pair_step, "items": n_items,
-               "scale": float(head.log_scale.detach().exp().clamp(head.scale_min, head.scale_max))}
-        if cfg.objective != "teacher":
-            rec["flow"] = sums[1].item() / n_items
-        if cfg.objective != "e2e":
-            rec["teacher"] = sums[2].item() / n_items
         if not math.isfinite(rec["loss"]):
             raise FloatingPointError(f"train-head: non-finite loss at step {step} ({rec}); try a lower lr or fp32")
         if rank == 0:
@@ -636,6 +598,69 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
     bar.close()
     summary = {**summary, "step": step}
     return summary
+
+
+def _frozen_flow_model(pipe, cfg: E2EConfig):
+    """The frozen transformer behind refgen.flow's `model(x, sigma, cond)`; the text encoder leaves the GPU (every
+    prompt is in the bank)."""
+    from refgen.identity.qwen_flow import QwenFlowModel
+    from refgen.identity.render import release_text_encoder
+
+    release_text_encoder(pipe)
+    tr = pipe.transformer
+    tr.requires_grad_(False)
+    tr.eval()
+    if cfg.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    vae_scale = 2 ** len(pipe.vae.temperal_downsample)
+    return QwenFlowModel(tr, (cfg.height // vae_scale, cfg.width // vae_scale))
+
+
+def _resume(ck: Path, head, opt, cfg: E2EConfig, data: E2EData) -> tuple[int, list[int]]:
+    """(step, cursor) from a checkpoint made with these settings (head and optimiser restored in place), (0, [0, 0])
+    without one; a checkpoint made with other settings is refused."""
+    if not ck.exists():
+        return 0, [0, 0]
+    st = torch.load(ck, map_location="cpu", weights_only=False)
+    now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in _RESUMABLE}
+    was = {k: v for k, v in st["config"].items() if k not in _RESUMABLE}
+    if was != now or st["ids"] != data.ids:
+        diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k)) or ["the identities"]
+        raise ValueError(f"{ck} was made with other settings ({', '.join(diff)}): use another --out, or delete "
+                         "the checkpoint to start over")
+    head.load_state_dict(st["head"])
+    opt.load_state_dict(st["opt"])
+    return st["step"], list(st["cursor"])
+
+
+def _optimise(head, opt, params, data: E2EData, batch, fm, cfg: E2EConfig, dtype, step: int, rank: int, world: int,
+              dev) -> dict:
+    """One step on `batch`: this rank's share of the items (maybe none: it still joins the all-reduce), gradients
+    summed over ranks and divided by the global batch, clipped, applied. Returns the step's metrics."""
+    n_items = batch.latent.shape[0]
+    mine = list(range(rank, n_items, world))
+    lr = _lr_at(step, cfg)
+    for grp in opt.param_groups:
+        grp["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    sums = torch.zeros(3, device=dev)  # loss, flow, teacher: summed over this rank's items
+    if mine:
+        losses = item_losses(head, data, batch.select(mine), fm, cfg, dtype)
+        (losses["loss"].sum() / n_items).backward()
+        sums = torch.stack([losses[k].detach().sum() if k in losses else torch.zeros((), device=dev)
+                            for k in ("loss", "flow", "teacher")])
+    _all_reduce_grads(params, world)
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    rec = {"step": step + 1, "lr": lr, "loss": sums[0].item() / n_items, "grad_norm": float(gnorm), "items": n_items,
+           "scale": float(head.log_scale.detach().exp().clamp(head.scale_min, head.scale_max))}
+    if cfg.objective != "teacher":
+        rec["flow"] = sums[1].item() / n_items
+    if cfg.objective != "e2e":
+        rec["teacher"] = sums[2].item() / n_items
+    return rec
 
 
 def _metadata(head, data: E2EData, cfg: E2EConfig, model_id: str, vl_model: str) -> dict[str, str]:
