@@ -1,4 +1,4 @@
-"""NanoDiT training throughput and MFU (issue 8, item 5).
+"""NanoDiT training throughput and MFU (the tables of docs/benchmarks.md, *DiT system*).
 
 Builds `nano` and `base` with random weights on CUDA and times full training steps (forward + backward +
 grad clipping + fused AdamW, fp32 master weights under bf16 autocast; `--preset train`: also the EMA update and
@@ -28,7 +28,7 @@ Before the rows, `mfu40` checks every exact option against an fp32 reference on 
 (bf16; the masked SDPA's own error is the yardstick). A row that fails (compile error, OOM) is recorded with its
 error and the run goes on; later rows of the same failing attention option are not retried.
 
-    python bench/dit_throughput.py --preset train --out t.json            # issue 8's table: the training step
+    python bench/dit_throughput.py --preset train --out t.json            # the training-step table
     python bench/dit_throughput.py --out bench_dit.json                   # the full grid, on an H100
     python bench/dit_throughput.py --preset sweep --profile --out s.json  # base: eager vs compile, batches (<8 min)
     python bench/dit_throughput.py --preset mfu40 --profile --out m.json   # base 256^2 b128, < 4 min
@@ -91,7 +91,7 @@ SWEEP = [
     Run("base", 512, 64, "compile"),
 ]
 
-# Issue 8 item 5 (MFU >= 40% for base on one H100): before (masked SDPA) vs each option, base 256^2 batch 128.
+# The MFU >= 40 % search for base on one H100: before (masked SDPA) vs each option, base 256^2 batch 128.
 MFU40 = [
     Run("base", 256, 128, "compile-blocks"),                                        # before: masked SDPA
     Run("base", 256, 128, "compile-blocks", xattn="zpad"),                          # exact, no mask
@@ -105,11 +105,11 @@ MFU40 = [
     Run("base", 256, 128, "compile-blocks-max", xattn="zpad", opt="clip-in-adam"),  # GEMM epilogue fusion
 ]
 
-# Issue 8 item 5, second round (helper-9): the best exact row so far (zpad + clip-in-adam, 35.6 %) against each
+# Second round of that search: the best exact row of the first (zpad + clip-in-adam) against each
 # untried knob alone; cheap rows first (the blocks' graph is cached after the first row).
 _B = Run("base", 256, 128, "compile-blocks", xattn="zpad", opt="clip-in-adam")
 MFU40B = [
-    _B,                                                  # reference (35.6 % on 2026-11-22)
+    _B,                                                  # reference (docs/benchmarks.md gives its MFU)
     _B._replace(accum=2),                                # effective batch 256 = 128 x 2 micro steps
     _B._replace(kernel="flash", sdpa="flash"),           # FA2 for both attentions instead of cuDNN
     _B._replace(ind="cdt"),                              # coordinate-descent tuning of the Triton kernels
@@ -165,7 +165,7 @@ def _old(rows: list[Run]) -> list[Run]:
 
 SWEEP, MFU40, MFU40B, MFU40C, MFU40D, MFU40E = map(_old, (SWEEP, MFU40, MFU40B, MFU40C, MFU40D, MFU40E))
 
-# The table of issue 8: the step `refgen dit train` runs with configs/dit_base.yaml (per-block compile, zpad
+# The throughput table: the step `refgen dit train` runs with configs/dit_base.yaml (per-block compile, zpad
 # cross-attention, clip folded into fused AdamW, EMA update), nano and base at both sizes; then the same step
 # eager, with a whole-model compile, and on the old 1024 x 22 base.
 _T = Run("base", 256, 128, "compile-blocks", xattn="zpad", opt="clip-in-adam", ema=True)

@@ -1,4 +1,4 @@
-"""End-to-end check of issue 8's throughput table: `refgen.dit.train.train` itself (the function behind
+"""End-to-end check of the DiT throughput table: `refgen.dit.train.train` itself (the function behind
 `refgen dit train --config configs/dit_base.yaml`), not a re-creation of its step, on random batches.
 
 The batches follow the data contract (refgen.dit.shards) and sit on the GPU already, so this measures the

@@ -1,4 +1,4 @@
-"""Read throughput: WebDataset tar shards vs the same samples as individual .npy files (seed 002 part A.4).
+"""Read throughput: WebDataset tar shards vs the same samples as individual .npy files.
 
 Writes N synthetic samples with the field set of `refgen dit prepare` (latent, t5, t5_mask, dino_cls,
 dino_patches, caption, meta) twice: as shards of --shard-size samples (our format, via the same writer helpers),
