@@ -293,15 +293,16 @@ def test_train_e2e_bench_tiny(tmp_path):
     assert all(r["images_per_s"] > 0 and 0 < r["mfu"] < 1 and len(r["windows_images_per_s"]) == 2 for r in rows)
 
 
-def test_coordinate_descent_tuning_is_set_on_torchs_own_config(monkeypatch):
+def test_coordinate_descent_tuning_is_set_on_torchs_own_config():
     # the one private inductor knob refgen sets: it must exist in this torch, or compile_tuning fails loudly
+    import types
+
     import torch._inductor.config as inductor_config
 
     from refgen.dit.train import enable_coordinate_descent_tuning
 
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
-    enable_coordinate_descent_tuning()
-    assert inductor_config.coordinate_descent_tuning is True
-    monkeypatch.delattr(inductor_config, "coordinate_descent_tuning")
-    with pytest.raises(RuntimeError, match="no torch._inductor.config.coordinate_descent_tuning"):
+    with inductor_config.patch(coordinate_descent_tuning=False):  # torch's own way to set and restore it
         enable_coordinate_descent_tuning()
+        assert inductor_config.coordinate_descent_tuning is True
+    with pytest.raises(RuntimeError, match="no torch._inductor.config.coordinate_descent_tuning"):
+        enable_coordinate_descent_tuning(types.SimpleNamespace())  # a torch whose config lacks the knob

@@ -279,11 +279,12 @@ def _resume_or_warm_start(cfg: TrainConfig, out: Path, model: NanoDiT, ema: nn.M
     return 0, 0, None, warm
 
 
-def enable_coordinate_descent_tuning() -> None:
+def enable_coordinate_descent_tuning(inductor_config=None) -> None:
     """Inductor's coordinate-descent autotuning of generated kernels, for every compile of this process. The one
     place refgen sets a private torch._inductor option; a torch without it is named, not silently ignored
-    (setting an unknown attribute on the config module would do nothing)."""
-    import torch._inductor.config as inductor_config
+    (setting an unknown attribute on the config module would do nothing). `inductor_config`: torch's, by default."""
+    if inductor_config is None:
+        import torch._inductor.config as inductor_config
 
     if not hasattr(inductor_config, "coordinate_descent_tuning"):
         raise RuntimeError(f"torch {torch.__version__} has no torch._inductor.config.coordinate_descent_tuning: set "
