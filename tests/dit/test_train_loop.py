@@ -294,15 +294,20 @@ def test_train_e2e_bench_tiny(tmp_path):
 
 
 def test_coordinate_descent_tuning_is_set_on_torchs_own_config():
-    # the one private inductor knob refgen sets: it must exist in this torch, or compile_tuning fails loudly
+    # the one private inductor knob refgen sets: this torch must have it (asked in a fresh process: other tests
+    # patch the config module), and a config without it fails loudly
+    import subprocess
+    import sys
     import types
-
-    import torch._inductor.config as inductor_config
 
     from refgen.dit.train import enable_coordinate_descent_tuning
 
-    with inductor_config.patch(coordinate_descent_tuning=False):  # torch's own way to set and restore it
-        enable_coordinate_descent_tuning()
-        assert inductor_config.coordinate_descent_tuning is True
+    r = subprocess.run([sys.executable, "-c", "import torch._inductor.config as c; "
+                        "assert c.coordinate_descent_tuning is False, c.coordinate_descent_tuning"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = types.SimpleNamespace(coordinate_descent_tuning=False)
+    enable_coordinate_descent_tuning(cfg)
+    assert cfg.coordinate_descent_tuning is True
     with pytest.raises(RuntimeError, match="no torch._inductor.config.coordinate_descent_tuning"):
         enable_coordinate_descent_tuning(types.SimpleNamespace())  # a torch whose config lacks the knob
