@@ -162,16 +162,15 @@ def load_person(path: str | Path, pipe) -> "SlotResidual | SlotTokens":
     return SlotResidual.load(path, pipe)
 
 
-def read_person_file(path: str | Path) -> None:
-    """The cheap check of a residual or token file before any model loads: it is there, readable, and of a known
-    format (the error names the file). Its fit to a model is checked when it is loaded."""
+def read_person_file(path: str | Path) -> "SlotResidual | SlotTokens":
+    """A residual or token file as stored, not yet checked against a model (`load_person` does that): the cheap
+    check before any model loads that it is there, readable and of a known format (the error names the file)."""
     from refgen.identity.inject import read_residual
     from refgen.identity.tokens import FORMAT as TOKENS, read_tokens
 
     if _file_format(path) == TOKENS:
-        read_tokens(path)
-    else:
-        read_residual(path)
+        return SlotTokens(*read_tokens(path))
+    return SlotResidual(*read_residual(path))
 
 
 def _file_format(path: str | Path) -> str | None:
@@ -239,8 +238,9 @@ def _people_by_kind(pipe, people: Sequence, alphas: Sequence[float]) -> tuple[li
 def _encode_people(pipe, prompt: str, people: Sequence, alphas: Sequence[float], encode_text):
     """(prompt_embeds (1, S, H), prompt_embeds_mask (1, S)) with person k in slot k. Residual people only: the
     prompt (`encode_text`, which may cache it) plus alpha_k R_k. With token people the text encoder reads the
-    prompt with their tokens in their slots, then residual people are added."""
+    prompt with their tokens in their slots (no cache serves that), then residual people are added."""
     from refgen.identity.inject import inject
+    from refgen.identity.prompts import tokenize
     from refgen.identity.render import encode_with_tokens
 
     if not any(isinstance(p, SlotTokens) for p in people):
@@ -248,7 +248,7 @@ def _encode_people(pipe, prompt: str, people: Sequence, alphas: Sequence[float],
     toks, res = _people_by_kind(pipe, people, alphas)
     dp = _diffusers_pipe(pipe)
     E, M = encode_with_tokens(dp, [prompt], [[t] for t in toks], [1.0])
-    slots = encode_text(prompt, len(people)).slots[0]
+    slots = tokenize(dp, prompt, len(people)).slots  # the tokenizer's windows: no second text-encoder pass
     E = inject(E, slots, [r.to(E.device, E.dtype) for r in res], [1.0] * len(res))
     return E, M
 
@@ -624,15 +624,16 @@ class IdentityPipeline:
         self.slots(cfg.prompt, len(people) or None)
         residuals = self._residuals(people)
         person_alphas = _alphas_for(len(residuals), alphas)
-        enc = self._encode_text(cfg.prompt, len(residuals) or None)
         neg = self._negative(cfg)
         if any(isinstance(p, SlotTokens) for p in residuals):  # rows are read by the text encoder, at their alpha
+            self._text_encoder_ready()
             toks, res = _people_by_kind(self, residuals, person_alphas)
             res = [r.to(self.device, self.dtype) for r in res] if any(isinstance(p, SlotResidual) for p in residuals) else []
             rec = render_grid(self.pipe, cfg, res, out, residual_files=residual_files, progress=progress, neg=neg,
                               model_id=self.model_id, tokens=toks)
             self._after_encoding()
             return rec
+        enc = self._encode_text(cfg.prompt, len(residuals) or None)
         self._after_encoding()
         scaled = [(a * r.tensor).to(self.device, self.dtype) for a, r in zip(person_alphas, residuals)]
         return render_grid(self.pipe, cfg, scaled, out, residual_files=residual_files, progress=progress,

@@ -87,24 +87,33 @@ def save_residual(path: str | Path, residual: torch.Tensor, metadata: dict[str, 
     atomic_save_safetensors({"residual": residual.detach().to("cpu", torch.float32)}, path, metadata)
 
 
-def read_residual(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+def read_identity_file(path: str | Path, names: tuple[str, ...], fmt: str, error: type[ValueError],
+                       what: str) -> tuple[list[torch.Tensor], dict[str, str]]:
+    """(the tensors `names`, metadata) of a residual or token file of format `fmt`; `error` (naming the file) when it
+    is not readable, lacks a tensor or has another format. `what` names the kind of file when it is missing."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"residual file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             md = f.metadata() or {}
-            if "residual" not in f.keys():
-                raise ResidualMismatchError(f"{path}: no tensor named 'residual' (keys: {list(f.keys())})")
-            r = f.get_tensor("residual")
-    except ResidualMismatchError:
+            missing = [n for n in names if n not in f.keys()]
+            if missing:
+                raise error(f"{path}: no tensor named {', '.join(map(repr, missing))} (keys: {list(f.keys())})")
+            tensors = [f.get_tensor(n) for n in names]
+    except error:
         raise
     except Exception as e:
-        raise ResidualMismatchError(f"{path}: not a readable safetensors file ({e})") from e
-    if md.get("format") != FORMAT:
-        raise ResidualMismatchError(f"{path}: format {md.get('format')!r}, expected {FORMAT!r}")
+        raise error(f"{path}: not a readable safetensors file ({e})") from e
+    if md.get("format") != fmt:
+        raise error(f"{path}: format {md.get('format')!r}, expected {fmt!r}")
+    return tensors, md
+
+
+def read_residual(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
+    (r,), md = read_identity_file(path, ("residual",), FORMAT, ResidualMismatchError, "residual")
     return r, md
 
 

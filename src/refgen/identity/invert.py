@@ -161,15 +161,15 @@ class Inverter:
     """Runs teacher inversion for identities against one loaded QwenImagePipeline."""
 
     def __init__(self, pipe, cfg: InvertConfig, out_root: str | Path, model_id: str = "", progress: bool = True):
-        from refgen.identity.prompts import encode_prompts, tokenize
+        from refgen.identity.prompts import encode_prompts, encode_tokenized, tokenize
 
         self.pipe, self.cfg, self.out_root, self.model_id, self.progress = pipe, cfg, Path(out_root), model_id, progress
         self.device = execution_device(pipe)
         self.dtype = pipe.transformer.dtype
         self.tokens = cfg.parametrisation == "tokens"
-        base = encode_prompts(pipe, cfg.base_prompt, n_identities=1)
-        self.E_base, self.slot = base.embeds, base.slots[0][0]  # (1, S, H), Slot
         self.base_tp = tokenize(pipe, cfg.base_prompt, 1)
+        base = encode_tokenized(pipe, [self.base_tp])
+        self.E_base, self.slot = base.embeds, base.slots[0][0]  # (1, S, H), Slot
         self.ctx, self.bank_tps = None, None
         if cfg.contexts or (self.tokens and not cfg.image_prompts):  # base_prompt is context 0
             self.ctx = self._prompt_bank([cfg.base_prompt] + list(cfg.contexts), "contexts")
@@ -258,11 +258,12 @@ class Inverter:
     def _prompt_bank(self, texts: list[str], what: str) -> tuple:
         """(embeds (P, S, H), mask (P, S) int64, window start (P,)): prompts with one ~ID~ each, one padded batch.
         Every window must have base_prompt's length L: the residual is (L, H)."""
-        from refgen.identity.prompts import encode_prompts, tokenize
+        from refgen.identity.prompts import encode_tokenized, tokenize
 
-        enc = encode_prompts(self.pipe, texts, n_identities=1)
+        tps = [tokenize(self.pipe, t, 1) for t in texts]
+        enc = encode_tokenized(self.pipe, tps)
         if self.tokens:  # the rows are encoded again every step, with the identity's tokens in the window
-            self.bank_tps = [tokenize(self.pipe, t, 1) for t in texts]
+            self.bank_tps = tps
         if {sl[0].length for sl in enc.slots} != {self.slot.length}:
             raise ValueError(f"~ID~ has different window lengths in the {what} than in base_prompt "
                              f"({self.slot.length}): {[sl[0] for sl in enc.slots]}")

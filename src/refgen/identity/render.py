@@ -297,7 +297,7 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
     from refgen.grid import make_grid
     from refgen.identity.inject import inject
-    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.prompts import encode_prompts, tokenize
 
     out_dir = Path(out_dir)
     if tokens and encoded is not None:
@@ -305,11 +305,6 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     if tokens and residuals and len(tokens) != len(residuals):
         raise ValueError(f"render_grid: {len(tokens)} token sets and {len(residuals)} residuals: with both kinds, "
                          "one of each per slot")
-    if encoded is None:
-        n = len(residuals or tokens or []) or None
-        enc = encode_prompts(pipe, cfg.prompt, n_identities=n)
-        encoded = (enc.embeds, enc.mask, enc.slots[0])
-    embeds, mask, slots = encoded
     identities = residuals or tokens
     # Without a residual alpha scales nothing: every row would be the same pictures. Render one row, say so.
     alphas = list(cfg.alphas) if identities else [None]
@@ -318,10 +313,15 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
               f"{len(cfg.alphas)} identical rows")
     pairs = [(a, s) for a in alphas for s in cfg.seeds]  # row-major: alpha rows, seed columns
     B = len(pairs)
-    E = embeds.expand(B, -1, -1)
-    M = mask.expand(B, -1)
-    if tokens:
+    if tokens:  # each row is read with its tokens: the plain prompt is never encoded, its slots come from the tokenizer
+        slots = tokenize(pipe, cfg.prompt, len(tokens)).slots
         E, M = encode_with_tokens(pipe, [cfg.prompt] * B, [[t] * B for t in tokens], [a for a, _ in pairs])
+    else:
+        if encoded is None:
+            enc = encode_prompts(pipe, cfg.prompt, n_identities=len(residuals) or None)
+            encoded = (enc.embeds, enc.mask, enc.slots[0])
+        embeds, mask, slots = encoded
+        E, M = embeds.expand(B, -1, -1), mask.expand(B, -1)
     if residuals:
         alpha = torch.tensor([a for a, _ in pairs], device=E.device)
         E = inject(E, slots, residuals, [alpha] * len(residuals))
@@ -342,7 +342,7 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
         dtype=str(pipe.transformer.dtype).replace("torch.", ""), device=str(execution_device(pipe)),
         alphas=cfg.alphas if identities else [], seeds=cfg.seeds, steps=cfg.steps, true_cfg=cfg.true_cfg, height=cfg.height,
         width=cfg.width, negative_prompt=cfg.negative_prompt, residuals=residual_files or [],
-        slots=[dataclasses.asdict(s) for s in slots], S=embeds.shape[1], H=embeds.shape[2],
+        slots=[dataclasses.asdict(s) for s in slots], S=E.shape[1], H=E.shape[2],
         layout="rows=alphas, columns=seeds", images=files, grid="grid.png")
     atomic_write_json(out_dir / "grid.json", record)
     return record

@@ -71,24 +71,9 @@ def save_tokens(path: str | Path, tokens: torch.Tensor, placeholder: torch.Tenso
 
 def read_tokens(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, str]]:
     """(tokens (L, H_in), placeholder (L, H_in), metadata) as stored."""
-    from safetensors import safe_open
+    from refgen.identity.inject import read_identity_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"token file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-            missing = {"tokens", "placeholder"} - set(f.keys())
-            if missing:
-                raise TokensMismatchError(f"{path}: no tensor named {sorted(missing)} (keys: {list(f.keys())})")
-            t, ph = f.get_tensor("tokens"), f.get_tensor("placeholder")
-    except TokensMismatchError:
-        raise
-    except Exception as e:
-        raise TokensMismatchError(f"{path}: not a readable safetensors file ({e})") from e
-    if md.get("format") != FORMAT:
-        raise TokensMismatchError(f"{path}: format {md.get('format')!r}, expected {FORMAT!r}")
+    (t, ph), md = read_identity_file(path, ("tokens", "placeholder"), FORMAT, TokensMismatchError, "token")
     return t, ph, md
 
 

@@ -327,13 +327,12 @@ def _identity_dirs(root: Path) -> list[Path]:
 def _residuals(teacher_root: Path, dirs: list[Path]) -> tuple[str, list[torch.Tensor]]:
     """("residuals", slot residuals (L, H)) or ("tokens", learnt token embeddings (L, H_in)) per identity: what
     the inversion mode made (one mode per folder: settings are checked before any inversion)."""
-    from refgen.identity.inject import read_residual
-    from refgen.identity.tokens import read_tokens
+    from refgen.identity.invert import teacher_file
+    from refgen.pipeline import SlotTokens, read_person_file
 
-    if (teacher_root / dirs[0].name / "teacher_tokens.safetensors").exists():
-        return "tokens", [read_tokens(teacher_root / d.name / "teacher_tokens.safetensors")[0].float() for d in dirs]
-    return "residuals", [read_residual(teacher_root / d.name / "teacher_residual.safetensors")[0].float()
-                         for d in dirs]
+    people = [read_person_file(teacher_file(teacher_root / d.name)) for d in dirs]
+    kind = "tokens" if isinstance(people[0], SlotTokens) else "residuals"
+    return kind, [p.tensor.float() for p in people]
 
 
 def _sweep(pipe, net, dirs, attrs, residuals, alphas, cfg, neg, dev, kind: str = "residuals") -> tuple[dict, list]:
