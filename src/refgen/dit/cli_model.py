@@ -33,6 +33,20 @@ def recorded_vae(shard_dir: str | Path) -> tuple[str, str | None, str]:
                             f"pass --vae, or --no-decode for latents only")
 
 
+def sample_buckets(requested: list[str] | None, index: dict, shard_dir) -> list[str] | None:
+    """The buckets `--bucket` names ('all' = every bucket with samples, in index.json's order); None when not
+    given (then the first --n samples of the shard order give the conditions, whatever their bucket)."""
+    if not requested:
+        return None
+    have = [b for b, v in index["buckets"].items() if v.get("count", 0) > 0]
+    names = have if "all" in requested else list(dict.fromkeys(requested))
+    unknown = [b for b in names if b not in have]
+    if unknown:
+        raise ValueError(f"--bucket {', '.join(unknown)}: not a bucket with samples in "
+                         f"{Path(shard_dir) / 'index.json'} (it has {', '.join(have)})")
+    return names
+
+
 def _sample(args) -> int:
     import torch
 
@@ -52,7 +66,9 @@ def _sample(args) -> int:
             raise FileNotFoundError(f"no checkpoints/latest.json under {args.ckpt}")
     elif not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-    dims = shard_dims(shards.load_index(args.data_dir), args.data_dir)
+    index = shards.load_index(args.data_dir)
+    dims = shard_dims(index, args.data_dir)
+    buckets = sample_buckets(args.bucket, index, args.data_dir)
     vae_src = None if args.no_decode else ((args.vae, args.vae_subfolder, "--vae") if args.vae
                                            else recorded_vae(args.data_dir))
     model, cfg = model_from_checkpoint(ckpt, device)
@@ -60,36 +76,52 @@ def _sample(args) -> int:
     if bad:
         raise ValueError(f"checkpoint {ckpt} does not fit the shards in {args.data_dir}: " + "; ".join(
             f"model.{k} {m} vs {d} in the shards" for k, m, d in bad))
-
-    # conditions (T5, DINO) of the first --n samples of the shard directory: the model's inputs are
-    # encoder features, so sampling "for an image" means sampling from that image's stored features
-    batch = next(iter(shards.make_dataset(args.data_dir, args.n, shuffle=False, seed=args.seed)))
-    cond = Cond.from_batch(batch, device)
-    h, w = batch["latent"].shape[-2:]
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    lat = sample(model, cond, (h, w), steps=args.steps, shift=args.shift, s_text=args.s_text, s_dino=args.s_dino,
-                 guidance=args.guidance, seed=args.seed, autocast_dtype=amp, progress=True)
-    out = Path(args.out)
-    atomic_torch_save({"latents": lat.cpu(), "key": batch["key"], "caption": batch["caption"]}, out / "latents.pt")
-    written = []
+    vae = None
     if vae_src is not None:
         from refgen.dit.encoders import load_vae
 
-        src, sub, where = vae_src
-        vae = load_vae(src, sub, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        vae = load_vae(vae_src[0], vae_src[1], device, torch.bfloat16 if device.type == "cuda" else torch.float32)
         mean, std = shards.load_latent_stats(args.data_dir)
-        for img, key in zip(to_pil(decode(lat, vae, mean, std)), batch["key"]):
-            atomic_save_image(img, out / f"{key}.png")
-            written.append(f"{key}.png")
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    out = Path(args.out)
+
+    def one(batch: dict, folder: Path) -> dict:
+        # the model's inputs are encoder features, so sampling "for an image" means sampling from that image's
+        # stored features (T5 of its caption, DINO of its pixels)
+        cond = Cond.from_batch(batch, device)
+        h, w = batch["latent"].shape[-2:]
+        lat = sample(model, cond, (h, w), steps=args.steps, shift=args.shift, s_text=args.s_text,
+                     s_dino=args.s_dino, guidance=args.guidance, seed=args.seed, autocast_dtype=amp, progress=True)
+        atomic_torch_save({"latents": lat.cpu(), "key": batch["key"], "caption": batch["caption"]},
+                          folder / "latents.pt")
+        written = []
+        if vae is not None:
+            for img, key in zip(to_pil(decode(lat, vae, mean, std)), batch["key"]):
+                atomic_save_image(img, folder / f"{key}.png")
+                written.append(f"{key}.png" if folder == out else f"{folder.name}/{key}.png")
+        return {"keys": batch["key"], "captions": batch["caption"], "images": written,
+                "latent_shape": list(lat.shape)}
+
+    if buckets is None:   # the first --n samples of the shard order
+        res = one(next(iter(shards.make_dataset(args.data_dir, args.n, shuffle=False, seed=args.seed))), out)
+        per_bucket = None
+    else:                 # --n samples of each bucket, in out/WxH/
+        per_bucket = {b: one(next(iter(shards.make_dataset(args.data_dir, args.n, shuffle=False, seed=args.seed,
+                                                           buckets=[b]))), out / b) for b in buckets}
+        res = {k: [x for r in per_bucket.values() for x in r[k]] for k in ("keys", "captions", "images")}
     flags = {k: v for k, v in vars(args).items() if k != "func"}
-    atomic_write_json(out / "sample.json", provenance(flags, checkpoint=str(ckpt), keys=batch["key"],
-                                                      captions=batch["caption"], images=written,
-                                                      vae=vae_src[0] if vae_src else None))
+    atomic_write_json(out / "sample.json", provenance(flags, checkpoint=str(ckpt), keys=res["keys"],
+                                                      captions=res["captions"], images=res["images"],
+                                                      buckets=per_bucket, vae=vae_src[0] if vae_src else None))
+    written = res["images"]
+    where = f" in {len(buckets)} bucket folders ({', '.join(buckets)})" if buckets else ""
     if written:
         print(f"wrote {len(written)} images ({', '.join(written[:2])}{', ...' if len(written) > 2 else ''}) decoded "
-              f"with the VAE {vae_src[0]} (from {vae_src[2]}), latents.pt and sample.json to {out}")
+              f"with the VAE {vae_src[0]} (from {vae_src[2]}), latents.pt and sample.json to {out}{where}")
     else:
-        print(f"wrote latents.pt ({tuple(lat.shape)}) and sample.json to {out} (--no-decode: no images)")
+        shape = tuple(res['latent_shape']) if 'latent_shape' in res else 'one per bucket'
+        print(f"wrote latents.pt ({shape}) and sample.json to {out}{where} "
+              f"(--no-decode: no images)")
     return 0
 
 
@@ -133,7 +165,9 @@ def register(dit_subparsers) -> None:
     s.add_argument("--ckpt", required=True, help="checkpoint file, or a run's out_dir/checkpoints folder")
     s.add_argument("--data-dir", required=True, help="shards whose first --n samples give the conditions")
     s.add_argument("--out", required=True)
-    s.add_argument("--n", type=int, default=4)
+    s.add_argument("--n", type=int, default=4, help="samples (per bucket with --bucket)")
+    s.add_argument("--bucket", action="append",
+                   help="WxH: sample --n conditions of this bucket into OUT/WxH/ (repeatable; 'all' = every bucket)")
     s.add_argument("--steps", type=int, default=30)
     s.add_argument("--shift", type=float, default=1.0)
     s.add_argument("--s-text", type=float, default=4.0)
