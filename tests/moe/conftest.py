@@ -27,3 +27,12 @@ def trained_digits(tmp_path_factory, digits):
     out = tmp_path_factory.mktemp("moe_digits")
     info = train(tiny_train_config(), out, progress=False, data=digits)
     return out, info
+
+
+@pytest.fixture(scope="session")
+def exported_digits(tmp_path_factory, trained_digits, digits):
+    """(folder, manifest) of `trained_digits` exported with the default ExportConfig (fp32 + int8 ONNX, .pt2)."""
+    from refgen.moe.export import ExportConfig, export_run
+
+    out = tmp_path_factory.mktemp("moe_export")
+    return out, export_run(trained_digits[0], out, ExportConfig(), data=digits)

@@ -117,6 +117,35 @@ def _bench(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from refgen.moe.export import ExportConfig, export_run
+
+    over = {"version": args.version, "budget_bytes": args.budget_bytes, "max_batch": args.max_batch}
+    cfg = ExportConfig.from_yaml(args.config, **over) if args.config else ExportConfig(
+        **{k: v for k, v in over.items() if v is not None})
+    if args.no_int8:
+        cfg.int8 = False
+    _threads(args.threads)
+    man = export_run(args.model, args.out, cfg, cache=args.cache, threads=args.threads or 1, n_test=args.n_test)
+    c = man["checks"]
+    print(json.dumps({"out": args.out, "version": man["version"], "deployable": man["deployable"],
+                      "deployable_bytes": man["deployable_bytes"], "budget_bytes": man["budget_bytes"],
+                      "bytes": {k: v["bytes"] for k, v in man["models"].items()},
+                      "torch_acc": c["parity_fp32"]["torch_acc"],
+                      "onnx_fp32_acc_diff_pp": {r["batch"]: round(r["acc_diff_pp"], 4)
+                                                for r in c["parity_fp32"]["rows"]},
+                      "int8": c.get("int8")}, indent=2))
+    print(f"wrote {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def _threads(n) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def summarize(res: dict) -> dict:
     s = {}
     if "sleep" in res:
@@ -201,3 +230,17 @@ def register(sub) -> None:
     b.add_argument("--energy-seconds", type=float, default=10.0, help="energy: window length (>= 5)")
     b.add_argument("--out", required=True)
     b.set_defaults(func=_bench)
+
+    x = sub.add_parser("export", help="ONNX fp32 (dynamic batch) + int8 QDQ + torch.export .pt2 + manifest; parity, "
+                                      "gate agreement and byte-budget checks")
+    x.add_argument("--model", required=True, help="a `refgen moe train` folder")
+    x.add_argument("--config", default=None, help="YAML mirroring ExportConfig (configs/moe_export.yaml)")
+    x.add_argument("--version", default=None, help="SemVer of the artifact (default 0.1.0)")
+    x.add_argument("--budget-bytes", type=int, default=None, help="deployable artifact budget (default 1,000,000)")
+    x.add_argument("--max-batch", type=int, default=None)
+    x.add_argument("--no-int8", action="store_true", help="fp32 ONNX only (then it is the deployable artifact)")
+    x.add_argument("--cache", default=None)
+    x.add_argument("--n-test", type=int, default=None)
+    x.add_argument("--threads", type=int, default=1)
+    x.add_argument("--out", required=True)
+    x.set_defaults(func=_export)
