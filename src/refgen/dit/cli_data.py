@@ -22,6 +22,7 @@ def _prepare(args) -> int:
             dino=args.dino, dino_subfolder=_none_if_empty(args.dino_subfolder), buckets=args.buckets,
             t5_max_length=args.t5_max_length, shard_size=args.shard_size, batch_size=args.batch_size,
             num_workers=args.num_workers, device=args.device, dtype=args.dtype, store_dtype=args.store_dtype,
+            dit_patch_size=args.dit_patch_size,
             max_upscale=args.max_upscale, max_aspect_distortion=args.max_aspect_distortion,
             overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
@@ -68,6 +69,8 @@ def register(dit_subparsers) -> None:
     p.add_argument("--buckets", default=None,
                    help="comma-separated WxH, sides multiples of 16 (default: ~1 MP set, sides multiples of 64)")
     p.add_argument("--t5-max-length", type=int, default=512)
+    p.add_argument("--dit-patch-size", type=int, default=2,
+                   help="the DiT's patch size; VAE factor x this must equal the DINOv3 patch (FLUX /8: 2; /4: 4)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--batch-size", type=int, default=8, help="images per encoder forward")
     p.add_argument("--num-workers", type=int, default=4, help="image decode threads")

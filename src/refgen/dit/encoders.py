@@ -47,13 +47,38 @@ def _kw(subfolder: str | None) -> dict:
     return {"subfolder": subfolder} if subfolder else {}
 
 
+# Image VAEs `prepare` and `sample` take, by diffusers class name. AutoencoderKL is the FLUX VAE's class (/8).
+# AutoencoderKLQwenImage is a video VAE run on one frame; the toy world's trained VAE is one (/4), which is what
+# gives the DiT yardstick a decoder that reconstructs its images (refgen.dit.yardstick).
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLQwenImage")
+
+
 def load_vae(id_or_path: str, subfolder: str | None, device: torch.device, dtype: torch.dtype):
-    from diffusers import AutoencoderKL
+    from diffusers import AutoModel
 
     src, sub = resolve_source(id_or_path, subfolder, "VAE")
-    vae = AutoencoderKL.from_pretrained(src, **diffusers_dtype_kwargs(dtype), **_kw(sub))
+    vae = AutoModel.from_pretrained(src, **diffusers_dtype_kwargs(dtype), **_kw(sub))
+    if type(vae).__name__ not in VAE_CLASSES:
+        raise ValueError(f"VAE {id_or_path}: {type(vae).__name__} is not an image VAE refgen encodes with "
+                         f"({', '.join(VAE_CLASSES)})")
     check_cpu_size(vae, device, f"VAE {id_or_path}")
     return vae.to(device).eval().requires_grad_(False)
+
+
+def _has_frames(vae) -> bool:
+    """Video VAEs (AutoencoderKLQwenImage) take (B, C, T, H, W): an image is one frame."""
+    return type(vae).__name__ == "AutoencoderKLQwenImage"
+
+
+def vae_latent_channels(vae) -> int:
+    return int(vae.config.z_dim if _has_frames(vae) else vae.config.latent_channels)
+
+
+def vae_decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """Raw latents (B, C, h, w) -> the decoder's images (B, 3, H, W) in about [-1, 1], for either VAE class."""
+    if _has_frames(vae):
+        return vae.decode(z.unsqueeze(2)).sample[:, :, 0]
+    return vae.decode(z).sample
 
 
 def load_text_encoder(id_or_path: str, subfolder: str | None, tokenizer_path: str | None,
@@ -88,6 +113,8 @@ def load_dino(id_or_path: str, subfolder: str | None, device: torch.device, dtyp
 
 
 def vae_downsample(vae) -> int:
+    if _has_frames(vae):
+        return int(vae.spatial_compression_ratio)
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
@@ -132,13 +159,15 @@ def dino_input(pixels: torch.Tensor, mean, std) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> raw posterior mean (B, C, H/8, W/8) float32.
+    """(B, 3, H, W) uint8 -> raw posterior mean (B, C, H/f, W/f) float32 (f = 8 for the FLUX VAE).
 
     The posterior mean rather than a sample, so a re-run writes identical shards. No scaling_factor /
     shift_factor: the dataset's own per-channel mean/std (latent_stats.json) replace them in the loader.
     """
     p = next(vae.parameters())
     x = vae_input(pixels).to(p.device, p.dtype)
+    if _has_frames(vae):
+        return vae.encode(x.unsqueeze(2)).latent_dist.mean[:, :, 0].float()
     return vae.encode(x).latent_dist.mean.float()
 
 
@@ -192,14 +221,14 @@ class Encoders:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
+        return vae_latent_channels(self.vae)
 
     def describe(self) -> dict:
         return {
             "vae": {"class": type(self.vae).__name__, "latent_channels": self.latent_channels,
                     "downsample": vae_downsample(self.vae),
-                    "scaling_factor": self.vae.config.scaling_factor,
-                    "shift_factor": getattr(self.vae.config, "shift_factor", None)},
+                    "scaling_factor": self.vae.config.get("scaling_factor"),
+                    "shift_factor": self.vae.config.get("shift_factor")},
             "text_encoder": {"class": type(self.text_encoder).__name__,
                              "d_model": int(self.text_encoder.config.d_model)},
             "dino": {"class": type(self.dino).__name__, "hidden_size": int(self.dino.config.hidden_size),

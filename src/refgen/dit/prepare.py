@@ -406,8 +406,9 @@ def _load_encoders(cfg: PrepareConfig):
     dino, (mean, std) = load_dino(cfg.dino, cfg.dino_subfolder, device, dtype)
     f, ps = vae_downsample(vae), dino_patch_size(dino)
     if f * cfg.dit_patch_size != ps:
+        fix = f" (--dit-patch-size {ps // f} would)" if ps % f == 0 else ""
         raise ValueError(f"VAE /{f} x DiT patch {cfg.dit_patch_size} = {f * cfg.dit_patch_size} px per DiT token, "
-                         f"but DINOv3 ({cfg.dino}) has {ps} px patches: the grids would not align")
+                         f"but DINOv3 ({cfg.dino}) has {ps} px patches: the grids would not align{fix}")
     for b in cfg.bucket_list:
         if b.width % ps or b.height % ps:
             raise ValueError(f"bucket {b.name}: sides must be multiples of the DINOv3 patch size {ps}")

@@ -76,13 +76,15 @@ def denormalise(latents: torch.Tensor, mean, std) -> torch.Tensor:
 
 @torch.no_grad()
 def decode(latents: torch.Tensor, vae, mean, std) -> torch.Tensor:
-    """Normalised latents -> images (B, 3, H, W) float in [0, 1] through a diffusers AutoencoderKL.
+    """Normalised latents -> images (B, 3, H, W) float in [0, 1] through the VAE (refgen.dit.encoders.VAE_CLASSES).
 
     The shards hold raw posterior means normalised by the dataset's own statistics (no scaling/shift
     factor), so the statistics alone map back to what the decoder expects."""
+    from refgen.dit.encoders import vae_decode
+
     p = next(itertools.chain(vae.parameters(), vae.buffers()))
     z = denormalise(latents.float(), mean, std).to(p.device, p.dtype)
-    img = vae.decode(z).sample.float()
+    img = vae_decode(vae, z).float()
     return ((img.clamp(-1, 1) + 1) / 2).cpu()
 
 

@@ -18,12 +18,13 @@ TINY_WORDS = ("a an the of in on with and photo portrait picture person man woma
               "yellow black white small large square wide tall looking left right image").split()
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(words: tuple[str, ...] | list[str] = TINY_WORDS):
+    """A T5 Unigram tokenizer whose whole words are `words` (anything else is spelled out in letters)."""
     from transformers import T5TokenizerFast
 
     # T5's layout: <pad>=0, </s>=1, <unk>=2; then pieces with Unigram log-probs (words beat letters).
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [("▁" + w, -1.0) for w in TINY_WORDS]
+    vocab += [("▁" + w, -1.0) for w in dict.fromkeys(words)]
     vocab += [("▁" + c, -3.0) for c in string.ascii_lowercase + string.digits]
     vocab += [(c, -4.0) for c in string.ascii_lowercase + string.digits + ".,:;!?-'\""]
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
@@ -75,12 +76,14 @@ def save_dino_preprocessor(folder: Path) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def write_tiny_models(out: str | Path, t5_dim: int = 32, dino_dim: int = 32) -> dict[str, str]:
-    """Write `vae/`, `text_encoder/` (model + tokenizer), `dino/` under `out`; returns the folder paths."""
+def write_tiny_models(out: str | Path, t5_dim: int = 32, dino_dim: int = 32,
+                      words: tuple[str, ...] | list[str] = TINY_WORDS) -> dict[str, str]:
+    """Write `vae/`, `text_encoder/` (model + tokenizer with `words` as whole tokens), `dino/` under `out`;
+    returns the folder paths."""
     out = Path(out)
     paths = {k: out / k for k in ("vae", "text_encoder", "dino")}
     tiny_vae().save_pretrained(paths["vae"])
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer(words)
     tiny_t5(len(tok), d_model=t5_dim).save_pretrained(paths["text_encoder"])
     tok.save_pretrained(paths["text_encoder"])
     tiny_dino(hidden_size=dino_dim).save_pretrained(paths["dino"])

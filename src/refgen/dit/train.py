@@ -222,10 +222,14 @@ def shard_loader(cfg: TrainConfig, world: int):
 
 
 def train(cfg: TrainConfig, data: Iterable | Callable[[], Iterable] | None = None,
-          config_name: str = "the config") -> dict:
+          config_name: str = "the config", on_eval: Callable[[int, NanoDiT, float], None] | None = None,
+          eval_every: int = 0) -> dict:
     """Run (or resume) a training run; returns a summary. `data`: batches per the data contract (see
     refgen.dit.model.Cond / refgen.dit.shards), a re-iterable or a zero-argument factory; None = shards, whose
-    dimensions the model must fit (`fit_to_shards`; `config_name` names the config in its errors)."""
+    dimensions the model must fit (`fit_to_shards`; `config_name` names the config in its errors).
+
+    `on_eval(step, ema_model, train_s)` runs on rank 0 every `eval_every` steps and after the last one (the
+    yardstick samples and scores there); its time is not counted in `train_s` nor in images/s."""
     cfg.validate()
     taken: dict = {}
     if data is None:
@@ -239,7 +243,7 @@ def train(cfg: TrainConfig, data: Iterable | Callable[[], Iterable] | None = Non
         print("[dit train] dims_from_data: " + ", ".join(f"model.{k} {a} -> {b}" for k, (a, b) in taken.items())
               + f" (from {Path(cfg.data_dir) / 'index.json'})")
     try:
-        return _train(cfg, data, rank, world, device, taken)
+        return _train(cfg, data, rank, world, device, taken, on_eval, eval_every)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -247,7 +251,7 @@ def train(cfg: TrainConfig, data: Iterable | Callable[[], Iterable] | None = Non
 
 def _resume_or_warm_start(cfg: TrainConfig, out: Path, model: NanoDiT, ema: nn.Module, opt, is_main: bool):
     """Load the checkpoint to resume (model, EMA, optimizer, step, data position, RNG) or the warm-start weights.
-    Returns (step, batches consumed, resumed_from, warm-start report)."""
+    Returns (step, batches consumed, resumed_from, warm-start report, training seconds so far)."""
     ckpt_path = latest_checkpoint(out) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
     if ckpt_path is not None:
         ck = load_checkpoint(ckpt_path)
@@ -259,9 +263,9 @@ def _resume_or_warm_start(cfg: TrainConfig, out: Path, model: NanoDiT, ema: nn.M
         ema.load_state_dict(_strip_prefixes(ck["ema"]))
         opt.load_state_dict(ck["optimizer"])
         _set_rng_state(ck.get("rng"))
-        return int(ck["step"]), int(ck["batches_consumed"]), str(ckpt_path), None
+        return int(ck["step"]), int(ck["batches_consumed"]), str(ckpt_path), None, float(ck.get("train_seconds", 0.0))
     if not cfg.init_from:
-        return 0, 0, None, None
+        return 0, 0, None, None, 0.0
     ck = load_checkpoint(cfg.init_from)
     # a full training checkpoint (prefer its EMA weights) or a bare state dict
     if "ema" in ck or "model" in ck:
@@ -276,7 +280,7 @@ def _resume_or_warm_start(cfg: TrainConfig, out: Path, model: NanoDiT, ema: nn.M
               f"{warm['missing']}; {len(warm['unexpected'])} unexpected (ignored): {warm['unexpected']}; "
               f"shape mismatches (fresh init): {warm['shape_mismatch']}")
         atomic_write_json(out / "warm_start.json", warm)
-    return 0, 0, None, warm
+    return 0, 0, None, warm, 0.0
 
 
 def enable_coordinate_descent_tuning(inductor_config=None) -> None:
@@ -344,7 +348,8 @@ def _accumulate_grads(cfg: TrainConfig, train_model: nn.Module, stream: _Stream,
     return loss_sum, vnorm_sum, images
 
 
-def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, taken: dict | None = None) -> dict:
+def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, taken: dict | None = None,
+           on_eval: Callable | None = None, eval_every: int = 0) -> dict:
     is_main = rank == 0
     out = Path(cfg.out_dir)
     accum = cfg.grad_accum(world)
@@ -357,7 +362,7 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     n_params = count_params(model)
-    step, consumed, resumed_from, warm = _resume_or_warm_start(cfg, out, model, ema, opt, is_main)
+    step, consumed, resumed_from, warm, train_s = _resume_or_warm_start(cfg, out, model, ema, opt, is_main)
     if is_main:
         atomic_write_json(out / "config.json", provenance(cfg, n_params=n_params, world_size=world,
                                                           grad_accum=accum, resumed_from=resumed_from,
@@ -376,6 +381,9 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
     last = {"loss": float("nan")}
     # metrics of the steps since the last log line
     win_loss, win_vnorm, win_images, win_steps, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+    # train_s: wall-clock seconds of training steps over the whole run (resumes included, checkpoint writes
+    # excluded), what the yardstick's time-to-quality counts. Host syncs happen at log steps, so it is exact there.
+    seg0 = time.perf_counter()
     model.train()
     while step < cfg.steps:
         gen = step_generator(cfg.seed, step, rank, device)
@@ -400,17 +408,28 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
             elapsed = time.perf_counter() - t0
             rec = {"step": step, "loss": loss_v, "grad_norm": float(grad_norm),
                    "velocity_norm": float(win_vnorm / win_steps), "lr": lr, "ema_decay": decay,
-                   "images_per_s": win_images / max(elapsed, 1e-9), "epoch": stream.epoch}
+                   "images_per_s": win_images / max(elapsed, 1e-9), "epoch": stream.epoch,
+                   "train_s": train_s + time.perf_counter() - seg0}
             last = rec
             if is_main:
                 logger.log(**rec)
                 bar.set_postfix(loss=f"{loss_v:.4f}", gnorm=f"{float(grad_norm):.3f}")
             win_loss, win_vnorm, win_images, win_steps, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            train_s += time.perf_counter() - seg0
             if is_main:
-                save_checkpoint(out, cfg, model, ema, opt, step, stream.consumed)
+                save_checkpoint(out, cfg, model, ema, opt, step, stream.consumed, train_seconds=train_s)
             if world > 1:
                 dist.barrier()
+            seg0 = time.perf_counter()
+        if on_eval is not None and is_main and ((eval_every and step % eval_every == 0) or step == cfg.steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)   # the steps queued so far belong to the training time
+            t_eval = time.perf_counter()
+            on_eval(step, ema, train_s + t_eval - seg0)
+            spent = time.perf_counter() - t_eval
+            seg0, t0 = seg0 + spent, t0 + spent
+            model.train()
     bar.close()
     ck = latest_checkpoint(out)
     return {"step": step, "last": last, "checkpoint": str(ck) if ck else None, "n_params": n_params,
@@ -442,13 +461,14 @@ def _set_rng_state(s: dict | None) -> None:
 
 
 def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, ema: nn.Module, opt, step: int,
-                    consumed: int) -> Path:
+                    consumed: int, train_seconds: float = 0.0) -> Path:
     """Everything resume needs, written atomically; `latest.json` is switched only after the file is complete."""
     name = f"step_{step:07d}.pt"
     path = out / CKPT_DIR / name
     atomic_torch_save({
         "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
         "step": step, "batches_consumed": consumed, "config": to_dict(cfg), "rng": _rng_state(),
+        "train_seconds": train_seconds,
         "provenance": provenance(None, step=step),
     }, path)
     atomic_write_json(out / CKPT_DIR / LATEST, {"file": name, "step": step})
