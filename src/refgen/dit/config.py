@@ -88,6 +88,36 @@ class CFGDropout:
 
 
 @dataclass
+class RepaConfig:
+    """REPA, representation alignment (Yu et al. 2024, "Representation Alignment for Generation"): an MLP projector
+    maps the hidden states after block `depth` to the DINOv3 patch features the shards already store, and
+    `weight` x (1 - cosine similarity), averaged over tokens, is added to the flow loss. Off by default: kept only
+    if the yardstick shows it helps (docs/dit.md).
+
+    NanoDiT also SEES those patch features (cross-attention) unless DINO is dropped, and a model that sees its
+    target can copy it instead of learning it. So by default the loss is taken only on samples whose DINO was
+    dropped by the CFG dropout (text-only and unconditional: 40 % with the default cfg_dropout), where aligning
+    means predicting DINO's view of the image from the noisy latent and the caption, as in REPA."""
+
+    enabled: bool = False
+    depth: int = 4                 # align the output of this block (1-based); REPA: 8 of SiT-XL's 28
+    weight: float = 0.5            # lambda (REPA: 0.5)
+    proj_hidden: int = 2048        # projector MLP width (REPA: 3 linear layers, SiLU, 2048 wide)
+    samples: str = "dino_dropped"  # "dino_dropped" (see above) or "all"
+
+    def validate(self, depth: int) -> None:
+        if not self.enabled:
+            return
+        if not 1 <= self.depth <= depth:
+            raise ValueError(f"repa.depth must be in 1..{depth} (the model's depth), got {self.depth}")
+        if self.weight < 0 or self.proj_hidden < 1:
+            raise ValueError(f"repa.weight must be >= 0 and repa.proj_hidden >= 1, got {self.weight}, "
+                             f"{self.proj_hidden}")
+        if self.samples not in ("dino_dropped", "all"):
+            raise ValueError(f"repa.samples must be dino_dropped or all, got {self.samples!r}")
+
+
+@dataclass
 class TrainConfig:
     model: NanoDiTConfig = field(default_factory=NanoDiTConfig)
     model_preset: str | None = "nano"   # informational; `model` holds the actual dimensions
@@ -131,10 +161,12 @@ class TrainConfig:
     # must match the shards' index.json, or training refuses to start, naming both. True: take them from the shards
     # (said on stdout and recorded in config.json and every checkpoint).
     dims_from_data: bool = False
+    repa: RepaConfig = field(default_factory=RepaConfig)   # representation alignment, opt-in (RepaConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.cfg_dropout.validate()
+        self.repa.validate(self.model.depth)
         if self.dtype == "fp16":
             raise ValueError("fp16 is refused for flow matching (the velocity field needs bf16's range); use bf16 "
                              "or fp32")

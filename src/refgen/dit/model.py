@@ -336,7 +336,9 @@ class NanoDiT(nn.Module):
 
     # ---- forward
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond,
+                return_hidden: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Velocity (B, C, h, w); with return_hidden = k > 0 also the tokens after block k, (B, N, d) (REPA)."""
         B, C, h, w = x.shape
         p = self.cfg.patch_size
         if h % p or w % p:
@@ -370,10 +372,14 @@ class NanoDiT(nn.Module):
             ones = torch.ones(B, 1 + N, dtype=torch.bool, device=t5_mask.device)
             ctx_valid = torch.cat([t5_mask, ones], 1)                      # (B, L)
 
-        for blk in self.blocks:
+        hidden = None
+        for i, blk in enumerate(self.blocks):
             tok = blk(tok, c, ctx, ctx_valid)
+            if i + 1 == return_hidden:
+                hidden = tok
         out = self.final(tok, c)                                           # (B, N, p*p*C)
-        return self.unpatchify(out, gh, gw)
+        v = self.unpatchify(out, gh, gw)
+        return (v, hidden) if return_hidden else v
 
     def unpatchify(self, t: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         # (B, N, p*p*C) -> (B, C, gh*p, gw*p); token channel order (p, p, C) as in DiT

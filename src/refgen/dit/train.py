@@ -249,7 +249,8 @@ def train(cfg: TrainConfig, data: Iterable | Callable[[], Iterable] | None = Non
             dist.destroy_process_group()
 
 
-def _resume_or_warm_start(cfg: TrainConfig, out: Path, model: NanoDiT, ema: nn.Module, opt, is_main: bool):
+def _resume_or_warm_start(cfg: TrainConfig, out: Path, model: NanoDiT, ema: nn.Module, opt, is_main: bool,
+                          projector: nn.Module | None = None):
     """Load the checkpoint to resume (model, EMA, optimizer, step, data position, RNG) or the warm-start weights.
     Returns (step, batches consumed, resumed_from, warm-start report, training seconds so far)."""
     ckpt_path = latest_checkpoint(out) if cfg.resume == "auto" else (Path(cfg.resume) if cfg.resume else None)
@@ -259,8 +260,14 @@ def _resume_or_warm_start(cfg: TrainConfig, out: Path, model: NanoDiT, ema: nn.M
         if to_dict(saved.model) != to_dict(cfg.model):
             raise ValueError(f"cannot resume {ckpt_path}: its model config {to_dict(saved.model)} differs from "
                              f"{to_dict(cfg.model)}; use init_from for a warm start instead")
+        if ("repa" in ck) != (projector is not None):
+            raise ValueError(f"cannot resume {ckpt_path}: it was trained with repa.enabled "
+                             f"{'repa' in ck} and the config says {projector is not None}; use init_from for a "
+                             f"warm start instead")
         model.load_state_dict(_strip_prefixes(ck["model"]))
         ema.load_state_dict(_strip_prefixes(ck["ema"]))
+        if projector is not None:
+            projector.load_state_dict(ck["repa"])
         opt.load_state_dict(ck["optimizer"])
         _set_rng_state(ck.get("rng"))
         return int(ck["step"]), int(ck["batches_consumed"]), str(ckpt_path), None, float(ck.get("train_seconds", 0.0))
@@ -296,7 +303,8 @@ def enable_coordinate_descent_tuning(inductor_config=None) -> None:
     inductor_config.coordinate_descent_tuning = True
 
 
-def _wrap_for_training(cfg: TrainConfig, model: NanoDiT, world: int, device: torch.device) -> nn.Module:
+def _wrap_for_training(cfg: TrainConfig, model: NanoDiT, world: int, device: torch.device,
+                       projector: nn.Module | None = None) -> nn.Module:
     """The module the training step calls: the model with its cross-attention set, compiled and under DDP as the
     config says (the weights stay `model`'s)."""
     model.set_attention(cfg.cross_attention)  # exact either way; no parameters change
@@ -308,6 +316,10 @@ def _wrap_for_training(cfg: TrainConfig, model: NanoDiT, world: int, device: tor
         model.compile_blocks()  # in place: state-dict keys stay plain
     elif cfg.compile:
         train_model = torch.compile(model)
+    if projector is not None:
+        from refgen.dit.repa import RepaDiT
+
+        train_model = RepaDiT(train_model, projector, cfg.repa.depth)   # returns (velocity, projected hidden)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -317,16 +329,21 @@ def _wrap_for_training(cfg: TrainConfig, model: NanoDiT, world: int, device: tor
 def _accumulate_grads(cfg: TrainConfig, train_model: nn.Module, stream: _Stream, gen: torch.Generator, accum: int,
                       world: int, device: torch.device, use_amp: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Forward and backward over one optimizer step's `accum` micro batches (DDP syncs only on the last).
-    Returns (sum of the micro losses, sum of the velocities' RMS, images seen over all ranks)."""
+    Returns (sum of the micro flow losses, sum of the velocities' RMS, images seen over all ranks, sum of the micro
+    REPA losses (0 without REPA)). With REPA the optimised loss is flow + repa.weight x REPA."""
     captured: dict[str, torch.Tensor] = {}
+    repa = cfg.repa.enabled
 
     def fwd(x, sigma, cond):
         v = train_model(x, sigma, cond)
+        if repa:
+            v, captured["projected"] = v
         captured["v"] = v.detach()
         return v
 
     loss_sum = torch.zeros((), device=device)
     vnorm_sum = torch.zeros((), device=device)
+    repa_sum = torch.zeros((), device=device)
     images = 0
     for micro in range(accum):
         batch = stream.next()
@@ -341,11 +358,20 @@ def _accumulate_grads(cfg: TrainConfig, train_model: nn.Module, stream: _Stream,
         with sync:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = flow.loss(fwd, x0, cond, sigma=sigma, noise=noise)
-            (loss / accum).backward()
+            total = loss
+            if repa:
+                from refgen.dit.repa import repa_loss
+
+                # the stored patches, not the null tokens the model saw where DINO was dropped
+                align = repa_loss(captured.pop("projected"), cond.dino_patches,
+                                drop_dino if cfg.repa.samples == "dino_dropped" else None)
+                total = loss + cfg.repa.weight * align
+                repa_sum += align.detach()
+            (total / accum).backward()
         loss_sum += loss.detach()
         vnorm_sum += captured["v"].float().pow(2).mean().sqrt()
         images += B * world
-    return loss_sum, vnorm_sum, images
+    return loss_sum, vnorm_sum, images, repa_sum
 
 
 def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, taken: dict | None = None,
@@ -359,15 +385,21 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
     model = build_model(cfg, device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     fused = device.type == "cuda"
-    params = list(model.parameters())
+    projector = None
+    if cfg.repa.enabled:   # built after the DiT, so the DiT's initial weights do not depend on REPA
+        from refgen.dit.repa import build_projector
+
+        projector = build_projector(cfg.repa, cfg.model.hidden_size, cfg.model.dino_dim).to(device)
+    params = list(model.parameters()) + (list(projector.parameters()) if projector is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
     n_params = count_params(model)
-    step, consumed, resumed_from, warm, train_s = _resume_or_warm_start(cfg, out, model, ema, opt, is_main)
+    step, consumed, resumed_from, warm, train_s = _resume_or_warm_start(cfg, out, model, ema, opt, is_main,
+                                                                        projector)
     if is_main:
         atomic_write_json(out / "config.json", provenance(cfg, n_params=n_params, world_size=world,
                                                           grad_accum=accum, resumed_from=resumed_from,
                                                           dims_taken_from_data=taken or None))
-    train_model = _wrap_for_training(cfg, model, world, device)
+    train_model = _wrap_for_training(cfg, model, world, device, projector)
 
     if data is None:
         source = shard_loader(cfg, world)
@@ -381,6 +413,7 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
     last = {"loss": float("nan")}
     # metrics of the steps since the last log line
     win_loss, win_vnorm, win_images, win_steps, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+    win_repa = 0.0
     # train_s: wall-clock seconds of training steps over the whole run (resumes included, checkpoint writes
     # excluded), what the yardstick's time-to-quality counts. Host syncs happen at log steps, so it is exact there.
     seg0 = time.perf_counter()
@@ -391,7 +424,8 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss_sum, vnorm_sum, images = _accumulate_grads(cfg, train_model, stream, gen, accum, world, device, use_amp)
+        loss_sum, vnorm_sum, images, repa_sum = _accumulate_grads(cfg, train_model, stream, gen, accum, world,
+                                                                  device, use_amp)
         win_images += images
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = clip_and_step(opt, params, clip)
@@ -401,6 +435,7 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
         win_steps += 1
         win_loss = win_loss + loss_sum / accum      # a tensor: no host sync until the log step
         win_vnorm = win_vnorm + vnorm_sum / accum
+        win_repa = win_repa + repa_sum / accum
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -410,15 +445,19 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
                    "velocity_norm": float(win_vnorm / win_steps), "lr": lr, "ema_decay": decay,
                    "images_per_s": win_images / max(elapsed, 1e-9), "epoch": stream.epoch,
                    "train_s": train_s + time.perf_counter() - seg0}
+            if cfg.repa.enabled:   # the flow loss stays `loss`, comparable with runs without REPA
+                rec["repa_loss"] = float(_mean_across_ranks(win_repa / win_steps, world))
             last = rec
             if is_main:
                 logger.log(**rec)
                 bar.set_postfix(loss=f"{loss_v:.4f}", gnorm=f"{float(grad_norm):.3f}")
             win_loss, win_vnorm, win_images, win_steps, t0 = 0.0, 0.0, 0, 0, time.perf_counter()
+            win_repa = 0.0
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             train_s += time.perf_counter() - seg0
             if is_main:
-                save_checkpoint(out, cfg, model, ema, opt, step, stream.consumed, train_seconds=train_s)
+                save_checkpoint(out, cfg, model, ema, opt, step, stream.consumed, train_seconds=train_s,
+                                projector=projector)
             if world > 1:
                 dist.barrier()
             seg0 = time.perf_counter()
@@ -461,7 +500,7 @@ def _set_rng_state(s: dict | None) -> None:
 
 
 def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, ema: nn.Module, opt, step: int,
-                    consumed: int, train_seconds: float = 0.0) -> Path:
+                    consumed: int, train_seconds: float = 0.0, projector: nn.Module | None = None) -> Path:
     """Everything resume needs, written atomically; `latest.json` is switched only after the file is complete."""
     name = f"step_{step:07d}.pt"
     path = out / CKPT_DIR / name
@@ -469,6 +508,7 @@ def save_checkpoint(out: Path, cfg: TrainConfig, model: nn.Module, ema: nn.Modul
         "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
         "step": step, "batches_consumed": consumed, "config": to_dict(cfg), "rng": _rng_state(),
         "train_seconds": train_seconds,
+        **({"repa": projector.state_dict()} if projector is not None else {}),
         "provenance": provenance(None, step=step),
     }, path)
     atomic_write_json(out / CKPT_DIR / LATEST, {"file": name, "step": step})
