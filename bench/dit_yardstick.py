@@ -10,7 +10,7 @@ table on stdout. What it measures and what it does not: docs/dit.md, "Yardstick"
     python bench/dit_yardstick.py --config configs/dit_yardstick_nano.yaml --out runs/yard_nano
     python bench/dit_yardstick.py --config configs/dit_yardstick_base.yaml --out runs/yard_base
     python bench/dit_yardstick.py --config configs/dit_yardstick_nano.yaml --variants default,repa --out runs/yard_repa
-    python bench/dit_yardstick.py --config configs/dit_yardstick_base.yaml --variants default,fp8 --out runs/yard_fp8
+    python bench/dit_yardstick.py --config configs/dit_yardstick_base.yaml --variants default,fp8 --compile --out runs/yard_fp8
     python bench/dit_yardstick.py --tiny --out /tmp/yard                  # CPU smoke run, ~10 s; judges nothing
 
 Variants train from scratch on the same prepared data, one after the other, each with its own clock: `default`
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--n-train", type=int)
     ap.add_argument("--device")
+    ap.add_argument("--compile", action="store_true", help="train.compile: true for every variant (per-block "
+                                                           "compile; FP8 needs it to be fast)")
     args = ap.parse_args(argv)
 
     names = [v for v in args.variants.split(",") if v]
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = YardstickConfig.tiny(**over) if args.tiny else load_yardstick_config(args.config, **over)
     if args.steps:
         cfg.train.steps = args.steps
+    if args.compile:
+        cfg.train.compile = True
     try:
         report = run_yardstick(cfg, {v: VARIANTS[v] for v in names})
     except (ValueError, FileNotFoundError, RuntimeError) as e:

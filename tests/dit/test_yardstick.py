@@ -25,8 +25,9 @@ def _bench():
 
 def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_path, capsys):
     out = tmp_path / "yard"
-    assert _bench().main(["--tiny", "--out", str(out)]) == 0
-    assert "| default |" in capsys.readouterr().out
+    assert _bench().main(["--tiny", "--out", str(out), "--variants", "default,repa"]) == 0
+    table = capsys.readouterr().out
+    assert "| default |" in table and "| repa |" in table
     rep = json.loads((out / "yardstick.json").read_text())
     assert (out / "yardstick.png").stat().st_size > 10_000
     # the held-out set went through `prepare`: its shards hold every held-out image, in the toy VAE's /4 geometry
@@ -48,6 +49,10 @@ def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_pa
     assert v["time_to_quality"] == {"80%": None, "90%": None}
     assert "yardstick training scenes" in rep["seed_ranges"] and rep["encoders"]["dino"].startswith("tiny random")
     assert (out / "runs" / "default" / "samples_step0000004.png").is_file()
+    # the second variant trained from scratch on the same shards, with REPA on; its flow loss is compared
+    r = rep["variants"]["repa"]
+    assert [x["step"] for x in r["scores"]] == [2, 4] and r["loss_vs_first_variant"]["steps_compared"] == 2
+    assert "repa_loss" in json.loads((out / "runs" / "repa" / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 def test_time_to_quality_is_the_first_scoring_at_or_above_each_threshold():

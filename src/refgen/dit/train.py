@@ -382,8 +382,16 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
     seed_everything(cfg.seed)
     use_amp = device.type == "cuda" and cfg.dtype == "bf16"   # CPU (tests) stays fp32: bit-exact and simple
 
+    if cfg.fp8:   # refused off-CUDA / without FP8 tensor cores before anything is built or written
+        from refgen.dit.fp8 import check_fp8_device
+
+        check_fp8_device(device)
     model = build_model(cfg, device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    if cfg.fp8:   # after the EMA copy: the EMA (what sampling uses) keeps plain nn.Linear layers
+        from refgen.dit.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)
     fused = device.type == "cuda"
     projector = None
     if cfg.repa.enabled:   # built after the DiT, so the DiT's initial weights do not depend on REPA

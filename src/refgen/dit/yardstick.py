@@ -93,7 +93,8 @@ class YardstickConfig:
         train = train_config_from_dict({
             "model": {"preset": "tiny", "patch_size": 4}, "dims_from_data": True, "steps": 4, "batch_size": 4,
             "effective_batch": 4, "lr": 1e-3, "lr_warmup_steps": 1, "ema_decay": 0.9, "log_every": 2,
-            "ckpt_every": 4, "num_workers": 0, "dtype": "fp32", "device": "cpu", "progress": False})
+            "ckpt_every": 4, "num_workers": 0, "dtype": "fp32", "device": "cpu", "progress": False,
+            "repa": {"depth": 1, "proj_hidden": 32}})   # a `repa` variant only sets enabled: true
         d = dict(out_dir=out_dir, n_train=12, n_eval=6, t5_dim=16, dino_dim=16, t5_max_length=64, eval_every=2,
                  sample_steps=2, device="cpu", prepare_batch_size=8, progress=False, train=train)
         d.update(overrides)
@@ -410,6 +411,10 @@ def run_yardstick(cfg: YardstickConfig, variants: dict[str, dict] | None = None)
     report["toy_model"] = str(DEFAULT_MODEL) if cfg.vae is None else None
     for name, overrides in variants.items():
         report["variants"][name] = _run_variant(cfg, name, overrides, train_dir, scorer)
+        first = next(iter(report["variants"].values()))
+        if name != next(iter(variants)):
+            report["variants"][name]["loss_vs_first_variant"] = loss_agreement(first["loss_curve"],
+                                                                              report["variants"][name]["loss_curve"])
         _write_report(out, report, cfg)
     timings["total_s"] = time.perf_counter() - t_all
     _write_report(out, report, cfg)
@@ -447,9 +452,23 @@ def _run_variant(cfg: YardstickConfig, name: str, overrides: dict, train_dir: Pa
     data = MemoryBatches(train_dir, tcfg.batch_size, tcfg.seed, _device(cfg)) if cfg.data_in_memory else None
     summary = train(tcfg, data, config_name=f"yardstick variant {name}", on_eval=on_eval,
                     eval_every=cfg.eval_every)
+    from refgen.artifacts import read_jsonl
+
+    losses = [[r["step"], r["loss"]] for r in read_jsonl(run / "metrics.jsonl")]
     return {"overrides": overrides, "n_params": summary["n_params"], "steps": summary["step"],
-            "final_loss": summary["last"].get("loss"), "scores": records,
+            "final_loss": summary["last"].get("loss"), "loss_curve": losses, "scores": records,
             "time_to_quality": time_to_quality(records, cfg.thresholds)}
+
+
+def loss_agreement(a: list[list[float]], b: list[list[float]]) -> dict | None:
+    """Two variants' flow-loss curves at the steps both logged: mean and max |a - b| / a (the FP8-vs-bf16 check:
+    the noise of one run against another is the scale to read it on)."""
+    bb = dict((int(s), v) for s, v in b)
+    pairs = [(v, bb[int(s)]) for s, v in a if int(s) in bb]
+    if not pairs:
+        return None
+    rel = [abs(x - y) / abs(x) for x, y in pairs if x]
+    return {"steps_compared": len(pairs), "mean_rel_diff": sum(rel) / len(rel), "max_rel_diff": max(rel)}
 
 
 def _save_grid(images: dict[str, list], path: Path, n: int = 8) -> None:
