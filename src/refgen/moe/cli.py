@@ -139,6 +139,19 @@ def _export(args) -> int:
     return 0
 
 
+def _compress(args) -> int:
+    from refgen.moe.compress import CompressConfig, compress_run
+
+    over = {"methods": _names(args.methods) if args.methods else None, "qat_epochs": args.qat_epochs}
+    cfg = CompressConfig.from_yaml(args.config, **over) if args.config else CompressConfig(
+        **{k: v for k, v in over.items() if v is not None})
+    _threads(args.threads)
+    res = compress_run(args.model, args.out, cfg, cache=args.cache, progress=not args.quiet)
+    print((Path(args.out) / "compress.md").read_text(), end="")
+    print(f"wrote {Path(args.out) / 'compress.json'}")
+    return 0 if all(v.get("pass") is not False for v in res["variants"]) else 3
+
+
 def _threads(n) -> None:
     if n:
         import torch
@@ -244,3 +257,15 @@ def register(sub) -> None:
     x.add_argument("--threads", type=int, default=1)
     x.add_argument("--out", required=True)
     x.set_defaults(func=_export)
+
+    c = sub.add_parser("compress", help="PTQ (ORT int8), QAT (torchao pt2e), structured iterative pruning "
+                                        "(torch-pruning), SVD low-rank; each exported, bytes and accuracy drop")
+    c.add_argument("--model", required=True, help="a `refgen moe train` folder")
+    c.add_argument("--config", default=None, help="YAML mirroring CompressConfig (configs/moe_compress.yaml)")
+    c.add_argument("--methods", default=None, help="comma-separated: ptq, qat, prune, lowrank (default all)")
+    c.add_argument("--qat-epochs", type=int, default=None)
+    c.add_argument("--cache", default=None)
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=_compress)

@@ -119,9 +119,10 @@ def export_pt2(module: nn.Module, shape, path: Path, max_batch: int) -> torch.ex
     return ep
 
 
-def export_onnx(module: nn.Module, shape, folder: Path, name: str, max_batch: int) -> list[Path]:
-    """Dynamo export into a scratch folder, then each file renamed into FOLDER (the graph names its external-data
-    file by a relative path, so both keep their names). Returns the files of the model."""
+def export_onnx(module, shape, folder: Path, name: str, max_batch: int) -> list[Path]:
+    """Dynamo export of MODULE (an nn.Module, or a torch.export program that already has its dynamic batch) into
+    a scratch folder, then each file renamed into FOLDER (the graph names its external-data file by a relative
+    path, so both keep their names). Returns the files of the model."""
     import warnings
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,15 +130,30 @@ def export_onnx(module: nn.Module, shape, folder: Path, name: str, max_batch: in
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            dyn = None if isinstance(module, torch.export.ExportedProgram) else _dynamic(max_batch)
             torch.onnx.export(module, _example(shape), str(scratch / name), dynamo=True, input_names=["image"],
-                              output_names=["logits", "gate_probs"], dynamic_shapes=_dynamic(max_batch),
-                              verbose=False)
+                              output_names=["logits", "gate_probs"], dynamic_shapes=dyn, verbose=False)
         files = mf.onnx_files(scratch / name)
         for f in files[1:] + files[:1]:  # data first: the graph appears only when what it needs is there
             os.replace(f, folder / f.name)
         return [folder / f.name for f in files]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def strip_metadata(path: Path) -> None:
+    """Rewrite the ONNX graph file PATH without the exporter's per-node metadata (torch name scopes, stack traces:
+    ~75 % of a small model's graph file, measured in docs/moe.md) and without value_info. Initializers, external-
+    data references and the computation are untouched. Atomic."""
+    import onnx
+
+    from refgen.artifacts import atomic_write_bytes
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for n in proto.graph.node:
+        del n.metadata_props[:]
+    del proto.graph.value_info[:]
+    atomic_write_bytes(path, proto.SerializeToString())
 
 
 def nodes_in_modules(path: Path, modules) -> list[str]:
@@ -227,8 +243,6 @@ def export_model(module: Deployable, out: str | Path, cfg: ExportConfig, x_train
                  y_test: np.ndarray, meta: dict | None = None, threads: int = 1) -> dict:
     """Write the export folder OUT for the Deployable MODULE, run the checks, write manifest.json last. X_* are
     uint8 [N, H, W, C]; META (dataset, classes, source, ...) goes into the manifest. Returns the manifest."""
-    from refgen.artifacts import atomic_write_json, provenance
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / mf.MANIFEST).unlink(missing_ok=True)  # the folder is unfinished until the new manifest is written
@@ -245,6 +259,14 @@ def export_model(module: Deployable, out: str | Path, cfg: ExportConfig, x_train
         raise ExportCheckError(f"{out / PT2} reloads with logits {pt2_diff:.3g} away from the model's")
 
     fp32_files = export_onnx(module, shape, out, FP32, cfg.max_batch)
+    k = module.model.cfg.top_k
+    if cfg.int8:  # quantised from the graph with metadata: the int8 module choice reads its name scopes
+        calib = calibration_images(x_train, cfg.calib_images, cfg.seed)
+        int8_files = quantize_int8(out / FP32, out / INT8, calib, cfg.per_channel,
+                                   modules=cfg.int8_modules or None)
+        strip_metadata(out / INT8)
+    strip_metadata(out / FP32)
+
     sess = onnxrun.session(out / FP32, threads)
     par = parity(sess, ref_logits, xt, y_test, cfg.parity_batches)
     bad = [r for r in par["rows"] if abs(r["acc_diff_pp"]) > cfg.max_acc_diff_pp]
@@ -256,19 +278,16 @@ def export_model(module: Deployable, out: str | Path, cfg: ExportConfig, x_train
                        "bytes": mf.artifact_bytes(out / FP32)["total"]},
               "pt2": {"file": PT2, "files": [PT2], "bytes": (out / PT2).stat().st_size}}
     checks = {"parity_fp32": par, "pt2_max_abs_logit_diff": pt2_diff}
-    k = module.model.cfg.top_k
     deployable = FP32
     if cfg.int8:
-        calib = calibration_images(x_train, cfg.calib_images, cfg.seed)
-        int8_files = quantize_int8(out / FP32, out / INT8, calib, cfg.per_channel,
-                                   modules=cfg.int8_modules or None)
         q = onnxrun.session(out / INT8, threads)
         lg8, pr8 = onnxrun.run(q, xt, cfg.max_batch)
         agree = onnxrun.topk_agreement(ref_probs, pr8, k)
         acc8 = float((lg8.argmax(1) == y_test).mean())
         checks["int8"] = {"acc": acc8, "acc_drop_pp": 100 * (acc8 - par["torch_acc"]),
                           "top1_agreement_with_fp32": float((lg8.argmax(1) == ref_logits.argmax(1)).mean()),
-                          "gate_topk_agreement": agree, "top_k": k, "calib_images": len(calib)}
+                          "gate_topk_agreement": agree, "top_k": k, "calib_images": len(calib),
+                          "modules": list(cfg.int8_modules) or "all"}
         if agree < cfg.min_gate_agreement:
             raise ExportCheckError(f"int8 gate picks the fp32 gate's top-{k} experts for {agree:.2%} of test inputs, "
                                    f"below min_gate_agreement {cfg.min_gate_agreement:.0%}")
@@ -278,14 +297,22 @@ def export_model(module: Deployable, out: str | Path, cfg: ExportConfig, x_train
     budget = mf.check_budget(out / deployable, cfg.budget_bytes)
     checks["budget"] = {**budget, "budget_bytes": cfg.budget_bytes, "model": deployable}
 
+    return write_manifest(out, cfg, models, deployable, budget, checks, shape, module.model.cfg, meta)
+
+
+def write_manifest(out: Path, cfg: ExportConfig, models: dict, deployable: str, budget: dict, checks: dict, shape,
+                   model_cfg, meta: dict | None) -> dict:
+    """manifest.json (provenance + SHA-256 and bytes of every file of MODELS), written last and atomically."""
+    from refgen.artifacts import atomic_write_json, provenance
+
     names = sorted({n for m in models.values() for n in m["files"]})
+    dep = next(m for m in models.values() if m["file"] == deployable)
     man = provenance(dataclasses.asdict(cfg), name="refgen-moe", version=cfg.version, deployable=deployable,
-                     deployable_files=models[("int8" if cfg.int8 else "fp32")]["files"],
-                     deployable_bytes=budget["total"], budget_bytes=cfg.budget_bytes, models=models,
-                     files=mf.file_entries(out, names),
+                     deployable_files=dep["files"], deployable_bytes=budget["total"], budget_bytes=cfg.budget_bytes,
+                     models=models, files=mf.file_entries(out, names),
                      input={"name": "image", "shape": list(shape), "dtype": "float32", "layout": "NCHW",
                             "range": [0.0, 1.0], "max_batch": cfg.max_batch},
-                     outputs=["logits", "gate_probs"], top_k=k, num_experts=module.model.cfg.num_experts,
+                     outputs=["logits", "gate_probs"], top_k=model_cfg.top_k, num_experts=model_cfg.num_experts,
                      checks=checks, **(meta or {}))
     man["versions"].update(_runtime_versions())
     atomic_write_json(out / mf.MANIFEST, man)

@@ -1,0 +1,102 @@
+"""refgen moe compress: pruning, low-rank, QAT and the runner on the digits model (numbers are this tiny model's;
+the spec's thresholds are checked by the runner's pass flags, not asserted here)."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from refgen.moe import manifest as mf
+from refgen.moe.compress import CompressConfig, compress_run
+from refgen.moe.export import ExportConfig, deployable_from_info
+from refgen.moe.lowrank import factorize, factorize_layer, rank_for_energy
+from refgen.moe.prune import num_params, prune_iterative
+from refgen.moe.qat import fold_batchnorm
+from refgen.moe.train import load_model
+
+
+@pytest.fixture(scope="module")
+def deployable(trained_digits):
+    model, info = load_model(trained_digits[0])
+    return deployable_from_info(model, info)
+
+
+def test_structured_pruning_removes_channels_in_three_steps_and_keeps_the_interfaces(deployable):
+    m = copy.deepcopy(deployable)
+    n0 = num_params(m)
+    x = torch.rand(5, 1, 8, 8)
+    recs = prune_iterative(m, 0.5, 3, x[:2])
+    kept = [r["params_kept"] for r in recs]
+    assert len(recs) == 3 and kept[0] > kept[1] > kept[2] and kept[2] < 0.6
+    assert num_params(m) < n0
+    lg, pr = m(x)
+    assert lg.shape == (5, 10) and pr.shape == (5, 4)  # classes and experts untouched
+    e = m.model.experts[0]
+    assert e[-2].out_features == 48 and e[0][0].out_channels < 24  # expert_dim kept, conv channels pruned
+    assert m.model.graph.weight.shape == (4, 4)
+
+
+def test_rank_for_energy_and_factor_reconstruction():
+    s = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    assert rank_for_energy(s, 9 / 14) == 1 and rank_for_energy(s, 13 / 14) == 2 and rank_for_energy(s, 1.0) == 3
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    lin.weight.data = torch.randn(64, 4) @ torch.randn(4, 64) + 1e-3 * torch.randn(64, 64)  # rank 4 + noise
+    new, r = factorize_layer(lin, 0.999)
+    assert r == 4
+    x = torch.randn(8, 64)
+    assert (new(x) - lin(x)).abs().max() < 0.05
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    assert factorize_layer(conv, 1.0) is None  # full rank 32: 32 x (144 + 32) > 144 x 32, no saving
+    new, r = factorize_layer(conv, 0.5)
+    x = torch.randn(2, 16, 8, 8)
+    assert new(x).shape == conv(x).shape and r < 16
+
+
+def test_factorize_skips_the_gate_and_saves_parameters(deployable):
+    new, ranks = factorize(deployable, 0.7, skip=("model.gate", "model.graph"))
+    assert ranks and not any(k.startswith(("model.gate", "model.graph")) for k in ranks)
+    assert num_params(new) < num_params(deployable)
+    assert num_params(deployable) == sum(p.numel() for p in deployable.parameters())  # the original is untouched
+
+
+def test_fold_batchnorm_keeps_the_function(deployable):
+    m = fold_batchnorm(copy.deepcopy(deployable).eval())
+    assert not any(isinstance(x, nn.BatchNorm2d) for x in m.modules())
+    x = torch.rand(6, 1, 8, 8)
+    with torch.no_grad():
+        assert (m(x)[0] - deployable(x)[0]).abs().max() < 1e-4
+
+
+def test_compress_runner_writes_every_variant_with_bytes_and_drops(trained_digits, digits, tmp_path):
+    cfg = CompressConfig(qat_epochs=1, prune_ratio=0.3, lowrank_energies=(0.8, 0.95))
+    res = compress_run(trained_digits[0], tmp_path, cfg, data=digits, progress=False)
+    by = {v["method"]: v for v in res["variants"]}
+    assert set(by) == {"ptq", "qat", "prune", "prune+ptq", "lowrank", "lowrank+ptq"} or "error" in by.get("lowrank", {})
+    ref = res["reference"]
+    for name, v in by.items():
+        if "error" in v:
+            continue
+        assert v["bytes"] == mf.artifact_bytes(tmp_path / v["artifact"])["total"]  # every file, measured
+        assert v["drop_pp"] == pytest.approx(100 * (v["acc"] - ref["acc"]))
+        assert v["pass"] in (True, False, None)
+    assert by["ptq"]["bytes"] < ref["bytes_fp32"] and by["qat"]["bytes"] < ref["bytes_fp32"]
+    assert by["prune"]["bytes"] < ref["bytes_fp32"]       # structured pruning really shrinks the files
+    assert by["qat"]["gate_topk_agreement"] >= 0.98        # stem and gate stayed float and frozen
+    for d in ("baseline", "qat", "prune"):
+        mf.verify(tmp_path / d)
+    steps = [json.loads(ln) for ln in (tmp_path / "compress.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if r["kind"] == "prune_step"] == [1, 2, 3]
+    assert "| ptq |" in (tmp_path / "compress.md").read_text()
+
+
+def test_config_yaml_mirror_and_checks():
+    cfg = CompressConfig.from_yaml("configs/moe_compress.yaml")
+    assert cfg == CompressConfig()
+    with pytest.raises(ValueError, match="unknown compression method"):
+        CompressConfig(methods=("ptq", "magic"))
+    with pytest.raises(ValueError, match="prune_ratio"):
+        CompressConfig(prune_ratio=1.5)
