@@ -152,6 +152,24 @@ def _compress(args) -> int:
     return 0 if all(v.get("pass") is not False for v in res["variants"]) else 3
 
 
+def _eval(args) -> int:
+    from refgen.moe.evaluate import EvalConfig, run_matrix
+
+    over = {"seeds": [int(x) for x in _names(args.seeds)] if args.seeds else None, "n_test": args.n_test,
+            "cache": args.cache}
+    cfg = EvalConfig.from_yaml(args.config, **over)
+    res = run_matrix(cfg, args.out, dry_run=args.dry_run, progress=not args.quiet)
+    print(f"{res['jobs']} jobs: {res['skipped_done']} done before (skipped), {res['to_run']} to run")
+    if args.dry_run:
+        for j in res["todo"]:
+            print("  " + j)
+        return 0
+    if res["failed"]:
+        print(f"{len(res['failed'])} failed (retried on the next run):", *res["failed"][:10], sep="\n  ")
+    print((Path(args.out) / "eval_matrix.md").read_text(), end="")
+    return 0
+
+
 def _threads(n) -> None:
     if n:
         import torch
@@ -269,3 +287,14 @@ def register(sub) -> None:
     c.add_argument("--quiet", action="store_true")
     c.add_argument("--out", required=True)
     c.set_defaults(func=_compress)
+
+    e = sub.add_parser("eval", help="evaluation suite over a config matrix: clean + 7 corruptions x 5 severities x "
+                                    "seeds, ECE/MCE + temperature scaling, latency, hypervolume, plots; resumable")
+    e.add_argument("--config", required=True, help="YAML mirroring EvalConfig (configs/moe_eval.yaml)")
+    e.add_argument("--seeds", default=None, help="comma-separated, overrides the config")
+    e.add_argument("--n-test", type=int, default=None)
+    e.add_argument("--cache", default=None)
+    e.add_argument("--dry-run", action="store_true", help="list the jobs and which are done; run nothing")
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_eval)
