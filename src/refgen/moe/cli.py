@@ -170,6 +170,16 @@ def _eval(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from refgen.moe.serve import ServeConfig, serve
+
+    cfg = ServeConfig(model=args.model, file="model.onnx" if args.fp32 else None, host=args.host, port=args.port,
+                      threads=args.threads, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, rate=args.rate,
+                      burst=args.burst, max_bytes=args.max_bytes)
+    serve(cfg)
+    return 0
+
+
 def _threads(n) -> None:
     if n:
         import torch
@@ -298,3 +308,17 @@ def register(sub) -> None:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--out", required=True)
     e.set_defaults(func=_eval)
+
+    v = sub.add_parser("serve", help="FastAPI + ONNX Runtime service of an export folder (checksums verified; "
+                                     "micro-batching, Prometheus /metrics, /health, rate limit, SIGHUP reload)")
+    v.add_argument("--model", required=True, help="a `refgen moe export` folder")
+    v.add_argument("--fp32", action="store_true", help="serve model.onnx instead of the deployable int8 model")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    v.add_argument("--max-batch", type=int, default=8)
+    v.add_argument("--max-wait-ms", type=float, default=5.0)
+    v.add_argument("--rate", type=float, default=200.0, help="token bucket: requests/s per client")
+    v.add_argument("--burst", type=int, default=400)
+    v.add_argument("--max-bytes", type=int, default=1_000_000, help="largest request body")
+    v.set_defaults(func=_serve)
