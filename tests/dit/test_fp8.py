@@ -69,6 +69,7 @@ def test_conversion_swaps_the_token_gemms_keeps_parameters_and_computes_in_fp8()
     per_block = ["attn.qkv", "attn.proj", "cross_attn.q", "cross_attn.kv", "cross_attn.proj", "mlp.0", "mlp.2"]
     assert done == [f"blocks.{i}.{m}" for i in range(cfg.depth) for m in per_block]
     assert {n: id(p) for n, p in model.named_parameters()} == before          # the optimizer keeps its params
+    assert [n for n, _ in model.named_parameters()] == list(before)            # in order: the EMA lerps by position
     plain = NanoDiT(cfg)
     plain.load_state_dict(model.state_dict())                                  # checkpoints load for sampling
 

@@ -53,6 +53,12 @@ def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_pa
     r = rep["variants"]["repa"]
     assert [x["step"] for x in r["scores"]] == [2, 4] and r["loss_vs_first_variant"]["steps_compared"] == 2
     assert "repa_loss" in json.loads((out / "runs" / "repa" / "metrics.jsonl").read_text().splitlines()[-1])
+    # a later call on the same OUT re-runs one variant on the prepared data and keeps the other's scores
+    shard = next((out / "shards" / "train" / "buckets").rglob("*.tar")).stat().st_mtime_ns
+    assert _bench().main(["--tiny", "--out", str(out), "--variants", "repa"]) == 0
+    again = json.loads((out / "yardstick.json").read_text())
+    assert list(again["variants"]) == ["default", "repa"] and again["variants"]["default"] == v
+    assert next((out / "shards" / "train" / "buckets").rglob("*.tar")).stat().st_mtime_ns == shard   # not redone
 
 
 def test_time_to_quality_is_the_first_scoring_at_or_above_each_threshold():
@@ -91,6 +97,7 @@ def test_held_out_captions_name_every_attribute_in_words_the_tiny_t5_knows():
             assert f"a {a.shirt_color} " in text and ("shirt" in text), text
         ids = tok(text).input_ids
         assert tok.unk_token_id not in ids, (text, tok.convert_ids_to_tokens(ids))
+        assert len(ids) <= Y.YardstickConfig().t5_max_length     # never truncated
         # training captions use the same words
         train_text = Y.training_caption(scene, seed, 0.25, 0.5)
         assert tok.unk_token_id not in tok(train_text).input_ids, train_text

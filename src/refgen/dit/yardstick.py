@@ -55,7 +55,7 @@ class YardstickConfig:
     vae: str | None = None           # None: the toy world's trained VAE
     t5_dim: int = 64                 # the tiny random encoders' widths
     dino_dim: int = 64
-    t5_max_length: int = 96          # toy captions are < 60 tokens with the toy-world vocabulary
+    t5_max_length: int = 96          # toy captions are <= 73 tokens with the toy-world vocabulary (tested)
     eval_every: int = 500            # training steps between scorings
     sample_steps: int = 20
     shift: float = 1.0
@@ -321,7 +321,7 @@ class Scorer:
         self.mean, self.std = shards.load_latent_stats(train_dir)   # the space the DiT was trained in
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.vae = load_vae(vae_path, None, self.device, dtype)
-        self.net = R.load(device=str(self.device))
+        self.net = R.load(device="cpu")   # a small CNN; it reads the decoded PIL images where they are
         self.eval_dir = eval_dir
 
     def decode(self, latents: torch.Tensor) -> list:
@@ -333,11 +333,10 @@ class Scorer:
         """The recognizer on the held-out renders themselves (the judge's own accuracy) and on their VAE round trip
         (stored latents decoded: the best a DiT can reach through this VAE)."""
         from refgen.dit import shards
-
-        renders = [world.render(world.scene_from_seed(r["seed"]), self.cfg.size) for r in self.rows]
-        emean, estd = shards.load_latent_stats(self.eval_dir)
         from refgen.dit.sample import decode, to_pil
 
+        renders = [world.render(world.scene_from_seed(r["seed"]), self.cfg.size) for r in self.rows]
+        emean, estd = shards.load_latent_stats(self.eval_dir)   # the held-out latents' own normalisation
         trips = [im for b in self.batches for im in to_pil(decode(b["latent"], self.vae, emean, estd))]
         return {"renders": score_images(self.net, renders, self.rows),
                 "vae_round_trip": score_images(self.net, trips, self.rows)}
@@ -409,16 +408,34 @@ def run_yardstick(cfg: YardstickConfig, variants: dict[str, dict] | None = None)
               "device": _device_name(_device(cfg)), "timings": timings,
               "prepare_command": _prepare_command(cfg, enc, train_src, train_dir)}
     report["toy_model"] = str(DEFAULT_MODEL) if cfg.vae is None else None
+    report["variants"].update(earlier_variants(out / "yardstick.json", cfg, skip=list(variants)))
     for name, overrides in variants.items():
         report["variants"][name] = _run_variant(cfg, name, overrides, train_dir, scorer)
-        first = next(iter(report["variants"].values()))
-        if name != next(iter(variants)):
+        first_name = next(iter(report["variants"]))
+        first = report["variants"][first_name]
+        if name != first_name:
             report["variants"][name]["loss_vs_first_variant"] = loss_agreement(first["loss_curve"],
                                                                               report["variants"][name]["loss_curve"])
         _write_report(out, report, cfg)
     timings["total_s"] = time.perf_counter() - t_all
     _write_report(out, report, cfg)
     return report
+
+
+# settings that do not change what a variant's scores mean: an earlier call's variants are kept when all else matches
+_RUN_ONLY = ("out_dir", "progress", "render_workers", "prepare_batch_size", "device")
+
+
+def earlier_variants(path: Path, cfg: YardstickConfig, skip: list[str]) -> dict:
+    """Variants an earlier call with the same settings scored into this OUT (a GPU session can run one variant per
+    call on the same prepared data); those being re-run now are dropped."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    new = _config_dict(cfg)
+    same = {k: v for k, v in old.get("config", {}).items() if k not in _RUN_ONLY} == \
+        {k: v for k, v in json.loads(json.dumps(new)).items() if k not in _RUN_ONLY}
+    return {k: v for k, v in old.get("variants", {}).items() if k not in skip} if same else {}
 
 
 def _run_variant(cfg: YardstickConfig, name: str, overrides: dict, train_dir: Path, scorer: Scorer) -> dict:
