@@ -252,11 +252,13 @@ class MemoryBatches:
     batches are exactly what the loader yields: normalised latents, padded T5 + mask); re-iterating gives the next
     epoch in a new order (seeded by seed and epoch), so a run is reproducible."""
 
-    def __init__(self, shard_dir: Path, batch_size: int, seed: int, device: torch.device):
+    def __init__(self, shard_dir: Path, batch_size: int, seed: int, device: torch.device, num_workers: int = 0):
         from refgen.dit import shards
 
         parts: dict[str, list[torch.Tensor]] = {}
-        for b in shards.make_dataset(shard_dir, 256, shuffle=False):
+        # decoding is ~1 ms a sample: the loader's workers read the shards in parallel (the order does not matter,
+        # every epoch is drawn from a seeded permutation below)
+        for b in shards.make_loader(shard_dir, 256, num_workers=num_workers, shuffle=False):
             for k in ("latent", "t5", "t5_mask", "dino_cls", "dino_patches"):
                 parts.setdefault(k, []).append(b[k])
         self.data = {k: torch.cat(v).to(device) for k, v in parts.items()}
@@ -466,7 +468,8 @@ def _run_variant(cfg: YardstickConfig, name: str, overrides: dict, train_dir: Pa
         log.log(**rec)
         _save_grid(images, run / f"samples_step{step:07d}.png")
 
-    data = MemoryBatches(train_dir, tcfg.batch_size, tcfg.seed, _device(cfg)) if cfg.data_in_memory else None
+    data = (MemoryBatches(train_dir, tcfg.batch_size, tcfg.seed, _device(cfg), tcfg.num_workers)
+            if cfg.data_in_memory else None)
     summary = train(tcfg, data, config_name=f"yardstick variant {name}", on_eval=on_eval,
                     eval_every=cfg.eval_every)
     from refgen.artifacts import read_jsonl
