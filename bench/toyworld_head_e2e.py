@@ -38,12 +38,14 @@ def _dirs(root: Path) -> list[Path]:
                   key=lambda p: int(p.name.split("_")[1]))
 
 
-def residuals(head, fx, dirs: list[Path]) -> list[torch.Tensor]:
-    """(L, H) per person from all of its photos, as IdentityPipeline.residual_from_refs makes it."""
-    from refgen.identity.head import residual_from_photos
+def residuals(head, fx, dirs: list[Path]) -> tuple[str, list[torch.Tensor]]:
+    """("residuals", (L, H) per person) or ("tokens", (L, H_in) per person) from all of each person's photos, as
+    IdentityPipeline.residual_from_refs makes them; the kind names the render job key (`render_rows`)."""
+    from refgen.identity.head import person_from_photos
     from refgen.images import image_files, load_rgb
 
-    return [residual_from_photos(head, fx, [load_rgb(p) for p in image_files(d)])[0].float().cpu() for d in dirs]
+    made = [person_from_photos(head, fx, [load_rgb(p) for p in image_files(d)]) for d in dirs]
+    return ("tokens" if made[0][0] == "tokens" else "residuals"), [t for _, t in made]
 
 
 def sweep(pipe, net, dev, attrs, res, alphas, bcfg, neg) -> dict:
@@ -53,12 +55,13 @@ def sweep(pipe, net, dev, attrs, res, alphas, bcfg, neg) -> dict:
     from refgen.toyworld.benchmark import SCENE_PROMPT, render_config, render_rows, score
 
     prompts = [SCENE_PROMPT.format(where=world.SCENE_PHRASES[s][0]) for s in bcfg.scenes]
+    key, res = res
     jobs, rows = [], []
     for a in alphas:
         for k in range(len(res)):
             for si, s in enumerate(bcfg.scenes):
                 for seed in bcfg.seeds:
-                    jobs.append({"prompt": si, "residuals": [res[k]], "alpha": a, "seed": seed})
+                    jobs.append({"prompt": si, key: [res[k]], "alpha": a, "seed": seed})
                     rows.append({"people": [attrs[k]], "scene": s})
     preds = R.predict(net, render_rows(pipe, prompts, jobs, render_config(bcfg), neg), dev)
     return {f"{a:g}": score([p for p, j in zip(preds, jobs) if j["alpha"] == a],
@@ -71,11 +74,12 @@ def two_slot(pipe, net, dev, attrs, res, pairs, alpha, bcfg, neg) -> dict:
     from refgen.toyworld.benchmark import PAIR_PROMPT, render_config, render_rows, score
 
     prompts = [PAIR_PROMPT.format(where=world.SCENE_PHRASES[s][0]) for s in bcfg.scenes]
+    key, res = res
     jobs, rows = [], []
     for i, j in pairs:
         for si, s in enumerate(bcfg.scenes):
             for seed in bcfg.seeds:
-                jobs.append({"prompt": si, "residuals": [res[i], res[j]], "alpha": alpha, "seed": seed})
+                jobs.append({"prompt": si, key: [res[i], res[j]], "alpha": alpha, "seed": seed})
                 rows.append({"people": [attrs[i], attrs[j]], "scene": s})
     return score(R.predict(net, render_rows(pipe, prompts, jobs, render_config(bcfg), neg), dev), rows)
 
@@ -104,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=48)
     ap.add_argument("--n-pairs", type=int, default=24)
     ap.add_argument("--head", default="resampler", choices=["linear", "resampler"])
+    ap.add_argument("--output", default="residual", choices=["residual", "tokens"],
+                    help="the head's output: a slot residual, or the placeholder's token embeddings")
     ap.add_argument("--objective", default="e2e", choices=["e2e"], help="the toy identities have no teachers")
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -136,7 +142,7 @@ def main(argv=None) -> int:
         make_identities(out / "val", n=a.n_val, seed=VAL_SEED, progress=False)
     times["identities_s"] = time.time() - t0
 
-    over = {"objective": a.objective, "head": a.head, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
+    over = {"objective": a.objective, "head": a.head, "output": a.output, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "two_person_fraction": a.two_person_fraction,
             "eval_every": max(1, a.steps // 4), "checkpoint_every": max(1, a.steps // 4)}
     if a.tiny:
@@ -188,7 +194,7 @@ def main(argv=None) -> int:
     atomic_write_json(out / "result.json", provenance(**result))
 
     c1 = result["ceiling"]["single"]
-    print(f"head {a.head}, objective {a.objective}: {a.n_train} training people, {a.steps} steps x {a.batch_size}; "
+    print(f"head {a.head} ({a.output}), objective {a.objective}: {a.n_train} training people, {a.steps} steps x {a.batch_size}; "
           f"{len(test_dirs)} unseen test people x {len(bcfg.scenes)} scenes x {len(bcfg.seeds)} seeds, "
           f"{bcfg.render_steps} steps, true CFG {bcfg.true_cfg}; intervals 95 % Wilson")
     if "val" in result:

@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=16)
     ap.add_argument("--n-pairs", type=int, default=8)
     ap.add_argument("--pair-images", type=int, default=0, help="reference photos per identity beside another person")
+    ap.add_argument("--test-seed", type=int, default=200_000,
+                    help="first identity id; choose settings on another range than the benchmark's test ids "
+                         "(e.g. 500000), then report the choice on 200000")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke settings")
     a = ap.parse_args(argv)
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
     for k, v in enumerate(a.variant):
         over = json.loads(v)
         base = BenchmarkConfig.tiny() if a.tiny else BenchmarkConfig(device=a.device, n_train=0, n_test=a.n_test,
-                                                                     n_pairs=a.n_pairs)
+                                                                     n_pairs=a.n_pairs, test_seed=a.test_seed)
         base.pair_images = a.pair_images
         cfg = BenchmarkConfig(**{**base.__dict__, "n_train": 0, "invert": {**base.invert, **over}})
         r = run_benchmark(cfg, Path(a.out) / f"v{k}", progress=False)

@@ -251,7 +251,8 @@ def cmd_train_head(args) -> int:
     from refgen.runtime import resolve_device
 
     device = str(resolve_device(args.device))
-    if args.objective == "teacher" and args.head == "linear" and args.model is None and args.config is None:
+    if (args.objective == "teacher" and args.head == "linear" and args.model is None and args.config is None
+            and args.output in (None, "residual")):
         # the regression of cached features (`refgen features`) onto teacher residuals: no model to load
         from refgen.identity.head import HeadConfig, train_head
 
@@ -264,7 +265,7 @@ def cmd_train_head(args) -> int:
     if args.model is None or args.vl_model is None:
         raise ValueError(f"--objective {args.objective} --head {args.head} trains through the photos: it needs "
                          "--model (Qwen-Image) and --vl-model (Qwen3-VL)")
-    over = {"objective": args.objective, "head": args.head, "steps": args.steps, "batch_size": args.batch_size,
+    over = {"objective": args.objective, "head": args.head, "output": args.output, "steps": args.steps, "batch_size": args.batch_size,
             "lr": args.lr, "teacher_weight": args.teacher_weight, "teacher_root": args.teacher_root,
             "two_person_fraction": args.two_person_fraction, "val_identities": args.val_identities,
             "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing or None}
@@ -435,6 +436,9 @@ def _add_head(sub) -> None:
     h.add_argument("--head", default="linear", choices=["linear", "resampler"],
                    help="linear: pooled z -> residual (default); resampler: learned queries over every visual "
                         "token of every reference photo")
+    h.add_argument("--output", default=None, choices=["residual", "tokens"],
+                   help="what the head makes: a slot residual on the encoder output (default), or the placeholder's "
+                        "input token embeddings read by the text encoder (e2e only)")
     h.add_argument("--model", default=None, help="Qwen-Image (e2e/mixed, or any resampler)")
     h.add_argument("--vl-model", default=None, help="Qwen3-VL the features come from (with --model)")
     h.add_argument("--config", default=None, help="E2EConfig YAML (configs/train_head_e2e.yaml); flags override it")

@@ -398,6 +398,13 @@ class IdentityPipeline:
         vl = _check_head_args(head, vl_model)
         h, md = load_head(head, self.device, self.dtype)
         check_head_fits(md, self.pipe, vl, head)
+        if h.output == "tokens":  # its tokens are steps from the placeholder embeddings it was trained against
+            from refgen.identity.tokens import token_problems
+
+            problems = token_problems(h.token_base, h.token_base, {**md, "model": md.get("qwen_image_model")},
+                                      self.pipe)
+            if problems:
+                raise HeadMismatchError(f"token head {head} does not fit: " + "; ".join(problems))
         settings = head_feature_settings(md, head)
         # the features exactly as training made them: same budget, sides, image count and dtype
         device = "cpu" if self.device.type == "cpu" else str(self.device)
@@ -435,21 +442,25 @@ class IdentityPipeline:
         this model."""
         return load_person(path, self)
 
-    def residual_from_refs(self, images) -> SlotResidual:
-        """1-n reference photos (paths, a folder, PIL images) -> Qwen3-VL features -> head -> SlotResidual."""
+    def residual_from_refs(self, images) -> "SlotResidual | SlotTokens":
+        """1-n reference photos (paths, a folder, PIL images) -> Qwen3-VL features -> head -> SlotResidual, or
+        SlotTokens from a head trained with output "tokens" (checked against this text encoder)."""
         from refgen.identity.inject import residual_metadata
 
         if self.head is None:
             raise ValueError("reference photos need a head: IdentityPipeline.from_pretrained(model, vl_model=..., "
                              "head=...) (a head from `refgen train-head`); or make the residual by teacher "
                              "inversion with .invert(photos)")
-        from refgen.identity.head import residual_from_photos
+        from refgen.identity.head import person_from_photos
 
         photos = reference_photos(images)
-        r = residual_from_photos(self.head, self.features, photos)[0].float().cpu()  # (L, H), either kind of head
-        md = residual_metadata(self.pipe, self.model_id, {"source": "head", "head": self.head_path,
-                                                          "references": photos_id(photos)})
-        return SlotResidual(r, md)
+        kind, t = person_from_photos(self.head, self.features, photos)  # (L, H) or (L, H_in), either kind of head
+        extra = {"source": "head", "head": self.head_path, "references": photos_id(photos)}
+        if kind == "tokens":
+            from refgen.identity.tokens import token_metadata
+
+            return SlotTokens(t, self.head.token_base.clone(), token_metadata(self.pipe, self.model_id, extra))
+        return SlotResidual(t, residual_metadata(self.pipe, self.model_id, extra))
 
     def invert(self, images, config=None, out: str | Path | None = None, identity: str | None = None,
                progress: bool = True, prompts: Sequence[str] | None = None,

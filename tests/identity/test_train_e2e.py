@@ -190,3 +190,88 @@ def test_teacher_and_mixed_objectives(toy, toy_ids, tmp_path):
                         **base), device="cpu", dtype="fp32", progress=False)
     m = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()][-1]
     assert m["two_person"] and m["loss"] == pytest.approx(m["flow"] + 0.5 * m["teacher"], rel=1e-5)
+
+
+def test_token_output_is_token_inversion_s_encoding(toy, toy_ids):
+    """A token head's output goes in as T_ph + e * out before the text encoder: exactly `encode_prompts` with
+    those tokens (the path token inversion optimises and `render` reads), the prompt as written at out = 0, and
+    each slot of a two-person prompt gets its own person's tokens."""
+    import dataclasses
+
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.tokens import embed_rms, placeholder_embeds
+    from refgen.identity.train_e2e import condition
+
+    pipe, fx, data, cfg = toy
+    tcfg = E2EConfig(**{**dataclasses.asdict(cfg), "output": "tokens"})
+    tok = prepare_data(pipe, fx, toy_ids, tcfg, progress=False)
+    assert tok.H == pipe.text_encoder.get_input_embeddings().weight.shape[1] and tok.e == embed_rms(pipe)
+    torch.testing.assert_close(tok.T_ph, placeholder_embeds(pipe))
+    g = step_generator(0, "step", 0)
+    b = single_batch(tok, [0, 3], tcfg, g)
+    R = torch.randn(2, tok.L, tok.H, generator=torch.Generator().manual_seed(1))
+    E, M = condition(tok, b, R, torch.float32)
+    for j in range(2):
+        want = encode_prompts(pipe, [tok.tps[b.row[j]].prompt], tokens=[(tok.T_ph + tok.e * R[j])[None]])
+        n = int(want.mask.sum())
+        torch.testing.assert_close(E[j, :n], want.embeds[0, :n])
+        assert int(M[j].sum()) == n
+    E0, M0 = condition(tok, b, torch.zeros_like(R), torch.float32)  # out = 0: the prompt as written (the bank)
+    S = int(M0.sum(1).max())
+    torch.testing.assert_close(E0[:, :S], tok.bank[b.row][:, :S], rtol=1e-5, atol=1e-5)
+    p = pair_batch(tok, 2, tcfg, g)  # two slots per target, in order
+    R2 = torch.randn(4, tok.L, tok.H, generator=torch.Generator().manual_seed(2))
+    E2, _ = condition(tok, p, R2, torch.float32)
+    want = encode_prompts(pipe, [tok.tps[p.row[0]].prompt], tokens=[(tok.T_ph + tok.e * R2[k])[None] for k in (0, 1)])
+    n = int(want.mask.sum())
+    torch.testing.assert_close(E2[0, :n], want.embeds[0, :n])
+    swapped = encode_prompts(pipe, [tok.tps[p.row[0]].prompt], tokens=[(tok.T_ph + tok.e * R2[k])[None] for k in (1, 0)])
+    assert (swapped.embeds[0, :n] - E2[0, :n]).abs().max() > 1e-3
+
+
+def test_token_head_trains_loads_and_makes_slot_tokens(toy_ids, tmp_path):
+    """Trained with output "tokens" through the frozen text encoder and transformer, the head beats the prompt as
+    written; load_head and IdentityPipeline give SlotTokens = T_ph + token_scale * out for reference photos, and a
+    head whose placeholder embeddings are not the text encoder's is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from refgen.identity.generate import HeadMismatchError
+    from refgen.identity.head import PLACEHOLDER_KEY, load_head, residual_from_photos
+    from refgen.images import load_rgb, scan
+    from refgen.pipeline import IdentityPipeline, SlotTokens
+
+    cfg = E2EConfig(head="linear", output="tokens", steps=30, batch_size=3, lr=1e-2, warmup_steps=0, eval_every=30,
+                    eval_identities=3, checkpoint_every=30)
+    out = tmp_path / "head"
+    train_e2e(toy_ids, out, default_model(), default_vl_model(), cfg, device="cpu", dtype="fp32", progress=False)
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["train_flow"] < log[-1]["train_flow_zero"] and log[-1]["train_flow"] < log[0]["train_flow"]
+    head, md = load_head(out, torch.device("cpu"), torch.float32)
+    assert md["output"] == "tokens" and head.output == "tokens" and head.scale_max == 4.0
+    ip = IdentityPipeline.from_pretrained(default_model(), vl_model=default_vl_model(), head=str(out), device="cpu",
+                                          dtype="fp32")
+    photos = sorted(scan(toy_ids).identities, key=lambda i: i.id)[0].images[:2]
+    person = ip.residual_from_refs(photos)
+    assert isinstance(person, SlotTokens)
+    step = residual_from_photos(head, ip.features, [load_rgb(p) for p in photos])[0]
+    torch.testing.assert_close(person.tensor, head.token_base + float(md["token_scale"]) * step)
+    person.check_fits(ip.pipe)
+    img = ip("A photo of ~ID~ at the beach.", [person], [1.0], seeds=[0], steps=2, height=32, width=32, progress=False)
+    assert img[0].size == (32, 32)
+    # another text encoder's placeholder: refused when the head is loaded, naming the difference
+    sd = load_file(out / "head.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "head.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    sd[PLACEHOLDER_KEY] = sd[PLACEHOLDER_KEY] + 1.0
+    save_file(sd, out / "head.safetensors", meta)
+    with pytest.raises(HeadMismatchError, match="placeholder embeddings differ"):
+        ip.load_head(str(out), default_vl_model())
+
+
+def test_token_output_refusals():
+    with pytest.raises(ValueError, match="output must be one of"):
+        E2EConfig(output="words")
+    with pytest.raises(ValueError, match="output 'tokens' trains with the e2e objective only"):
+        E2EConfig(output="tokens", objective="mixed")

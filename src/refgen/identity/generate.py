@@ -96,7 +96,11 @@ def check_head_fits(md: dict, pipe, vl: ModelIdentity, head_path) -> None:
         problems.append(f"placeholder ids {md.get('placeholder_token_ids')} != {ids}")
     if int(md["L"]) != len(ids):
         problems.append(f"L={md['L']} != {len(ids)}")
-    if int(md["H"]) != pipe.transformer.config.joint_attention_dim:
+    if md.get("output", "residual") == "tokens":  # token embeddings: the text encoder's input width
+        h_in = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+        if int(md["H"]) != h_in:
+            problems.append(f"token head H={md['H']} != the text encoder's embedding width {h_in}")
+    elif int(md["H"]) != pipe.transformer.config.joint_attention_dim:
         problems.append(f"H={md['H']} != {pipe.transformer.config.joint_attention_dim}")
     if md.get("tokenizer_fingerprint") != tokenizer_fingerprint(pipe.tokenizer):
         problems.append("tokenizer fingerprint differs")

@@ -203,8 +203,12 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
 
 HEAD_KINDS = ("linear", "resampler")
 HEAD_FILE, HEAD_JSON = "head.safetensors", "head.json"
+# A token head (output "tokens") stores beside its weights the placeholder embeddings T_ph its output is added to
+# (T = T_ph + token_scale * out), so inference can refuse a text encoder whose placeholder differs.
+PLACEHOLDER_KEY = "output.placeholder"
 # what a head's weights file and its head.json must agree on, or the weights are not the head the record describes
-_AGREE = ("kind", "head_config", "L", "H", "D", "feature_settings", "placeholder_token_ids", "tokenizer_fingerprint")
+_AGREE = ("kind", "head_config", "L", "H", "D", "feature_settings", "placeholder_token_ids", "tokenizer_fingerprint",
+          "output")
 
 
 def build_head(kind: str, dim: int, L: int, H: int, config: dict | None = None) -> nn.Module:
@@ -274,6 +278,13 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
             if got is not None and _canon(key, got) != _canon(key, want):
                 raise HeadMismatchError(f"{record} and {weights} disagree on {key}: {got!r} in the record, {want!r} "
                                         "in the weights (a weights file copied over another head's folder?)")
+    md.setdefault("output", "residual")  # heads from before token output
+    placeholder = sd.pop(PLACEHOLDER_KEY, None)
+    if md["output"] not in ("residual", "tokens"):
+        raise HeadMismatchError(f"{weights}: unknown head output {md['output']!r} (known: residual, tokens)")
+    if md["output"] == "tokens" and (placeholder is None or "token_scale" not in md):
+        raise HeadMismatchError(f"{weights} is a token head without its placeholder embeddings ({PLACEHOLDER_KEY}) "
+                                "or token_scale: not a file `refgen train-head --output tokens` wrote")
     config = json.loads(md["head_config"]) if md.get("head_config") else {}
     if md["kind"] == "resampler":
         config.setdefault("pooled_query", False)  # resamplers recorded before the option had no pooled query
@@ -283,7 +294,11 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
     except RuntimeError as e:
         raise HeadMismatchError(f"{weights}: the weights do not fit a {md['kind']} head with D={md['D']} L={md['L']} "
                                 f"H={md['H']} {config}: {str(e).splitlines()[0]} ...") from e
-    return head.to(device, dtype).eval(), md
+    head = head.to(device, dtype).eval()
+    head.output = md["output"]
+    if placeholder is not None:  # plain attributes, not weights: the head's output is read against them
+        head.token_base, head.token_scale = placeholder.float(), float(md["token_scale"])
+    return head, md
 
 
 def _canon(key: str, v):
@@ -294,9 +309,20 @@ def _canon(key: str, v):
 
 
 @torch.no_grad()
+def person_from_photos(head: nn.Module, features, photos: list) -> tuple[str, torch.Tensor]:
+    """Reference photos of one person -> ("residual", R (L, H)) or, for a token head, ("tokens", T (L, H_in) =
+    T_ph + token_scale * out); float32 on the CPU. A head from `load_head`."""
+    out = residual_from_photos(head, features, photos)[0].float().cpu()
+    if getattr(head, "output", "residual") == "tokens":
+        return "tokens", head.token_base + head.token_scale * out
+    return "residual", out
+
+
+@torch.no_grad()
 def residual_from_photos(head: nn.Module, features, photos: list) -> torch.Tensor:
-    """Reference photos of one person -> R (1, L, H) on the head's device and dtype, each kind fed as it was
-    trained: the linear head the pooled z, the resampler every token of every photo."""
+    """Reference photos of one person -> the head's output (1, L, H) on the head's device and dtype, each kind fed
+    as it was trained: the linear head the pooled z, the resampler every token of every photo. For a token head
+    this is the step from the placeholder in units of token_scale; `person_from_photos` makes the tokens."""
     p = next(head.parameters())
     if head.kind == "resampler":
         tok, mask = features.tokens(photos)  # (n, T, D), (n, T)

@@ -10,7 +10,9 @@ One step, for a batch of target photos (each of a person with >= 2 photos):
   refs    1..refs_max other photos of the same person (never the target): their Qwen3-VL features, cached once
           per photo (the vision tower is frozen), go through the head -> residual R (L, H)
   prompt  the target photo's own sentence with `~ID~` (seed_<id>/prompts.json, else `default_prompt`), from a bank
-          encoded once (the text encoder is frozen, so this is exact); R is added in its slot window
+          encoded once (the text encoder is frozen, so this is exact); R is added in its slot window.
+          With output "tokens" the head's output is instead the placeholder's input token embeddings, and the
+          sentence is encoded again every step with them in the slot (as token inversion does)
   loss    e2e:     flow matching on the target's VAE latent (cached once) through the frozen transformer: the
                    one path `refgen invert` optimises (QwenFlowModel + flow.loss), with R in place of a teacher
           teacher: the regression head_loss on the person's teacher residual (no transformer)
@@ -52,14 +54,25 @@ import torch
 from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
                              drop_metrics_after, provenance)
+from refgen.identity.head import PLACEHOLDER_KEY
 
 OBJECTIVES = ("e2e", "teacher", "mixed")
+OUTPUTS = ("residual", "tokens")
+# A token head's output is in units of the embedding table's RMS; token teachers move the placeholder by 1.3-1.5
+# of that per token within 300 steps (docs/head.md), so the residual heads' clamp at 1.5 would bind.
+TOKEN_SCALE_MAX = 4.0
 
 
 @dataclass
 class E2EConfig:
     objective: str = "e2e"            # e2e | teacher | mixed
     head: str = "resampler"           # linear | resampler
+    # What the head's output is (the two modes of teacher inversion):
+    #   residual  a slot residual R (L, H) added to the encoder output in the ~ID~ window
+    #   tokens    the placeholder's input token embeddings T = T_ph + e * out (L, H_in), e the RMS of the text
+    #             encoder's embedding table, read by the frozen text encoder every step (it stays on the GPU and is
+    #             back-propagated through), so the words after ~ID~ read the person too
+    output: str = "residual"
     resampler: dict = field(default_factory=dict)  # ResamplerConfig overrides (width, layers, heads, ...)
     features: dict = field(default_factory=dict)   # FeatureConfig overrides (pixel_budget, max_side, max_images)
     steps: int = 2000
@@ -94,6 +107,11 @@ class E2EConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.head not in ("linear", "resampler"):
             raise ValueError(f"head must be 'linear' or 'resampler', got {self.head!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if self.output == "tokens" and self.objective != "e2e":
+            raise ValueError(f"output 'tokens' trains with the e2e objective only: the {self.objective} objective "
+                             "regresses slot residuals (teacher_residual.safetensors), which are not token embeddings")
         ResamplerConfig(**self.resampler)
         fc = FeatureConfig(**self.features)
         for name in ("steps", "batch_size", "refs_min", "eval_every", "checkpoint_every"):
@@ -150,15 +168,22 @@ class E2EData:
     means: torch.Tensor            # (P, D) each photo's token mean (what the linear head's z pools)
     latents: torch.Tensor          # (P + P2, C, h, w) VAE latents: the photos, then the two-person images
     photo_row: torch.Tensor        # (P,) prompt-bank row of each photo's own sentence
-    bank: torch.Tensor             # (Q, S, H) encoded prompts
+    bank: torch.Tensor             # (Q, S, H) encoded prompts (as written: R = 0, or the placeholder's own tokens)
     bank_mask: torch.Tensor        # (Q, S) int64
     bank_starts: torch.Tensor      # (Q, 2) window start of each ~ID~ (left to right), -1 = no such slot
     L: int
-    H: int
+    H: int                         # the head's output width: the encoder output's H, or H_in for tokens
     teachers: torch.Tensor | None  # (N, L, H) float32 teacher residuals (teacher / mixed objectives)
     pairs: torch.Tensor | None     # (P2, 4) two-person images: left id, right id, latent index, bank row
     feature_settings: dict = field(default_factory=dict)
     residual_metadata: dict = field(default_factory=dict)
+    output: str = "residual"
+    # output "tokens": the pipeline whose text encoder reads them, each bank row's tokenized prompt, the
+    # placeholder's own input embeddings T_ph (L, H_in) float32 and the embedding table's RMS e
+    pipe: object = None
+    tps: list = field(default_factory=list)
+    T_ph: torch.Tensor | None = None
+    e: float = 1.0
 
 
 def _read_prompts(ident, default: str) -> list[str]:
@@ -280,10 +305,18 @@ def prepare_data(pipe, fx, root: str | Path, cfg: E2EConfig, progress: bool = Tr
     L, H = lengths.pop(), enc.embeds.shape[2]
     teachers = _teachers(Path(cfg.teacher_root or root), ids, cfg, L, H).to(dev) if cfg.objective != "e2e" else None
     vl = identify_model(fx.model_id, "--vl-model")
-    return E2EData(ids, photos, tokens.to(dev), tok_mask.to(dev), means.to(dev), torch.cat(latents),
+    data = E2EData(ids, photos, tokens.to(dev), tok_mask.to(dev), means.to(dev), torch.cat(latents),
                    photo_row.to(dev), enc.embeds, enc.mask.to(dev), starts.to(dev), L, H, teachers,
                    pair_t, feature_settings(vl, fx.cfg, _dtype_name(fx.dtype)),
-                   residual_metadata(pipe, str(getattr(pipe, "name_or_path", "") or "")))
+                   residual_metadata(pipe, str(getattr(pipe, "name_or_path", "") or "")), cfg.output)
+    if cfg.output == "tokens":
+        from refgen.identity.prompts import text_encoder_device, tokenize
+        from refgen.identity.tokens import embed_rms, placeholder_embeds
+
+        data.pipe, data.tps = pipe, [tokenize(pipe, t) for t in uniq]
+        data.T_ph = placeholder_embeds(pipe).to(text_encoder_device(pipe))
+        data.e, data.H = embed_rms(pipe), data.T_ph.shape[1]
+    return data
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -400,6 +433,27 @@ def inject_slots(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtyp
     return E0.index_put((rows, pos), R.to(dtype), accumulate=True), M
 
 
+def condition(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E (B, S, H), mask (B, S)) of every target's own prompt with each slot's head output in it: a residual added
+    in its window (`inject_slots`), or tokens T_ph + e R read by the frozen text encoder in the slot's place (the
+    path of token inversion, `encode_tokenized`; gradients reach R through the encoder)."""
+    if data.output == "residual":
+        return inject_slots(data, batch, R, dtype)
+    from refgen.identity.prompts import encode_tokenized
+
+    dev = data.T_ph.device
+    B = batch.latent.shape[0]
+    item, k = batch.slot_item.to(dev), batch.slot_k.to(dev)
+    K = int(k.max()) + 1
+    if any(int((k == j).sum()) != B for j in range(K)):
+        raise ValueError("every target of a token batch needs the same number of slots (one- and two-person "
+                         "targets come in separate steps)")
+    T = (data.T_ph + data.e * R.to(dev, torch.float32)).to(data.pipe.text_encoder.dtype)  # (n, L, H_in)
+    per_slot = [T.new_zeros(B, data.L, T.shape[2]).index_copy(0, item[k == j], T[k == j]) for j in range(K)]
+    enc = encode_tokenized(data.pipe, [data.tps[r] for r in batch.row.tolist()], data.bank.device, dtype, per_slot)
+    return enc.embeds, enc.mask
+
+
 def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype: torch.dtype) -> dict:
     """Per item (B,) losses of the objective: {"loss", and "flow" and/or "teacher"}."""
     from refgen.identity.head import head_loss_terms
@@ -411,7 +465,7 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
     out = {}
     total = torch.zeros(B, device=dev)
     if cfg.objective in ("e2e", "mixed"):
-        E, M = inject_slots(data, batch, R, dtype)
+        E, M = condition(data, batch, R, dtype)
         x0 = pack(data.latents[batch.latent.to(dev)])
         noise = pack(batch.noise.to(x0))
         out["flow"] = flow.loss(model, x0, (E, M), sigma=batch.sigma.to(dev), noise=noise, reduction="none")
@@ -432,7 +486,7 @@ def eval_flow_loss(head, data: E2EData, idents: list[int], model, cfg: E2EConfig
                    n_sigmas: int = 4, zero: bool = False) -> float:
     """Mean flow loss on a fixed set: every photo of `idents` as the target, the person's other photos (up to
     refs_max) as references, n_sigmas evenly spaced sigmas, noise from a fixed seed. `zero`: R = 0 (the bare
-    placeholder), the reference point any head must beat."""
+    placeholder: the prompt as written), the reference point any head must beat."""
     from refgen.identity.qwen_flow import pack
 
     g = step_generator(cfg.seed, "eval")
@@ -452,7 +506,7 @@ def eval_flow_loss(head, data: E2EData, idents: list[int], model, cfg: E2EConfig
         R = head_forward(head, data, b)
         if zero:
             R = torch.zeros_like(R)
-        E, M = inject_slots(data, b, R, dtype)
+        E, M = condition(data, b, R, dtype)
         x0 = pack(data.latents[lat.to(dev)])
         per = flow.loss(model, x0, (E, M), sigma=b.sigma.to(dev), noise=pack(b.noise.to(x0)), reduction="none")
         tot += per.sum().item()
@@ -534,8 +588,10 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
     if len(train_ids) < 1:
         raise ValueError("no training identity")
     torch.manual_seed(cfg.seed)
-    head = build_head(cfg.head, data.means.shape[1], data.L, data.H,
-                      cfg.resampler if cfg.head == "resampler" else None).to(dev)
+    arch = dict(cfg.resampler) if cfg.head == "resampler" else {}
+    if cfg.output == "tokens":
+        arch.setdefault("scale_max", TOKEN_SCALE_MAX)
+    head = build_head(cfg.head, data.means.shape[1], data.L, data.H, arch).to(dev)
     params = [p for p in head.parameters()]
     if world > 1:  # one starting point on every rank
         for p in params:
@@ -601,12 +657,19 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
 
 
 def _frozen_flow_model(pipe, cfg: E2EConfig):
-    """The frozen transformer behind refgen.flow's `model(x, sigma, cond)`; the text encoder leaves the GPU (every
-    prompt is in the bank)."""
+    """The frozen transformer behind refgen.flow's `model(x, sigma, cond)`. With residual output the text encoder
+    leaves the GPU (every prompt is in the bank); token output reads the head's tokens through it every step."""
     from refgen.identity.qwen_flow import QwenFlowModel
     from refgen.identity.render import release_text_encoder
 
-    release_text_encoder(pipe)
+    if cfg.output == "tokens":
+        te = pipe.text_encoder
+        te.requires_grad_(False)
+        te.eval()
+        if cfg.gradient_checkpointing:
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        release_text_encoder(pipe)
     tr = pipe.transformer
     tr.requires_grad_(False)
     tr.eval()
@@ -672,20 +735,24 @@ def _metadata(head, data: E2EData, cfg: E2EConfig, model_id: str, vl_model: str)
             "D": str(data.means.shape[1]), "placeholder_token_ids": rmd["placeholder_token_ids"],
             "tokenizer_fingerprint": rmd["tokenizer_fingerprint"], "qwen_image_model": str(model_id),
             "vl_model": str(vl_model), "feature_settings": json.dumps(data.feature_settings),
-            "objective": cfg.objective}
+            "objective": cfg.objective, "output": cfg.output,
+            **({"token_scale": repr(data.e), "H_in": str(data.H)} if cfg.output == "tokens" else {})}
 
 
 def _save(out: Path, head, opt, step: int, cursor, cfg: E2EConfig, data: E2EData, meta: dict, train_ids, val_ids,
           summary: dict, timings: dict) -> None:
     """head.safetensors, then head.json (its record), then the resumable checkpoint; each written atomically."""
     sd = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    if data.output == "tokens":  # what the tokens are read against at inference (checked against the text encoder)
+        sd[PLACEHOLDER_KEY] = data.T_ph.detach().float().cpu().contiguous()
     md = {**meta, "step": str(step), "metrics": json.dumps(summary), "git_commit": str(provenance()["git_commit"]),
           "config": json.dumps(dataclasses.asdict(cfg))}
     atomic_save_safetensors(sd, out / "head.safetensors", md)
     atomic_write_json(out / "head.json", provenance(cfg, **meta, step=step, metrics=summary, timings=timings,
                                                     train_ids=[data.ids[i] for i in train_ids],
                                                     val_ids=[data.ids[i] for i in val_ids]))
-    atomic_torch_save({"step": step, "cursor": list(cursor), "head": sd, "opt": opt.state_dict(),
+    weights = {k: v for k, v in sd.items() if k != PLACEHOLDER_KEY}
+    atomic_torch_save({"step": step, "cursor": list(cursor), "head": weights, "opt": opt.state_dict(),
                        "config": json.loads(json.dumps(dataclasses.asdict(cfg))), "ids": data.ids},
                       out / "checkpoint.pt")
 
