@@ -535,8 +535,11 @@ def _write_report(out: Path, report: dict, cfg: YardstickConfig) -> None:
 def plot_curves(report: dict, path: Path) -> None:
     """Caption attribute accuracy (text check, with its Wilson band), whole person and the DINO check against
     training minutes, per variant; thresholds and the VAE round-trip ceiling as horizontal lines."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError(f"the yardstick's curve {path} needs matplotlib (pip install matplotlib); the numbers are "
+                           f"in {path.with_suffix('.json')}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
