@@ -11,6 +11,7 @@ Two sections, each sized for one device call (< 10 min on an H100):
                                                                         # offload modes, features, head
     python bench/identity_bench.py --section invert --out invert.json   # inversion K/checkpointing/offload,
                                                                         # torch.compile (inversion and render)
+    python bench/identity_bench.py --section head --out head.json       # one e2e head training step, K people
     python bench/identity_bench.py --tiny --section all --out /tmp/b.json   # tiny models on CPU: code runs
 
 Every row records its time and the peak GPU memory of that row alone (torch's max_memory_allocated, and
@@ -459,6 +460,71 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
     td.cleanup()
 
 
+# Targets the toy-world head trained on (3,000 steps x 64 targets, docs/head.md), and a budget of 50 target photos
+# per identity for 20,000 real ones: the two step counts the GPU-hour estimate of a head is stated at.
+HEAD_TARGETS = {"toy_run_192k": 3000 * 64, "20k_ids_x50": 20_000 * 50}
+
+
+def section_head(b: Bench, pipe, S: dict, tiny: bool):
+    """One end-to-end head training step at full size: a resampler head with token output (the default) over
+    cached Qwen3-VL-8B tokens of 3 reference photos per person, its tokens read by the 7B text encoder and the
+    target's flow-matching loss through the 20B transformer, backward to the head (refgen.identity.train_e2e's own
+    `_optimise`). K people per step, with and without gradient checkpointing. The vision tower is frozen and runs
+    once per photo (the features row), so it is not part of the step."""
+    from refgen.identity.head import build_head
+    from refgen.identity.prompts import encode_prompts, text_encoder_device, tokenize
+    from refgen.identity.tokens import embed_rms, placeholder_embeds
+    from refgen.identity.train_e2e import TOKEN_SCALE_MAX, E2EConfig, E2EData, _frozen_flow_model, _optimise, \
+        single_batch, step_generator
+    from refgen.identity.render import execution_device
+
+    H, W = S["H"], S["W"]
+    dev = execution_device(pipe)
+    pipe.text_encoder.to(dev)
+    D = 32 if tiny else 4096  # Qwen3-VL-8B's merged visual token width
+    T = 16 if tiny else 1024  # merged tokens of one ~1 MP reference photo (32 x 32 pixels each)
+    n_people, photos = 4, 4
+    P = n_people * photos
+    scale = 2 ** len(pipe.vae.temperal_downsample)
+    g = torch.Generator().manual_seed(0)
+    enc = encode_prompts(pipe, [PROMPT])
+    data = E2EData(
+        ids=[f"seed_{i}" for i in range(n_people)],
+        photos=[torch.arange(i * photos, (i + 1) * photos) for i in range(n_people)],
+        tokens=torch.randn(P, T, D, generator=g).to(dev), tok_mask=torch.ones(P, T, dtype=torch.bool, device=dev),
+        means=torch.randn(P, D, generator=g).to(dev),
+        latents=torch.randn(P, pipe.vae.config.z_dim, H // scale, W // scale, generator=g).to(dev, pipe.vae.dtype),
+        photo_row=torch.zeros(P, dtype=torch.long, device=dev), bank=enc.embeds, bank_mask=enc.mask,
+        bank_starts=torch.tensor([[enc.slots[0][0].start, -1]], device=dev), L=S["L"], H=0, teachers=None,
+        pairs=None, output="tokens", pipe=pipe, tps=[tokenize(pipe, PROMPT)],
+        T_ph=placeholder_embeds(pipe).to(text_encoder_device(pipe)), e=embed_rms(pipe))
+    data.H = data.T_ph.shape[1]
+    for ckpt in (False, True):
+        cfg = E2EConfig(height=H, width=W, refs_min=3, refs_max=3, gradient_checkpointing=ckpt)
+        fm = _frozen_flow_model(pipe, cfg)
+        if not ckpt:
+            pipe.transformer.disable_gradient_checkpointing()
+            pipe.text_encoder.gradient_checkpointing_disable()
+        torch.manual_seed(0)
+        head = build_head("resampler", D, data.L, data.H, {"scale_max": TOKEN_SCALE_MAX}).to(dev)
+        params = list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        for K in ((1, 2) if tiny else (1, 2, 4)):
+            cfg.batch_size = K
+            batch = single_batch(data, list(range(K)), cfg, step_generator(0, "step", K))
+            r = b.measure(f"head_e2e_K{K}{'_ckpt' if ckpt else ''}",
+                          f"e2e head step (resampler, token output): K={K} targets{' +ckpt' if ckpt else ''}",
+                          lambda: _optimise(head, opt, params, data, batch, fm, cfg, pipe.transformer.dtype, 0, 0, 1,
+                                            dev), repeat=1 if tiny else 3, warmup=1, per=K)
+            if r:
+                r["gpu_hours"] = {k: n * r["per_item_s"] / 3600 for k, n in HEAD_TARGETS.items()}
+                b.row(f"  -> head K={K}{' +ckpt' if ckpt else ''}", ", ".join(
+                    f"{k}: {h:.1f} GPU-hours" for k, h in r["gpu_hours"].items()))
+                b.save()
+        del head, opt, params
+        peak_reset()
+
+
 def section_features(b: Bench, S: dict, tiny: bool):
     """Qwen3-VL-8B vision tower, 3 photos under a 2 MP budget; head. The tower's own memory is `extra_gib`
     (peak over what was resident before it: the pipeline may still be on the GPU)."""
@@ -497,7 +563,7 @@ def section_features(b: Bench, S: dict, tiny: bool):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny models on CPU, 2 steps: checks the code runs")
-    ap.add_argument("--section", choices=["render", "invert", "flops", "all"], default="all")
+    ap.add_argument("--section", choices=["render", "invert", "head", "flops", "all"], default="all")
     ap.add_argument("--out", required=True)
     ap.add_argument("--parts", default=",".join(INVERT_PARTS), help=f"invert section: any of {INVERT_PARTS}")
     ap.add_argument("--parametrisation", default="tokens", help="invert section: InvertConfig.parametrisation "
@@ -545,6 +611,8 @@ def main():
         section_render(b, pipe, S)
     if args.section in ("invert", "all"):
         section_invert(b, pipe, S, args.tiny, parts=args.parts.split(","))
+    if args.section in ("head", "all"):
+        section_head(b, pipe, S, args.tiny)
     b.save()
     b.table(f"identity bench, section {args.section} ({b.res['device']}, torch {b.res['torch']}, "
             f"{S['W']}x{S['H']} WxH, {S['steps']} steps, true CFG 4)")

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=48)
     ap.add_argument("--n-pairs", type=int, default=24)
     ap.add_argument("--head", default="resampler", choices=["linear", "resampler"])
-    ap.add_argument("--output", default="residual", choices=["residual", "tokens"],
+    ap.add_argument("--output", default="tokens", choices=["residual", "tokens"],
                     help="the head's output: a slot residual, or the placeholder's token embeddings")
     ap.add_argument("--objective", default="e2e", choices=["e2e"], help="the toy identities have no teachers")
     ap.add_argument("--steps", type=int, default=3000)

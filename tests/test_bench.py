@@ -15,10 +15,11 @@ def test_identity_bench_runs_on_tiny_models(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     for k in ("plain_1", "refgen_1_cfgbatch0", "refgen_1_cfgbatch1", "refgen_two_slot", "refgen_2_cfgbatch1",
-              "grid", "features", "invert_K1", "invert_K2_ckpt"):
+              "grid", "features", "invert_K1", "invert_K2_ckpt", "head_e2e_K2", "head_e2e_K2_ckpt"):
         assert "error" not in res[k] and res[k]["s"] > 0, (k, res[k])
     assert res["inject_s"] > 0 and res["head_s"] > 0
     assert res["grid"]["n"] == 8 and "| alpha grid 4x2" in r.stdout
+    assert res["head_e2e_K2"]["n"] == 2 and res["head_e2e_K2"]["gpu_hours"]["20k_ids_x50"] > 0
 
 
 def test_inversion_flops_section(tmp_path):

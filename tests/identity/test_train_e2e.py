@@ -70,8 +70,8 @@ def test_references_are_other_photos_of_the_same_person(toy, toy_ids):
 def test_e2e_training_lowers_the_flow_loss_and_the_head_loads(toy_ids, tmp_path):
     from refgen.identity.head import load_head
 
-    cfg = E2EConfig(head="linear", steps=40, batch_size=3, lr=1e-2, warmup_steps=0, eval_every=40,
-                    eval_identities=3, checkpoint_every=20)
+    cfg = E2EConfig(head="linear", output="residual", steps=40, batch_size=3, lr=1e-2, warmup_steps=0,
+                    eval_every=40, eval_identities=3, checkpoint_every=20)
     out = tmp_path / "head"
     s = train_e2e(toy_ids, out, default_model(), default_vl_model(), cfg, device="cpu", dtype="fp32", progress=False)
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -100,7 +100,7 @@ def test_config_refusals():
     with pytest.raises(ValueError, match="refs_max"):
         E2EConfig(refs_max=9)
     with pytest.raises(ValueError, match="two_person_fraction needs the e2e or mixed"):
-        E2EConfig(objective="teacher", two_person_fraction=0.5)
+        E2EConfig(objective="teacher", output="residual", two_person_fraction=0.5)
     with pytest.raises(ValueError, match="exactly one ~ID~"):
         E2EConfig(default_prompt="a photo")
 
@@ -143,13 +143,13 @@ def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy, toy_ids, tmp_pa
     assert ip.head.kind == "resampler"
     data = toy[2]
     ident = sorted(scan(toy_ids).identities, key=lambda i: i.id)[1]
-    got = ip.residual_from_refs(ident.images[:3]).tensor
+    got = ip.residual_from_refs(ident.images[:3]).tensor  # tokens (the default output): T_ph + e * out
     ph = data.photos[1][:3]
     zero = torch.zeros(1, dtype=torch.long)
     b = Batch(ph[:1], data.photo_row[ph[:1]], torch.zeros(1), torch.zeros(1), zero, zero,
               torch.ones(1, dtype=torch.long), ph[None], torch.ones(1, 3, dtype=torch.bool))
     with torch.no_grad():
-        want = head_forward(ip.head, data, b)[0]
+        want = ip.head.token_base + ip.head.token_scale * head_forward(ip.head, data, b)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -174,7 +174,7 @@ def test_teacher_and_mixed_objectives(toy, toy_ids, tmp_path):
 
     for name in data.ids[:4]:
         teacher(name)
-    base = dict(teacher_root=str(teachers), batch_size=5, lr=1e-2, warmup_steps=0, eval_identities=0,
+    base = dict(output="residual", teacher_root=str(teachers), batch_size=5, lr=1e-2, warmup_steps=0, eval_identities=0,
                 resampler={"width": 32, "layers": 1, "heads": 2})
     with pytest.raises(ValueError, match=r"1 have none under .*seed_100004/teacher_residual"):
         train_e2e(toy_ids, tmp_path / "t0", default_model(), default_vl_model(), E2EConfig(objective="teacher", **base),

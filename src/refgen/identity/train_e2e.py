@@ -71,8 +71,9 @@ class E2EConfig:
     #   residual  a slot residual R (L, H) added to the encoder output in the ~ID~ window
     #   tokens    the placeholder's input token embeddings T = T_ph + e * out (L, H_in), e the RMS of the text
     #             encoder's embedding table, read by the frozen text encoder every step (it stays on the GPU and is
-    #             back-propagated through), so the words after ~ID~ read the person too
-    output: str = "residual"
+    #             back-propagated through), so the words after ~ID~ read the person too. The default: on the
+    #             toy world it doubles what a head gets right on unseen people (docs/head.md)
+    output: str = "tokens"
     resampler: dict = field(default_factory=dict)  # ResamplerConfig overrides (width, layers, heads, ...)
     features: dict = field(default_factory=dict)   # FeatureConfig overrides (pixel_budget, max_side, max_images)
     steps: int = 2000
@@ -111,7 +112,8 @@ class E2EConfig:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if self.output == "tokens" and self.objective != "e2e":
             raise ValueError(f"output 'tokens' trains with the e2e objective only: the {self.objective} objective "
-                             "regresses slot residuals (teacher_residual.safetensors), which are not token embeddings")
+                             "regresses slot residuals (teacher_residual.safetensors), which are not token "
+                             "embeddings; set output: residual for it")
         ResamplerConfig(**self.resampler)
         fc = FeatureConfig(**self.features)
         for name in ("steps", "batch_size", "refs_min", "eval_every", "checkpoint_every"):
