@@ -30,6 +30,10 @@ def main(argv=None) -> int:
     ap.add_argument("--test-seed", type=int, default=200_000,
                     help="first identity id; choose settings on another range than the benchmark's test ids "
                          "(e.g. 500000), then report the choice on 200000")
+    ap.add_argument("--short-steps", default="", help="comma-separated shorter inversions of the test set, e.g. "
+                    "150,375 (a quarter of 1,500 is 375)")
+    ap.add_argument("--start-head", default="", help="a head folder: the short inversions also start from its "
+                    "predictions, and the head alone is scored")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke settings")
     a = ap.parse_args(argv)
@@ -39,6 +43,8 @@ def main(argv=None) -> int:
         base = BenchmarkConfig.tiny() if a.tiny else BenchmarkConfig(device=a.device, n_train=0, n_test=a.n_test,
                                                                      n_pairs=a.n_pairs, test_seed=a.test_seed)
         base.pair_images = a.pair_images
+        base.short_steps = [int(x) for x in a.short_steps.split(",") if x]
+        base.start_head = a.start_head
         cfg = BenchmarkConfig(**{**base.__dict__, "n_train": 0, "invert": {**base.invert, **over}})
         r = run_benchmark(cfg, Path(a.out) / f"v{k}", progress=False)
         best = r["teacher"]["best_alpha"]
@@ -57,6 +63,13 @@ def main(argv=None) -> int:
               f"scene {b['scene_acc']:.2f} | two-slot {rows[-1]['two_slot']:.2f} of {c2:.2f} | "
               f"invert {inv.get('seconds') or 0:.0f}s "
               f"| per alpha (id, attr, scene) {rows[-1]['per_alpha']}", flush=True)
+        for name, rows_ in (("from noise", r.get("short_steps", {})),
+                            ("from the head", r.get("head_start", {}).get("per_steps", {}))):
+            for steps, pa in rows_.items():
+                print("    " + f"{steps} steps {name}: " + ", ".join(
+                    f"a={x} id {m['identity_acc']:.3f} [{m['identity_ci'][0]:.3f}, {m['identity_ci'][1]:.3f}] "
+                    f"attr {m['attribute_acc']:.3f} scene {m['scene_acc']:.3f}" for x, m in pa.items()), flush=True)
+        rows[-1].update(short_steps=r.get("short_steps"), head_start=r.get("head_start"))
         atomic_write_json(Path(a.out) / "sweep.json", provenance(vars(a), rows=rows))  # after every row: a
         # run cut short by a time limit keeps what it measured
     return 0

@@ -144,3 +144,27 @@ def test_benchmark_reads_a_token_teacher_through_the_text_encoder(tmp_path):
     # alpha 0 is the untouched prompt whatever the mode: the floor equals a slot-residual run's floor
     res = B.run_benchmark(B.BenchmarkConfig.tiny(n_train=0, invert=RESIDUAL), tmp_path / "res", progress=False)
     assert r["teacher"]["per_alpha"]["0"] == res["teacher"]["per_alpha"]["0"]
+
+
+def test_short_inversions_start_from_a_head(tmp_path):
+    """start_head: the short inversions run again from the head's prediction of each test person, and the
+    prediction alone is scored as 0 steps; a head of the other output kind is refused before any work."""
+    from refgen.identity.train_e2e import E2EConfig, train_e2e
+    from refgen.toyworld.identities import make_identities
+
+    make_identities(tmp_path / "people", n=3, seed=100_000, progress=False)  # training-range people, not the test ones
+    head = tmp_path / "head"
+    train_e2e(tmp_path / "people", head, B.default_model(), B.default_vl_model(),
+              E2EConfig(head="linear", steps=2, batch_size=2, warmup_steps=0, eval_identities=0),
+              device="cpu", dtype="fp32", progress=False)
+    tok = {"steps": 3, "images_per_step": 1, "parametrisation": "tokens", "image_prompts": True}
+    cfg = B.BenchmarkConfig.tiny(n_train=0, n_pairs=0, invert=tok, short_steps=[2], start_head=str(head))
+    r = B.run_benchmark(cfg, tmp_path / "bench", progress=False)
+    rows = r["head_start"]["per_steps"]
+    assert set(rows) == {"0", "2"} and all(m["n_images"] == 4 for pa in rows.values() for m in pa.values())
+    assert r["inversion"]["test_s2_from_head"]["identities"] == cfg.n_test
+    rec = json.loads((tmp_path / "bench" / "teacher_s2_head" / f"seed_{cfg.test_seed}" / "teacher.json").read_text())
+    assert rec["started_from"] and rec["steps_run"] == 2
+    assert "steps from the head's start" in (tmp_path / "bench" / "benchmark.md").read_text()
+    with pytest.raises(ValueError, match="outputs tokens, but the inversion's parametrisation is 'free'"):
+        B.BenchmarkConfig.tiny(invert={**tok, "parametrisation": "free"}, start_head=str(head))

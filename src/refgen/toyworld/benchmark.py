@@ -89,6 +89,10 @@ class BenchmarkConfig:
     invert: dict = field(default_factory=dict)   # InvertConfig overrides on top of _invert_defaults()
     head: dict = field(default_factory=lambda: {"epochs": 300, "batch_size": 32, "lr": 3e-3, "val_fraction": 0.1})
     short_steps: list[int] = field(default_factory=list)  # extra inversions of the test set with fewer steps
+    # A head folder (`refgen train-head`, trained on other people): each short_steps inversion is run a second
+    # time starting from the head's prediction of every test person (Cross-Initialization / E4T), and the
+    # prediction alone is scored as 0 steps. Its output must be the teacher's kind (token head, token teacher).
+    start_head: str = ""
     grid_identities: int = 6
 
     def __post_init__(self):
@@ -108,8 +112,12 @@ class BenchmarkConfig:
             raise ValueError("need at least one alpha and one seed")
         if self.n_pairs < 0 or 2 * self.n_pairs > self.n_test * (self.n_test - 1):
             raise ValueError(f"n_pairs={self.n_pairs} needs more test identities than n_test={self.n_test}")
-        InvertConfig(**self.invert_config())  # validate now, not after an hour
+        ic = InvertConfig(**self.invert_config())  # validate now, not after an hour
         HeadConfig(**self.head)
+        if any(s < 1 for s in self.short_steps):
+            raise ValueError(f"short_steps must be >= 1, got {self.short_steps} (the head alone is scored anyway)")
+        if self.start_head:
+            _head_output_fits(self.start_head, ic.parametrisation)
 
     def invert_config(self, steps: int | None = None) -> dict:
         d = {**_invert_defaults(), **self.invert, "height": self.size, "width": self.size}
@@ -392,6 +400,7 @@ class _Run:
     result: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     kind: str = "residuals"  # what the teacher learnt: slot "residuals" or "tokens" (set by the teacher sweep)
+    head_start: dict | None = None  # test identity id -> the start head's prediction (start_head)
 
     def save(self, partial: bool = True) -> None:
         _save(self.out, self.result, self.timings, partial)
@@ -455,6 +464,30 @@ def _ceiling(run: _Run) -> None:
                                             run.cfg.seeds, render_config(run.cfg), run.neg, run.dev)
 
 
+def _head_output_fits(head: str, parametrisation: str) -> None:
+    """The start must be what the inversion optimises: token embeddings for 'tokens', a slot residual otherwise."""
+    rec = Path(head) / "head.json"
+    if not rec.is_file():
+        raise FileNotFoundError(f"start_head {head} has no head.json (a head folder from `refgen train-head`)")
+    output = json.loads(rec.read_text()).get("output", "residual")
+    if (output == "tokens") != (parametrisation == "tokens"):
+        raise ValueError(f"start_head {head} outputs {output}, but the inversion's parametrisation is "
+                         f"{parametrisation!r}: a token head starts token inversion, a residual head the others")
+
+
+def _head_starts(run: _Run) -> dict[str, torch.Tensor]:
+    """Test identity id -> the start head's prediction from all of its photos (what `residual` returns: tokens
+    (L, H_in) or a residual (L, H)), through the inference path with its checks (IdentityPipeline.load_head)."""
+    from refgen.images import image_files
+    from refgen.pipeline import IdentityPipeline
+
+    ip = IdentityPipeline(run.pipe, run.model)
+    ip.load_head(run.cfg.start_head, run.cfg.vl_model or default_vl_model())
+    out = {d.name: ip.residual_from_refs(image_files(d)).tensor for d in run.test_dirs}
+    del ip.features
+    return out
+
+
 def _invert_all(run: _Run) -> None:
     """One Inverter, batches of K (a tiny model is launch-bound, so one big batch costs little more per step
     than a small one); complete identities are skipped, stale ones refused. The id ranges of the two splits
@@ -472,16 +505,32 @@ def _invert_all(run: _Run) -> None:
                   for i in scan(out / "identities" / split).identities]
         inv.refuse_stale(idents)  # numbers from other settings must not be reported as this config's
         recs = inv.run(idents)
-        dt = time.time() - t
         if recs:
-            stats[f"all{steps_tag}" if steps is None else f"test{steps_tag}"] = {
-                "identities": len(recs), "seconds": dt, "identities_per_gpu_hour": len(recs) / dt * 3600,
-                "steps": c.steps, "images_per_step": c.images_per_step, "K": c.identities_per_batch,
-                "sigma_sampling": c.sigma_sampling, "lr": c.lr,
-                "mean_steps_run": sum(r["steps_run"] for r in recs) / len(recs),
-                "eval_loss_base": sum(r["eval_loss_base"] for r in recs) / len(recs),
-                "eval_loss_teacher": sum(r["eval_loss_teacher"] or float("nan") for r in recs) / len(recs)}
+            stats[f"all{steps_tag}" if steps is None else f"test{steps_tag}"] = _inversion_stats(recs, t, c)
+    if cfg.start_head:
+        t = time.time()
+        run.head_start = _head_starts(run)
+        run.timings["head_predict_s"] = time.time() - t
+        for steps in cfg.short_steps:
+            c = InvertConfig(**cfg.invert_config(steps))
+            t = time.time()
+            inv = Inverter(run.pipe, c, out / f"teacher_s{steps}_head", model_id=run.model, progress=run.progress)
+            idents = scan(out / "identities" / "test").identities
+            inv.refuse_stale(idents)
+            recs = inv.run(idents, start=run.head_start)
+            if recs:
+                stats[f"test_s{steps}_from_head"] = _inversion_stats(recs, t, c)
     run.result["inversion"] = stats
+
+
+def _inversion_stats(recs: list[dict], t0: float, c) -> dict:
+    dt = time.time() - t0
+    return {"identities": len(recs), "seconds": dt, "identities_per_gpu_hour": len(recs) / dt * 3600,
+            "steps": c.steps, "images_per_step": c.images_per_step, "K": c.identities_per_batch,
+            "sigma_sampling": c.sigma_sampling, "lr": c.lr,
+            "mean_steps_run": sum(r["steps_run"] for r in recs) / len(recs),
+            "eval_loss_base": sum(r["eval_loss_base"] for r in recs) / len(recs),
+            "eval_loss_teacher": sum(r["eval_loss_teacher"] or float("nan") for r in recs) / len(recs)}
 
 
 def _teacher_sweep(run: _Run) -> list[torch.Tensor]:
@@ -498,6 +547,18 @@ def _teacher_sweep(run: _Run) -> list[torch.Tensor]:
         a = [float(best)] if best is not None else [a for a in cfg.alphas if a > 0]
         pa, _ = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, r, a, cfg, run.neg, run.dev, k)
         run.result.setdefault("short_steps", {})[str(steps)] = pa
+    if cfg.start_head:  # the head's prediction alone (0 steps), then each short inversion from it
+        a = [float(best)] if best is not None else [a for a in cfg.alphas if a > 0]
+        if run.head_start is None:  # every inversion was complete: predict again (cheap)
+            run.head_start = _head_starts(run)
+        starts = [run.head_start[d.name].float() for d in run.test_dirs]
+        rows = {"0": _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, starts, a, cfg, run.neg, run.dev,
+                            kind)[0]}
+        for steps in cfg.short_steps:
+            k, r = _residuals(run.out / f"teacher_s{steps}_head", run.test_dirs)
+            rows[str(steps)] = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, r, a, cfg, run.neg, run.dev,
+                                      k)[0]
+        run.result["head_start"] = {"head": cfg.start_head, "per_steps": rows}
     return teach
 
 
@@ -644,6 +705,10 @@ def to_markdown(r: dict) -> str:
         for steps, pa in r.get("short_steps", {}).items():
             for a, m in pa.items():
                 out.append(row(f"{steps} inversion steps, alpha {a}", m))
+        for steps, pa in r.get("head_start", {}).get("per_steps", {}).items():
+            for a, m in pa.items():
+                out.append(row(("the start head alone" if steps == "0" else f"{steps} steps from the head's start")
+                               + f", alpha {a}", m))
     if "per_alpha" in r.get("head", {}):
         h = r["head"]
         out += ["", f"## Head on unseen identities (trained on {h['n_train_identities']} training identities; "
