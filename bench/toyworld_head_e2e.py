@@ -84,6 +84,58 @@ def two_slot(pipe, net, dev, attrs, res, pairs, alpha, bcfg, neg) -> dict:
     return score(R.predict(net, render_rows(pipe, prompts, jobs, render_config(bcfg), neg), dev), rows)
 
 
+def copy_paste(pipe, net, dev, head, fx, dirs: list[Path], attrs: list[dict], alpha: float, bcfg, neg) -> dict:
+    """Does the picture follow the prompt or the reference photo? Each person's ONE reference photo (its first: one
+    scene, one expression, one pose) goes through the head; the prompts ask for each of the other scenes and for an
+    expression and pose the photo does not show ("smiling" or "looking surprised"; "waving" when the photo's arms
+    are down). Scored: identity, scene / expression / pose as asked, and how often the reference's own scene and
+    expression come back instead (copy-paste). The same prompts with the person in words ("words") show how often
+    the model follows these words at all."""
+    from refgen.identity.head import person_from_photos
+    from refgen.images import load_rgb
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld import world
+    from refgen.toyworld.benchmark import render_config, render_rows, score, wilson
+
+    out: dict = {}
+    for who in ("head", "words"):
+        prompts, jobs, rows, asked = [], [], [], []
+        for k, d in enumerate(dirs):
+            ref = json.loads((d / "identity.json").read_text())["images"][0]
+            s0, st0 = ref["scene"]["background"], ref["scene"]["people"][0]["state"]
+            expr = "smiling" if st0["expression"] != "smiling" else "surprised"
+            wave = st0["pose"] == "arms_down"
+            words = world.EXPRESSION_WORDS[expr] + (" and waving" if wave else "")
+            person = (world.full_description(world.IdentityAttributes.from_dict(attrs[k])) if who == "words"
+                      else "~ID~")
+            key, people = "residuals", []  # the words: a prompt without a slot
+            if who == "head":
+                kind, t = person_from_photos(head, fx, [load_rgb(d / ref["file"])])
+                key, people = ("tokens" if kind == "tokens" else "residuals"), [t]
+            for s in (x for x in bcfg.scenes if x != s0):
+                prompts.append(f"A photo of {person}, {words} {world.SCENE_PHRASES[s][0]}.")
+                for seed in bcfg.seeds:
+                    jobs.append({"prompt": len(prompts) - 1, "alpha": alpha, "seed": seed, key: people})
+                    rows.append({"people": [attrs[k]], "scene": s})
+                    asked.append((s0, st0["expression"], expr, wave))
+        preds = R.predict(net, render_rows(pipe, prompts, jobs, render_config(bcfg), neg), dev)
+        m = score(preds, rows)
+        first = [p["people"][0] if p["people"] else {} for p in preds]
+        n, n_wave = len(preds), sum(a[3] for a in asked)
+        counts = {
+            "scene_is_reference_scene": sum(p["scene"] == a[0] for p, a in zip(preds, asked)),
+            "expression_as_asked": sum(f.get("expression") == a[2] for f, a in zip(first, asked)),
+            "expression_is_reference": sum(f.get("expression") == a[1] for f, a in zip(first, asked)),
+        }
+        m.update({k: v / max(1, n) for k, v in counts.items()})
+        m.update({f"{k}_ci": wilson(v, n) for k, v in counts.items()})
+        waved = sum(f.get("pose") == "waving" for f, a in zip(first, asked) if a[3])
+        m.update(pose_waving_as_asked=waved / max(1, n_wave), pose_waving_as_asked_ci=wilson(waved, n_wave),
+                 n_asked_waving=n_wave)
+        out[who] = m
+    return out
+
+
 def main(argv=None) -> int:
     from refgen.artifacts import atomic_write_json, provenance
     from refgen.identity.features import VisionFeatures, feature_config_from_settings
@@ -188,6 +240,9 @@ def main(argv=None) -> int:
     if pairs:
         result["two_slot"] = two_slot(pipe, net, dev, test_attrs, test_res, pairs, float(alpha), bcfg, neg)
     times["eval_ceiling_two_slot_s"] = time.time() - t
+    t = time.time()
+    result["copy_paste"] = copy_paste(pipe, net, dev, head, fx, test_dirs, test_attrs, float(alpha), bcfg, neg)
+    times["eval_copy_paste_s"] = time.time() - t
     times["total_s"] = time.time() - t0
     result["timings"] = times
     result["device"] = torch.cuda.get_device_name() if str(dev).startswith("cuda") else "cpu"
@@ -212,6 +267,12 @@ def main(argv=None) -> int:
         c2, m = result["ceiling"]["pair"], result["two_slot"]
         print(f"two people, both right in order: ceiling {_pct(c2, 'all_people_acc')}, head (alpha {alpha}) "
               f"{_pct(m, 'all_people_acc')}, n = {m['n_images']} images")
+    for who, m in result["copy_paste"].items():
+        print(f"copy-paste, one reference photo, prompt asks another scene/expression/pose ({who}): identity "
+              f"{_pct(m, 'identity_acc')}, scene as asked {_pct(m, 'scene_acc')} (reference's scene "
+              f"{m['scene_is_reference_scene']:.1%}), expression as asked {m['expression_as_asked']:.1%} "
+              f"(reference's {m['expression_is_reference']:.1%}), waving as asked {m['pose_waving_as_asked']:.1%} "
+              f"(n = {m['n_images']} images, {m['n_asked_waving']} asked to wave)")
     print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     print(f"record: {out / 'result.json'}")
     return 0
