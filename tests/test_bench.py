@@ -52,3 +52,12 @@ def test_toyworld_head_e2e_runs_tiny(tmp_path):
     cp = res["copy_paste"]  # one reference photo, prompts asking another scene / expression / pose
     assert set(cp) == {"head", "words"} and cp["head"]["n_images"] == cp["words"]["n_images"] > 0
     assert 0 <= cp["head"]["scene_is_reference_scene"] <= 1 and "copy-paste" in r.stdout
+    # `refgen report` reads the e2e head's own record and the bench's KPIs, each against its ceiling
+    from refgen.identity.report import build_report, to_markdown
+
+    rep = build_report(tmp_path / "head", toyworld=tmp_path / "result.json")
+    assert rep["head"]["objective"] == "e2e" and rep["head"]["output"] == "tokens" and "val_flow" in rep["head"]
+    t = rep["toyworld"]
+    assert t["identity"] == res["test"]["per_alpha"]["1"]["identity_acc"] and t["ceiling"] == res["ceiling"][
+        "single"]["identity_acc"] and t["n_images"] == 4 and "two_people_both_right" in t
+    assert "## Head on unseen toy-world people" in to_markdown(rep)

@@ -323,7 +323,7 @@ def cmd_report(args) -> int:
     from refgen.artifacts import atomic_write_text
     from refgen.identity.report import build_report, to_markdown
 
-    rep = build_report(args.head, args.runs)
+    rep = build_report(args.head, args.runs, args.toyworld)
     if args.out:
         atomic_write_text(Path(args.out).with_suffix(".md"), to_markdown(rep))
         atomic_write_text(Path(args.out).with_suffix(".json"), json.dumps(rep, indent=2))
@@ -503,8 +503,11 @@ def _add_generate(sub) -> None:
 
 def _add_report(sub) -> None:
     """report"""
-    rp = sub.add_parser("report", help="monitoring: head val CosSim/RMS error, generate error counts")
-    rp.add_argument("--head", default=None, help="head.json from train-head")
+    rp = sub.add_parser("report", help="monitoring: a head's offline metrics and toy-world KPIs, generate error "
+                                       "counts")
+    rp.add_argument("--head", default=None, help="head.json (or its folder) from train-head")
+    rp.add_argument("--toyworld", default=None, help="result.json of bench/toyworld_head_e2e.py: identity, scene, "
+                                                     "two people, copy-paste on unseen people against the ceiling")
     rp.add_argument("--runs", nargs="*", default=[], help="generate output folders or generate_log.jsonl files")
     rp.add_argument("--out", default=None, help="write OUT.md and OUT.json")
     rp.add_argument("--json", action="store_true")

@@ -7,16 +7,27 @@ from collections import Counter
 from pathlib import Path
 
 
-def build_report(head_json: str | Path | None = None, logs: list[str | Path] = ()) -> dict:
+def build_report(head_json: str | Path | None = None, logs: list[str | Path] = (),
+                 toyworld: str | Path | None = None) -> dict:
+    """`head_json`: a head.json or head folder (regression heads: cosine / RMS error to the teachers; end-to-end
+    heads: the fixed-noise flow loss of held-out and training people against the bare placeholder's).
+    `toyworld`: the result.json of `bench/toyworld_head_e2e.py` for that head: what it draws on unseen people."""
     rep: dict = {}
     if head_json:
-        h = json.loads(Path(head_json).read_text())
+        path = Path(head_json)
+        path = path / "head.json" if path.is_dir() else path
+        h = json.loads(path.read_text())
         m = h.get("metrics", {})
-        rep["head"] = {"file": str(head_json), "epoch": h.get("epoch"), "val_cos": m.get("val_cos"),
-                       "val_rms_err": m.get("val_rms_err"), "train_cos": m.get("train_cos"),
+        rep["head"] = {"file": str(path), "kind": h.get("kind", "linear"), "output": h.get("output", "residual"),
+                       "objective": h.get("objective", "teacher"), "epoch": h.get("epoch"), "step": h.get("step"),
                        "n_train": len(h.get("train_ids", [])), "n_val": len(h.get("val_ids", [])),
                        "qwen_image_model": h.get("qwen_image_model"), "vl_model": h.get("vl_model"),
                        "git_commit": h.get("git_commit"), "created": h.get("created")}
+        keys = (("val_flow", "val_flow_zero", "train_flow", "train_flow_zero") if "objective" in h and
+                h["objective"] != "teacher" else ("val_cos", "val_rms_err", "train_cos"))
+        rep["head"].update({k: m.get(k) for k in keys})
+    if toyworld:
+        rep["toyworld"] = toyworld_kpis(json.loads(Path(toyworld).read_text()), str(toyworld))
     files = []
     for p in logs:
         p = Path(p)
@@ -35,12 +46,43 @@ def build_report(head_json: str | Path | None = None, logs: list[str | Path] = (
     return rep
 
 
+def toyworld_kpis(r: dict, source: str = "") -> dict:
+    """The head's toy-world numbers on unseen people (bench/toyworld_head_e2e.py result.json), each beside the
+    caption ceiling it is read against, with its 95 % interval and n."""
+    alpha = r["test"]["alpha"]
+    m, c1 = r["test"]["per_alpha"][alpha], r["ceiling"]["single"]
+    k = {"source": source, "alpha": alpha, "identity": m["identity_acc"], "identity_ci": m["identity_ci"],
+         "n_images": m["n_images"], "of_ceiling": m["identity_acc"] / max(c1["identity_acc"], 1e-9),
+         "ceiling": c1["identity_acc"], "attributes": m["attribute_acc"], "scene": m["scene_acc"],
+         "scene_ci": m["scene_ci"]}
+    if "two_slot" in r:
+        t, c2 = r["two_slot"], r["ceiling"]["pair"]
+        k.update(two_people_both_right=t["all_people_acc"], two_people_ci=t["all_people_ci"],
+                 two_people_ceiling=c2["all_people_acc"], two_people_count=t["people_count_acc"],
+                 two_people_n_images=t["n_images"])
+    if "copy_paste" in r:
+        cp = r["copy_paste"]["head"]
+        k.update(one_photo_identity=cp["identity_acc"], one_photo_scene_as_asked=cp["scene_acc"],
+                 one_photo_reference_scene_back=cp["scene_is_reference_scene"],
+                 one_photo_expression_as_asked=cp["expression_as_asked"])
+    return k
+
+
 def to_markdown(rep: dict) -> str:
     lines = ["# refgen monitoring report", ""]
     if "head" in rep:
         h = rep["head"]
         lines += ["## Head (offline)", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v if not isinstance(v, float) else f'{v:.4f}'} |" for k, v in h.items()]
+        lines.append("")
+    if "toyworld" in rep:
+        lines += ["## Head on unseen toy-world people", "", "| KPI | value |", "|---|---|"]
+        for k, v in rep["toyworld"].items():
+            if isinstance(v, list):
+                v = f"[{v[0]:.1%}, {v[1]:.1%}]"
+            elif isinstance(v, float):
+                v = f"{v:.1%}"
+            lines.append(f"| {k} | {v} |")
         lines.append("")
     if "generate" in rep:
         g = rep["generate"]
