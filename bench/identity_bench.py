@@ -504,7 +504,6 @@ def section_head(b: Bench, pipe, S: dict, tiny: bool):
         fm = _frozen_flow_model(pipe, cfg)
         if not ckpt:
             pipe.transformer.disable_gradient_checkpointing()
-            pipe.text_encoder.gradient_checkpointing_disable()
         torch.manual_seed(0)
         head = build_head("resampler", D, data.L, data.H, {"scale_max": TOKEN_SCALE_MAX}).to(dev)
         params = list(head.parameters())

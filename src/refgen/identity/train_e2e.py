@@ -664,12 +664,9 @@ def _frozen_flow_model(pipe, cfg: E2EConfig):
     from refgen.identity.qwen_flow import QwenFlowModel
     from refgen.identity.render import release_text_encoder
 
-    if cfg.output == "tokens":
-        te = pipe.text_encoder
-        te.requires_grad_(False)
-        te.eval()
-        if cfg.gradient_checkpointing:
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.output == "tokens":  # no checkpointing there: a prompt is tens of tokens, its activations are small
+        pipe.text_encoder.requires_grad_(False)
+        pipe.text_encoder.eval()
     else:
         release_text_encoder(pipe)
     tr = pipe.transformer
