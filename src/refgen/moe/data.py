@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from refgen.artifacts import atomic_write_bytes, atomic_write_file
+from refgen.moe.manifest import sha256_file  # torch-free: the service verifies its artifact with the same function
 
 DATASETS = ("mnist", "animal_mnist", "mnist5k", "digits", "toyworld27", "cifar10")
 FETCHED = ("mnist", "animal_mnist", "mnist5k")  # the sets `fetch_data` brings into the cache
@@ -90,14 +91,6 @@ class DataMissingError(FileNotFoundError):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("REFGEN_MOE_DATA") or Path.home() / ".cache" / "refgen" / "moe")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_array(a: np.ndarray) -> str:
