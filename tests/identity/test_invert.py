@@ -304,3 +304,26 @@ def test_image_prompts_give_each_photo_its_own_sentence(pipe, tmp_path):
         inv2.run(idents)
     with pytest.raises(ValueError, match="set one"):
         InvertConfig(image_prompts=True, contexts=["~ID~ on a beach"])
+
+
+def test_cosine_lr_schedule_and_records_from_before_it(pipe, tmp_path):
+    """lr_schedule cosine: each step's lr (logged) falls from lr to lr_min_ratio * lr; a teacher recorded before
+    the setting existed ran at a constant lr, and is not stale for a constant-lr run."""
+    import math
+
+    root = make_identities(tmp_path / "ids", n=1)
+    run(pipe, root, tmp_path / "cos", lr_schedule="cosine", lr_min_ratio=0.2)
+    lrs = [json.loads(x)["lr"] for x in (tmp_path / "cos" / "seed_0" / "teacher_metrics.jsonl").read_text()
+           .splitlines() if '"lr"' in x]
+    want = [5e-2 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * s / 8))) for s in range(8)]
+    assert lrs[:8] == pytest.approx(want) and lrs[0] > lrs[4] > lrs[7]
+    inv2, st2 = run(pipe, root, tmp_path / "const")
+    inv2.finish(st2["seed_0"])
+    rec_file = tmp_path / "const" / "seed_0" / "teacher.json"
+    rec = json.loads(rec_file.read_text())
+    for k in ("lr_schedule", "lr_min_ratio"):  # as a record made before these settings existed
+        del rec["config"][k]
+    rec_file.write_text(json.dumps(rec))
+    assert inv2.settings_diff(scan(root).identities[0]) == {}
+    with pytest.raises(ValueError, match="lr_schedule"):
+        InvertConfig(lr_schedule="linear")

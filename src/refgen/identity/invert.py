@@ -51,6 +51,10 @@ class InvertConfig:
     width: int = 512
     steps: int = 600
     lr: float = 0.05  # measured on the toy world for every parametrisation (P is unit-scale in tokens and free)
+    # "constant", or "cosine" from lr down to lr_min_ratio * lr at `steps`: small late steps settle each attribute
+    # instead of jittering around it, and a start from a head's guess is not thrown far off by full-size steps
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
     weight_decay: float = 0.0  # decay would pull P toward 0, which the normalisation P/RMS(P) undoes anyway
     grad_clip: float = 1.0
     images_per_step: int = 2  # the seed's batch size, per identity
@@ -98,6 +102,9 @@ class InvertConfig:
     qa: bool = True
 
     def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine") or not 0 <= self.lr_min_ratio <= 1:
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine' and 0 <= lr_min_ratio <= 1, got "
+                             f"{self.lr_schedule!r}, {self.lr_min_ratio}")
         if self.sigma_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"sigma_sampling must be 'uniform' or 'logit_normal', got {self.sigma_sampling!r}")
         if self.height % 16 or self.width % 16:
@@ -280,7 +287,7 @@ class Inverter:
         rec = json.loads(f.read_text())
         now = json.loads(json.dumps(dataclasses.asdict(self.cfg)))  # as recorded: tuples become lists
         now = {k: v for k, v in now.items() if k not in _RESUMABLE}
-        was = {k: v for k, v in (rec.get("config") or {}).items() if k not in _RESUMABLE}
+        was = {**_BEFORE_KEY, **{k: v for k, v in (rec.get("config") or {}).items() if k not in _RESUMABLE}}
         d = _diff(was, now)
         if rec.get("model") != self.model_id:
             d["model"] = (rec.get("model"), self.model_id)
@@ -356,7 +363,8 @@ class Inverter:
 
     def _load_ckpt(self, st: _State, path: Path) -> None:
         d = torch.load(path, map_location="cpu", weights_only=False)
-        diff = {k: v for k, v in _diff(d["config"], dataclasses.asdict(self.cfg)).items() if k not in _RESUMABLE}
+        diff = {k: v for k, v in _diff({**_BEFORE_KEY, **d["config"]}, dataclasses.asdict(self.cfg)).items()
+                if k not in _RESUMABLE}
         if diff:
             raise ValueError(f"{path}: checkpoint was made with another config; delete it or rerun with the same "
                              f"config (differences: {diff})")
@@ -390,6 +398,8 @@ class Inverter:
         bar = tqdm(total=cfg.steps, initial=min(s.step for s in states), desc=f"invert x{len(states)}",
                    disable=not self.progress, unit="step")
         while active:
+            for g, s in zip(opt.param_groups, states):  # one group per identity, in `states` order
+                g["lr"] = s.lr * self.lr_factor(s.step)
             losses, metrics = self._step(active, opt)
             for s, loss, m in zip(list(active), losses, metrics):
                 self._after_step(s, loss, m, opt, loggers[s.ident.id])
@@ -401,6 +411,14 @@ class Inverter:
             bar.refresh()
         bar.close()
         return states
+
+    def lr_factor(self, step: int) -> float:
+        """The schedule's multiplier of an identity's lr at `step` (its own lr may have been halved)."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        p = min(1.0, step / max(1, cfg.steps))
+        return cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
     def _step(self, active: list[_State], opt) -> tuple[list[float], list[dict]]:
         """One optimisation step of every active identity; (loss (K), metrics (K)) read back once."""
@@ -518,7 +536,7 @@ class Inverter:
         prev = s.smooth
         s.smooth = loss if prev is None else cfg.loss_smoothing * prev + (1 - cfg.loss_smoothing) * loss
         s.rising = s.rising + 1 if prev is not None and s.smooth > prev else 0
-        log.log(step=s.step, loss=loss, lr=s.lr, **m)
+        log.log(step=s.step, loss=loss, lr=s.lr * self.lr_factor(s.step - 1), **m)
         if s.rising >= cfg.diverge_steps:
             if not s.lr_halved:
                 s.lr /= 2
@@ -647,6 +665,11 @@ def teacher_file(identity_dir: str | Path) -> Path:
 # Settings that do not change one identity's optimisation: a run may resume under other values
 # (e.g. a worker with a smaller GPU picks a smaller K).
 _RESUMABLE = {"identities_per_batch", "gradient_checkpointing", "checkpoint_every", "compile"}
+
+
+# Settings added after teachers were made, with what those teachers ran with: a record without the key is not stale
+# when the run asks for that value.
+_BEFORE_KEY = {"lr_schedule": "constant", "lr_min_ratio": 0.1}
 
 
 def _diff(a: dict, b: dict) -> dict:
