@@ -21,13 +21,18 @@ def toy_ids(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def toy(toy_ids):
+def toy_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("e2e_cache")
+
+
+@pytest.fixture(scope="module")
+def toy(toy_ids, toy_cache):
     from refgen.identity.features import VisionFeatures
     from refgen.identity.render import load_pipeline
 
     pipe = load_pipeline(default_model(), "cpu", "fp32")
     fx = VisionFeatures(default_vl_model(), "cpu", "fp32")
-    cfg = E2EConfig(refs_max=3, two_person_fraction=0.5, two_person_images=6)
+    cfg = E2EConfig(refs_max=3, two_person_fraction=0.5, two_person_images=6, cache_dir=str(toy_cache))
     return pipe, fx, prepare_data(pipe, fx, toy_ids, cfg, progress=False), cfg
 
 

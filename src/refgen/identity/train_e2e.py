@@ -20,7 +20,7 @@ One step, for a batch of target photos (each of a person with >= 2 photos):
 Two-person steps (toy-world identities only, `two_person_fraction`): a two-person image of two training people
 rendered by the toy world, in a prompt with two `~ID~` slots, each filled with its own person's head output.
 
-Data parallel under torchrun: every rank holds the same caches and draws the same global batch from the same
+Data parallel under torchrun: every rank reads the same data cache and draws the same global batch from the same
 generator, then takes its share (items rank, rank + world, ...). Gradients are summed over ranks by one
 all-reduce per step that EVERY rank joins, also when the share is empty (the last batch of an epoch can be
 smaller than the number of ranks): an empty share contributes zeros. Each rank scales its loss by 1 / global
@@ -29,9 +29,10 @@ batch, so the summed gradient is the mean over the global batch, as in one proce
 Everything a step draws (targets, references, sigma, noise, two-person or not) comes from a generator seeded by
 (seed, step), and the epoch order by (seed, epoch): a resumed run continues exactly where it stopped.
 
-Caches hold every photo of every identity on each rank's device (features, latents, prompt rows): ~20 KB a photo
-at 64 px; at 768x512 a latent is 16 x 96 x 64 values (~200 KB in bf16), so 20,000 real identities of ~5 photos
-need ~20 GB per rank (sharding the cache across ranks is not done).
+Data: every photo's features, latent and prompt row are computed once into a disk cache (`e2e_cache`: rank 0
+writes it, the others wait; reused when made from the same key). With tables "device" each rank loads all of it
+onto its device (~20 KB a photo at 64 px); with tables "mapped" it stays memory-mapped and a step moves only the
+rows it drew (B targets, their references) to the device, which is what 20,000 real identities need.
 Features of a person's photos are taken together, as `VisionFeatures` takes a reference set (in chunks of
 `max_images`, one pixel budget per chunk); a step's subset is then pooled from these per-photo features. Under a
 pixel budget that scales photos down, a subset alone would be scaled less than the full set: the features would
@@ -99,6 +100,16 @@ class E2EConfig:
     checkpoint_every: int = 200
     gradient_checkpointing: bool = False
     seed: int = 0
+    # Data (docs/head.md, "Data at scale"). The photos' features, latents and prompt rows are computed once into a
+    # disk cache (rank 0 writes it, every rank reads it; reused when made from the same identities, models and
+    # settings, refused otherwise). tables: "device" loads all of it onto each rank's device (small sets, fastest
+    # steps); "mapped" memory-maps it and moves only a step's rows to the device (thousands of identities).
+    cache_dir: str = ""               # "" = OUT/cache
+    tables: str = "device"            # device | mapped
+    # > 0: train on toy-world identities toyworld_first_id ... + toyworld_identities - 1, rendered on the fly
+    # (the photos and prompts `refgen toyworld make-identities` would write), instead of an identity root
+    toyworld_identities: int = 0
+    toyworld_first_id: int = 100_000
 
     def __post_init__(self):
         from refgen.identity.features import FeatureConfig
@@ -136,6 +147,10 @@ class E2EConfig:
             raise ValueError(f"teacher_weight must be >= 0, got {self.teacher_weight}")
         if not 0 <= self.two_person_fraction <= 1 or self.two_person_images < 1:
             raise ValueError("need 0 <= two_person_fraction <= 1 and two_person_images >= 1")
+        if self.tables not in ("device", "mapped"):
+            raise ValueError(f"tables must be 'device' or 'mapped', got {self.tables!r}")
+        if self.toyworld_identities < 0 or self.toyworld_first_id < 0:
+            raise ValueError("toyworld_identities and toyworld_first_id must be >= 0")
         if self.two_person_fraction and self.objective == "teacher":
             raise ValueError("two_person_fraction needs the e2e or mixed objective (two-person steps are "
                              "flow-matching steps)")
@@ -148,7 +163,8 @@ class E2EConfig:
 
 
 # Settings a run may resume under with other values: they do not change what a step computes.
-_RESUMABLE = {"steps", "eval_every", "checkpoint_every", "gradient_checkpointing", "eval_identities"}
+_RESUMABLE = {"steps", "eval_every", "checkpoint_every", "gradient_checkpointing", "eval_identities", "cache_dir",
+              "tables"}
 
 
 def step_generator(seed: int, *parts) -> torch.Generator:
@@ -162,7 +178,9 @@ def step_generator(seed: int, *parts) -> torch.Generator:
 
 @dataclass
 class E2EData:
-    """Everything the steps read, cached once (all on the training device)."""
+    """Everything the steps read. The row tables (tokens, tok_mask, means, latents, bank, bank_mask) are tensors
+    on the training device (tables "device") or `Rows` over the memory-mapped cache (tables "mapped"), which
+    index alike: `table[idx]` gives those rows on the device."""
     ids: list[str]                 # identity folder names, index = identity number
     photos: list[torch.Tensor]     # per identity: its photo numbers (n_i,) into the tables below
     tokens: torch.Tensor           # (P, T, D) float32 visual tokens of every photo, zero-padded
@@ -186,18 +204,6 @@ class E2EData:
     tps: list = field(default_factory=list)
     T_ph: torch.Tensor | None = None
     e: float = 1.0
-
-
-def _read_prompts(ident, default: str) -> list[str]:
-    f = ident.path / "prompts.json"
-    table = json.loads(f.read_text()) if f.is_file() else {}
-    out = []
-    for p in ident.images:
-        text = table.get(p.name, default)
-        if text.count("~ID~") != 1:
-            raise ValueError(f"{f}: the prompt of {p.name} must contain exactly one ~ID~: {text!r}")
-        out.append(text)
-    return out
 
 
 def _pair_scenes(ids: list[str], n: int, seed: int) -> list[tuple[int, int, object, str]]:
@@ -242,80 +248,89 @@ def _teachers(troot: Path, ids: list[str], cfg: E2EConfig, L: int, H: int) -> to
     return torch.stack(rs)
 
 
-def prepare_data(pipe, fx, root: str | Path, cfg: E2EConfig, progress: bool = True) -> E2EData:
-    """Scan ROOT (seed_<id>/ folders with >= 2 photos), cache features, latents and the prompt bank."""
-    from tqdm.auto import tqdm
+def identity_source(root: str | Path | None, cfg: E2EConfig):
+    """Where the training identities come from: seed_<id>/ folders under ROOT, or toy-world ids rendered on the fly."""
+    from refgen.identity.e2e_cache import FolderSource, ToySource
 
-    from refgen.identity.features import feature_settings, pad_tokens
+    if cfg.toyworld_identities:
+        if root is not None:
+            raise ValueError(f"give an identity root ({root}) or toyworld_identities "
+                             f"({cfg.toyworld_identities}), not both")
+        return ToySource(cfg.toyworld_first_id, cfg.toyworld_identities)
+    if root is None:
+        raise ValueError("no identities: give an identity root (seed_<id>/ folders) or toyworld_identities")
+    return FolderSource(root, cfg.default_prompt)
+
+
+def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bool = True, *,
+                 cache_dir: str | Path | None = None, model_id: str | None = None, rank: int = 0,
+                 world: int = 1) -> E2EData:
+    """The identities of ROOT (seed_<id>/ folders with >= 2 photos) or of the toy world (cfg.toyworld_identities):
+    their features, latents and prompt rows from the disk cache (`refgen.identity.e2e_cache`, built by rank 0 when
+    missing, reused when made with the same key), held on the device (tables "device") or memory-mapped (tables
+    "mapped": a step's rows go to the device when drawn). `fx` is a VisionFeatures or a `LazyTower` (loaded only if
+    the cache has to be built)."""
+    from refgen.identity.e2e_cache import cache_key, ensure_cache, open_cache
+    from refgen.identity.features import feature_settings
     from refgen.identity.inject import residual_metadata
     from refgen.identity.prompts import encode_prompts
     from refgen.identity.qwen_flow import encode_qwen_latents
     from refgen.identity.render import execution_device
-    from refgen.images import center_crop_resize, load_rgb, no_identities_message, scan
+    from refgen.images import center_crop_resize
     from refgen.model_identity import identify_model
 
     dev = execution_device(pipe)
-    res = scan(root)
-    idents = sorted(res.identities, key=lambda i: i.id)
-    if not idents:
-        raise ValueError(no_identities_message(res, root))
-    per_photo, latents, texts, photos = [], [], [], []
-    for ident in tqdm(idents, desc="e2e cache", disable=not progress):
-        ims = [load_rgb(p) for p in ident.images]
-        k = fx.cfg.max_images
-        for c in range(0, len(ims), k):  # as VisionFeatures takes a reference set: max_images photos at a time
-            per_photo += [e.cpu() for e in fx.per_image(ims[c:c + k])]
-        latents.append(encode_qwen_latents(pipe.vae, [center_crop_resize(im, cfg.width, cfg.height) for im in ims],
-                                           batch=64, device=dev))
-        photos.append(torch.arange(len(texts), len(texts) + len(ims)))
-        texts += _read_prompts(ident, cfg.default_prompt)
-    tokens, tok_mask = pad_tokens(per_photo)  # (P, T, D), (P, T)
-    means = torch.stack([e.mean(0) for e in per_photo])  # (P, D)
-    ids = [i.id for i in idents]
-    pairs = []
-    if cfg.two_person_fraction > 0:
-        from refgen.toyworld import world
+    folder = cache_dir or cfg.cache_dir
+    if not folder:
+        raise ValueError("prepare_data needs a cache folder: cache_dir, or cfg.cache_dir")
+    source = identity_source(root, cfg)
+    model_id = str(model_id or getattr(pipe, "name_or_path", "") or "")
+    settings = feature_settings(identify_model(fx.model_id, "--vl-model"), fx.cfg, _dtype_name(fx.dtype))
+    key = cache_key(source, pipe, model_id, settings, cfg.height, cfg.width)
+    load = fx.load if hasattr(fx, "load") else (lambda: fx)
+    man = ensure_cache(folder, source, key, pipe, load, cfg.height, cfg.width, rank, world, progress)
+    t = open_cache(folder, man, dev)
+    ids, texts = t.ids, list(t.prompts)
+    latents, bank, bank_mask, starts = t.latents, t.bank, t.bank_mask, t.bank_starts
+    pair_t = None
+    if cfg.two_person_fraction > 0:  # rendered per rank (toy world only, a few thousand 64 px images), not cached
+        from refgen.toyworld import world as toy
 
         if len(ids) < 2:
             raise ValueError("two-person steps need at least 2 training identities")
         scenes = _pair_scenes(ids, cfg.two_person_images, cfg.seed)
-        n0 = sum(x.shape[0] for x in latents)
-        ims = [world.render(s, max(cfg.height, cfg.width)) for _, _, s, _ in scenes]
-        latents.append(encode_qwen_latents(pipe.vae, [center_crop_resize(im, cfg.width, cfg.height) for im in ims],
-                                           batch=64, device=dev))
-        for j, (a, b, _, text) in enumerate(scenes):
-            pairs.append([a, b, n0 + j, -1])
-            texts.append(text)
-    uniq = sorted(set(texts))
-    row_of = {t: r for r, t in enumerate(uniq)}
-    enc = encode_prompts(pipe, uniq)
-    lengths = {sl.length for slots in enc.slots for sl in slots}
-    if len(lengths) != 1:
-        raise ValueError(f"~ID~ has windows of different lengths {sorted(lengths)} in these prompts: a residual has "
-                         "one length L")
-    starts = torch.full((len(uniq), 2), -1, dtype=torch.long)
-    for r, slots in enumerate(enc.slots):
-        for k, sl in enumerate(slots):
-            starts[r, k] = sl.start
-    P = len(per_photo)
-    photo_row = torch.tensor([row_of[t] for t in texts[:P]])
-    pair_t = None
-    if pairs:
-        for j, p in enumerate(pairs):
-            p[3] = row_of[texts[P + j]]
-        pair_t = torch.tensor(pairs)
-    L, H = lengths.pop(), enc.embeds.shape[2]
-    teachers = _teachers(Path(cfg.teacher_root or root), ids, cfg, L, H).to(dev) if cfg.objective != "e2e" else None
-    vl = identify_model(fx.model_id, "--vl-model")
-    data = E2EData(ids, photos, tokens.to(dev), tok_mask.to(dev), means.to(dev), torch.cat(latents),
-                   photo_row.to(dev), enc.embeds, enc.mask.to(dev), starts.to(dev), L, H, teachers,
-                   pair_t, feature_settings(vl, fx.cfg, _dtype_name(fx.dtype)),
-                   residual_metadata(pipe, str(getattr(pipe, "name_or_path", "") or "")), cfg.output)
+        ims = [toy.render(s, max(cfg.height, cfg.width)) for _, _, s, _ in scenes]
+        latents = latents.extend(encode_qwen_latents(pipe.vae, [center_crop_resize(im, cfg.width, cfg.height)
+                                                                for im in ims], batch=64, device=dev))
+        uniq = sorted({text for _, _, _, text in scenes})
+        enc = encode_prompts(pipe, uniq)
+        if {sl.length for slots in enc.slots for sl in slots} != {t.L}:
+            raise ValueError("~ID~ has windows of different lengths in the two-person prompts: a residual has one "
+                             "length L")
+        bank, bank_mask = bank.extend(enc.embeds), bank_mask.extend(enc.mask)
+        starts = torch.cat([starts, torch.tensor([[sl.start for sl in slots[:2]] + [-1] * (2 - len(slots[:2]))
+                                                  for slots in enc.slots], device=starts.device)])
+        row_of = {text: len(texts) + r for r, text in enumerate(uniq)}
+        texts += uniq
+        P = t.photo_row.shape[0]
+        pair_t = torch.tensor([[a, b, P + j, row_of[text]] for j, (a, b, _, text) in enumerate(scenes)])
+    tables = [t.tokens, t.tok_mask, t.means, latents, bank, bank_mask]
+    if cfg.tables == "device":  # every row on the device: the fastest steps, for sets that fit
+        tables = [r.materialise() for r in tables]
+    tokens, tok_mask, means, latents, bank, bank_mask = tables
+    teachers = None
+    if cfg.objective != "e2e":
+        troot = cfg.teacher_root or root
+        if not troot:
+            raise ValueError(f"the {cfg.objective} objective needs teacher residuals: set teacher_root")
+        teachers = _teachers(Path(troot), ids, cfg, t.L, t.H).to(dev)
+    data = E2EData(ids, t.photos, tokens, tok_mask, means, latents, t.photo_row, bank, bank_mask, starts, t.L, t.H,
+                   teachers, pair_t, settings, residual_metadata(pipe, model_id), cfg.output)
     if cfg.output == "tokens":
         from refgen.identity.prompts import text_encoder_device, tokenize
         from refgen.identity.tokens import embed_rms, placeholder_embeds
 
-        data.pipe, data.tps = pipe, [tokenize(pipe, t) for t in uniq]
+        data.pipe, data.tps = pipe, [tokenize(pipe, text) for text in texts]
         data.T_ph = placeholder_embeds(pipe).to(text_encoder_device(pipe))
         data.e, data.H = embed_rms(pipe), data.T_ph.shape[1]
     return data
@@ -553,23 +568,25 @@ def _all_reduce_grads(params: list[torch.Tensor], world: int) -> None:
         o += p.numel()
 
 
-def train_e2e(root: str | Path, out: str | Path, model: str, vl_model: str, cfg: E2EConfig | None = None,
+def train_e2e(root: str | Path | None, out: str | Path, model: str, vl_model: str, cfg: E2EConfig | None = None,
               device: str | None = None, dtype: str = "bf16", progress: bool = True) -> dict:
-    """Train a head on ROOT's identities; writes OUT/head.safetensors + head.json (the folder `load_head` reads),
-    metrics.jsonl, checkpoint.pt (resumed from when present and made with the same settings)."""
-    from refgen.identity.features import FeatureConfig, VisionFeatures
+    """Train a head on ROOT's identities (None with cfg.toyworld_identities: toy-world people rendered on the
+    fly); writes OUT/head.safetensors + head.json (the folder `load_head` reads), metrics.jsonl, checkpoint.pt
+    (resumed from when present and made with the same settings), and the data cache (cfg.cache_dir or OUT/cache)."""
+    from refgen.identity.e2e_cache import LazyTower
+    from refgen.identity.features import FeatureConfig
     from refgen.identity.render import load_pipeline
-    from refgen.runtime import init_distributed, resolve_device
+    from refgen.runtime import init_distributed, parse_dtype, resolve_device
 
     cfg = cfg or E2EConfig()
     rank, world, dev_name = init_distributed(str(resolve_device(device)))
     try:
         pipe = load_pipeline(model, dev_name, dtype)
-        fx = VisionFeatures(vl_model, dev_name, dtype, FeatureConfig(**cfg.features))
+        tower = LazyTower(str(vl_model), dev_name, parse_dtype(dtype), FeatureConfig(**cfg.features))
         t0 = time.time()
-        data = prepare_data(pipe, fx, root, cfg, progress=progress and rank == 0)
+        data = prepare_data(pipe, tower, root, cfg, progress=progress and rank == 0,
+                            cache_dir=cfg.cache_dir or Path(out) / "cache", model_id=model, rank=rank, world=world)
         cache_s = time.time() - t0
-        del fx
         return _train(pipe, data, Path(out), cfg, model, vl_model, rank, world, progress, {"cache_s": cache_s})
     finally:
         if world > 1 and torch.distributed.is_initialized():
