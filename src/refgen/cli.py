@@ -256,6 +256,8 @@ def cmd_train_head(args) -> int:
         # the regression of cached features (`refgen features`) onto teacher residuals: no model to load
         from refgen.identity.head import HeadConfig, train_head
 
+        if args.root is None:
+            raise ValueError("train-head: give the identity root (seed_<id>/ folders with cached features)")
         cfg = HeadConfig(epochs=args.epochs, batch_size=args.batch_size or 32, lr=args.lr or 1e-3,
                          val_fraction=args.val_fraction, seed=args.seed)
         print(json.dumps(train_head(args.root, args.out, cfg, device=device)))
@@ -269,7 +271,9 @@ def cmd_train_head(args) -> int:
     over = {"objective": args.objective, "head": args.head, "output": output, "steps": args.steps, "batch_size": args.batch_size,
             "lr": args.lr, "teacher_weight": args.teacher_weight, "teacher_root": args.teacher_root,
             "two_person_fraction": args.two_person_fraction, "val_identities": args.val_identities,
-            "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing or None}
+            "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing or None,
+            "cache_dir": args.cache_dir, "tables": args.tables, "toyworld_identities": args.toyworld_identities,
+            "toyworld_first_id": args.toyworld_first_id}
     over = {k: v for k, v in over.items() if v is not None}
     cfg = E2EConfig.from_yaml(args.config, **over) if args.config else E2EConfig(**over)
     summary = train_e2e(args.root, args.out, args.model, args.vl_model, cfg, device=device, dtype=args.dtype)
@@ -428,8 +432,10 @@ def _add_head(sub) -> None:
 
     h = sub.add_parser("train-head", help="train a head (photos -> slot residual): by regression onto teacher "
                                           "residuals, or end to end through the frozen Qwen-Image")
-    h.add_argument("root", help="identity root: seed_<id>/ folders (>= 2 photos each); for --objective teacher "
-                                "with the linear head and no --model, the cached vl_features + teacher residuals")
+    h.add_argument("root", nargs="?", default=None,
+                   help="identity root: seed_<id>/ folders (>= 2 photos each); for --objective teacher with the "
+                        "linear head and no --model, the cached vl_features + teacher residuals; left out with "
+                        "--toyworld-identities")
     h.add_argument("--out", required=True)
     h.add_argument("--objective", default="teacher", choices=["e2e", "teacher", "mixed"],
                    help="e2e: flow matching through the frozen transformer on another photo of the person; "
@@ -451,6 +457,14 @@ def _add_head(sub) -> None:
                    help="share of steps on two-person toy-world images (toy identities only)")
     h.add_argument("--val-identities", type=int, default=None, help="identities held out for the logged val loss")
     h.add_argument("--gradient-checkpointing", action="store_true")
+    h.add_argument("--cache-dir", default=None, help="with --model: the data cache (features, latents, prompt rows), "
+                                                     "written once, reused by every rank and re-run (default OUT/cache)")
+    h.add_argument("--tables", default=None, choices=["device", "mapped"],
+                   help="with --model: the cache on each rank's device (default), or memory-mapped with only a "
+                        "step's rows moved to the device (thousands of identities)")
+    h.add_argument("--toyworld-identities", type=int, default=None,
+                   help="with --model: train on this many toy-world people rendered on the fly (no ROOT)")
+    h.add_argument("--toyworld-first-id", type=int, default=None, help="the first toy-world id (100000)")
     h.add_argument("--epochs", type=int, default=20, help="regression of cached features: passes over the data")
     h.add_argument("--batch-size", type=int, default=None, help="identities (regression, 32) or target photos "
                                                                "(with --model, 16) per step, over all ranks")

@@ -112,7 +112,8 @@ def test_config_refusals():
 
 def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy, toy_ids, tmp_path):
     """2 ranks (gloo), 5 identities in batches of 4: step 2 is the epoch's last batch, 1 target, so rank 1 has
-    nothing and must still join the gradient all-reduce. Same losses and weights as one process."""
+    nothing and must still join the gradient all-reduce. Same losses and weights as one process. The 2 ranks
+    read their data cache memory-mapped (rank 0 wrote it while rank 1 waited), the one process from its device."""
     cfg_file = tmp_path / "e2e.yaml"
     cfg_file.write_text("steps: 3\nbatch_size: 4\nlr: 0.01\nwarmup_steps: 0\neval_identities: 0\n"
                         "resampler: {width: 32, layers: 1, heads: 2}\n")
@@ -120,7 +121,7 @@ def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy, toy_ids, tmp_pa
               "--vl-model", default_vl_model(), "--config", str(cfg_file), "--device", "cpu", "--dtype", "fp32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "refgen.cli", *common, "--out", str(tmp_path / "ddp")],
+                          "-m", "refgen.cli", *common, "--out", str(tmp_path / "ddp"), "--tables", "mapped"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     from refgen.cli import main
@@ -280,3 +281,96 @@ def test_token_output_refusals():
         E2EConfig(output="words")
     with pytest.raises(ValueError, match="output 'tokens' trains with the e2e objective only"):
         E2EConfig(output="tokens", objective="mixed")
+
+
+class _NoTower:
+    """Stands for the vision tower where a finished cache must be reused: loading it fails the test."""
+
+    def __init__(self, fx):
+        self.model_id, self.cfg, self.dtype = fx.model_id, fx.cfg, fx.dtype
+
+    def load(self):
+        raise AssertionError("the cache was rebuilt: the vision tower was loaded")
+
+
+def test_cache_is_written_once_reused_and_refused_with_other_settings(toy, toy_ids, tmp_path):
+    """Toy-world people rendered on the fly are the folders' people (same photos, prompts, features, latents);
+    their cache is written once and reused without the vision tower; memory-mapped rows are the device rows; a
+    cache made with other settings is refused naming them; a build that lost a shard redoes only that shard."""
+    import dataclasses
+
+    import numpy as np
+
+    from refgen.identity.e2e_cache import FolderSource, ToySource, build_cache
+    from refgen.identity.rows import Rows
+
+    pipe, fx, folders, cfg = toy
+    want, got = FolderSource(toy_ids, cfg.default_prompt), ToySource(100_000, 5)
+    assert got.ids == want.ids
+    for j in range(5):
+        (wi, wp), (gi, gp) = want.person(j), got.person(j)
+        assert gp == wp and len(gi) == len(wi) and all(np.array_equal(np.asarray(a), np.asarray(b))
+                                                        for a, b in zip(gi, wi))
+    scfg = dataclasses.replace(cfg, two_person_fraction=0.0, toyworld_identities=5, cache_dir=str(tmp_path / "c"))
+    data = prepare_data(pipe, fx, None, scfg, progress=False)
+    assert data.ids == folders.ids and [p.tolist() for p in data.photos] == [p.tolist() for p in folders.photos]
+    P = len(data.photo_row)
+    torch.testing.assert_close(data.tokens, folders.tokens)
+    torch.testing.assert_close(data.latents, folders.latents[:P])
+    assert [data.bank_starts[r].tolist() for r in data.photo_row] == [folders.bank_starts[r].tolist()
+                                                                      for r in folders.photo_row[:P]]
+    files = sorted((tmp_path / "c").iterdir())
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    mapped = prepare_data(pipe, _NoTower(fx), None, dataclasses.replace(scfg, tables="mapped"), progress=False)
+    assert sorted((tmp_path / "c").iterdir()) == files and [f.stat().st_mtime_ns for f in files] == mtimes
+    assert isinstance(mapped.tokens, Rows) and isinstance(mapped.latents, Rows)
+    idx = torch.tensor([[3, 0], [7, 7]])
+    for name in ("tokens", "tok_mask", "means", "latents"):
+        torch.testing.assert_close(getattr(mapped, name)[idx], getattr(data, name)[idx], rtol=0, atol=0)
+    torch.testing.assert_close(mapped.bank[data.photo_row[:3]], data.bank[data.photo_row[:3]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"other settings \(height\)"):
+        prepare_data(pipe, _NoTower(fx), None, dataclasses.replace(scfg, height=32), progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(features.pixel_budget\)"):
+        fx2 = _NoTower(fx)
+        fx2.cfg = dataclasses.replace(fx.cfg, pixel_budget=1e5)
+        prepare_data(pipe, fx2, None, scfg, progress=False)
+    with pytest.raises(ValueError, match=r"identities.first_id, identities.n"):
+        prepare_data(pipe, _NoTower(fx), None, dataclasses.replace(scfg, toyworld_identities=3, toyworld_first_id=7),
+                     progress=False)
+    # an interrupted build (shards of 2 people; the manifest and the second shard lost) redoes that shard only
+    key = json.loads((tmp_path / "c" / "key.json").read_text())
+    src = ToySource(100_000, 5)
+    calls = []
+
+    def tower():
+        calls.append(1)
+        return fx
+
+    man = build_cache(tmp_path / "s", src, key, pipe, tower, 64, 64, progress=False, shard_identities=2)
+    assert man["identities_computed"] == 5 and len(man["shards"]) == 3
+    (tmp_path / "s" / "manifest.json").unlink()
+    (tmp_path / "s" / "photos_00001.safetensors").unlink()
+    again = build_cache(tmp_path / "s", src, key, pipe, tower, 64, 64, progress=False, shard_identities=2)
+    assert again["identities_computed"] == 2 and again["photo_rows"] == man["photo_rows"] and len(calls) == 2
+
+
+def test_training_from_mapped_tables_matches_the_device_tables(tmp_path):
+    """The same run (toy-world people rendered on the fly, two-person steps, residual output) from the cache on
+    the device and memory-mapped: the same losses. The second run reuses the first one's cache."""
+    base = dict(head="resampler", output="residual", steps=3, batch_size=3, lr=1e-2, warmup_steps=0,
+                eval_identities=0, resampler={"width": 32, "layers": 1, "heads": 2}, toyworld_identities=4,
+                two_person_fraction=0.5, two_person_images=4, cache_dir=str(tmp_path / "cache"))
+    logs = {}
+    for tables in ("device", "mapped"):
+        train_e2e(None, tmp_path / tables, default_model(), default_vl_model(), E2EConfig(tables=tables, **base),
+                  device="cpu", dtype="fp32", progress=False)
+        logs[tables] = [json.loads(x) for x in (tmp_path / tables / "metrics.jsonl").read_text().splitlines()]
+        if tables == "device":
+            built = (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns
+    assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == built
+    a, b = ([r["loss"] for r in logs[k] if "loss" in r] for k in ("device", "mapped"))
+    assert len(a) == 3 and any(r["two_person"] for r in logs["device"] if "loss" in r)
+    assert b == pytest.approx(a, rel=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        train_e2e(tmp_path, tmp_path / "x", default_model(), default_vl_model(), E2EConfig(**base), device="cpu",
+                  dtype="fp32", progress=False)
