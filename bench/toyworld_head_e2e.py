@@ -1,6 +1,7 @@
 """A head trained end to end through the frozen toy Qwen-Image, read on people it has never seen.
 
-1. make-identities: N training identities (ids 100000...), validation identities (ids 400000...: they choose
+1. make-identities: N training identities (ids 100000...; with --stream rendered on the fly into the trainer's
+   cache instead of written as folders), validation identities (ids 400000...: they choose
    alpha, so the test set tunes nothing) and test identities (ids 200000..., the benchmark's); seed ranges checked
    disjoint from each other and from everything the recognizer and the toy model were trained or validated on;
 2. `refgen.identity.train_e2e.train_e2e` on the training identities (the `refgen train-head --objective e2e` path);
@@ -12,6 +13,7 @@ Rendering, scoring, Wilson intervals, pairs and the ceiling are `refgen.toyworld
 
     python bench/toyworld_head_e2e.py --out /tmp/head_e2e             # CUDA: 1,200 training people, 202 s on an H200
     python bench/toyworld_head_e2e.py --out /tmp/head_e2e_tiny --tiny # CPU smoke, ~20 s
+    python bench/toyworld_head_e2e.py --out /tmp/h --stream --tables mapped --n-train 20000   # no training folders
     python bench/toyworld_head_e2e.py --out /tmp/h --device cpu --dtype fp32 --n-train 400 --n-val 12 --n-test 24 \
         --n-pairs 0 --steps 600 --batch-size 16 --lr 2e-3 --alphas 1,1.4 --threads 1   # the CPU rows of docs/head.md
 """
@@ -170,6 +172,13 @@ def main(argv=None) -> int:
     ap.add_argument("--alphas", default="1,1.4,1.8", help="head alphas to render (chosen on validation people)")
     ap.add_argument("--config", default=None, help="E2EConfig YAML; the flags above override it")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--stream", action="store_true",
+                    help="render the training people on the fly into the trainer's cache instead of writing "
+                         "OUT/train/seed_<id>/ folders first (same people, same photos and prompts)")
+    ap.add_argument("--cache-dir", default=None, help="the trainer's data cache (default OUT/head/cache); a cache "
+                                                      "made from the same people and settings is reused")
+    ap.add_argument("--tables", default="device", choices=["device", "mapped"],
+                    help="the cache on the device, or memory-mapped with a step's rows moved to it")
     a = ap.parse_args(argv)
     if a.tiny:
         a.device, a.dtype, a.n_train, a.n_val, a.n_test, a.n_pairs = "cpu", "fp32", 6, 2, 2, 1
@@ -188,7 +197,8 @@ def main(argv=None) -> int:
     if a.n_val:
         ranges["validation identities (alpha)"] = [VAL_SEED, VAL_SEED + a.n_val]
         check_disjoint(ranges)
-    make_identities(out / "train", n=a.n_train, seed=bcfg.train_seed, progress=False)
+    if not a.stream:
+        make_identities(out / "train", n=a.n_train, seed=bcfg.train_seed, progress=False)
     make_identities(out / "test", n=a.n_test, seed=bcfg.test_seed, progress=False)
     if a.n_val:
         make_identities(out / "val", n=a.n_val, seed=VAL_SEED, progress=False)
@@ -196,13 +206,16 @@ def main(argv=None) -> int:
 
     over = {"objective": a.objective, "head": a.head, "output": a.output, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "two_person_fraction": a.two_person_fraction,
-            "eval_every": max(1, a.steps // 4), "checkpoint_every": max(1, a.steps // 4)}
+            "eval_every": max(1, a.steps // 4), "checkpoint_every": max(1, a.steps // 4), "tables": a.tables,
+            **({"cache_dir": a.cache_dir} if a.cache_dir else {}),
+            **({"toyworld_identities": a.n_train, "toyworld_first_id": bcfg.train_seed} if a.stream else {})}
     if a.tiny:
         over.update(eval_identities=2, warmup_steps=1, two_person_images=8,
                     two_person_fraction=a.two_person_fraction or 0.5)
     ecfg = E2EConfig.from_yaml(a.config, **over) if a.config else E2EConfig(**over)
     t = time.time()
-    summary = train_e2e(out / "train", out / "head", model, vl, ecfg, device=a.device, dtype=a.dtype,
+    summary = train_e2e(None if a.stream else out / "train", out / "head", model, vl, ecfg, device=a.device,
+                        dtype=a.dtype,
                         progress=not a.tiny)
     times["train_total_s"] = time.time() - t
     rec = json.loads((out / "head" / "head.json").read_text())
