@@ -13,6 +13,13 @@ a missing cell shown as '-'. Variants (same recipe = the dataset's configs/moe_<
 RL (A4) runs `refgen moe rl` on the first seed's graph-MoE of MNIST and Animal-MNIST (configs/moe_rl.yaml);
 the monitor (A5) runs `refgen moe bench` sections sleep, flops, overhead, energy on the MNIST graph-MoE.
 
+What is big in OUT: the weights (model.safetensors, 0.9 MB per run; RL: a policy and a fine-tuned model per
+lambda), 34 MB for the 40 runs of 2026-11-30. The table reads only moe.json, rl/rl.json and monitor/bench.json.
+--pack FILE.tar.gz writes every file of OUT except *.safetensors (moe.json, metrics.jsonl, rl.json, bench.json,
+acceptance.md/json) into one archive, and drops the JSONL logs too if the archive would pass --pack-max-mb;
+unpacked anywhere, `--out THAT --table` prints the same table:
+    python bench/moe_acceptance.py --out runs/moe_acceptance --table --pack moe_acceptance_small.tar.gz
+
 A CPU smoke run of the whole script (minutes):
     python bench/moe_acceptance.py --out /tmp/acc --device cpu --datasets digits --seeds 0 --epochs 2 \
         --rl-steps 20 --config-dir configs --smoke
@@ -30,6 +37,7 @@ from pathlib import Path
 
 SEEDS = (17, 42, 1337)
 DATASETS = ("mnist", "animal_mnist", "toyworld27")
+VARIANTS = ("graph", "flat", "graph_k1", "graph_k3", "dense_flops", "dense_bytes")
 TARGET = {"mnist": 0.993, "animal_mnist": 0.94, "toyworld27": 0.90, "digits": 0.0}
 
 
@@ -62,7 +70,7 @@ def train_runs(args, dataset, ds, log):
             variants.update(graph_k1={"top_k": 1}, graph_k3={"top_k": 3})
         for name, over in variants.items():
             out = root / f"{name}_s{seed}"
-            if _load(out) is None:
+            if name in args.variants and _load(out) is None:
                 log(f"train {dataset} {name} seed {seed}")
                 train(_cfg(args, dataset, seed, **over), out, progress=not args.quiet, data=ds)
         g = _cfg(args, dataset, seed)
@@ -71,7 +79,7 @@ def train_runs(args, dataset, ds, log):
         for name, target, metric in (("dense_flops", t.static_topk_flops(g.model.top_k), "flops"),
                                      ("dense_bytes", t.total_bytes, "bytes")):
             out = root / f"{name}_s{seed}"
-            if _load(out) is None:
+            if name in args.variants and _load(out) is None:
                 dense, _ = match_dense_width(g.model, ds.shape[0], ds.num_classes, ds.shape, target, metric)
                 log(f"train {dataset} {name} (width {dense.cfg.expert_channels}) seed {seed}")
                 train(g, out, progress=not args.quiet, data=ds, model=dense)
@@ -130,7 +138,8 @@ def table(args) -> tuple[list[str], dict]:
         lines.append(f"| {d} | {' / '.join(_pct(a) for a in accs)} | {_pct(m)} | {100 * TARGET[d]:.1f} | "
                      f"{params or '-'} | {ok if m is not None else '-'} |")
     lines += ["", "## A2 graph-MoE vs dense CNNs of equal active FLOPs / equal stored bytes (same recipe)",
-              "| data | model | acc % (mean) | active MFLOP/img | stored bytes | min routing share | gate entropy |",
+              "| data | model | acc % (mean) | active MFLOP/img | stored bytes | min routing share | "
+              "gate entropy per input / of the mean (nats, mean) |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for d in args.datasets:
         for v in ("graph", "flat", "dense_flops", "dense_bytes"):
@@ -141,9 +150,14 @@ def table(args) -> tuple[list[str], dict]:
             r0 = next(r for r in runs if r)
             t = r0["metrics"]["test"]
             shares = [r["metrics"]["test"]["min_routing_share"] for r in runs if r]
+            # per input: how decided the gate is (ln E = no preference at all); of the mean: how balanced (ln E =
+            # perfectly balanced). Dense baselines have one expert: 0 / 0
+            ent = [(r["metrics"]["test"]["gate_entropy_per_sample"], r["metrics"]["test"]["gate_entropy_batch_mean"])
+                   for r in runs if r]
             lines.append(f"| {d} | {v} | {_pct(_mean([r['metrics']['test']['acc'] for r in runs if r]))} | "
                          f"{t.get('active_flops_per_image', 0) / 1e6:.2f} | {r0['cost']['total_bytes']:,} | "
-                         f"{min(shares):.3f} | {t['gate_entropy_batch_mean']:.3f} |")
+                         f"{min(shares):.3f} | {abs(_mean([e[0] for e in ent])):.3f} / "
+                         f"{abs(_mean([e[1] for e in ent])):.3f} |")
             if v == "graph":
                 verdict[f"A2 {d} no collapse (every expert >= 5 %)"] = min(shares) >= 0.05
     lines += ["", "## A3 graph: sparsity, distance from identity, delta acc vs no graph, k ablation",
@@ -206,6 +220,33 @@ def table(args) -> tuple[list[str], dict]:
     return lines, verdict
 
 
+WEIGHTS = (".safetensors", ".pt", ".pt2", ".onnx", ".data")
+
+
+def pack(out: Path, dest: Path, max_mb: float = 15.0) -> dict:
+    """tar.gz of every file under OUT except weights (WEIGHTS suffixes), paths relative to OUT's parent; without
+    the JSONL logs when the archive with them would exceed MAX_MB. Returns what was packed."""
+    import io
+    import tarfile
+
+    from refgen.artifacts import atomic_write_bytes
+
+    files = sorted(f for f in out.rglob("*") if f.is_file() and not f.name.endswith(WEIGHTS)
+                   and f.resolve() != dest.resolve())
+    for keep_logs in (True, False):
+        chosen = [f for f in files if keep_logs or f.suffix != ".jsonl"]
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for f in chosen:
+                tar.add(f, arcname=str(f.relative_to(out.parent)))
+        if buf.tell() <= max_mb * 1e6 or not keep_logs:
+            break
+    atomic_write_bytes(dest, buf.getvalue())
+    skipped = [f for f in out.rglob("*") if f.is_file() and f not in chosen]
+    return {"archive": str(dest), "bytes": len(buf.getvalue()), "files": len(chosen), "jsonl_kept": keep_logs,
+            "skipped_bytes": sum(f.stat().st_size for f in skipped)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -217,13 +258,21 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="override the configs' epochs (smoke runs)")
     p.add_argument("--rl-steps", type=int, default=None)
     p.add_argument("--config-dir", default="configs")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="which training runs (one process per variant spreads a data set over a GPU)")
     p.add_argument("--only", default="train,rl,monitor", help="which parts to run before the table")
     p.add_argument("--table", action="store_true", help="only print the table of what exists")
     p.add_argument("--smoke", action="store_true", help="tiny monitor bench (CPU smoke runs)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--pack", default=None, metavar="FILE.tar.gz",
+                   help="after the table: archive OUT without weights (what --table needs, plus the logs)")
+    p.add_argument("--pack-max-mb", type=float, default=15.0, help="drop the JSONL logs above this archive size")
     args = p.parse_args(argv)
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.variants = [v for v in args.variants.split(",") if v]
+    if set(args.variants) - set(VARIANTS):
+        p.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; known {list(VARIANTS)}")
     # the top-k ablation, RL and monitor use one seed's graph-MoE: the first acceptance seed whenever it is among
     # --seeds, so the runs can be split over calls or processes by seed
     args.lead = SEEDS[0] if SEEDS[0] in args.seeds else args.seeds[0]
@@ -260,6 +309,11 @@ def main(argv=None) -> int:
 
     atomic_write_text(Path(args.out) / "acceptance.md", text)
     atomic_write_json(Path(args.out) / "acceptance.json", {"verdict": verdict, "device": dev})
+    if args.pack:
+        info = pack(Path(args.out), Path(args.pack), args.pack_max_mb)
+        print(f"packed {info['files']} files, {info['bytes'] / 1e6:.2f} MB -> {info['archive']} (weights left out: "
+              f"{info['skipped_bytes'] / 1e6:.1f} MB; JSONL logs {'kept' if info['jsonl_kept'] else 'dropped'})",
+              file=sys.stderr)
     return 0
 
 

@@ -63,12 +63,12 @@ def test_message_passing_stays_inside_the_team_and_gradients_flow():
     assert torch.equal(g(h, mask), out.detach()) or torch.allclose(g(h, mask), out)
 
 
-def test_proximal_l1_shrinks_live_off_diagonal_edges_to_exact_zero():
+def test_proximal_l1_shrinks_off_diagonal_edges_to_exact_zero_and_projects_onto_non_negative():
     g = ExpertGraph(3, 4)
     with torch.no_grad():
         g.weight.copy_(torch.tensor([[1.0, 0.05, 0.5], [-0.2, 1.0, 0.02], [0.2, 0.3, 1.0]]))
     g.prox_l1(0.04)
-    want = torch.tensor([[1.0, 0.01, 0.46], [-0.2, 1.0, 0.0], [0.16, 0.26, 1.0]])
+    want = torch.tensor([[1.0, 0.01, 0.46], [0.0, 1.0, 0.0], [0.16, 0.26, 1.0]])
     assert torch.allclose(g.weight, want, atol=1e-7) and g.weight[1, 2] == 0
     # Adam normalises a dominating L1 subgradient to a full learning-rate step: why the prox is used instead
     w = torch.nn.Parameter(torch.full((2,), 0.5))

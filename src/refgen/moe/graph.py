@@ -3,12 +3,16 @@ their features before the gate combines them.
 
 Why raw non-negative edges and not a softmax over edges with an L1 on them: every row of softmax(A) sums to 1, so
 its L1 norm is the constant E and the L1 term has zero gradient, and softmax never gives an exact zero, so the
-edges could never become sparse. Here the edges are
-relu(W): L1 on them pulls edges down, an edge that crosses zero is exactly zero (and stays there: relu's gradient
-is 0), and rows are normalised by their sum *within the team the gate selected*.
+edges could never become sparse. Here the edges are W projected onto W >= 0 (the proximal step clamps them), an
+edge pulled to zero is exactly zero, and rows are normalised by their sum *within the team the gate selected*.
 
-The L1 term is applied as a proximal step (`prox_l1`: soft-thresholding after each optimizer step), not added to
-the loss: Adam divides every gradient by its own running scale, so an L1 subgradient that dominates an edge's
+An edge at zero still receives its gradient (the forward clamps the value, the gradient passes straight
+through), so the task can bring it back. The first version used relu(W), whose gradient is 0 at and below zero:
+every edge the L1 pushed to 0 was dead for good, and over a long run (MNIST, 30 epochs, 12.7k steps on the H200)
+all 12 off-diagonal edges died and the graph was the identity (docs/moe.md, "Why the gate did not learn").
+
+The L1 term is applied as a proximal step (`prox_l1`: soft-thresholding + projection onto W >= 0 after each
+optimizer step, i.e. projected proximal gradient), not added to the loss: Adam divides every gradient by its own running scale, so an L1 subgradient that dominates an edge's
 gradient moves that edge by the full learning rate whatever its coefficient, and every edge dies within a few
 hundred steps (docs/moe.md, "Graph L1"). The proximal
 step shrinks edges by lr x graph_l1 per step in absolute units, which edges the task uses can resist.
@@ -37,7 +41,7 @@ class ExpertGraph(nn.Module):
         if init not in ("identity", "random"):
             raise ValueError(f"graph init must be 'identity' or 'random', got {init!r}")
         E = num_experts
-        # identity: off-diagonal edges start small but positive (relu(0) would have no gradient and never learn)
+        # identity: off-diagonal edges start small but positive, so every team mixes a little from step 0
         off = 0.05 if init == "identity" else 0.5
         w = torch.full((E, E), off) + 0.05 * torch.rand(E, E, generator=generator)
         w.fill_diagonal_(1.0)
@@ -50,8 +54,10 @@ class ExpertGraph(nn.Module):
         return self.weight.shape[0]
 
     def adjacency(self) -> torch.Tensor:
-        """Raw non-negative edges relu(W), [E, E]."""
-        return F.relu(self.weight)
+        """Raw non-negative edges max(W, 0), [E, E]; the gradient passes to W whatever its sign (straight-through),
+        so an edge at zero can grow back when the task asks for it."""
+        w = self.weight
+        return w + (w.clamp_min(0.0) - w).detach()
 
     def normalized(self) -> torch.Tensor:
         """Row-normalised adjacency over all experts (what the graph looks like when every expert is active)."""
@@ -65,14 +71,13 @@ class ExpertGraph(nn.Module):
 
     @torch.no_grad()
     def prox_l1(self, step: float) -> None:
-        """Soft-threshold the live off-diagonal edges by STEP (the proximal operator of STEP x L1 on relu(W));
-        edges already at or below zero are left alone."""
+        """The proximal operator of STEP x L1 on the off-diagonal edges under W >= 0: off-diagonal W becomes
+        max(W - STEP, 0), the diagonal max(W, 0)."""
         if step < 0:
             raise ValueError(f"prox step must be >= 0, got {step}")
         w = self.weight
         off = ~torch.eye(w.shape[0], dtype=torch.bool, device=w.device)
-        live = off & (w > 0)
-        w[live] = (w[live] - step).clamp_min(0.0)
+        w.sub_(step * off.to(w.dtype)).clamp_(min=0.0)
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h [B, E, D] expert vectors (anything where mask is 0), mask [B, E] in {0, 1} -> h' [B, E, D] (rows of

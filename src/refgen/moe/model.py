@@ -47,7 +47,9 @@ class MoEModelConfig:
     groups: int = 2                 # hier: experts are split into this many equal groups
     graph_init: str = "identity"    # graph: identity (+ small positive off-diagonal) or random
     graph_strength: float = 1.0
-    gate_hidden: int = 32
+    gate_hidden: int = 0            # 0: a linear router (one bias-free layer on the normalised features)
+    gate_norm: str = "bn"           # bn: standardise the gate's input per feature (BatchNorm1d, no affine); none
+    gate_bias: bool = False         # bias on the gate's output layer (the pre-fix gate had one)
     gate_noise: float = 0.0         # std of Gaussian noise on the gate logits while training (noisy top-k)
     dropout: float = 0.0
 
@@ -57,7 +59,7 @@ class MoEModelConfig:
         if self.kind == "dense":
             self.num_experts, self.top_k = 1, 1
         for k in ("num_experts", "top_k", "stem_channels", "expert_channels", "expert_dim", "pool", "groups",
-                  "gate_hidden", "expert_stages"):
+                  "expert_stages"):
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"model.{k} must be >= 1, got {getattr(self, k)}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -67,6 +69,10 @@ class MoEModelConfig:
                 raise ValueError(f"model.groups={self.groups} must divide num_experts={self.num_experts}")
             if self.top_k > self.num_experts // self.groups:
                 raise ValueError(f"hier: top_k={self.top_k} exceeds the group size {self.num_experts // self.groups}")
+        if self.gate_hidden < 0:
+            raise ValueError(f"model.gate_hidden must be >= 0, got {self.gate_hidden}")
+        if self.gate_norm not in ("bn", "none"):
+            raise ValueError(f"model.gate_norm must be 'bn' or 'none', got {self.gate_norm!r}")
         if self.expert_norm not in ("bn", "gn"):
             raise ValueError(f"model.expert_norm must be 'bn' or 'gn', got {self.expert_norm!r}")
         if self.gate_noise < 0 or not 0 <= self.dropout < 1:
@@ -79,13 +85,16 @@ class Routing:
     probs: torch.Tensor     # [B, E] the gate's full distribution (for balance loss and routing statistics)
     mask: torch.Tensor      # [B, E] 1 where the expert is in the input's team
     weights: torch.Tensor   # [B, E] combination weights, 0 outside the team
+    logits: torch.Tensor | None = None  # [B, E(+G)] the gate's logits (router z-loss); None without a gate
 
 
 @dataclass
 class MoEOutput:
     logits: torch.Tensor
     routing: Routing
-    balance_loss: torch.Tensor
+    balance_loss: torch.Tensor                  # balance_loss(): Switch + importance CV^2 + per-input entropy
+    switch_loss: torch.Tensor | None = None     # switch_balance_loss() alone (Switch / GShard f . P)
+    z_loss: torch.Tensor | None = None          # router z-loss (ST-MoE): mean logsumexp(gate logits)^2
 
 
 def _conv(cin, cout, stride=1, norm="bn"):
@@ -114,6 +123,12 @@ def team_weights(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return w / w.sum(dim=1, keepdim=True).clamp_min(1e-9)
 
 
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean over inputs of logsumexp(logits)^2 (keeps the gate's logits small; ST-MoE
+    uses weight 1e-3)."""
+    return torch.logsumexp(logits.float(), dim=1).pow(2).mean()
+
+
 def switch_balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Switch Transformer load-balance term E * sum_e f_e * P_e (f = share of team slots, P = mean probability);
     1 when routing is uniform, E when everything goes to one expert."""
@@ -138,6 +153,37 @@ def balance_loss(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return switch_balance_loss(probs, mask) + cv2 + ent
 
 
+class GateNorm(nn.BatchNorm1d):
+    """BatchNorm1d without affine parameters over the gate's input features; a training-mode batch of one (which
+    BatchNorm cannot normalise) uses the running statistics instead."""
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+        return super().forward(x)
+
+
+def make_gate(cin: int, out: int, hidden: int, norm: str = "bn", bias: bool = False) -> nn.Sequential:
+    """The router: [GateNorm(cin)] -> [Linear(cin, hidden) -> ReLU] -> Linear(-, out[, bias]).
+
+    Why the norm and no output bias (docs/moe.md, "Why the gate did not learn"): the gate reads the spatial mean of
+    the stem's post-ReLU features, non-negative vectors whose per-input variation is ~25 % of their mean. Through
+    PyTorch's default Linear init, the constant part plus the output bias gave logit offsets of 0.1-0.4 between
+    experts against an input-dependent spread of 0.01-0.04: at step 0 every input was sent to the same two experts,
+    and the Switch term then only levelled the offsets (a tie broken by ~0.005 logits). Standardising each input
+    feature removes the constant part (as the LayerNorm before a transformer's router does), and a bias-free output
+    layer has no input-independent preference to start from."""
+    layers: list[nn.Module] = [GateNorm(cin)] if norm == "bn" else []
+    if hidden:
+        layers += [nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out, bias=bias)]
+    else:
+        layers += [nn.Linear(cin, out, bias=bias)]
+    return nn.Sequential(*layers)
+
+
 class MoEClassifier(nn.Module):
     def __init__(self, cfg: MoEModelConfig, in_channels: int, num_classes: int):
         super().__init__()
@@ -149,8 +195,7 @@ class MoEClassifier(nn.Module):
         self.gate = None
         if cfg.kind != "dense":
             out = cfg.groups + E if cfg.kind == "hier" else E
-            self.gate = nn.Sequential(nn.Linear(s, cfg.gate_hidden), nn.ReLU(inplace=True),
-                                      nn.Linear(cfg.gate_hidden, out))
+            self.gate = make_gate(s, out, cfg.gate_hidden, cfg.gate_norm, cfg.gate_bias)
         self.graph = ExpertGraph(E, cfg.expert_dim, cfg.graph_init, cfg.graph_strength) if cfg.kind == "graph" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.expert_dim, num_classes)
@@ -184,10 +229,15 @@ class MoEClassifier(nn.Module):
             mask = mask.view(B, E)
             pe_sel = pe.reshape(B, E) * mask
             weights = pg.gather(1, g[:, None]) * pe_sel / pe_sel.sum(1, keepdim=True).clamp_min(1e-9)
-            return Routing(probs, mask, weights)
+            return Routing(probs, mask, weights, logits)
         probs = logits.softmax(1)
         mask = topk_mask(probs, k)
-        return Routing(probs, mask, team_weights(probs, mask))
+        w = team_weights(probs, mask)
+        if k == 1:
+            # renormalised over a team of one the weight is the constant 1 and the task loss would not reach the
+            # gate at all: value 1, gradient of p (straight-through)
+            w = mask * probs / probs.detach().clamp_min(1e-9)
+        return Routing(probs, mask, w, logits)
 
     def expert_outputs(self, z: torch.Tensor, mask: torch.Tensor, path: str = "dense") -> torch.Tensor:
         """[B, E, D]; rows of experts outside an input's team are 0."""
@@ -218,10 +268,13 @@ class MoEClassifier(nn.Module):
         if mask is not None:
             if mask.shape != r.probs.shape:
                 raise ValueError(f"mask must have shape {tuple(r.probs.shape)}, got {tuple(mask.shape)}")
-            r = Routing(r.probs, mask.to(r.probs.dtype), team_weights(r.probs, mask.to(r.probs.dtype)))
+            r = Routing(r.probs, mask.to(r.probs.dtype), team_weights(r.probs, mask.to(r.probs.dtype)), r.logits)
         logits = self.combine(self.expert_outputs(z, r.mask, path), r)
-        bal = balance_loss(r.probs, r.mask) if self.gate is not None else logits.new_zeros(())
-        return MoEOutput(logits, r, bal)
+        if self.gate is None:
+            zero = logits.new_zeros(())
+            return MoEOutput(logits, r, zero, zero, zero)
+        return MoEOutput(logits, r, balance_loss(r.probs, r.mask), switch_balance_loss(r.probs, r.mask),
+                         router_z_loss(r.logits))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -31,6 +31,7 @@ from refgen.moe.model import PATHS, MoEClassifier, MoEModelConfig
 from refgen.moe.monitor import Probe
 
 SCHEDULES = ("plateau", "onecycle")
+BALANCES = ("switch", "composite")
 
 
 @dataclass
@@ -50,7 +51,9 @@ class MoETrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "plateau"           # plateau: ReduceLROnPlateau(0.5) after plateau_epochs; onecycle
     plateau_epochs: int = 3
-    balance_coef: float = 0.1           # Switch load-balance loss weight (against expert collapse)
+    balance_coef: float = 0.01          # weight of the load-balance loss (against expert collapse; Switch: 0.01)
+    balance: str = "switch"             # switch: Switch/GShard E * sum f.P; composite: + importance CV^2 + entropy
+    z_loss_coef: float = 1e-3           # router z-loss weight (ST-MoE: 1e-3)
     graph_l1: float = 0.1               # L1 on the raw off-diagonal graph edges (proximal: shrink lr x this per step)
     shift_px: int = 2                   # random translation by up to this many pixels (0: off)
     path: str = "sparse"                # execution path while training (eval is checked on both)
@@ -69,6 +72,8 @@ class MoETrainConfig:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance must be one of {BALANCES}, got {self.balance!r}")
         if self.path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
         for k in ("epochs", "batch_size", "plateau_epochs", "sample_every", "log_every", "eval_batch"):
@@ -79,7 +84,7 @@ class MoETrainConfig:
         for k in ("lr", "gate_lr_scale"):
             if not (math.isfinite(getattr(self, k)) and getattr(self, k) > 0):
                 raise ValueError(f"{k} must be a positive number, got {getattr(self, k)}")
-        for k in ("weight_decay", "balance_coef", "graph_l1", "shift_px"):
+        for k in ("weight_decay", "balance_coef", "z_loss_coef", "graph_l1", "shift_px"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -219,7 +224,9 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor):
     cfg, model = run.cfg, run.model
     out_ = model(x, path=cfg.path)
     ce = F.cross_entropy(out_.logits, y)
-    loss = ce + cfg.balance_coef * out_.balance_loss
+    loss = ce + cfg.balance_coef * (out_.switch_loss if cfg.balance == "switch" else out_.balance_loss)
+    if cfg.z_loss_coef > 0:
+        loss = loss + cfg.z_loss_coef * out_.z_loss
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
@@ -251,7 +258,8 @@ def _train_epoch(run: _Run, train_b: Batches, epoch: int, step: int, bar) -> tup
                 raise FloatingPointError(f"training loss is {float(ce)} at step {step} (lr {cfg.lr}); "
                                          f"lower the learning rate")
             run.log.log(kind="train", step=step, epoch=epoch, loss=float(ce.detach()),
-                        balance=float(o.balance_loss.detach()),
+                        balance=float(o.balance_loss.detach()), switch=float(o.switch_loss.detach()),
+                        z_loss=float(o.z_loss.detach()),
                         lr={g["name"]: g["lr"] for g in opt.param_groups},
                         weight_decay={g["name"]: g["weight_decay"] for g in opt.param_groups})
             if run.probe is not None:
@@ -270,6 +278,8 @@ def _epoch_record(run: _Run, epoch: int, step: int, train_loss: float, val_b: Ba
     rec = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": train_loss,
            "val_acc": val["acc"] if val else None, "val_loss": val["loss"] if val else None,
            "seconds": time.perf_counter() - t_train}
+    if val and model.gate is not None:
+        rec.update(val_routing_share=val["routing_share"], val_gate_entropy_per_sample=val["gate_entropy_per_sample"])
     if model.graph is not None:
         gs = graph_stats(model.graph)
         rec.update(graph_sparsity=gs["sparsity"], graph_dist_from_identity=gs["dist_from_identity"],
@@ -358,7 +368,10 @@ def load_model(folder: str | Path, device="cpu") -> tuple[MoEClassifier, dict]:
         raise FileNotFoundError(f"{f} does not exist: not a `refgen moe train` output folder")
     with safe_open(str(f), "pt") as so:
         meta = so.metadata()
-    mcfg = from_dict(MoEModelConfig, json.loads(meta["refgen_moe_config"]), source=f)
+    d = json.loads(meta["refgen_moe_config"])
+    if "gate_norm" not in d:  # written before the gate fix: no input norm, a biased output layer
+        d.update(gate_norm="none", gate_bias=True)
+    mcfg = from_dict(MoEModelConfig, d, source=f)
     model = MoEClassifier(mcfg, int(meta["in_channels"]), int(meta["num_classes"]))
     model.load_state_dict(load_file(str(f)))
     info = json.loads((folder / "moe.json").read_text()) if (folder / "moe.json").is_file() else {}
