@@ -296,7 +296,8 @@ def ensure_cache(folder: str | Path, source, key: dict, pipe, load_tower, height
                  world: int = 1, progress: bool = True) -> dict:
     """The finished cache's manifest on every rank. Rank 0 builds (or reuses) it; the others wait for its
     manifest on the file system (a build of many identities outlasts a collective's timeout), then every rank
-    joins one barrier. The folder must be one that every rank sees."""
+    joins one barrier. The folder must be one that every rank sees. If rank 0 fails (a refused key, a bad photo),
+    torchrun stops the waiting ranks; a waiting rank that finds a cache of another key raises by itself."""
     folder = Path(folder)
     if rank == 0:
         build_cache(folder, source, key, pipe, load_tower, height, width, progress)
