@@ -34,6 +34,7 @@ def main(argv=None) -> int:
                     "150,375 (a quarter of 1,500 is 375)")
     ap.add_argument("--start-head", default="", help="a head folder: the short inversions also start from its "
                     "predictions, and the head alone is scored")
+    ap.add_argument("--pair-alphas", default="", help="comma-separated extra alphas for the two-slot rows")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke settings")
     a = ap.parse_args(argv)
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
         base.pair_images = a.pair_images
         base.short_steps = [int(x) for x in a.short_steps.split(",") if x]
         base.start_head = a.start_head
+        base.pair_alphas = [float(x) for x in a.pair_alphas.split(",") if x]
         cfg = BenchmarkConfig(**{**base.__dict__, "n_train": 0, "invert": {**base.invert, **over}})
         r = run_benchmark(cfg, Path(a.out) / f"v{k}", progress=False)
         best = r["teacher"]["best_alpha"]
@@ -69,7 +71,10 @@ def main(argv=None) -> int:
                 print("    " + f"{steps} steps {name}: " + ", ".join(
                     f"a={x} id {m['identity_acc']:.3f} [{m['identity_ci'][0]:.3f}, {m['identity_ci'][1]:.3f}] "
                     f"attr {m['attribute_acc']:.3f} scene {m['scene_acc']:.3f}" for x, m in pa.items()), flush=True)
-        rows[-1].update(short_steps=r.get("short_steps"), head_start=r.get("head_start"))
+        for name, m in r["two_slot"].items():
+            print(f"    two slots, {name} (alpha {m['alpha']:g}): both right {m['all_people_acc']:.3f}, person count "
+                  f"{m['people_count_acc']:.3f}, attributes {m['attribute_acc']:.3f}", flush=True)
+        rows[-1].update(short_steps=r.get("short_steps"), head_start=r.get("head_start"), two_slots=r["two_slot"])
         atomic_write_json(Path(a.out) / "sweep.json", provenance(vars(a), rows=rows))  # after every row: a
         # run cut short by a time limit keeps what it measured
     return 0

@@ -158,7 +158,7 @@ def test_short_inversions_start_from_a_head(tmp_path):
               E2EConfig(head="linear", steps=2, batch_size=2, warmup_steps=0, eval_identities=0),
               device="cpu", dtype="fp32", progress=False)
     tok = {"steps": 3, "images_per_step": 1, "parametrisation": "tokens", "image_prompts": True}
-    cfg = B.BenchmarkConfig.tiny(n_train=0, n_pairs=0, invert=tok, short_steps=[2], start_head=str(head))
+    cfg = B.BenchmarkConfig.tiny(n_train=0, invert=tok, short_steps=[2], start_head=str(head), pair_alphas=[0.5])
     r = B.run_benchmark(cfg, tmp_path / "bench", progress=False)
     rows = r["head_start"]["per_steps"]
     assert set(rows) == {"0", "2"} and all(m["n_images"] == 4 for pa in rows.values() for m in pa.values())
@@ -166,5 +166,7 @@ def test_short_inversions_start_from_a_head(tmp_path):
     rec = json.loads((tmp_path / "bench" / "teacher_s2_head" / f"seed_{cfg.test_seed}" / "teacher.json").read_text())
     assert rec["started_from"] and rec["steps_run"] == 2
     assert "steps from the head's start" in (tmp_path / "bench" / "benchmark.md").read_text()
+    two = r["two_slot"]  # the teacher at an extra alpha, and the head's own prediction, in two-person prompts
+    assert two["teacher_a0.5"]["alpha"] == 0.5 and two["start_head"]["n_images"] == two["teacher"]["n_images"]
     with pytest.raises(ValueError, match="outputs tokens, but the inversion's parametrisation is 'free'"):
         B.BenchmarkConfig.tiny(invert={**tok, "parametrisation": "free"}, start_head=str(head))

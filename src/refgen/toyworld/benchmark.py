@@ -93,6 +93,9 @@ class BenchmarkConfig:
     # time starting from the head's prediction of every test person (Cross-Initialization / E4T), and the
     # prediction alone is scored as 0 steps. Its output must be the teacher's kind (token head, token teacher).
     start_head: str = ""
+    # Two-slot rows of the teacher at these alphas too (besides its best single-person alpha): whether a person
+    # fitted alone holds its place beside another one at a lower strength.
+    pair_alphas: list[float] = field(default_factory=list)
     grid_identities: int = 6
 
     def __post_init__(self):
@@ -603,8 +606,11 @@ def _two_slot(run: _Run, teach: list[torch.Tensor], pred: list[torch.Tensor] | N
     cfg = run.cfg
     prompts = [PAIR_PROMPT.format(where=world.SCENE_PHRASES[s][0]) for s in cfg.scenes]
     sources = {"floor": (teach, 0.0, run.kind), "teacher": (teach, run.result["teacher"]["best_alpha"], run.kind)}
+    sources.update({f"teacher_a{a:g}": (teach, a, run.kind) for a in cfg.pair_alphas})
     if pred is not None:
         sources["head"] = (pred, run.result["head"]["best_alpha"], "residuals")
+    if run.head_start is not None:  # the start head's own prediction, at alpha 1
+        sources["start_head"] = ([run.head_start[d.name].float() for d in run.test_dirs], 1.0, run.kind)
     run.result["two_slot"] = {}
     for name, (res, a, kind) in sources.items():
         alpha = float(a) if a is not None else 1.0  # no alpha kept the scene: report alpha 1
