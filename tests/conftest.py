@@ -1,5 +1,8 @@
 """Shared fixtures: the tiny random Qwen-Image + Qwen3-VL models, built once per test session (offline)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -29,3 +32,17 @@ def pipe(tiny_models):
     from refgen.identity.render import load_pipeline
 
     return load_pipeline(tiny_models["qwen_image"], device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def bench_module():
+    """bench/<name>.py loaded as a module (the bench scripts are not a package): `bench_module("dit_throughput")`."""
+    root = Path(__file__).resolve().parents[1] / "bench"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

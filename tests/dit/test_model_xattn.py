@@ -4,9 +4,7 @@ SDPA reference, forward and backward, on CPU in fp32; regional compilation; the 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,15 +13,6 @@ from refgen.dit.config import model_preset
 import refgen.dit.attention as attention
 from refgen.dit.attention import check_compiled_gradients, cross_attention
 from refgen.dit.model import Cond, NanoDiT
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("dit_throughput", REPO / "bench" / "dit_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _keys(B=5, H=2, N=6, T=5, hd=8, seed=0, logit_scale=1.0):
@@ -257,10 +246,10 @@ def test_fused_adamw_honours_grad_scale():
         fused_step_dividing_grads(torch.optim.AdamW([ps[0]], fused=False), torch.tensor(2.0))
 
 
-def test_bench_mfu40_tiny(tmp_path, monkeypatch):
+def test_bench_mfu40_tiny(tmp_path, monkeypatch, bench_module):
     """The preset's rows on the tiny model (CPU, eager): the attention check passes, every exact option trains
     to the same loss as the masked reference, and a failing row is recorded without stopping the run."""
-    bench = _bench()
+    bench = bench_module("dit_throughput")
     bad = bench.Run("base", 256, 128, "compile-blocks", xattn="bogus")
     monkeypatch.setitem(bench.PRESETS, "mfu40", list(bench.MFU40[:3]) + [bad, bench.MFU40[4]])
     out = tmp_path / "m.json"
@@ -276,10 +265,10 @@ def test_bench_mfu40_tiny(tmp_path, monkeypatch):
         assert abs(r["loss"] - good[0]["loss"]) < 1e-5, r["label"]
 
 
-def test_bench_presets_pin_the_old_base_and_train_runs_tiny(tmp_path):
+def test_bench_presets_pin_the_old_base_and_train_runs_tiny(tmp_path, bench_module):
     """Rows measured while `base` was 1024 x 22 keep that shape (their results files say so); the `train`
     preset (the training step with EMA) runs on the tiny model."""
-    bench = _bench()
+    bench = bench_module("dit_throughput")
     for name in ("sweep", "mfu40", "mfu40b", "mfu40c", "mfu40d", "mfu40e"):
         for r in bench.PRESETS[name]:
             if r.model == "base":

@@ -4,7 +4,6 @@ metrics, configs, and the validate / benchmark entry points in their tiny forms.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -232,10 +231,8 @@ def test_validate_measures_an_oracle_against_the_ground_truth(tmp_path, monkeypa
         assert res["psnr_own_db"] == pytest.approx(other, abs=0.1)
 
 
-def test_throughput_bench_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("dit_throughput", REPO / "bench" / "dit_throughput.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_throughput_bench_tiny(tmp_path, bench_module):
+    mod = bench_module("dit_throughput")
     out = tmp_path / "bench.json"
     assert mod.main(["--tiny", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["results"][0]
@@ -280,12 +277,10 @@ def test_compile_tuning_sets_coordinate_descent(tmp_path, monkeypatch):
     assert inductor_config.coordinate_descent_tuning is True
 
 
-def test_train_e2e_bench_tiny(tmp_path):
+def test_train_e2e_bench_tiny(tmp_path, bench_module):
     """bench/dit_train_e2e.py drives refgen.dit.train.train itself (with and without grad accumulation) and
     reads images/s back from the run's metrics."""
-    spec = importlib.util.spec_from_file_location("dit_train_e2e", REPO / "bench" / "dit_train_e2e.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("dit_train_e2e")
     out = tmp_path / "e2e.json"
     assert mod.main(["--tiny", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]

@@ -5,27 +5,16 @@ must be a token of the tiny T5, and time-to-quality must pick the first crossing
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from refgen.dit import yardstick as Y
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("dit_yardstick", REPO / "bench" / "dit_yardstick.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_path, capsys):
+def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_path, capsys, bench_module):
     out = tmp_path / "yard"
-    assert _bench().main(["--tiny", "--out", str(out), "--variants", "default,repa"]) == 0
+    assert bench_module("dit_yardstick").main(["--tiny", "--out", str(out), "--variants", "default,repa"]) == 0
     table = capsys.readouterr().out
     assert "| default |" in table and "| repa |" in table
     rep = json.loads((out / "yardstick.json").read_text())
@@ -55,7 +44,7 @@ def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_pa
     assert "repa_loss" in json.loads((out / "runs" / "repa" / "metrics.jsonl").read_text().splitlines()[-1])
     # a later call on the same OUT re-runs one variant on the prepared data and keeps the other's scores
     shard = next((out / "shards" / "train" / "buckets").rglob("*.tar")).stat().st_mtime_ns
-    assert _bench().main(["--tiny", "--out", str(out), "--variants", "repa"]) == 0
+    assert bench_module("dit_yardstick").main(["--tiny", "--out", str(out), "--variants", "repa"]) == 0
     again = json.loads((out / "yardstick.json").read_text())
     assert list(again["variants"]) == ["default", "repa"] and again["variants"]["default"] == v
     assert next((out / "shards" / "train" / "buckets").rglob("*.tar")).stat().st_mtime_ns == shard   # not redone

@@ -1,6 +1,5 @@
 """bench/moe_acceptance.py --pack: the acceptance table is reproducible from an archive without weights."""
 
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
@@ -9,11 +8,8 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def acc():
-    spec = importlib.util.spec_from_file_location("moe_acceptance", Path("bench/moe_acceptance.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def acc(bench_module):
+    return bench_module("moe_acceptance")
 
 
 def _run(folder: Path, acc_: float, graph: bool):
