@@ -61,3 +61,15 @@ def test_toyworld_head_e2e_runs_tiny(tmp_path):
     assert t["identity"] == res["test"]["per_alpha"]["1"]["identity_acc"] and t["ceiling"] == res["ceiling"][
         "single"]["identity_acc"] and t["n_images"] == 4 and "two_people_both_right" in t
     assert "## Head on unseen toy-world people" in to_markdown(rep)
+
+
+def test_toyworld_head_e2e_streams_training_people(tmp_path):
+    """--stream: the training people are rendered into the trainer's cache (mapped tables), no training folders are
+    written, and the rest of the bench runs as with folders."""
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "toyworld_head_e2e.py"), "--tiny", "--threads", "1",
+                        "--stream", "--tables", "mapped", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "train").exists() and (tmp_path / "head" / "cache" / "manifest.json").is_file()
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["test"]["per_alpha"]["1"]["n_people"] == 4 and res["e2e_config"]["toyworld_identities"] == 6
