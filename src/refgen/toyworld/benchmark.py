@@ -486,9 +486,7 @@ def _head_starts(run: _Run) -> dict[str, torch.Tensor]:
 
     ip = IdentityPipeline(run.pipe, run.model)
     ip.load_head(run.cfg.start_head, run.cfg.vl_model or default_vl_model())
-    out = {d.name: ip.residual_from_refs(image_files(d)).tensor for d in run.test_dirs}
-    del ip.features
-    return out
+    return {d.name: ip.residual_from_refs(image_files(d)).tensor for d in run.test_dirs}
 
 
 def _invert_all(run: _Run) -> None:
