@@ -374,3 +374,15 @@ def test_training_from_mapped_tables_matches_the_device_tables(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         train_e2e(tmp_path, tmp_path / "x", default_model(), default_vl_model(), E2EConfig(**base), device="cpu",
                   dtype="fp32", progress=False)
+
+
+def test_yaml_mirrors_the_config():
+    """configs/train_head_e2e.yaml lists every E2EConfig field at its default (a new field must reach the YAML)."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "train_head_e2e.yaml"
+    assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(E2EConfig)}
+    assert dataclasses.asdict(E2EConfig.from_yaml(path)) == dataclasses.asdict(E2EConfig())
