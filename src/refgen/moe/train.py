@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from refgen.artifacts import JsonlLogger, atomic_save_safetensors, atomic_write_json, provenance
 from refgen.config import from_dict, from_yaml
+from refgen.moe import augment
 from refgen.moe.cost import CostTable, cost_table
 from refgen.moe.data import DATASETS, ImageSet, load_dataset, stratified_split
 from refgen.moe.graph import graph_stats
@@ -56,6 +57,11 @@ class MoETrainConfig:
     z_loss_coef: float = 1e-3           # router z-loss weight (ST-MoE: 1e-3)
     graph_l1: float = 0.1               # L1 on the raw off-diagonal graph edges (proximal: shrink lr x this per step)
     shift_px: int = 2                   # random translation by up to this many pixels (0: off)
+    corrupt_p: float = 0.0              # share of training images corrupted (refgen.moe.augment; 0: off)
+    corrupt_types: tuple[str, ...] = ("gaussian_noise", "impulse_noise", "defocus_blur", "motion_blur", "fog",
+                                      "contrast", "jpeg_compression")
+    corrupt_severities: tuple[int, ...] = (1, 2, 3, 4, 5)
+    corrupt_mix: bool = False           # AugMix-style blend of clean and corrupted image, weight ~ U(0, 1)
     path: str = "sparse"                # execution path while training (eval is checked on both)
     seed: int = 0
     device: str | None = None           # cuda (default) or cpu
@@ -87,6 +93,9 @@ class MoETrainConfig:
         for k in ("weight_decay", "balance_coef", "z_loss_coef", "graph_l1", "shift_px"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        self.corrupt_types = tuple(str(t) for t in self.corrupt_types)
+        self.corrupt_severities = tuple(int(s) for s in self.corrupt_severities)
+        augment.check(self.corrupt_p, self.corrupt_types, self.corrupt_severities)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.seed < 0:
@@ -243,8 +252,15 @@ def _train_epoch(run: _Run, train_b: Batches, epoch: int, step: int, bar) -> tup
     run.model.train()
     perm = torch.randperm(len(train_b), generator=run.gen).to(train_b.y.device)
     run_loss, run_n = 0.0, 0
+    aug_rng = augment.epoch_rng(cfg.seed, epoch) if cfg.corrupt_p > 0 else None
     for i in range(0, len(train_b), cfg.batch_size):
-        x, y = train_b.get(perm[i:i + cfg.batch_size])
+        if aug_rng is not None:  # corrupt the uint8 images, then normalise as Batches.get does
+            idx = perm[i:i + cfg.batch_size]
+            xu = augment.corrupt_batch(train_b.x[idx], cfg.corrupt_p, cfg.corrupt_types, cfg.corrupt_severities,
+                                       aug_rng, cfg.corrupt_mix)
+            x, y = (xu.float() / 255 - train_b.mean) / train_b.std, train_b.y[idx]
+        else:
+            x, y = train_b.get(perm[i:i + cfg.batch_size])
         x = random_shift(x, cfg.shift_px, run.gen)
         if run.probe is not None:
             with run.probe.step(step, flops=run.train_flops, images=len(y)):
