@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     means = {k: mean(k) for k in ("base", "robust", "held_out")}
     clean = {n: {"acc": v["acc"], "acc_std": v["acc_std"]} for n, v in summ.items()}
     report = {"base_config": args.base, "robust_config": args.robust, "dataset": args.dataset, "seeds": args.seeds,
-              "severities": args.severities, "train_seconds": t_train, "eval": res, "clean": clean,
+              "severities": args.severities, "train_seconds": t_train,
+              "eval": {k: res[k] for k in ("jobs", "skipped_done", "to_run", "failed") if k in res}, "clean": clean,
               "drop_pp_severity3": rows, "mean_drop_pp_severity3": means,
               "ece_severity3": {n: [v["ece_severity3"], v["ece_ts_severity3"]] for n, v in summ.items()},
               "command": "python " + " ".join(sys.argv)}

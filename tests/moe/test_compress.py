@@ -39,6 +39,36 @@ def test_structured_pruning_removes_channels_in_three_steps_and_keeps_the_interf
     assert m.model.graph.weight.shape == (4, 4)
 
 
+def test_pruning_maps_a_pooled_channel_to_its_pool_x_pool_inputs_of_the_expert_linear():
+    """pool 2 (the MNIST recipes): removing a conv channel removes its 4 flattened inputs of the expert's Linear
+    (torch-pruning 1.6 on torch 2.x mapped it to one input: the MNIST-5k prune failed with a shape error)."""
+    import torch_pruning as tp
+
+    from refgen.moe.export import Deployable
+    from refgen.moe.model import MoEClassifier, MoEModelConfig
+    from refgen.moe.prune import _fix_flatten_mappings
+
+    torch.manual_seed(0)
+    cfg = MoEModelConfig(num_experts=4, top_k=2, stem_channels=16, expert_channels=24, expert_dim=48, pool=2,
+                         expert_stages=2, gate_hidden=0, gate_norm="bn", gate_bias=False)
+    x = torch.rand(3, 1, 28, 28)
+    m = Deployable(MoEClassifier(cfg, 1, 10), [0.5], [0.25]).eval()
+    m2 = copy.deepcopy(m)
+    prune_iterative(m2, 0.4, 3, x[:2])  # the whole pipeline runs on pool 2
+    assert m2(x)[0].shape == (3, 10)
+    assert m2.model.experts[0][-2].in_features == 4 * [c for c in m2.model.experts[0].modules()
+                                                         if isinstance(c, nn.Conv2d)][-1].out_channels
+    # one chosen group: channels 0 and 5 of expert 0's last conv -> inputs 0-3 and 20-23 of its Linear go
+    w0 = m.model.experts[0][-2].weight.detach().clone()
+    dg = tp.DependencyGraph().build_dependency(m, x[:2], output_transform=lambda o: o[0].sum() + o[1].sum())
+    assert _fix_flatten_mappings(dg) >= 4  # one flatten per expert
+    conv = [c for c in m.model.experts[0].modules() if isinstance(c, nn.Conv2d)][-1]
+    dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0, 5]).prune()
+    gone = {0, 1, 2, 3, 20, 21, 22, 23}
+    assert torch.equal(m.model.experts[0][-2].weight, w0[:, [i for i in range(96) if i not in gone]])
+    assert m(x)[0].shape == (3, 10)
+
+
 def test_rank_for_energy_and_factor_reconstruction():
     s = torch.tensor([3.0, 2.0, 1.0, 0.0])
     assert rank_for_energy(s, 9 / 14) == 1 and rank_for_energy(s, 13 / 14) == 2 and rank_for_energy(s, 1.0) == 3

@@ -30,6 +30,42 @@ def _loose_params(deployable: nn.Module) -> list[nn.Parameter]:
     return [p for p in deployable.parameters() if id(p) not in owned]
 
 
+def _fix_flatten_mappings(dg) -> int:
+    """Flatten (conv C x p x p -> Linear C*p*p) index mappings that torch-pruning 1.6 skips on torch 2.x.
+
+    Its `update_reshape_index_mapping` reads the 4-D input size from `grad_fn._saved_self_sizes`, which torch 2.x
+    names `_saved_self_sym_sizes`; without it, it falls back to a legacy flag that any Linear with a 3-D output
+    (here the expert graph's mixing) turns off, and then maps a pruned channel to ONE input of the expert's Linear
+    instead of p*p (an MNIST expert with pool 2 failed: "mat1 and mat2 shapes cannot be multiplied (64x108 and
+    123x96)"). This runs the library's own mapping for every reshape whose input is [B, C, H, W] and whose consumer
+    takes C*H*W features. Returns how many reshapes it mapped."""
+    from torch_pruning import ops
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    fixed, flag = 0, dg._2d_4d
+    try:
+        for node in list(dg.module2node.values()):
+            if node.type != ops.OPTYPE.RESHAPE:
+                continue
+            size = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+            if size is None or len(size) != 4 or hasattr(node.grad_fn, "_saved_self_sizes"):
+                continue
+            outs = [shape_infer.infer_in_channels_recursively(dg, n, [0]) for n in node.outputs]
+            ins = [shape_infer.infer_out_channels_recursively(dg, n, [0]) for n in node.inputs]
+            out_ch = next((c for c in outs if c is not None), None)
+            in_ch = next((c for c in ins if c is not None), None)
+            if out_ch is None or in_ch is None or in_ch != int(size[1]) or out_ch != int(size[1] * size[2] * size[3]):
+                continue
+            if out_ch == in_ch:
+                continue
+            dg._2d_4d = True  # the library's legacy path: infers the stride from the channel counts
+            index_mapping.update_reshape_index_mapping(dg, node)
+            fixed += 1
+    finally:
+        dg._2d_4d = flag
+    return fixed
+
+
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -55,6 +91,7 @@ def prune_iterative(deployable: nn.Module, ratio: float, steps: int, example: to
                                       iterative_steps=steps, pruning_ratio=ratio,
                                       ignored_layers=ignored_layers(deployable),
                                       output_transform=lambda out: out[0].sum() + out[1].sum())
+    _fix_flatten_mappings(pruner.DG)
     shapes = [p.shape for p in loose]
     recs = []
     for s in range(steps):
