@@ -267,9 +267,8 @@ def cmd_train_head(args) -> int:
     if args.model is None or args.vl_model is None:
         raise ValueError(f"--objective {args.objective} --head {args.head} trains through the photos: it needs "
                          "--model (Qwen-Image) and --vl-model (Qwen3-VL)")
-    output = args.output or (None if args.objective == "e2e" else "residual")  # teachers are slot residuals
-    over = {"objective": args.objective, "head": args.head, "output": output, "steps": args.steps, "batch_size": args.batch_size,
-            "lr": args.lr, "teacher_weight": args.teacher_weight, "teacher_root": args.teacher_root,
+    over = {"objective": args.objective, "head": args.head, "output": args.output, "steps": args.steps,
+            "batch_size": args.batch_size, "lr": args.lr, "teacher_weight": args.teacher_weight, "teacher_root": args.teacher_root,
             "two_person_fraction": args.two_person_fraction, "val_identities": args.val_identities,
             "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing or None,
             "cache_dir": args.cache_dir, "tables": args.tables, "toyworld_identities": args.toyworld_identities,
@@ -445,8 +444,8 @@ def _add_head(sub) -> None:
                         "token of every reference photo")
     h.add_argument("--output", default=None, choices=["residual", "tokens"],
                    help="what the head makes: the placeholder's input token embeddings, read by the text encoder "
-                        "(default for e2e), or a slot residual on the encoder output (default for teacher and mixed, "
-                        "which regress teacher residuals)")
+                        "(default; teacher/mixed regress teacher_tokens.safetensors), or a slot residual on the "
+                        "encoder output (teacher/mixed regress teacher_residual.safetensors)")
     h.add_argument("--model", default=None, help="Qwen-Image (e2e/mixed, or any resampler)")
     h.add_argument("--vl-model", default=None, help="Qwen3-VL the features come from (with --model)")
     h.add_argument("--config", default=None, help="E2EConfig YAML (configs/train_head_e2e.yaml); flags override it")

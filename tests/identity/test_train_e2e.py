@@ -180,8 +180,8 @@ def test_teacher_and_mixed_objectives(toy, toy_ids, tmp_path):
 
     for name in data.ids[:4]:
         teacher(name)
-    base = dict(output="residual", teacher_root=str(teachers), batch_size=5, lr=1e-2, warmup_steps=0, eval_identities=0,
-                resampler={"width": 32, "layers": 1, "heads": 2})
+    base = dict(output="residual", teacher_root=str(teachers), batch_size=5, lr=1e-2, warmup_steps=0,
+                eval_identities=0, resampler={"width": 32, "layers": 1, "heads": 2})
     with pytest.raises(ValueError, match=r"1 have none under .*seed_100004/teacher_residual"):
         train_e2e(toy_ids, tmp_path / "t0", default_model(), default_vl_model(), E2EConfig(objective="teacher", **base),
                   device="cpu", dtype="fp32", progress=False)
@@ -279,8 +279,50 @@ def test_token_head_trains_loads_and_makes_slot_tokens(toy_ids, tmp_path):
 def test_token_output_refusals():
     with pytest.raises(ValueError, match="output must be one of"):
         E2EConfig(output="words")
-    with pytest.raises(ValueError, match="output 'tokens' trains with the e2e objective only"):
-        E2EConfig(output="tokens", objective="mixed")
+
+
+def test_token_heads_regress_token_teachers(toy, toy_ids, tmp_path):
+    """teacher / mixed with token output regress each person's teacher tokens as the head's own unit,
+    (T - T_ph) / e; residual teachers are named as the other output's, and tokens learnt for another text encoder
+    are refused like any token file."""
+    from refgen.identity.inject import residual_metadata, save_residual
+    from refgen.identity.tokens import TokensMismatchError, embed_rms, placeholder_embeds, save_tokens, token_metadata
+
+    pipe, _, data, _ = toy
+    T_ph, e = placeholder_embeds(pipe), embed_rms(pipe)
+    g = torch.Generator().manual_seed(0)
+    teachers = tmp_path / "teachers"
+    for name in data.ids:
+        save_tokens(teachers / name / "teacher_tokens.safetensors", T_ph + e * torch.randn(T_ph.shape, generator=g),
+                    T_ph, token_metadata(pipe, "toy"))
+    base = dict(teacher_root=str(teachers), batch_size=5, lr=1e-2, warmup_steps=0, eval_identities=0,
+                resampler={"width": 32, "layers": 1, "heads": 2})
+    train_e2e(toy_ids, tmp_path / "t", default_model(), default_vl_model(),
+              E2EConfig(objective="teacher", steps=30, **base), device="cpu", dtype="fp32", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "teacher" in r]
+    assert steps[-1]["teacher"] < 0.7 * steps[0]["teacher"]
+    assert json.loads((tmp_path / "t" / "head.json").read_text())["output"] == "tokens"
+    train_e2e(toy_ids, tmp_path / "m", default_model(), default_vl_model(),
+              E2EConfig(objective="mixed", steps=2, teacher_weight=0.5, two_person_fraction=1.0, two_person_images=4,
+                        **base), device="cpu", dtype="fp32", progress=False)
+    m = [json.loads(x) for x in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert m["two_person"] and m["loss"] == pytest.approx(m["flow"] + 0.5 * m["teacher"], rel=1e-5)
+    only_residuals = tmp_path / "res"
+    for name in data.ids:
+        save_residual(only_residuals / name / "teacher_residual.safetensors", torch.zeros(data.L, data.H),
+                      residual_metadata(pipe, "toy"))
+    with pytest.raises(ValueError, match="has teacher_residual.safetensors: set output to residual"):
+        train_e2e(toy_ids, tmp_path / "r", default_model(), default_vl_model(),
+                  E2EConfig(objective="teacher", steps=1, **{**base, "teacher_root": str(only_residuals)}),
+                  device="cpu", dtype="fp32", progress=False)
+    other = tmp_path / "other"
+    for name in data.ids:
+        save_tokens(other / name / "teacher_tokens.safetensors", T_ph + 1.0, T_ph + 1.0, token_metadata(pipe, "x"))
+    with pytest.raises(TokensMismatchError, match="placeholder embeddings differ"):
+        train_e2e(toy_ids, tmp_path / "o", default_model(), default_vl_model(),
+                  E2EConfig(objective="teacher", steps=1, **{**base, "teacher_root": str(other)}),
+                  device="cpu", dtype="fp32", progress=False)
 
 
 class _NoTower:

@@ -121,10 +121,6 @@ class E2EConfig:
             raise ValueError(f"head must be 'linear' or 'resampler', got {self.head!r}")
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
-        if self.output == "tokens" and self.objective != "e2e":
-            raise ValueError(f"output 'tokens' trains with the e2e objective only: the {self.objective} objective "
-                             "regresses slot residuals (teacher_residual.safetensors), which are not token "
-                             "embeddings; set output: residual for it")
         ResamplerConfig(**self.resampler)
         fc = FeatureConfig(**self.features)
         for name in ("steps", "batch_size", "refs_min", "eval_every", "checkpoint_every"):
@@ -229,21 +225,36 @@ def _pair_scenes(ids: list[str], n: int, seed: int) -> list[tuple[int, int, obje
     return out
 
 
-def _teachers(troot: Path, ids: list[str], cfg: E2EConfig, L: int, H: int) -> torch.Tensor:
-    """(N, L, H) the identities' teacher residuals, for the teacher and mixed objectives."""
-    from refgen.identity.inject import read_residual
+TEACHER_FILES = {"residual": "teacher_residual.safetensors", "tokens": "teacher_tokens.safetensors"}
 
-    missing = [i for i in ids if not (troot / i / "teacher_residual.safetensors").is_file()]
+
+def _teachers(troot: Path, ids: list[str], cfg: E2EConfig, L: int, H: int, pipe=None, e: float = 1.0) -> torch.Tensor:
+    """(N, L, H) what the head should output for each identity, for the teacher and mixed objectives: the teacher
+    residual (output "residual"), or the teacher tokens' step from the placeholder in units of e,
+    (T - T_ph) / e (output "tokens", checked against `pipe`'s text encoder like any token file)."""
+    from refgen.identity.inject import read_residual
+    from refgen.identity.tokens import read_checked_tokens
+
+    name, other = TEACHER_FILES[cfg.output], TEACHER_FILES["residual" if cfg.output == "tokens" else "tokens"]
+    missing = [i for i in ids if not (troot / i / name).is_file()]
     if missing:
-        raise ValueError(f"the {cfg.objective} objective needs a teacher residual for every training identity; "
-                         f"{len(missing)} have none under {troot} (e.g. {missing[0]}/teacher_residual.safetensors:"
-                         " run `refgen invert` with parametrisation rms_scaled or free first (the default, tokens, "
-                         "writes teacher_tokens.safetensors, which a slot-residual head cannot regress), or set "
-                         "teacher_root)")
-    rs = [read_residual(troot / i / "teacher_residual.safetensors")[0].float() for i in ids]
+        has_other = (troot / missing[0] / other).is_file()
+        raise ValueError(f"the {cfg.objective} objective with output {cfg.output!r} needs {name} for every training "
+                         f"identity; {len(missing)} have none under {troot} (e.g. {missing[0]}/{name})"
+                         + (f"; {missing[0]} has {other}: set output to "
+                            f"{'residual' if cfg.output == 'tokens' else 'tokens'} to regress it" if has_other else
+                            ": run `refgen invert` first (parametrisation tokens makes teacher tokens, rms_scaled "
+                            "or free teacher residuals), or set teacher_root"))
+    if cfg.output == "tokens":
+        from refgen.identity.tokens import placeholder_embeds
+
+        T_ph = placeholder_embeds(pipe)
+        rs = [(read_checked_tokens(troot / i / name, pipe)[0].float() - T_ph) / e for i in ids]
+    else:
+        rs = [read_residual(troot / i / name)[0].float() for i in ids]
     bad = [i for i, r in zip(ids, rs) if tuple(r.shape) != (L, H)]
     if bad:
-        raise ValueError(f"teacher residual of {bad[0]} has shape {tuple(rs[ids.index(bad[0])].shape)}, this "
+        raise ValueError(f"teacher of {bad[0]} ({name}) has shape {tuple(rs[ids.index(bad[0])].shape)}, this "
                          f"model's slot needs ({L}, {H})")
     return torch.stack(rs)
 
@@ -318,14 +329,8 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
     if cfg.tables == "device":  # every row on the device: the fastest steps, for sets that fit
         tables = [r.materialise() for r in tables]
     tokens, tok_mask, means, latents, bank, bank_mask = tables
-    teachers = None
-    if cfg.objective != "e2e":
-        troot = cfg.teacher_root or root
-        if not troot:
-            raise ValueError(f"the {cfg.objective} objective needs teacher residuals: set teacher_root")
-        teachers = _teachers(Path(troot), ids, cfg, t.L, t.H).to(dev)
     data = E2EData(ids, t.photos, tokens, tok_mask, means, latents, t.photo_row, bank, bank_mask, starts, t.L, t.H,
-                   teachers, pair_t, settings, residual_metadata(pipe, model_id), cfg.output)
+                   None, pair_t, settings, residual_metadata(pipe, model_id), cfg.output)
     if cfg.output == "tokens":
         from refgen.identity.prompts import text_encoder_device, tokenize
         from refgen.identity.tokens import embed_rms, placeholder_embeds
@@ -333,6 +338,11 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
         data.pipe, data.tps = pipe, [tokenize(pipe, text) for text in texts]
         data.T_ph = placeholder_embeds(pipe).to(text_encoder_device(pipe))
         data.e, data.H = embed_rms(pipe), data.T_ph.shape[1]
+    if cfg.objective != "e2e":
+        troot = cfg.teacher_root or root
+        if not troot:
+            raise ValueError(f"the {cfg.objective} objective needs teachers: set teacher_root")
+        data.teachers = _teachers(Path(troot), ids, cfg, data.L, data.H, pipe, data.e).to(dev)
     return data
 
 
