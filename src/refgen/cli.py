@@ -438,7 +438,8 @@ def _add_head(sub) -> None:
     h.add_argument("--out", required=True)
     h.add_argument("--objective", default="teacher", choices=["e2e", "teacher", "mixed"],
                    help="e2e: flow matching through the frozen transformer on another photo of the person; "
-                        "teacher: regression onto teacher residuals (default); mixed: e2e + weight x teacher")
+                        "teacher: regression onto the teachers of `refgen invert` (default; without --model, the "
+                        "linear head on cached features and teacher residuals); mixed: e2e + weight x teacher")
     h.add_argument("--head", default="linear", choices=["linear", "resampler"],
                    help="linear: pooled z -> residual (default); resampler: learned queries over every visual "
                         "token of every reference photo")
