@@ -51,8 +51,9 @@ class InvertConfig:
     width: int = 512
     steps: int = 600
     lr: float = 0.05  # measured on the toy world for every parametrisation (P is unit-scale in tokens and free)
-    # "constant", or "cosine" from lr down to lr_min_ratio * lr at `steps`: small late steps settle each attribute
-    # instead of jittering around it, and a start from a head's guess is not thrown far off by full-size steps
+    # "constant", or "cosine" from lr down to lr_min_ratio * lr at `steps`: smaller late steps, so the last steps
+    # refine instead of jitter, and a start from a head's guess is not thrown off by full-size first steps. Constant
+    # stays the default until the toy-world benchmark says otherwise.
     lr_schedule: str = "constant"
     lr_min_ratio: float = 0.1
     weight_decay: float = 0.0  # decay would pull P toward 0, which the normalisation P/RMS(P) undoes anyway

@@ -550,8 +550,6 @@ def _teacher_sweep(run: _Run) -> list[torch.Tensor]:
         run.result.setdefault("short_steps", {})[str(steps)] = pa
     if cfg.start_head:  # the head's prediction alone (0 steps), then each short inversion from it
         a = [float(best)] if best is not None else [a for a in cfg.alphas if a > 0]
-        if run.head_start is None:  # every inversion was complete: predict again (cheap)
-            run.head_start = _head_starts(run)
         starts = [run.head_start[d.name].float() for d in run.test_dirs]
         rows = {"0": _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, starts, a, cfg, run.neg, run.dev,
                             kind)[0]}
