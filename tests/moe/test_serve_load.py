@@ -1,15 +1,16 @@
 """bench/moe_serve_load.py: the locust load runner for a short, low-rate run against the digits export (the 60 s /
 100 RPS acceptance run is a bench, docs/moe.md), and its helpers."""
 
+import importlib.util
 import json
 import shutil
 
 import pytest
 
-pytest.importorskip("locust")
-
-if shutil.which("locust") is None:
-    pytest.skip("the locust command is not on PATH", allow_module_level=True)
+# Looked up, never imported here: importing locust monkey-patches the whole process with gevent (sockets, threads,
+# subprocesses), which broke DataLoader workers and the server tests of every later test in the session.
+if importlib.util.find_spec("locust") is None or shutil.which("locust") is None:
+    pytest.skip("locust (and its command) is not installed", allow_module_level=True)
 
 
 def test_metric_values_and_percentiles(bench_module):
