@@ -471,12 +471,10 @@ def section_head(b: Bench, pipe, S: dict, tiny: bool):
     target's flow-matching loss through the 20B transformer, backward to the head (refgen.identity.train_e2e's own
     `_optimise`). K people per step, with and without gradient checkpointing. The vision tower is frozen and runs
     once per photo (the features row), so it is not part of the step."""
-    from refgen.identity.head import build_head
-    from refgen.identity.prompts import encode_prompts, text_encoder_device, tokenize
-    from refgen.identity.tokens import embed_rms, placeholder_embeds
-    from refgen.identity.train_e2e import TOKEN_SCALE_MAX, E2EConfig, E2EData, _frozen_flow_model, _optimise, \
-        single_batch, step_generator
+    from refgen.identity.prompts import encode_prompts
     from refgen.identity.render import execution_device
+    from refgen.identity.train_e2e import (E2EConfig, E2EData, _frozen_flow_model, _optimise, attach_text_encoder,
+                                           build_e2e_head, single_batch, step_generator)
 
     H, W = S["H"], S["W"]
     dev = execution_device(pipe)
@@ -496,16 +494,15 @@ def section_head(b: Bench, pipe, S: dict, tiny: bool):
         latents=torch.randn(P, pipe.vae.config.z_dim, H // scale, W // scale, generator=g).to(dev, pipe.vae.dtype),
         photo_row=torch.zeros(P, dtype=torch.long, device=dev), bank=enc.embeds, bank_mask=enc.mask,
         bank_starts=torch.tensor([[enc.slots[0][0].start, -1]], device=dev), L=S["L"], H=0, teachers=None,
-        pairs=None, output="tokens", pipe=pipe, tps=[tokenize(pipe, PROMPT)],
-        T_ph=placeholder_embeds(pipe).to(text_encoder_device(pipe)), e=embed_rms(pipe))
-    data.H = data.T_ph.shape[1]
+        pairs=None)
+    attach_text_encoder(data, pipe, [PROMPT])
     for ckpt in (False, True):
         cfg = E2EConfig(height=H, width=W, refs_min=3, refs_max=3, gradient_checkpointing=ckpt)
         fm = _frozen_flow_model(pipe, cfg)
         if not ckpt:
             pipe.transformer.disable_gradient_checkpointing()
         torch.manual_seed(0)
-        head = build_head("resampler", D, data.L, data.H, {"scale_max": TOKEN_SCALE_MAX}).to(dev)
+        head = build_e2e_head(cfg, D, data.L, data.H).to(dev)
         params = list(head.parameters())
         opt = torch.optim.AdamW(params, lr=1e-3)
         for K in ((1, 2) if tiny else (1, 2, 4)):

@@ -332,18 +332,35 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
     data = E2EData(ids, t.photos, tokens, tok_mask, means, latents, t.photo_row, bank, bank_mask, starts, t.L, t.H,
                    None, pair_t, settings, residual_metadata(pipe, model_id), cfg.output)
     if cfg.output == "tokens":
-        from refgen.identity.prompts import text_encoder_device, tokenize
-        from refgen.identity.tokens import embed_rms, placeholder_embeds
-
-        data.pipe, data.tps = pipe, [tokenize(pipe, text) for text in texts]
-        data.T_ph = placeholder_embeds(pipe).to(text_encoder_device(pipe))
-        data.e, data.H = embed_rms(pipe), data.T_ph.shape[1]
+        attach_text_encoder(data, pipe, texts)
     if cfg.objective != "e2e":
         troot = cfg.teacher_root or root
         if not troot:
             raise ValueError(f"the {cfg.objective} objective needs teachers: set teacher_root")
         data.teachers = _teachers(Path(troot), ids, cfg, data.L, data.H, pipe, data.e).to(dev)
     return data
+
+
+def attach_text_encoder(data: E2EData, pipe, texts: list[str]) -> None:
+    """Token output: `data` reads the head's tokens through `pipe`'s text encoder, in each bank row's sentence
+    (texts[r] is row r's), against the placeholder's own embeddings T_ph in units of the table's RMS e."""
+    from refgen.identity.prompts import text_encoder_device, tokenize
+    from refgen.identity.tokens import embed_rms, placeholder_embeds
+
+    data.output, data.pipe, data.tps = "tokens", pipe, [tokenize(pipe, text) for text in texts]
+    data.T_ph = placeholder_embeds(pipe).to(text_encoder_device(pipe))
+    data.e, data.H = embed_rms(pipe), data.T_ph.shape[1]
+
+
+def build_e2e_head(cfg: E2EConfig, dim: int, L: int, H: int):
+    """A fresh head of cfg.head for features of width `dim` and an (L, H) output; a token head's clamp is
+    TOKEN_SCALE_MAX unless the config sets one."""
+    from refgen.identity.head import build_head
+
+    arch = dict(cfg.resampler) if cfg.head == "resampler" else {}
+    if cfg.output == "tokens":
+        arch.setdefault("scale_max", TOKEN_SCALE_MAX)
+    return build_head(cfg.head, dim, L, H, arch)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -607,7 +624,6 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
            progress: bool, timings: dict) -> dict:
     from tqdm.auto import tqdm
 
-    from refgen.identity.head import build_head
     from refgen.identity.render import execution_device
 
     dev = execution_device(pipe)
@@ -617,10 +633,7 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
     if len(train_ids) < 1:
         raise ValueError("no training identity")
     torch.manual_seed(cfg.seed)
-    arch = dict(cfg.resampler) if cfg.head == "resampler" else {}
-    if cfg.output == "tokens":
-        arch.setdefault("scale_max", TOKEN_SCALE_MAX)
-    head = build_head(cfg.head, data.means.shape[1], data.L, data.H, arch).to(dev)
+    head = build_e2e_head(cfg, data.means.shape[1], data.L, data.H).to(dev)
     params = [p for p in head.parameters()]
     if world > 1:  # one starting point on every rank
         for p in params:
@@ -768,7 +781,8 @@ def _metadata(head, data: E2EData, cfg: E2EConfig, model_id: str, vl_model: str)
 def _save(out: Path, head, opt, step: int, cursor, cfg: E2EConfig, data: E2EData, meta: dict, train_ids, val_ids,
           summary: dict, timings: dict) -> None:
     """head.safetensors, then head.json (its record), then the resumable checkpoint; each written atomically."""
-    sd = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    sd = dict(weights)
     if data.output == "tokens":  # what the tokens are read against at inference (checked against the text encoder)
         sd[PLACEHOLDER_KEY] = data.T_ph.detach().float().cpu().contiguous()
     md = {**meta, "step": str(step), "metrics": json.dumps(summary), "git_commit": str(provenance()["git_commit"]),
@@ -777,7 +791,6 @@ def _save(out: Path, head, opt, step: int, cursor, cfg: E2EConfig, data: E2EData
     atomic_write_json(out / "head.json", provenance(cfg, **meta, step=step, metrics=summary, timings=timings,
                                                     train_ids=[data.ids[i] for i in train_ids],
                                                     val_ids=[data.ids[i] for i in val_ids]))
-    weights = {k: v for k, v in sd.items() if k != PLACEHOLDER_KEY}
     atomic_torch_save({"step": step, "cursor": list(cursor), "head": weights, "opt": opt.state_dict(),
                        "config": json.loads(json.dumps(dataclasses.asdict(cfg))), "ids": data.ids},
                       out / "checkpoint.pt")
