@@ -177,6 +177,8 @@ def main(argv=None) -> int:
                          "OUT/train/seed_<id>/ folders first (same people, same photos and prompts)")
     ap.add_argument("--cache-dir", default=None, help="the trainer's data cache (default OUT/head/cache); a cache "
                                                       "made from the same people and settings is reused")
+    ap.add_argument("--init-head", default=None, help="a head folder whose weights start the training (E2EConfig."
+                                                      "init_head): e.g. two-person steps on top of a one-person head")
     ap.add_argument("--tables", default="device", choices=["device", "mapped"],
                     help="the cache on the device, or memory-mapped with a step's rows moved to it")
     a = ap.parse_args(argv)
@@ -207,7 +209,7 @@ def main(argv=None) -> int:
     over = {"objective": a.objective, "head": a.head, "output": a.output, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "two_person_fraction": a.two_person_fraction,
             "eval_every": max(1, a.steps // 4), "checkpoint_every": max(1, a.steps // 4), "tables": a.tables,
-            **({"cache_dir": a.cache_dir} if a.cache_dir else {}),
+            **({"cache_dir": a.cache_dir} if a.cache_dir else {}), **({"init_head": a.init_head} if a.init_head else {}),
             **({"toyworld_identities": a.n_train, "toyworld_first_id": bcfg.train_seed} if a.stream else {})}
     if a.tiny:
         over.update(eval_identities=2, warmup_steps=1, two_person_images=8,

@@ -272,7 +272,7 @@ def cmd_train_head(args) -> int:
             "two_person_fraction": args.two_person_fraction, "val_identities": args.val_identities,
             "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing or None,
             "cache_dir": args.cache_dir, "tables": args.tables, "toyworld_identities": args.toyworld_identities,
-            "toyworld_first_id": args.toyworld_first_id}
+            "toyworld_first_id": args.toyworld_first_id, "init_head": args.init_head}
     over = {k: v for k, v in over.items() if v is not None}
     cfg = E2EConfig.from_yaml(args.config, **over) if args.config else E2EConfig(**over)
     summary = train_e2e(args.root, args.out, args.model, args.vl_model, cfg, device=device, dtype=args.dtype)
@@ -465,6 +465,8 @@ def _add_head(sub) -> None:
     h.add_argument("--toyworld-identities", type=int, default=None,
                    help="with --model: train on this many toy-world people rendered on the fly (no ROOT)")
     h.add_argument("--toyworld-first-id", type=int, default=None, help="the first toy-world id (100000)")
+    h.add_argument("--init-head", default=None, help="with --model: a head folder whose weights start this run "
+                                                     "(same architecture, output and placeholder; fresh optimiser)")
     h.add_argument("--epochs", type=int, default=20, help="regression of cached features: passes over the data")
     h.add_argument("--batch-size", type=int, default=None, help="identities (regression, 32) or target photos "
                                                                "(with --model, 16) per step, over all ranks")

@@ -276,6 +276,31 @@ def test_token_head_trains_loads_and_makes_slot_tokens(toy_ids, tmp_path):
         ip.load_head(str(out), default_vl_model())
 
 
+def test_init_head_starts_from_a_trained_head_and_refuses_another_architecture(toy_ids, tmp_path):
+    """A run with init_head starts where the given head ended (its step-0 loss on the fixed-noise eval set is the
+    first run's last), and a head of another architecture is refused, naming what differs."""
+    from refgen.identity.generate import HeadMismatchError
+
+    common = dict(output="tokens", batch_size=3, lr=1e-2, warmup_steps=0, eval_identities=3,
+                  cache_dir=str(tmp_path / "cache"))
+    first = tmp_path / "first"
+    train_e2e(toy_ids, first, default_model(), default_vl_model(),
+              E2EConfig(head="linear", steps=6, eval_every=6, checkpoint_every=6, **common),
+              device="cpu", dtype="fp32", progress=False)
+    second = tmp_path / "second"
+    train_e2e(toy_ids, second, default_model(), default_vl_model(),
+              E2EConfig(head="linear", steps=2, eval_every=2, checkpoint_every=2, init_head=str(first), **common),
+              device="cpu", dtype="fp32", progress=False)
+    log1 = [json.loads(x) for x in (first / "metrics.jsonl").read_text().splitlines()]
+    log2 = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
+    assert log1[-1]["train_flow"] < log1[0]["train_flow"]  # the first run learnt something to start from
+    assert log2[0]["step"] == 0 and log2[0]["train_flow"] == pytest.approx(log1[-1]["train_flow"], rel=1e-5)
+    with pytest.raises(HeadMismatchError, match="init_head .* has kind 'linear'"):
+        train_e2e(toy_ids, tmp_path / "third", default_model(), default_vl_model(),
+                  E2EConfig(head="resampler", steps=1, init_head=str(first), **common),
+                  device="cpu", dtype="fp32", progress=False)
+
+
 def test_token_output_refusals():
     with pytest.raises(ValueError, match="output must be one of"):
         E2EConfig(output="words")

@@ -207,8 +207,8 @@ HEAD_FILE, HEAD_JSON = "head.safetensors", "head.json"
 # (T = T_ph + token_scale * out), so inference can refuse a text encoder whose placeholder differs.
 PLACEHOLDER_KEY = "output.placeholder"
 # what a head's weights file and its head.json must agree on, or the weights are not the head the record describes
-_AGREE = ("kind", "head_config", "L", "H", "D", "feature_settings", "placeholder_token_ids", "tokenizer_fingerprint",
-          "output")
+RECORD_KEYS = ("kind", "head_config", "L", "H", "D", "feature_settings", "placeholder_token_ids",
+               "tokenizer_fingerprint", "output")
 
 
 def build_head(kind: str, dim: int, L: int, H: int, config: dict | None = None) -> nn.Module:
@@ -269,13 +269,13 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
     if record is not None:
         rec = json.loads(record.read_text())
         rec_kind = "linear" if rec.get("kind") in (None, "residual_head") else rec["kind"]
-        for key in _AGREE:
+        for key in RECORD_KEYS:
             want, got = md.get(key), (rec_kind if key == "kind" else rec.get(key))
             if key == "head_config" and want is None:
                 continue  # a linear head from before the architecture was recorded
             if key != "kind" and got is not None and not isinstance(got, str):
                 got = json.dumps(got) if key in ("head_config", "feature_settings") else str(got)
-            if got is not None and _canon(key, got) != _canon(key, want):
+            if got is not None and canonical(key, got) != canonical(key, want):
                 raise HeadMismatchError(f"{record} and {weights} disagree on {key}: {got!r} in the record, {want!r} "
                                         "in the weights (a weights file copied over another head's folder?)")
     md.setdefault("output", "residual")  # heads from before token output
@@ -301,7 +301,7 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
     return head, md
 
 
-def _canon(key: str, v):
+def canonical(key: str, v):
     """JSON-valued metadata compared as values, not as spellings."""
     if v is not None and key in ("head_config", "feature_settings", "placeholder_token_ids"):
         return json.loads(v)

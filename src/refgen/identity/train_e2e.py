@@ -110,6 +110,11 @@ class E2EConfig:
     # (the photos and prompts `refgen toyworld make-identities` would write), instead of an identity root
     toyworld_identities: int = 0
     toyworld_first_id: int = 100_000
+    # A head folder from an earlier run (`refgen train-head`) whose weights start this one: more targets, other
+    # people, or two-person steps on top of a one-person head. Its architecture, output, placeholder and feature
+    # settings must be this run's (refused otherwise); the optimiser and lr schedule start fresh. A checkpoint in
+    # OUT wins over it (a resumed run continues its own weights).
+    init_head: str = ""
 
     def __post_init__(self):
         from refgen.identity.features import FeatureConfig
@@ -641,6 +646,8 @@ def _train(pipe, data: E2EData, out: Path, cfg: E2EConfig, model_id: str, vl_mod
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     meta = _metadata(head, data, cfg, model_id, vl_model)
     step, cursor = _resume(out / "checkpoint.pt", head, opt, cfg, data)  # cursor: (epoch, position in its order)
+    if cfg.init_head and step == 0:  # every rank reads the same file: no broadcast needed
+        _init_from(cfg.init_head, head, meta, data)
     log = JsonlLogger(out / "metrics.jsonl") if rank == 0 else None
     if rank == 0:
         drop_metrics_after(out / "metrics.jsonl", step)
@@ -733,6 +740,22 @@ def _resume(ck: Path, head, opt, cfg: E2EConfig, data: E2EData) -> tuple[int, li
     head.load_state_dict(st["head"])
     opt.load_state_dict(st["opt"])
     return st["step"], list(st["cursor"])
+
+
+def _init_from(path: str, head, meta: dict, data: E2EData) -> None:
+    """Load a trained head's weights into `head` (in place), refused with HeadMismatchError naming the first
+    setting that differs from this run's: architecture, L/H/D, output, placeholder, tokenizer, feature settings."""
+    from refgen.identity.generate import HeadMismatchError
+    from refgen.identity.head import RECORD_KEYS, canonical, load_head
+
+    src, md = load_head(path, torch.device("cpu"), torch.float32)
+    for key in RECORD_KEYS:
+        if canonical(key, md.get(key)) != canonical(key, meta.get(key)):
+            raise HeadMismatchError(f"init_head {path} has {key} {md.get(key)!r}, this run needs {meta.get(key)!r}")
+    if data.output == "tokens" and not torch.allclose(src.token_base, data.T_ph.float().cpu(), atol=1e-5):
+        raise HeadMismatchError(f"init_head {path} was trained against other placeholder embeddings than this "
+                                "run's text encoder has")
+    head.load_state_dict(src.state_dict())
 
 
 def _optimise(head, opt, params, data: E2EData, batch, fm, cfg: E2EConfig, dtype, step: int, rank: int, world: int,
