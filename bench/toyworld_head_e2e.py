@@ -281,7 +281,10 @@ def main(argv=None) -> int:
     if pairs:
         c2, m = result["ceiling"]["pair"], result["two_slot"]
         print(f"two people, both right in order: ceiling {_pct(c2, 'all_people_acc')}, head (alpha {alpha}) "
-              f"{_pct(m, 'all_people_acc')}, n = {m['n_images']} images")
+              f"{_pct(m, 'all_people_acc')}, n = {m['n_images']} images; person count {m['people_count_acc']:.1%}, "
+              f"each person {m['identity_acc']:.1%}" + (f", wrong attributes that are the other person's "
+                                                        f"{m['leak']:.1%} (chance {m['leak_chance']:.1%}, n = "
+                                                        f"{m['leak_n']})" if "leak" in m else ""))
     for who, m in result["copy_paste"].items():
         print(f"copy-paste, one reference photo, prompt asks another scene/expression/pose ({who}): identity "
               f"{_pct(m, 'identity_acc')}, scene as asked {_pct(m, 'scene_acc')} (reference's scene "

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
                     f"attr {m['attribute_acc']:.3f} scene {m['scene_acc']:.3f}" for x, m in pa.items()), flush=True)
         for name, m in r["two_slot"].items():
             print(f"    two slots, {name} (alpha {m['alpha']:g}): both right {m['all_people_acc']:.3f}, person count "
-                  f"{m['people_count_acc']:.3f}, attributes {m['attribute_acc']:.3f}", flush=True)
+                  f"{m['people_count_acc']:.3f}, attributes {m['attribute_acc']:.3f}"
+                  + (f", leak {m['leak']:.3f} (chance {m['leak_chance']:.3f})" if "leak" in m else ""), flush=True)
         rows[-1].update(short_steps=r.get("short_steps"), head_start=r.get("head_start"), two_slots=r["two_slot"])
         atomic_write_json(Path(a.out) / "sweep.json", provenance(vars(a), rows=rows))  # after every row: a
         # run cut short by a time limit keeps what it measured

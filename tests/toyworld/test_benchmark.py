@@ -25,6 +25,12 @@ def test_score_counts_people_in_left_to_right_order():
     assert m["per_attribute"]["hair_color"] == 1.0  # red for everyone: order does not matter for it
     missing = B.score([{"scene": "beach", "people": []}], rows[:1])
     assert missing["identity_acc"] == 0 and missing["people_count_acc"] == 0
+    # the swapped row: its 4 wrong attributes (skin, glasses, each person) are all the other person's values
+    assert m["leak_n"] == 4 and m["leak"] == 1.0
+    assert m["leak_chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)  # skin has 4 values, glasses 3
+    blur = B.score([{"scene": "city", "people": [{**A, "skin": "tan"}, dict(C)]}], rows[1:2])
+    assert blur["leak_n"] == 1 and blur["leak"] == 0.0  # wrong, but not the other person's skin
+    assert "leak" not in B.score(preds[:1], rows[:1])  # one-person rows have no other person
 
 
 def test_best_alpha_skips_alphas_that_lose_the_scene():

@@ -60,6 +60,8 @@ def toyworld_kpis(r: dict, source: str = "") -> dict:
         k.update(two_people_both_right=t["all_people_acc"], two_people_ci=t["all_people_ci"],
                  two_people_ceiling=c2["all_people_acc"], two_people_count=t["people_count_acc"],
                  two_people_n_images=t["n_images"])
+        if "leak" in t:  # results from before the measure have none
+            k.update(two_people_leak=t["leak"], two_people_leak_chance=t["leak_chance"])
     if "copy_paste" in r:
         cp = r["copy_paste"]["head"]
         k.update(one_photo_identity=cp["identity_acc"], one_photo_scene_as_asked=cp["scene_acc"],

@@ -170,10 +170,16 @@ def score(preds: list[dict], rows: list[dict]) -> dict:
     rows[i] = {"people": [attrs of the 1st person from the left, attrs of the 2nd, ...], "scene": name}.
     identity = every one of the 7 attributes right for that person (the recognizer's joint identity);
     all_people = every person of the row recognised, each in their own left-to-right position.
-    Proportions carry their count (n_people for identity, n_images for the rest) and a 95 % Wilson interval."""
+    Proportions carry their count (n_people for identity, n_images for the rest) and a 95 % Wilson interval.
+
+    Rows of two people also say whether the people blend: of a person's wrong attributes where the two people
+    differ, the share drawn with the *other* person's value (`leak`), against what a wrong guess among the
+    remaining values would give by chance (`leak_chance`, the mean of 1 / (values - 1)); leak far above chance
+    means the identities bleed into each other rather than being drawn vaguely."""
     n = len(rows)
     id_hits, attr, persons, scene, all_ok, count_ok = 0, 0.0, 0, 0, 0, 0
     per_attr = {k: 0 for k in world.ATTRIBUTES}
+    leak_errors, leaked, chance = 0, 0, 0.0
     for p, r in zip(preds, rows):
         scene += p["scene"] == r["scene"]
         count_ok += len(p["people"]) == len(r["people"])
@@ -187,8 +193,17 @@ def score(preds: list[dict], rows: list[dict]) -> dict:
             attr += sum(ok.values()) / len(ok)
             id_hits += all(ok.values())
             row_ok &= all(ok.values())
+            if len(r["people"]) == 2 and got is not None:
+                other = r["people"][1 - slot]
+                for k in world.ATTRIBUTES:
+                    if not ok[k] and other[k] != want[k]:
+                        leak_errors += 1
+                        leaked += got[k] == other[k]
+                        chance += 1 / (len(world.ATTRIBUTES[k]) - 1)
         all_ok += row_ok
-    return {"n_images": n, "n_people": persons,
+    two = {"leak": leaked / leak_errors, "leak_chance": chance / leak_errors, "leak_n": leak_errors} \
+        if leak_errors else {}
+    return {"n_images": n, "n_people": persons, **two,
             "identity_acc": id_hits / max(1, persons), "identity_ci": wilson(id_hits, persons),
             "attribute_acc": attr / max(1, persons),
             "scene_acc": scene / max(1, n), "scene_ci": wilson(scene, n),
