@@ -11,8 +11,9 @@ was trained; the seed's epsilon/v-prediction branch is UNet thinking). Where X l
   free        that window residual as P itself, no normalisation or clamp
 
 P starts as a seeded Gaussian (not 0: P/RMS(P) would be 0/0), scaled by init_scale in tokens and free, or at
-a given start (a head's guess). Each photo may come with its own prompt (image_prompts), so the scene is said in
-words and not learnt into the person.
+a given start (a head's guess). From a given start, start_weight * mean((P - P_start)^2) may keep P near it: a
+head trained on many people is a prior that a fit to a few photos would otherwise drift from. Each photo may come
+with its own prompt (image_prompts), so the scene is said in words and not learnt into the person.
 
 Batching. Identities share the base prompt, so K of them go through one transformer forward (K x batch
 rows). Everything that makes one identity's run is its own: its parameters form their own AdamW param
@@ -84,6 +85,11 @@ class InvertConfig:
     # the identity, which is left to hold the person alone (DreamBooth's per-image captions, for inversion).
     image_prompts: bool = False
     init_scale: float = 0.1
+    # > 0: from a given start (Inverter.run's `start`, a head's prediction), add start_weight * mean((P - P_start)^2)
+    # to each identity's loss, in P's own units (tokens: embedding-table RMS). On the toy world a head on unseen
+    # people beats per-person inversion, and inversion from it drifts back down as it fits the few photos
+    # (docs/benchmarks.md); this anchors the refinement to the head. No effect on identities started from noise.
+    start_weight: float = 0.0
     scale_min: float = 0.01
     scale_max: float = 1.5
     rms_weight: float = 0.02
@@ -124,6 +130,8 @@ class InvertConfig:
             raise ValueError("image_prompts and contexts are two ways to choose each image's prompt: set one")
         if self.parametrisation not in PARAMETRISATIONS:
             raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, got {self.parametrisation!r}")
+        if not (self.start_weight >= 0 and math.isfinite(self.start_weight)):
+            raise ValueError(f"start_weight must be a finite number >= 0, got {self.start_weight}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "InvertConfig":
@@ -163,6 +171,7 @@ class _State:
     message: str = ""
     adam_state: dict | None = None  # AdamW moments restored from a checkpoint
     started_from: str = "noise"  # or "given" (Inverter.run's start: a head's prediction)
+    P_start: torch.Tensor | None = None  # P at a given start, what start_weight anchors to
 
 
 class Inverter:
@@ -321,7 +330,8 @@ class Inverter:
             P, log_scale = self._params_for(start, ident.id)
         P = torch.nn.Parameter(P.to(self.device, torch.float32))
         ls = torch.nn.Parameter(torch.tensor(log_scale, device=self.device))
-        st = _State(ident, latents, P, ls, gen, lr=self.cfg.lr, started_from="noise" if start is None else "given")
+        st = _State(ident, latents, P, ls, gen, lr=self.cfg.lr, started_from="noise" if start is None else "given",
+                    P_start=None if start is None else P.detach().clone())
         ckpt = self.dir(ident) / "teacher_ckpt.pt"
         if ckpt.exists():
             self._load_ckpt(st, ckpt)
@@ -360,7 +370,7 @@ class Inverter:
                 "adam": {k: [opt.state[p].get(k) for p in (st.P, st.log_scale)] for k in ("step", "exp_avg", "exp_avg_sq")},
                 "gen": st.gen.get_state(), "lr": st.lr, "losses": st.losses, "smooth": st.smooth,
                 "rising": st.rising, "lr_halved": st.lr_halved, "rms_mean": st.rms_mean,
-                "config": dataclasses.asdict(self.cfg)}
+                "P_start": None if st.P_start is None else st.P_start.cpu(), "config": dataclasses.asdict(self.cfg)}
 
     def _load_ckpt(self, st: _State, path: Path) -> None:
         d = torch.load(path, map_location="cpu", weights_only=False)
@@ -376,6 +386,8 @@ class Inverter:
         st.step, st.lr, st.losses, st.smooth = d["step"], d["lr"], d["losses"], d["smooth"]
         st.rising, st.lr_halved = d["rising"], d["lr_halved"]
         st.rms_mean = None if d["rms_mean"] is None else d["rms_mean"].to(self.device)
+        if d.get("P_start") is not None:  # the start this run was anchored to, whatever start is given now
+            st.P_start, st.started_from = d["P_start"].to(self.device), "given"
         st.adam_state = d["adam"]
 
     # ---- one batch of identities ---------------------------------------------------------------------
@@ -436,6 +448,10 @@ class Inverter:
             reg.append((tok_rms[k] - ref).abs().mean())
         reg = torch.stack(reg)
         total = per_id + cfg.rms_weight * reg  # (K,)
+        anchor = torch.stack([(s.P - s.P_start).pow(2).mean() if s.P_start is not None else torch.zeros((), device=s.P.device)
+                              for s in active])  # (K,) mean squared distance from the given start
+        if cfg.start_weight:
+            total = total + cfg.start_weight * anchor
         finite = torch.isfinite(total) & torch.isfinite(torch.stack([s.log_scale for s in active]))
         ok = finite.tolist()  # one host sync for the whole batch, not one per identity
         opt.zero_grad(set_to_none=True)
@@ -453,13 +469,13 @@ class Inverter:
                                 (delta.masked_fill(~w, 0).pow(2).sum((1, 2)) / (self.slot.length * delta.shape[2])).sqrt(),
                                 off.pow(2).mean((1, 2)).sqrt(),
                                 log_scale.exp().clamp(cfg.scale_min, cfg.scale_max), log_scale,
-                                total.detach()], 1).tolist()  # (K, 8)
+                                anchor.detach().sqrt(), total.detach()], 1).tolist()  # (K, 9)
             for k, s in enumerate(active):
                 s.rms_mean = tok_rms[k].detach() if s.rms_mean is None else (
                     cfg.rms_ema * s.rms_mean + (1 - cfg.rms_ema) * tok_rms[k].detach())
-        metrics = [dict(zip(("mse", "rms_reg", "total_rms", "slot_rms", "offslot_rms", "scale", "log_scale"), c[:7]))
-                   for c in cols]
-        return [c[7] for c in cols], metrics
+        metrics = [dict(zip(("mse", "rms_reg", "total_rms", "slot_rms", "offslot_rms", "scale", "log_scale",
+                             "start_dist"), c[:8])) for c in cols]
+        return [c[8] for c in cols], metrics
 
     def _draw(self, active: list[_State]) -> tuple:
         """(x0 (K*n, N_tok, 4C), noise, sigma (K*n,), prompt-bank row per image (K*n,) or None). Each identity draws
@@ -670,7 +686,7 @@ _RESUMABLE = {"identities_per_batch", "gradient_checkpointing", "checkpoint_ever
 
 # Settings added after teachers were made, with what those teachers ran with: a record without the key is not stale
 # when the run asks for that value.
-_BEFORE_KEY = {"lr_schedule": "constant", "lr_min_ratio": 0.1}
+_BEFORE_KEY = {"lr_schedule": "constant", "lr_min_ratio": 0.1, "start_weight": 0.0}
 
 
 def _diff(a: dict, b: dict) -> dict:
