@@ -215,7 +215,8 @@ def cmd_invert(args) -> int:
                  "height": args.height, "width": args.width,
                  "gradient_checkpointing": args.gradient_checkpointing or None, "compile": args.compile or None,
                  "checkpoint_every": args.checkpoint_every, "qa": False if args.no_qa else None,
-                 "parametrisation": args.parametrisation, "image_prompts": args.image_prompts or None}
+                 "parametrisation": args.parametrisation, "image_prompts": args.image_prompts or None,
+                 "start_weight": args.start_weight}
     cfg = InvertConfig.from_yaml(args.config, **overrides) if args.config else InvertConfig(
         **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -224,7 +225,7 @@ def cmd_invert(args) -> int:
         raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {args.shard!r}") from None
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     recs = invert(args.root, args.model, out=args.out, only=only, shard=(i, n), cfg=cfg, device=args.device,
-                  dtype=args.dtype, offload=args.offload)
+                  dtype=args.dtype, offload=args.offload, start_head=args.start_head, vl_model=args.vl_model)
     for r in recs:
         print(f"{r['identity']}: {r['stop_reason']} after {r['steps_run']} steps, loss {r['first_loss']:.4f} -> "
               f"{r['final_loss']:.4f}, eval loss {r['eval_loss_base']:.4f} -> {r['eval_loss_teacher'] or float('nan'):.4f}"
@@ -410,6 +411,12 @@ def _add_invert(sub) -> None:
                         "on the encoder output's window (rms_scaled, the seed's; free). docs/benchmarks.md")
     v.add_argument("--image-prompts", action="store_true",
                    help="each photo in its own sentence from seed_<id>/prompts.json")
+    v.add_argument("--start-head", default=None,
+                   help="a head folder (`refgen train-head`): each identity starts from its prediction, not noise "
+                        "(needs --vl-model; its output must be the parametrisation's kind)")
+    v.add_argument("--vl-model", default=None, help="the Qwen3-VL model the start head's features come from")
+    v.add_argument("--start-weight", type=float, default=None,
+                   help="from a head's start: weight of mean((P - P_start)^2) keeping the inversion near it")
     _add_runtime(v)
     _add_speed(v, offload_modes=("none", "model"), render=False)
     v.add_argument("--compile", action="store_true",

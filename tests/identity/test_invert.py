@@ -327,3 +327,35 @@ def test_cosine_lr_schedule_and_records_from_before_it(pipe, tmp_path):
     assert inv2.settings_diff(scan(root).identities[0]) == {}
     with pytest.raises(ValueError, match="lr_schedule"):
         InvertConfig(lr_schedule="linear")
+
+
+def test_cli_starts_each_identity_from_a_head_s_prediction(tmp_path, capsys):
+    """`refgen invert --start-head H --vl-model V`: every identity starts from H's prediction from its own photos
+    (the record says so and the first step's tokens are that prediction), anchored by --start-weight; a head of the
+    other output kind is refused before any model loads."""
+    from refgen.identity.train_e2e import E2EConfig, train_e2e
+    from refgen.identity.tokens import read_tokens
+    from refgen.pipeline import IdentityPipeline
+    from refgen.toyworld.benchmark import default_model, default_vl_model
+    from refgen.toyworld.identities import make_identities as make_toy_identities
+
+    make_toy_identities(tmp_path / "train", n=3, seed=100_000, progress=False)
+    head = tmp_path / "head"
+    train_e2e(tmp_path / "train", head, default_model(), default_vl_model(),
+              E2EConfig(head="linear", steps=2, batch_size=2, warmup_steps=0, eval_identities=0),
+              device="cpu", dtype="fp32", progress=False)
+    make_toy_identities(tmp_path / "people", n=1, seed=500_000, progress=False)
+    base = ["invert", str(tmp_path / "people"), "--model", default_model(), "--device", "cpu", "--dtype", "fp32",
+            "--no-qa", "--height", "64", "--width", "64", "--start-head", str(head), "--vl-model", default_vl_model()]
+    assert main(base + ["--steps", "1", "--out", str(tmp_path / "o"), "--start-weight", "2.5"]) == 0
+    (ident,) = scan(tmp_path / "people").identities
+    rec = json.loads((tmp_path / "o" / ident.id / "teacher.json").read_text())
+    assert rec["started_from"] == "given" and rec["config"]["start_weight"] == 2.5
+    ip = IdentityPipeline.from_pretrained(default_model(), vl_model=default_vl_model(), head=str(head), device="cpu",
+                                          dtype="fp32")
+    guess = ip.residual_from_refs(ident.images)  # SlotTokens: the head's tokens for this person
+    learnt, placeholder, _ = read_tokens(tmp_path / "o" / ident.id / "teacher_tokens.safetensors")
+    moved, guessed = (learnt - guess.tensor).pow(2).mean().sqrt(), (guess.tensor - placeholder).pow(2).mean().sqrt()
+    assert 0 < moved < guessed  # one small step away from the head's guess, not from the bare placeholder
+    assert main(base + ["--steps", "1", "--out", str(tmp_path / "free"), "--parametrisation", "free"]) == 1
+    assert "outputs tokens, but the inversion's parametrisation is 'free'" in capsys.readouterr().err

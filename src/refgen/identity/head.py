@@ -301,6 +301,18 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
     return head, md
 
 
+def check_start_head(head: str | Path, parametrisation: str) -> None:
+    """A head whose prediction starts an inversion must make what the inversion optimises: token embeddings for
+    parametrisation 'tokens', a slot residual for the others. Reads head.json only (no model loads)."""
+    rec = Path(head) / HEAD_JSON
+    if not rec.is_file():
+        raise FileNotFoundError(f"start head {head} has no {HEAD_JSON} (a head folder from `refgen train-head`)")
+    output = json.loads(rec.read_text()).get("output", "residual")
+    if (output == "tokens") != (parametrisation == "tokens"):
+        raise ValueError(f"start head {head} outputs {output}, but the inversion's parametrisation is "
+                         f"{parametrisation!r}: a token head starts token inversion, a residual head the others")
+
+
 def canonical(key: str, v):
     """JSON-valued metadata compared as values, not as spellings."""
     if v is not None and key in ("head_config", "feature_settings", "placeholder_token_ids"):

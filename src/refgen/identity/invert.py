@@ -707,8 +707,14 @@ def distributed_shard() -> tuple[int, int]:
 
 def invert(root: str | Path, model: str, out: str | Path | None = None, only: list[str] | None = None,
            shard: tuple[int, int] = (0, 1), cfg: InvertConfig | None = None, device: str | None = None,
-           dtype: str = "bf16", progress: bool = True, offload: str = "none") -> list[dict]:
+           dtype: str = "bf16", progress: bool = True, offload: str = "none", start_head: str | None = None,
+           vl_model: str | None = None) -> list[dict]:
     """`refgen invert`: scan ROOT, pick this worker's identities, skip complete ones, invert the rest.
+
+    start_head (with vl_model, the Qwen3-VL model its features come from): each identity starts from the head's
+    prediction from all of its photos instead of noise (`refgen train-head`; its output must be what
+    cfg.parametrisation optimises), anchored to it by cfg.start_weight. On the toy world 150 steps from a head
+    give what 1,500 give from noise (docs/benchmarks.md), so set cfg.steps accordingly.
 
     offload "model" (diffusers' model CPU offload) keeps only the running component on the GPU: the text
     encoder while the prompts are encoded, then the transformer, so a 48 GB card can invert (with
@@ -735,6 +741,15 @@ def invert(root: str | Path, model: str, out: str | Path | None = None, only: li
     idents = shard_identities(idents, *shard)
     out_root = Path(out or root)
     check_invert_offload(offload)
+    if start_head:
+        from refgen.identity.head import check_start_head
+
+        check_start_head(start_head, cfg.parametrisation)  # before any model loads
     ip = IdentityPipeline.from_pretrained(model, device=device, dtype=dtype, offload=offload)
-    return ip.invert_identities(idents, cfg, out_root, progress=progress,
+    start = None
+    if start_head:  # features + head are ~0.04 s per identity at full size: predict them all, then free the tower
+        ip.load_head(start_head, vl_model)
+        start = {i.id: ip.residual_from_refs(i.images).tensor for i in idents}
+        ip.features = ip.head = None
+    return ip.invert_identities(idents, cfg, out_root, progress=progress, start=start,
                                 label=f"refgen invert: shard {shard[0]}/{shard[1]}")

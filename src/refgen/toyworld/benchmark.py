@@ -99,7 +99,7 @@ class BenchmarkConfig:
     grid_identities: int = 6
 
     def __post_init__(self):
-        from refgen.identity.head import HeadConfig
+        from refgen.identity.head import HeadConfig, check_start_head
         from refgen.identity.invert import InvertConfig
 
         if self.n_test < 1 or self.n_train < 0:
@@ -120,7 +120,7 @@ class BenchmarkConfig:
         if any(s < 1 for s in self.short_steps):
             raise ValueError(f"short_steps must be >= 1, got {self.short_steps} (the head alone is scored anyway)")
         if self.start_head:
-            _head_output_fits(self.start_head, ic.parametrisation)
+            check_start_head(self.start_head, ic.parametrisation)
 
     def invert_config(self, steps: int | None = None) -> dict:
         d = {**_invert_defaults(), **self.invert, "height": self.size, "width": self.size}
@@ -480,17 +480,6 @@ def _timed(run: _Run, key: str, stage, *args):
 def _ceiling(run: _Run) -> None:
     run.result["ceiling"] = caption_ceiling(run.pipe, run.net, run.test_attrs, run.pairs, run.cfg.scenes,
                                             run.cfg.seeds, render_config(run.cfg), run.neg, run.dev)
-
-
-def _head_output_fits(head: str, parametrisation: str) -> None:
-    """The start must be what the inversion optimises: token embeddings for 'tokens', a slot residual otherwise."""
-    rec = Path(head) / "head.json"
-    if not rec.is_file():
-        raise FileNotFoundError(f"start_head {head} has no head.json (a head folder from `refgen train-head`)")
-    output = json.loads(rec.read_text()).get("output", "residual")
-    if (output == "tokens") != (parametrisation == "tokens"):
-        raise ValueError(f"start_head {head} outputs {output}, but the inversion's parametrisation is "
-                         f"{parametrisation!r}: a token head starts token inversion, a residual head the others")
 
 
 def _head_starts(run: _Run) -> dict[str, torch.Tensor]:
