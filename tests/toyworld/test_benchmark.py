@@ -174,5 +174,6 @@ def test_short_inversions_start_from_a_head(tmp_path):
     assert "steps from the head's start" in (tmp_path / "bench" / "benchmark.md").read_text()
     two = r["two_slot"]  # the teacher at an extra alpha, and the head's own prediction, in two-person prompts
     assert two["teacher_a0.5"]["alpha"] == 0.5 and two["start_head"]["n_images"] == two["teacher"]["n_images"]
+    assert two["head_s2"]["n_images"] == two["teacher"]["n_images"]  # the refined head starts, in pairs too
     with pytest.raises(ValueError, match="outputs tokens, but the inversion's parametrisation is 'free'"):
         B.BenchmarkConfig.tiny(invert={**tok, "parametrisation": "free"}, start_head=str(head))

@@ -609,8 +609,12 @@ def _two_slot(run: _Run, teach: list[torch.Tensor], pred: list[torch.Tensor] | N
     sources.update({f"teacher_a{a:g}": (teach, a, run.kind) for a in cfg.pair_alphas})
     if pred is not None:
         sources["head"] = (pred, run.result["head"]["best_alpha"], "residuals")
-    if run.head_start is not None:  # the start head's own prediction, at alpha 1
+    if run.head_start is not None:  # the start head's own prediction, at alpha 1, then each refinement of it:
+        # a head trained on two-person images holds pairs; does a short fit to one-person photos keep that?
         sources["start_head"] = ([run.head_start[d.name].float() for d in run.test_dirs], 1.0, run.kind)
+        for steps in cfg.short_steps:
+            k, r = _residuals(run.out / f"teacher_s{steps}_head", run.test_dirs)
+            sources[f"head_s{steps}"] = (r, 1.0, k)
     run.result["two_slot"] = {}
     for name, (res, a, kind) in sources.items():
         alpha = float(a) if a is not None else 1.0  # no alpha kept the scene: report alpha 1
