@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--two-person-fraction", type=float, default=0.0)
-    ap.add_argument("--alphas", default="1,1.4,1.8", help="head alphas to render (chosen on validation people)")
+    ap.add_argument("--alphas", default="0.8,1,1.4,1.8", help="head alphas to render (chosen on validation people)")
     ap.add_argument("--config", default=None, help="E2EConfig YAML; the flags above override it")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--stream", action="store_true",
@@ -237,13 +237,19 @@ def main(argv=None) -> int:
     pairs = test_pairs(len(test_dirs), a.n_pairs)
     result: dict = {"config": vars(a), "e2e_config": rec["config"], "train_summary": summary,
                     "held_out_ranges": ranges, "model": model, "vl_model": vl}
+    pair_alpha = None
     if a.n_val:
         val_dirs = _dirs(out / "val")
-        val = sweep(pipe, net, dev, [attributes_of(d) for d in val_dirs], residuals(head, fx, val_dirs), alphas,
-                    bcfg, neg)
+        val_attrs, val_res = [attributes_of(d) for d in val_dirs], residuals(head, fx, val_dirs)
+        val = sweep(pipe, net, dev, val_attrs, val_res, alphas, bcfg, neg)
         ok = {k: m for k, m in val.items() if m["scene_acc"] >= 0.9} or val
         alpha = max(ok, key=lambda k: (ok[k]["identity_acc"], ok[k]["attribute_acc"]))
         result["val"] = {"per_alpha": val, "chosen_alpha": alpha}
+        val_pairs = test_pairs(len(val_dirs), min(a.n_pairs, len(val_dirs) * (len(val_dirs) - 1) // 2))
+        if pairs and val_pairs:  # two people may want another alpha than one: chosen on validation pairs too
+            vp = {f"{x:g}": two_slot(pipe, net, dev, val_attrs, val_res, val_pairs, x, bcfg, neg) for x in alphas}
+            pair_alpha = max(vp, key=lambda k: (vp[k]["all_people_acc"], vp[k]["identity_acc"]))
+            result["val"].update(pairs_per_alpha=vp, chosen_pair_alpha=pair_alpha)
     else:
         alpha = f"{alphas[0]:g}"
     test_res = residuals(head, fx, test_dirs)
@@ -254,6 +260,9 @@ def main(argv=None) -> int:
                                         neg, dev)
     if pairs:
         result["two_slot"] = two_slot(pipe, net, dev, test_attrs, test_res, pairs, float(alpha), bcfg, neg)
+        if pair_alpha is not None and pair_alpha != alpha:
+            result["two_slot_pair_alpha"] = {"alpha": pair_alpha, **two_slot(pipe, net, dev, test_attrs, test_res,
+                                                                              pairs, float(pair_alpha), bcfg, neg)}
     times["eval_ceiling_two_slot_s"] = time.time() - t
     t = time.time()
     result["copy_paste"] = copy_paste(pipe, net, dev, head, fx, test_dirs, test_attrs, float(alpha), bcfg, neg)
@@ -285,6 +294,12 @@ def main(argv=None) -> int:
               f"each person {m['identity_acc']:.1%}" + (f", wrong attributes that are the other person's "
                                                         f"{m['leak']:.1%} (chance {m['leak_chance']:.1%}, n = "
                                                         f"{m['leak_n']})" if "leak" in m else ""))
+        if "two_slot_pair_alpha" in result:
+            m = result["two_slot_pair_alpha"]
+            print(f"two people at the alpha chosen on validation pairs ({m['alpha']}): both right "
+                  f"{_pct(m, 'all_people_acc')}, each person {m['identity_acc']:.1%}")
+        elif "val" in result and "chosen_pair_alpha" in result["val"]:
+            print(f"validation pairs chose the same alpha ({result['val']['chosen_pair_alpha']})")
     for who, m in result["copy_paste"].items():
         print(f"copy-paste, one reference photo, prompt asks another scene/expression/pose ({who}): identity "
               f"{_pct(m, 'identity_acc')}, scene as asked {_pct(m, 'scene_acc')} (reference's scene "

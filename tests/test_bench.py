@@ -49,6 +49,7 @@ def test_toyworld_head_e2e_runs_tiny(tmp_path):
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["test"]["per_alpha"]["1"]["n_people"] == 4 and "pair" in res["ceiling"] and "two_slot" in res
     assert "caption ceiling" in r.stdout and "validation identities (alpha)" in res["held_out_ranges"]
+    assert res["val"]["chosen_pair_alpha"] in res["val"]["pairs_per_alpha"]  # pairs choose their alpha on val too
     cp = res["copy_paste"]  # one reference photo, prompts asking another scene / expression / pose
     assert set(cp) == {"head", "words"} and cp["head"]["n_images"] == cp["words"]["n_images"] > 0
     assert 0 <= cp["head"]["scene_is_reference_scene"] <= 1 and "copy-paste" in r.stdout

@@ -62,6 +62,10 @@ def toyworld_kpis(r: dict, source: str = "") -> dict:
                  two_people_n_images=t["n_images"])
         if "leak" in t:  # results from before the measure have none
             k.update(two_people_leak=t["leak"], two_people_leak_chance=t["leak_chance"])
+    if "two_slot_pair_alpha" in r:  # another alpha chosen for two people on validation pairs
+        t = r["two_slot_pair_alpha"]
+        k.update(two_people_alpha=t["alpha"], two_people_both_right_at_that_alpha=t["all_people_acc"],
+                 two_people_ci_at_that_alpha=t["all_people_ci"])
     if "copy_paste" in r:
         cp = r["copy_paste"]["head"]
         k.update(one_photo_identity=cp["identity_acc"], one_photo_scene_as_asked=cp["scene_acc"],
