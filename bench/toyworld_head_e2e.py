@@ -13,6 +13,7 @@ Rendering, scoring, Wilson intervals, pairs and the ceiling are `refgen.toyworld
 
     python bench/toyworld_head_e2e.py --out /tmp/head_e2e             # CUDA: 1,200 training people, 202 s on an H200
     python bench/toyworld_head_e2e.py --out /tmp/head_e2e_tiny --tiny # CPU smoke, ~20 s
+    python bench/toyworld_head_e2e.py --out /tmp/again --eval-head /tmp/head_e2e/head   # score a trained head again
     python bench/toyworld_head_e2e.py --out /tmp/h --stream --tables mapped --n-train 20000   # no training folders
     python bench/toyworld_head_e2e.py --out /tmp/h --device cpu --dtype fp32 --n-train 400 --n-val 12 --n-test 24 \
         --n-pairs 0 --steps 600 --batch-size 16 --lr 2e-3 --alphas 1,1.4 --threads 1   # the CPU rows of docs/head.md
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
                                                       "made from the same people and settings is reused")
     ap.add_argument("--init-head", default=None, help="a head folder whose weights start the training (E2EConfig."
                                                       "init_head): e.g. two-person steps on top of a one-person head")
+    ap.add_argument("--eval-head", default=None, help="score this trained head folder instead of training one "
+                                                      "(refused if it was trained on the test or validation people)")
     ap.add_argument("--tables", default="device", choices=["device", "mapped"],
                     help="the cache on the device, or memory-mapped with a step's rows moved to it")
     a = ap.parse_args(argv)
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
     if a.n_val:
         ranges["validation identities (alpha)"] = [VAL_SEED, VAL_SEED + a.n_val]
         check_disjoint(ranges)
-    if not a.stream:
+    if not a.stream and not a.eval_head:
         make_identities(out / "train", n=a.n_train, seed=bcfg.train_seed, progress=False)
     make_identities(out / "test", n=a.n_test, seed=bcfg.test_seed, progress=False)
     if a.n_val:
@@ -216,19 +219,29 @@ def main(argv=None) -> int:
                     two_person_fraction=a.two_person_fraction or 0.5)
     ecfg = E2EConfig.from_yaml(a.config, **over) if a.config else E2EConfig(**over)
     t = time.time()
-    summary = train_e2e(None if a.stream else out / "train", out / "head", model, vl, ecfg, device=a.device,
-                        dtype=a.dtype,
-                        progress=not a.tiny)
+    head_dir = Path(a.eval_head) if a.eval_head else out / "head"
+    if a.eval_head:  # score a trained head again (new measures, other alphas): its people must not be these
+        rec = json.loads((head_dir / "head.json").read_text())
+        scored = {f"seed_{i}" for lo, hi in (ranges.get("test identities", [0, 0]),
+                                             ranges.get("validation identities (alpha)", [0, 0])) for i in range(lo, hi)}
+        seen = scored & set(rec.get("train_ids", []) + rec.get("val_ids", []))
+        if seen:
+            raise ValueError(f"--eval-head {head_dir} was trained on {len(seen)} of the people it would be scored "
+                             f"on (e.g. {sorted(seen)[0]})")
+        summary = rec.get("metrics", {})
+    else:
+        summary = train_e2e(None if a.stream else out / "train", head_dir, model, vl, ecfg, device=a.device,
+                            dtype=a.dtype, progress=not a.tiny)
+        rec = json.loads((head_dir / "head.json").read_text())
     times["train_total_s"] = time.time() - t
-    rec = json.loads((out / "head" / "head.json").read_text())
     times.update({f"train_{k}": v for k, v in rec.get("timings", {}).items()})
 
     t = time.time()
     dev = a.device
     pipe = load_pipeline(model, dev, a.dtype)
-    head, md = load_head(out / "head", pipe.transformer.device, torch.float32)
-    fx = VisionFeatures(vl, dev, head_feature_settings(md, out / "head")["dtype"],
-                        feature_config_from_settings(head_feature_settings(md, out / "head")))
+    head, md = load_head(head_dir, pipe.transformer.device, torch.float32)
+    fx = VisionFeatures(vl, dev, head_feature_settings(md, head_dir)["dtype"],
+                        feature_config_from_settings(head_feature_settings(md, head_dir)))
     net = R.load(device=dev)
     ne = encode_prompts(pipe, " ")
     neg = (ne.embeds, ne.mask)

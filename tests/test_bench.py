@@ -64,6 +64,22 @@ def test_toyworld_head_e2e_runs_tiny(tmp_path):
     assert "## Head on unseen toy-world people" in to_markdown(rep)
     if "leak" in res["two_slot"]:  # some wrong attribute where the two people differ (the tiny head gets most wrong)
         assert t["two_people_leak"] == res["two_slot"]["leak"] and "the other person's" in r.stdout
+    # --eval-head scores that head again without training (same people, same renders: same numbers)
+    again = tmp_path / "again"
+    r2 = subprocess.run([sys.executable, str(ROOT / "bench" / "toyworld_head_e2e.py"), "--tiny", "--threads", "1",
+                         "--out", str(again), "--eval-head", str(tmp_path / "head")], capture_output=True, text=True,
+                        timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    res2 = json.loads((again / "result.json").read_text())
+    assert not (again / "train").exists() and not (again / "head").exists()
+    assert res2["test"]["per_alpha"] == res["test"]["per_alpha"]
+    rec = json.loads((tmp_path / "head" / "head.json").read_text())
+    rec["train_ids"].append(f"seed_{res['held_out_ranges']['test identities'][0]}")  # as if it had seen a test person
+    (tmp_path / "head" / "head.json").write_text(json.dumps(rec))
+    r3 = subprocess.run([sys.executable, str(ROOT / "bench" / "toyworld_head_e2e.py"), "--tiny", "--threads", "1",
+                         "--out", str(tmp_path / "bad"), "--eval-head", str(tmp_path / "head")], capture_output=True,
+                        text=True, timeout=600)
+    assert r3.returncode != 0 and "was trained on 1 of the people it would be scored on" in r3.stderr
 
 
 def test_toyworld_head_e2e_streams_training_people(tmp_path):
