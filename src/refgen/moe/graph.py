@@ -12,15 +12,31 @@ every edge the L1 pushed to 0 was dead for good, and over a long run (MNIST, 30 
 all 12 off-diagonal edges died and the graph was the identity (docs/moe.md, "Why the gate did not learn").
 
 The L1 term is applied as a proximal step (`prox_l1`: soft-thresholding + projection onto W >= 0 after each
-optimizer step, i.e. projected proximal gradient), not added to the loss: Adam divides every gradient by its own running scale, so an L1 subgradient that dominates an edge's
-gradient moves that edge by the full learning rate whatever its coefficient, and every edge dies within a few
-hundred steps (docs/moe.md, "Graph L1"). The proximal
-step shrinks edges by lr x graph_l1 per step in absolute units, which edges the task uses can resist.
+optimizer step, i.e. projected proximal gradient), not added to the loss: Adam divides every gradient by its own
+running scale, so an L1 subgradient that dominates an edge's gradient moves that edge by the full learning rate
+whatever its coefficient (docs/moe.md, "Graph L1"). The threshold is taken in Adam's own metric (train.py,
+`graph_prox_threshold`: lr x graph_l1 / (sqrt(v_hat) + eps) per edge, as ProxGen / proximal Adam do), so graph_l1
+is an L1 coefficient in loss units and the fixed points are those of loss + graph_l1 x (sum of off-diagonal
+edges), whatever the number of steps. The first version shrank by lr x graph_l1 in absolute units after the Adam
+step: a constant drift of graph_l1 in units of Adam's normalised step, which beats every edge whose gradient's
+mean is below graph_l1 x its RMS, and whose total grows with the number of steps (MNIST-5k, 870 steps: edges
+kept; MNIST 60k, 12.7k steps: every edge 0). docs/moe.md, "Why the graph emptied over 30 epochs".
+
+Two more choices make the edges mean something (`self_loop`, `messages`; checkpoints written before carry
+"learned" / "team"):
+- self_loop "fixed": the diagonal is the constant 1 and an off-diagonal edge is the weight of expert j's message
+  relative to expert i's own. With a learnable diagonal the row normalisation makes every row scale-free, so an
+  L1 on the raw edges can always be lowered by shrinking the whole row (it has no minimiser): on the H200 one
+  diagonal drifted from 1.0 to 0.32 while the off-diagonal edges were shrunk after it.
+- messages "neighbours": m_i mixes only the *other* team members (the self weight stays in the normaliser), so
+  A = I switches the message off. With "team", m_i = sum_j A_ij h_j included h_i at weight ~0.9 and the graph
+  block was mostly a per-expert MLP on h_i; the edges only nudged a convex mix and their gradient was
+  near-zero-mean noise (measured: |mean| / RMS 0.02-0.06 after the first 10 % of the steps).
 
 Message passing (one GraphConv-like step on the team's expert vectors h_j, j in S):
-    m_i  = sum_{j in S} A_ij h_j / sum_{j in S} A_ij
+    m_i  = sum_{j in S, j != i} A_ij h_j / sum_{j in S} A_ij        (messages "team": j = i included)
     h'_i = h_i + strength * relu(W m_i)
-With A = I, m_i = h_i; the diagonal is learnable too, off-diagonal sparsity is what is measured.
+With A = I, m_i = 0 ("neighbours") or h_i ("team"); off-diagonal sparsity is what is measured.
 """
 
 from __future__ import annotations
@@ -30,16 +46,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 EPS = 1e-6
+SELF_LOOPS = ("fixed", "learned")
+MESSAGES = ("neighbours", "team")
 
 
 class ExpertGraph(nn.Module):
     def __init__(self, num_experts: int, dim: int, init: str = "identity", strength: float = 1.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, self_loop: str = "fixed", messages: str = "neighbours"):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if init not in ("identity", "random"):
             raise ValueError(f"graph init must be 'identity' or 'random', got {init!r}")
+        if self_loop not in SELF_LOOPS:
+            raise ValueError(f"graph self_loop must be one of {SELF_LOOPS}, got {self_loop!r}")
+        if messages not in MESSAGES:
+            raise ValueError(f"graph messages must be one of {MESSAGES}, got {messages!r}")
+        self.self_loop, self.messages = self_loop, messages
         E = num_experts
         # identity: off-diagonal edges start small but positive, so every team mixes a little from step 0
         off = 0.05 if init == "identity" else 0.5
@@ -55,9 +78,13 @@ class ExpertGraph(nn.Module):
 
     def adjacency(self) -> torch.Tensor:
         """Raw non-negative edges max(W, 0), [E, E]; the gradient passes to W whatever its sign (straight-through),
-        so an edge at zero can grow back when the task asks for it."""
+        so an edge at zero can grow back when the task asks for it. self_loop "fixed": the diagonal is 1."""
         w = self.weight
-        return w + (w.clamp_min(0.0) - w).detach()
+        a = w + (w.clamp_min(0.0) - w).detach()
+        if self.self_loop == "fixed":
+            eye = torch.eye(w.shape[0], dtype=w.dtype, device=w.device)
+            a = a * (1 - eye) + eye
+        return a
 
     def normalized(self) -> torch.Tensor:
         """Row-normalised adjacency over all experts (what the graph looks like when every expert is active)."""
@@ -70,12 +97,14 @@ class ExpertGraph(nn.Module):
         return (a - torch.diag_embed(torch.diagonal(a))).sum()
 
     @torch.no_grad()
-    def prox_l1(self, step: float) -> None:
+    def prox_l1(self, step: float | torch.Tensor) -> None:
         """The proximal operator of STEP x L1 on the off-diagonal edges under W >= 0: off-diagonal W becomes
-        max(W - STEP, 0), the diagonal max(W, 0)."""
-        if step < 0:
-            raise ValueError(f"prox step must be >= 0, got {step}")
+        max(W - STEP, 0), the diagonal max(W, 0). STEP is a number or an [E, E] tensor of per-edge thresholds
+        (Adam's metric: train.graph_prox_threshold)."""
         w = self.weight
+        step = torch.as_tensor(step, dtype=w.dtype, device=w.device)
+        if not bool(torch.isfinite(step).all()) or bool((step < 0).any()):
+            raise ValueError(f"prox step must be finite and >= 0, got {step}")
         off = ~torch.eye(w.shape[0], dtype=torch.bool, device=w.device)
         w.sub_(step * off.to(w.dtype)).clamp_(min=0.0)
 
@@ -86,6 +115,8 @@ class ExpertGraph(nn.Module):
         m = mask.to(h.dtype)
         team = a.unsqueeze(0) * m.unsqueeze(2) * m.unsqueeze(1)          # [B, E, E]: edges inside the team
         team = team / team.sum(dim=2, keepdim=True).clamp_min(EPS)
+        if self.messages == "neighbours":  # the self weight stays in the normaliser, its message is dropped
+            team = team * (1 - torch.eye(a.shape[0], dtype=team.dtype, device=team.device))
         hm = h * m.unsqueeze(-1)
         msg = torch.einsum("bij,bjd->bid", team, hm)
         return (hm + self.strength * F.relu(self.msg(msg))) * m.unsqueeze(-1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from refgen.moe.graph import ExpertGraph
+from refgen.moe.graph import MESSAGES, SELF_LOOPS, ExpertGraph
 
 KINDS = ("flat", "hier", "graph", "dense")
 PATHS = ("dense", "sparse")
@@ -47,6 +47,8 @@ class MoEModelConfig:
     groups: int = 2                 # hier: experts are split into this many equal groups
     graph_init: str = "identity"    # graph: identity (+ small positive off-diagonal) or random
     graph_strength: float = 1.0
+    graph_self_loop: str = "fixed"  # graph: self weight 1, edges relative to it (learned: the pre-fix free diagonal)
+    graph_messages: str = "neighbours"  # graph: m_i mixes the other team members only (team: h_i too, pre-fix)
     gate_hidden: int = 0            # 0: a linear router (one bias-free layer on the normalised features)
     gate_norm: str = "bn"           # bn: standardise the gate's input per feature (BatchNorm1d, no affine); none
     gate_bias: bool = False         # bias on the gate's output layer (the pre-fix gate had one)
@@ -69,6 +71,10 @@ class MoEModelConfig:
                 raise ValueError(f"model.groups={self.groups} must divide num_experts={self.num_experts}")
             if self.top_k > self.num_experts // self.groups:
                 raise ValueError(f"hier: top_k={self.top_k} exceeds the group size {self.num_experts // self.groups}")
+        if self.graph_self_loop not in SELF_LOOPS:
+            raise ValueError(f"model.graph_self_loop must be one of {SELF_LOOPS}, got {self.graph_self_loop!r}")
+        if self.graph_messages not in MESSAGES:
+            raise ValueError(f"model.graph_messages must be one of {MESSAGES}, got {self.graph_messages!r}")
         if self.gate_hidden < 0:
             raise ValueError(f"model.gate_hidden must be >= 0, got {self.gate_hidden}")
         if self.gate_norm not in ("bn", "none"):
@@ -196,7 +202,8 @@ class MoEClassifier(nn.Module):
         if cfg.kind != "dense":
             out = cfg.groups + E if cfg.kind == "hier" else E
             self.gate = make_gate(s, out, cfg.gate_hidden, cfg.gate_norm, cfg.gate_bias)
-        self.graph = ExpertGraph(E, cfg.expert_dim, cfg.graph_init, cfg.graph_strength) if cfg.kind == "graph" else None
+        self.graph = (ExpertGraph(E, cfg.expert_dim, cfg.graph_init, cfg.graph_strength, self_loop=cfg.graph_self_loop,
+                                  messages=cfg.graph_messages) if cfg.kind == "graph" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.expert_dim, num_classes)
 

@@ -55,7 +55,8 @@ class MoETrainConfig:
     balance_coef: float = 0.01          # weight of the load-balance loss (against expert collapse; Switch: 0.01)
     balance: str = "switch"             # switch: Switch/GShard E * sum f.P; composite: + importance CV^2 + entropy
     z_loss_coef: float = 1e-3           # router z-loss weight (ST-MoE: 1e-3)
-    graph_l1: float = 0.1               # L1 on the raw off-diagonal graph edges (proximal: shrink lr x this per step)
+    graph_l1: float = 3e-4              # L1 coefficient (loss units) on the off-diagonal graph edges; proximal step
+                                        # in Adam's metric (graph_prox_threshold); chosen on the validation split
     shift_px: int = 2                   # random translation by up to this many pixels (0: off)
     corrupt_p: float = 0.0              # share of training images corrupted (refgen.moe.augment; 0: off)
     corrupt_types: tuple[str, ...] = ("gaussian_noise", "impulse_noise", "defocus_blur", "motion_blur", "fog",
@@ -228,6 +229,20 @@ def _start_run(cfg: MoETrainConfig, model: MoEClassifier, shape, n_train: int, o
     return _Run(cfg, model, table, opt, log, total_steps, plateau, sched, probe, gate_group, gen, train_flops)
 
 
+def graph_prox_threshold(opt: torch.optim.Optimizer, group: dict, param: torch.Tensor, l1: float) -> torch.Tensor:
+    """Per-edge soft threshold of the proximal L1 step after an Adam(W) step: lr x L1 / (sqrt(v_hat) + eps), the
+    proximal operator of L1 x |W| in the metric Adam's update lives in (ProxGen, Yun et al. 2021). Its fixed
+    points are those of loss + L1 x |W|: an edge survives where the task's mean gradient on it exceeds L1, in loss
+    units. A threshold of lr x L1 alone (the first version) compared L1 with Adam's *normalised* step, i.e. with the
+    gradient's mean / RMS, and its total grew with the number of steps (docs/moe.md)."""
+    st = opt.state.get(param)
+    if not st or "exp_avg_sq" not in st:
+        raise ValueError("graph_prox_threshold needs an Adam-type optimizer state (exp_avg_sq) after its first step")
+    b2 = group["betas"][1]
+    v_hat = st["exp_avg_sq"] / (1 - b2 ** float(st["step"]))
+    return group["lr"] * l1 / (v_hat.sqrt() + group["eps"])
+
+
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor):
     """One optimizer step (with the graph's proximal L1 and the per-step schedule); returns (CE, model output)."""
     cfg, model = run.cfg, run.model
@@ -240,7 +255,7 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor):
     loss.backward()
     run.opt.step()
     if model.graph is not None and cfg.graph_l1 > 0:
-        model.graph.prox_l1(run.gate_group["lr"] * cfg.graph_l1)
+        model.graph.prox_l1(graph_prox_threshold(run.opt, run.gate_group, model.graph.weight, cfg.graph_l1))
     if run.sched is not None:
         run.sched.step()
     return ce, out_
@@ -387,6 +402,8 @@ def load_model(folder: str | Path, device="cpu") -> tuple[MoEClassifier, dict]:
     d = json.loads(meta["refgen_moe_config"])
     if "gate_norm" not in d:  # written before the gate fix: no input norm, a biased output layer
         d.update(gate_norm="none", gate_bias=True)
+    if "graph_self_loop" not in d:  # written before the graph fix: free diagonal, messages include h_i
+        d.update(graph_self_loop="learned", graph_messages="team")
     mcfg = from_dict(MoEModelConfig, d, source=f)
     model = MoEClassifier(mcfg, int(meta["in_channels"]), int(meta["num_classes"]))
     model.load_state_dict(load_file(str(f)))
