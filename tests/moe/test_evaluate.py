@@ -103,3 +103,115 @@ def test_config_checks():
         EvalConfig(setups=[{"name": "a", "path": "x"}, {"name": "a", "path": "y"}])
     cfg = EvalConfig.from_yaml("configs/moe_eval.yaml")
     assert len(jobs(cfg)) == 5 * (3 * 36 + 1)
+
+
+# ---- the shift-aware temperature (fitted on a corrupted copy of the validation holdout) ----------------------
+
+def test_corrupted_validation_is_seeded_balanced_and_refuses_test_images(digits):
+    from refgen.moe.calibration import corrupted_validation, refuse_test_images, severity_mix
+    from refgen.moe.data import stratified_split
+
+    _, va = stratified_split(digits.y_train, 0.1, seed=0)
+    x, y = digits.x_train[va], digits.y_train[va]
+    a, ya, ma = corrupted_validation(x, y, ("contrast", "gaussian_noise"), "mild", copies=2, seed=3)
+    b, yb, mb = corrupted_validation(x, y, ("contrast", "gaussian_noise"), (1, 2), copies=2, seed=3)
+    c, _, mc = corrupted_validation(x, y, ("contrast", "gaussian_noise"), (1, 2), copies=2, seed=4)
+    assert np.array_equal(a, b) and np.array_equal(ya, yb) and ma["sha256"] == mb["sha256"]
+    assert mc["sha256"] != ma["sha256"] and ma["seed"] == 3 and ma["n"] == 2 * len(x) == len(a)
+    assert np.array_equal(ya, np.tile(y, 2)) and ma["val_sha256"] == mc["val_sha256"]
+    assert not np.array_equal(a[:len(x)], x)                    # every copy is corrupted (no severity 0 asked)
+    clean_share = (a.reshape(len(a), -1) == np.tile(x, (2, 1, 1, 1)).reshape(len(a), -1)).all(1).mean()
+    assert clean_share < 0.05
+    m, _, _ = corrupted_validation(x, y, ("contrast",), (0, 5), copies=2, seed=3)   # 0 = an uncorrupted copy
+    same = (m.reshape(len(m), -1) == np.tile(x, (2, 1, 1, 1)).reshape(len(m), -1)).all(1).mean()
+    assert same == pytest.approx(0.5, abs=0.01)                # balanced: half clean, half contrast@5
+    assert severity_mix("severe") == (3, 4, 5) and severity_mix([2, 1, 2]) == (1, 2)
+    for bad in ("medium", [6], [0], []):
+        with pytest.raises(ValueError):
+            severity_mix(bad)
+    assert refuse_test_images(x, digits.x_test) == 0
+    with pytest.raises(ValueError, match="share memory"):
+        refuse_test_images(digits.x_test[:50], digits.x_test)
+    with pytest.raises(ValueError, match="byte-identical"):
+        refuse_test_images(digits.x_test[:50].copy(), digits.x_test)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupted_validation(x, y, ("snow",), "all", copies=1, seed=0)
+
+
+def test_shift_temperature_fits_on_validation_only_is_reproducible_and_lowers_shifted_ece(trained_digits, tmp_path,
+                                                                                           monkeypatch):
+    import refgen.moe.evaluate as ev
+    from refgen.moe.calibration import corrupted_validation
+    from refgen.moe.data import sha256_array
+
+    seen = []                                            # every image set the shift-aware fit is built from
+    real = corrupted_validation
+    monkeypatch.setattr(ev, "corrupted_validation", lambda x, *a, **k: seen.append(x.copy()) or real(x, *a, **k))
+    setups = [{"name": "float", "path": str(trained_digits[0])}]
+    base = dict(setups=setups, seeds=(17, 42), corruptions=("gaussian_noise", "contrast", "fog", "motion_blur"),
+                severities=(3,), latency=False, cost="bytes", calib_n=450)
+    first = tmp_path / "a"
+    run_matrix(EvalConfig(**base), first, progress=False)                  # clean T only (the default)
+    recs = [json.loads(ln) for ln in (first / "eval_raw.jsonl").read_text().splitlines()]
+    assert all("temperature_shift" not in r for r in recs) and not seen
+    cfg = EvalConfig(**base, shift_temperature=True)
+    assert run_matrix(cfg, first, dry_run=True)["to_run"] == 2 * 5        # old records lack the shift T: rerun
+    res = run_matrix(cfg, first, progress=False)
+    assert res["failed"] == [] and len(seen) == 1                         # built once, shared by the seeds
+    ld, _ = ev._load(cfg.setups[0], 17, cfg)
+    assert np.array_equal(seen[0], ld.val[0])                             # the validation holdout, not the test split
+    assert sha256_array(seen[0]) != sha256_array(ld.data.x_test[:len(seen[0])])
+    recs = [json.loads(ln) for ln in (first / "eval_raw.jsonl").read_text().splitlines()][-10:]
+    assert {r["temperature_shift"] for r in recs} == {recs[0]["temperature_shift"]}
+    sh = recs[0]["shift"]
+    assert sh["seed"] == 0 and sh["n"] == 5 * len(ld.val[1]) and sh["val_sha256"] == sha256_array(ld.val[0])
+    assert sh["val_ece_fitted"] < sh["val_ece_t1"]
+    # same seed -> the same corrupted bytes and the same T in a fresh run; another seed -> another set
+    again = run_matrix(cfg, tmp_path / "b", progress=False)["summary"]["setups"]["float"]
+    assert again["temperature_shift"] == recs[0]["temperature_shift"] and again["shift"]["sha256"] == sh["sha256"]
+    other = run_matrix(EvalConfig(**base, shift_temperature=True, shift_seed=1), tmp_path / "c",
+                       progress=False)["summary"]["setups"]["float"]
+    assert other["shift"]["sha256"] != sh["sha256"] and other["shift"]["seed"] == 1
+    # on corrupted *test* images (other draws, other images) the shift-aware T calibrates better than T = 1 and
+    # than the clean-fitted T; the clean-fitted T stays the reported default
+    row = res["summary"]["setups"]["float"]
+    lv = row["calibration"]["levels"]["sev3"]
+    assert lv["ece"] > 0.05 and lv["ece_shift"] < 0.8 * lv["ece"] and lv["ece_shift"] < lv["ece_ts"]
+    assert row["temperature_shift"] > row["temperature"]
+    b5 = row["calibration"]["b5"]
+    assert "sev3" not in b5["shift_t"]["failing"] and "sev3" in b5["clean_t"]["failing"]
+    md = (first / "eval_matrix.md").read_text()
+    assert "B5 shift T" in md and "seed 0" in md and row["ece_ts"] == pytest.approx(
+        np.mean([r["ece_ts"] for r in recs if r["split"] == "clean"]))
+
+
+def test_shift_temperature_refuses_a_holdout_that_is_the_test_split(trained_digits, tmp_path, monkeypatch):
+    import refgen.moe.evaluate as ev
+
+    real = ev._load
+
+    def leaky(setup, seed, cfg):                          # a bug that hands the test split over as "validation"
+        ld, kind = real(setup, seed, cfg)
+        ld.val = (ld.data.x_test, ld.data.y_test)
+        return ld, kind
+    monkeypatch.setattr(ev, "_load", leaky)
+    cfg = EvalConfig(setups=[{"name": "float", "path": str(trained_digits[0])}], seeds=(17,),
+                     corruptions=("contrast",), severities=(3,), latency=False, cost="bytes", calib_n=100,
+                     shift_temperature=True, max_failed_fraction=1.0)
+    res = run_matrix(cfg, tmp_path, progress=False)
+    assert len(res["failed"]) == 2 and all("refusing to fit a temperature on the test split" in f
+                                           for f in res["failed"])
+
+
+def test_eval_cli_shift_flags(trained_digits, tmp_path):
+    from refgen.cli import main
+
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text(f"setups:\n  - {{name: float, path: {trained_digits[0]}}}\nseeds: [17]\ncorruptions: [contrast]\n"
+                   "severities: [3]\nlatency: false\ncost: bytes\ncalib_n: 100\n")
+    assert main(["moe", "eval", "--config", str(cfg), "--out", str(tmp_path / "o"), "--quiet", "--shift-temperature",
+                 "--shift-severities", "2,3", "--shift-seed", "5"]) == 0
+    rec = json.loads((tmp_path / "o" / "eval_raw.jsonl").read_text().splitlines()[0])
+    assert rec["shift"]["severities"] == [2, 3] and rec["shift"]["seed"] == 5
+    with pytest.raises(ValueError, match="severity mix"):
+        EvalConfig(shift_severities="medium")

@@ -4,6 +4,11 @@ reliability diagram.
 Temperature scaling divides the logits by one scalar T > 0 fitted by LBFGS on the negative log-likelihood of a
 held-out validation split (never the split it is then evaluated on); it changes confidence, not the argmax, so
 accuracy is unchanged by construction (tested).
+
+A shift-aware temperature is the same fit on a *corrupted copy of the validation holdout*: every validation image
+appears `copies` times, each copy corrupted (refgen.moe.corruptions.corrupt, one explicit numpy Generator seeded by
+a fixed, recorded seed) with one (corruption, severity) pair of a mix; the pairs are dealt out balanced and then
+shuffled. It is fitted on validation images only: `refuse_test_images` stops a fit whose images are the test split.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 N_BINS = 15
+SEVERITY_MIXES = {"all": (1, 2, 3, 4, 5), "mild": (1, 2), "severe": (3, 4, 5), "all+clean": (0, 1, 2, 3, 4, 5)}
 
 
 def ece_mce(logits: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> dict:
@@ -70,3 +76,55 @@ def uncertainty(logits: np.ndarray) -> dict:
     ent = -(p * np.log(np.clip(p, 1e-12, None))).sum(1)
     return {"entropy": float(ent.mean()), "variation_ratio": float((1 - s[:, 0]).mean()),
             "top2_gap": float((s[:, 0] - s[:, 1]).mean()) if p.shape[1] > 1 else 1.0}
+
+
+def severity_mix(mix) -> tuple[int, ...]:
+    """A named mix (SEVERITY_MIXES) or a list of severities in 0..5 -> a sorted tuple; 0 = an uncorrupted copy
+    (as many as of each other severity), so a mix with 0 fits one T to clean and shifted data together."""
+    if isinstance(mix, str):
+        if mix not in SEVERITY_MIXES:
+            raise ValueError(f"unknown severity mix {mix!r}; named mixes: {SEVERITY_MIXES}, or a list of 1..5")
+        return SEVERITY_MIXES[mix]
+    out = tuple(sorted({int(s) for s in mix}))
+    if not out or any(s not in (0, 1, 2, 3, 4, 5) for s in out) or out == (0,):
+        raise ValueError(f"a severity mix must be a subset of 0..5 (0 = clean) with a severity >= 1, got {mix!r}")
+    return out
+
+
+def refuse_test_images(x_fit: np.ndarray, x_test: np.ndarray, max_overlap: float = 0.05) -> int:
+    """Raise if the images a temperature is fitted on are (a view of, or mostly copies of) the test split; return
+    how many of them are byte-identical to some test image. A small share is allowed because real data sets repeat
+    images across splits (Animal-MNIST: 8 of its 800 validation silhouettes occur in the test split)."""
+    import hashlib
+
+    if np.shares_memory(x_fit, x_test):
+        raise ValueError("refusing to fit a temperature on the test split (the images share memory with it)")
+    test = {hashlib.sha256(r.tobytes()).digest() for r in np.ascontiguousarray(x_test)}
+    dup = sum(hashlib.sha256(r.tobytes()).digest() in test for r in np.ascontiguousarray(x_fit))
+    if len(x_fit) and dup > max_overlap * len(x_fit):
+        raise ValueError(f"refusing to fit a temperature on the test split: {dup} of {len(x_fit)} fitting images are "
+                         f"byte-identical to test images (> {max_overlap:.0%})")
+    return int(dup)
+
+
+def corrupted_validation(x: np.ndarray, y: np.ndarray, corruptions, severities, copies: int, seed: int):
+    """(images, labels, meta): COPIES corrupted copies of the validation images X, each copy with one (corruption,
+    severity) pair of CORRUPTIONS x SEVERITIES, pairs balanced (counts differ by at most one) and shuffled; a pure
+    function of its arguments (meta carries the seed and the SHA-256 of the result)."""
+    from refgen.moe.corruptions import CORRUPTIONS, corrupt
+    from refgen.moe.data import sha256_array
+
+    if copies < 1 or len(x) == 0:
+        raise ValueError(f"need >= 1 copy of a non-empty validation split, got {copies} copies of {len(x)} images")
+    pairs = [(c, s) for c in corruptions for s in severity_mix(severities)]
+    bad = [c for c, _ in pairs if c not in CORRUPTIONS]
+    if bad:
+        raise ValueError(f"unknown corruption(s) {sorted(set(bad))}; known: {list(CORRUPTIONS)}")
+    rng = np.random.default_rng([int(seed), 0x5EED])
+    src = np.tile(np.arange(len(x)), copies)
+    which = rng.permutation(np.resize(np.arange(len(pairs)), len(src)))
+    out = np.stack([corrupt(x[i], *pairs[k], rng) if pairs[k][1] else x[i] for i, k in zip(src, which)])
+    meta = {"seed": int(seed), "corruptions": sorted({c for c, _ in pairs}, key=list(CORRUPTIONS).index),
+            "severities": list(severity_mix(severities)), "copies": int(copies), "n": int(len(out)),
+            "val_n": int(len(x)), "val_sha256": sha256_array(x), "sha256": sha256_array(out)}
+    return out, y[src], meta

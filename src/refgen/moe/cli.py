@@ -155,8 +155,12 @@ def _compress(args) -> int:
 def _eval(args) -> int:
     from refgen.moe.evaluate import EvalConfig, run_matrix
 
+    sev = args.shift_severities
+    if sev is not None and all(x.isdigit() for x in _names(sev)):
+        sev = [int(x) for x in _names(sev)]
     over = {"seeds": [int(x) for x in _names(args.seeds)] if args.seeds else None, "n_test": args.n_test,
-            "cache": args.cache}
+            "cache": args.cache, "shift_temperature": True if args.shift_temperature else None,
+            "shift_severities": sev, "shift_seed": args.shift_seed}
     cfg = EvalConfig.from_yaml(args.config, **over)
     res = run_matrix(cfg, args.out, dry_run=args.dry_run, progress=not args.quiet)
     print(f"{res['jobs']} jobs: {res['skipped_done']} done before (skipped), {res['to_run']} to run")
@@ -304,6 +308,13 @@ def register(sub) -> None:
     e.add_argument("--seeds", default=None, help="comma-separated, overrides the config")
     e.add_argument("--n-test", type=int, default=None)
     e.add_argument("--cache", default=None)
+    e.add_argument("--shift-temperature", action="store_true",
+                   help="also fit a shift-aware temperature on a corrupted copy of the validation holdout and report "
+                        "it beside the clean-fitted one (config key shift_temperature)")
+    e.add_argument("--shift-severities", default=None,
+                   help="severity mix of that copy: comma-separated 0..5 (0 = clean) or all / mild / severe / "
+                        "all+clean (default: the config's, all = 1..5)")
+    e.add_argument("--shift-seed", type=int, default=None, help="seed of the corrupted validation copy (default 0)")
     e.add_argument("--dry-run", action="store_true", help="list the jobs and which are done; run nothing")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--out", required=True)
