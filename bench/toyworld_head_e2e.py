@@ -212,7 +212,8 @@ def main(argv=None) -> int:
     over = {"objective": a.objective, "head": a.head, "output": a.output, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "two_person_fraction": a.two_person_fraction,
             "eval_every": max(1, a.steps // 4), "checkpoint_every": max(1, a.steps // 4), "tables": a.tables,
-            **({"cache_dir": a.cache_dir} if a.cache_dir else {}), **({"init_head": a.init_head} if a.init_head else {}),
+            **({"cache_dir": a.cache_dir} if a.cache_dir else {}),
+            **({"init_head": a.init_head} if a.init_head else {}),
             **({"toyworld_identities": a.n_train, "toyworld_first_id": bcfg.train_seed} if a.stream else {})}
     if a.tiny:
         over.update(eval_identities=2, warmup_steps=1, two_person_images=8,
@@ -222,8 +223,8 @@ def main(argv=None) -> int:
     head_dir = Path(a.eval_head) if a.eval_head else out / "head"
     if a.eval_head:  # score a trained head again (new measures, other alphas): its people must not be these
         rec = json.loads((head_dir / "head.json").read_text())
-        scored = {f"seed_{i}" for lo, hi in (ranges.get("test identities", [0, 0]),
-                                             ranges.get("validation identities (alpha)", [0, 0])) for i in range(lo, hi)}
+        scored = {f"seed_{i}" for key in ("test identities", "validation identities (alpha)")
+                  for i in range(*ranges.get(key, [0, 0]))}
         seen = scored & set(rec.get("train_ids", []) + rec.get("val_ids", []))
         if seen:
             raise ValueError(f"--eval-head {head_dir} was trained on {len(seen)} of the people it would be scored "

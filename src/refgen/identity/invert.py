@@ -448,7 +448,8 @@ class Inverter:
             reg.append((tok_rms[k] - ref).abs().mean())
         reg = torch.stack(reg)
         total = per_id + cfg.rms_weight * reg  # (K,)
-        anchor = torch.stack([(s.P - s.P_start).pow(2).mean() if s.P_start is not None else torch.zeros((), device=s.P.device)
+        zero = torch.zeros((), device=self.device)
+        anchor = torch.stack([(s.P - s.P_start).pow(2).mean() if s.P_start is not None else zero
                               for s in active])  # (K,) mean squared distance from the given start
         if cfg.start_weight:
             total = total + cfg.start_weight * anchor
