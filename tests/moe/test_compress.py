@@ -105,22 +105,94 @@ def test_compress_runner_writes_every_variant_with_bytes_and_drops(trained_digit
     cfg = CompressConfig(qat_epochs=1, prune_ratio=0.3, lowrank_energies=(0.8, 0.95))
     res = compress_run(trained_digits[0], tmp_path, cfg, data=digits, progress=False)
     by = {v["method"]: v for v in res["variants"]}
-    assert set(by) == {"ptq", "qat", "prune", "prune+ptq", "lowrank", "lowrank+ptq"} or "error" in by.get("lowrank", {})
+    ablations = {"int8-experts", "int8-experts+gate", "int4-experts", "int4-experts+gate", "prune-experts",
+                 "prune-experts+ptq"}
+    assert set(by) - {"lowrank", "lowrank+ptq"} == {"ptq", "qat", "prune", "prune+ptq", "int4"} | ablations
+    assert {"lowrank", "lowrank+ptq"} <= set(by) or "error" in by.get("lowrank", {})
     ref = res["reference"]
     for name, v in by.items():
         if "error" in v:
             continue
-        assert v["bytes"] == mf.artifact_bytes(tmp_path / v["artifact"])["total"]  # every file, measured
+        f = tmp_path / v["artifact"]  # every file, measured (int4 storage is one file)
+        assert v["bytes"] == (f.stat().st_size if f.suffix == ".safetensors" else mf.artifact_bytes(f)["total"])
         assert v["drop_pp"] == pytest.approx(100 * (v["acc"] - ref["acc"]))
         assert v["pass"] in (True, False, None)
     assert by["ptq"]["bytes"] < ref["bytes_fp32"] and by["qat"]["bytes"] < ref["bytes_fp32"]
     assert by["prune"]["bytes"] < ref["bytes_fp32"]       # structured pruning really shrinks the files
     assert by["qat"]["gate_topk_agreement"] >= 0.98        # stem and gate stayed float and frozen
-    for d in ("baseline", "qat", "prune"):
+    for d in ("baseline", "qat", "prune", "int4", "ablate/int8-experts+gate", "ablate/int4-experts",
+              "ablate/prune-experts"):
         mf.verify(tmp_path / d)
+    for name in ablations | {"int4"}:
+        assert 0 <= by[name]["gate_topk_agreement"] <= 1
+    assert by["int4-experts"]["gate_topk_agreement"] == 1.0  # a float gate on the float stem: the same teams
+    assert by["int4"]["bytes"] < by["ptq"]["bytes"]
+    assert (tmp_path / "compress_acc_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| int4-experts+gate |" in (tmp_path / "compress.md").read_text()
     steps = [json.loads(ln) for ln in (tmp_path / "compress.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "prune_step"] == [1, 2, 3]
     assert "| ptq |" in (tmp_path / "compress.md").read_text()
+
+
+def test_experts_only_pruning_keeps_the_stem(deployable):
+    m = copy.deepcopy(deployable)
+    stem = [c.out_channels for c in m.model.stem.modules() if isinstance(c, nn.Conv2d)]
+    convs0 = sum(c.out_channels for c in m.model.experts.modules() if isinstance(c, nn.Conv2d))
+    prune_iterative(m, 0.5, 2, torch.rand(2, 1, 8, 8), experts_only=True)
+    assert [c.out_channels for c in m.model.stem.modules() if isinstance(c, nn.Conv2d)] == stem
+    assert sum(c.out_channels for c in m.model.experts.modules() if isinstance(c, nn.Conv2d)) < convs0
+    assert m(torch.rand(3, 1, 8, 8))[0].shape == (3, 10)
+
+
+def test_int4_pack_unpack_is_exact_and_dequantised_error_is_at_most_half_a_step():
+    from refgen.moe import int4
+
+    v = torch.arange(-8, 8, dtype=torch.int8)
+    pairs = torch.cartesian_prod(v, v).reshape(-1)  # every value in the low and in the high nibble
+    packed = int4.pack_int4(pairs)
+    assert packed.dtype == torch.uint8 and packed.numel() == pairs.numel() // 2
+    assert torch.equal(int4.unpack_int4(packed, pairs.numel()), pairs)
+    odd = v[:15]
+    assert int4.pack_int4(odd).numel() == 8 and torch.equal(int4.unpack_int4(int4.pack_int4(odd), 15), odd)
+    with pytest.raises(ValueError, match="int4 values"):
+        int4.pack_int4(torch.tensor([8]))
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, 3, 3) * torch.tensor([1e-3, 0.1, 1.0, 10.0, 0.0, 2.0]).view(6, 1, 1, 1)
+    for prec, qmax in (("int4", 7), ("int8", 127)):
+        q, scale = int4.quantize(w, prec)
+        assert scale.shape == (6,) and int(q.abs().max()) <= qmax
+        err = (int4.dequantize(q, scale) - w).abs()
+        assert (err <= scale.view(-1, 1, 1, 1) / 2 + 1e-6 * scale.view(-1, 1, 1, 1)).all()
+    assert torch.equal(int4.dequantize(*int4.quantize(w, "int4"))[4], torch.zeros(5, 3, 3))  # an all-zero channel
+
+
+def test_int4_artifact_is_smaller_than_int8_and_loads_into_a_runnable_model(trained_digits, digits, tmp_path):
+    from safetensors.torch import load_file
+
+    from refgen.moe import int4
+
+    res = compress_run(trained_digits[0], tmp_path, CompressConfig(methods=("ptq", "int4")), data=digits,
+                       progress=False)
+    by = {v["method"]: v for v in res["variants"]}
+    f = tmp_path / "int4" / int4.FILE
+    assert by["int4"]["bytes"] == f.stat().st_size < by["ptq"]["bytes"] == res["reference"]["bytes_int8"]
+    man = mf.verify(tmp_path / "int4")
+    assert man["deployable"] == int4.FILE and man["deployable_bytes"] == f.stat().st_size
+    stored = load_file(str(f))
+    w = "model.experts.0.0.0.weight"
+    assert stored[w].dtype == torch.uint8 and stored["model.gate.1.weight"].dtype == torch.int8
+    assert stored["model.head.weight"].dtype == torch.float32  # int4_other: fp32
+    m = int4.load(f)
+    model, info = load_model(trained_digits[0])
+    ref = deployable_from_info(model, info)
+    assert m.model.experts[0][0][0].weight.shape == ref.model.experts[0][0][0].weight.shape
+    x = torch.rand(7, 1, 8, 8)
+    with torch.no_grad():
+        lg, pr = m(x)
+        assert lg.shape == (7, 10) and pr.shape == (7, 4)
+        assert torch.equal(m.model.head.weight, ref.model.head.weight)  # fp32 tensors unchanged
+        assert not torch.equal(m.model.experts[0][0][0].weight, ref.model.experts[0][0][0].weight)
+    assert by["int4"]["drop_pp"] >= -5 and by["int4"]["values"]["int4"] > 0
 
 
 def test_config_yaml_mirror_and_checks():
@@ -130,3 +202,19 @@ def test_config_yaml_mirror_and_checks():
         CompressConfig(methods=("ptq", "magic"))
     with pytest.raises(ValueError, match="prune_ratio"):
         CompressConfig(prune_ratio=1.5)
+    with pytest.raises(ValueError, match="int4_gate"):
+        CompressConfig(int4_gate="int4")
+    with pytest.raises(ValueError, match="int4_other"):
+        CompressConfig(int4_other="fp16")
+    with pytest.raises(ValueError, match="must not contain the gate"):
+        CompressConfig(int4_modules=("model.experts", "model.gate"))
+    with pytest.raises(ValueError, match="at least one module"):
+        CompressConfig(int4_modules=())
+
+
+def test_int4_save_refuses_an_unknown_precision(deployable, tmp_path):
+    from refgen.moe import int4
+
+    with pytest.raises(ValueError, match="unknown storage precision"):
+        int4.save(deployable, tmp_path / "x.safetensors", {"model.experts": "int2"})
+    assert not (tmp_path / "x.safetensors").exists()

@@ -291,10 +291,12 @@ def register(sub) -> None:
     x.set_defaults(func=_export)
 
     c = sub.add_parser("compress", help="PTQ (ORT int8), QAT (torchao pt2e), structured iterative pruning "
-                                        "(torch-pruning), SVD low-rank; each exported, bytes and accuracy drop")
+                                        "(torch-pruning), SVD low-rank, int4 storage, ablations; each exported, "
+                                        "bytes and accuracy drop")
     c.add_argument("--model", required=True, help="a `refgen moe train` folder")
     c.add_argument("--config", default=None, help="YAML mirroring CompressConfig (configs/moe_compress.yaml)")
-    c.add_argument("--methods", default=None, help="comma-separated: ptq, qat, prune, lowrank (default all)")
+    c.add_argument("--methods", default=None,
+                   help="comma-separated: ptq, qat, prune, lowrank, int4, ablate (default all)")
     c.add_argument("--qat-epochs", type=int, default=None)
     c.add_argument("--cache", default=None)
     c.add_argument("--threads", type=int, default=1)

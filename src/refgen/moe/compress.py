@@ -5,6 +5,12 @@ as a deployable folder and measured against the float model on the same test spl
     OUT/qat/        torchao pt2e QAT, int8 ONNX + manifest
     OUT/prune/      torch-pruning, channels removed in `prune_steps` steps with fine-tuning between; full export
     OUT/lowrank/    SVD factorisation at the automatically chosen energy; full export
+    OUT/int4/       int4 *storage* (refgen.moe.int4): experts' weights int4, gate int8 or fp32 per config, one
+                    safetensors file dequantised at load into the float model + manifest
+    OUT/ablate/     the spec's ablations: int8 and int4 with the experts only quantised vs the gate quantised too,
+                    and the experts only pruned (int8-experts, int8-experts+gate, int4-experts, int4-experts+gate,
+                    prune-experts)
+    OUT/compress_acc_vs_size.png   test accuracy vs artifact bytes of every variant, the byte budget marked
     OUT/compress.json   provenance, every variant's bytes / accuracy / drop / pass flags
     OUT/compress.md     the same as a table
     OUT/compress.jsonl  one record per step (pruning steps, rank sweep), written as it goes
@@ -13,13 +19,17 @@ Accuracy drop ΔAcc = Acc(variant) − Acc(float model), both on the test split,
 is ΔAcc >= −x (spec §7.2). Bytes are the deployable files as `manifest.artifact_bytes` counts them (the graph and
 its external data). Savings compare like with like: pruned / factorised fp32 against the float model's fp32
 export (their int8 exports are reported beside, as the "combined" variants), PTQ / QAT int8 against fp32.
-Selection (the rank sweep) uses the validation holdout, never the test split.
+Selection (the rank sweep) uses the validation holdout, never the test split. The int4 variants are evaluated
+as the float model their file loads into (PyTorch, like the pruned / factorised rows' accuracy); their bytes are
+the one file written. Every row that has a gate reports the top-k agreement of its gate with the fp32 ONNX gate.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from refgen.moe import int4 as i4
 from refgen.moe import manifest as mf
 from refgen.moe import onnxrun
-from refgen.moe.export import INT8, Deployable, ExportConfig, deployable_from_info, export_model, export_onnx, \
-    strip_metadata, write_manifest
+from refgen.moe.export import FP32, INT8, Deployable, ExportConfig, calibration_images, deployable_from_info, \
+    export_model, export_onnx, quantize_int8, strip_metadata, torch_outputs, write_manifest
 
-METHODS = ("ptq", "qat", "prune", "lowrank")
+METHODS = ("ptq", "qat", "prune", "lowrank", "int4", "ablate")
 
 
 @dataclass
@@ -58,6 +69,12 @@ class CompressConfig:
     prune_min_saving: float = 0.20
     lowrank_max_drop_pp: float = 1.0
     lowrank_min_saving: float = 0.15
+    # int4 storage (spec: «Gate int8, Experten int4 per Config»): weights of these modules int4, the gate's int8 or
+    # fp32, every other conv / linear weight (stem, graph, head) int8 or fp32; biases, norms, buffers stay fp32
+    int4_modules: tuple[str, ...] = ("model.experts",)
+    int4_gate: str = "int8"
+    int4_other: str = "fp32"
+    int4_max_drop_pp: float = 2.0        # the spec's overall bound: drop at most 2 pp below 1 MB
 
     def __post_init__(self):
         if isinstance(self.export, dict):
@@ -75,6 +92,14 @@ class CompressConfig:
                              f"{self.prune_steps}")
         if not self.lowrank_energies or not all(0 < e <= 1 for e in self.lowrank_energies):
             raise ValueError(f"lowrank_energies must be in (0, 1], got {self.lowrank_energies}")
+        self.int4_modules = tuple(str(m) for m in (self.int4_modules or ()))
+        if not self.int4_modules:
+            raise ValueError("int4_modules must name at least one module (e.g. model.experts)")
+        if any(m == "model.gate" or m.startswith("model.gate.") for m in self.int4_modules):
+            raise ValueError("int4_modules must not contain the gate: its precision is int4_gate (int8 or fp32)")
+        for k in ("int4_gate", "int4_other"):
+            if getattr(self, k) not in ("int8", "fp32"):
+                raise ValueError(f"{k} must be 'int8' or 'fp32', got {getattr(self, k)!r}")
         for k in ("qat_epochs", "prune_finetune_epochs", "lowrank_finetune_epochs"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
@@ -146,6 +171,51 @@ def compress(deployable: Deployable, out: str | Path, cfg: CompressConfig, data:
     log.log(kind="baseline", acc=ref_acc, bytes_fp32=ref32, bytes_int8=ref8)
     bar.update(1)
     rows, k = [], deployable.model.cfg.top_k
+    xt = onnxrun.to_input(data.x_test)
+
+    def int4_row(name, folder, rules, other, max_drop, gated=True):
+        """int4 storage of the float model: written, reloaded (dequantised), evaluated like the pruned rows."""
+        d = out / folder
+        d.mkdir(parents=True, exist_ok=True)
+        (d / mf.MANIFEST).unlink(missing_ok=True)
+        st = i4.save(deployable, d / i4.FILE, rules, other)
+        lg, pr = torch_outputs(i4.load(d / i4.FILE), xt)
+        acc, agree = float((lg.argmax(1) == data.y_test).mean()), onnxrun.topk_agreement(ref_probs, pr, k)
+        b = {"files": {i4.FILE: (d / i4.FILE).stat().st_size}}
+        b["total"] = sum(b["files"].values())
+        write_manifest(d, ecfg, {"int4": {"file": i4.FILE, "files": [i4.FILE], "bytes": b["total"]}}, i4.FILE, b,
+                       {"int4": {"acc": acc, "gate_topk_agreement": agree, "rules": rules, "other": other,
+                                 "values": st["precisions"]}}, shape, deployable.model.cfg, meta)
+        row = _row(name, b["total"], ref32, acc, ref_acc, max_drop, budget=ecfg.budget_bytes, gated=gated,
+                   artifact=f"{folder}/{i4.FILE}", precision="int4", gate_topk_agreement=agree,
+                   saved_vs_int8=None if not ref8 else 1 - b["total"] / ref8, storage=rules | {"other": other},
+                   values=st["precisions"])
+        if gated:  # the spec's guard on quantising the gate
+            row["pass"] = bool(row["pass"] and agree >= ecfg.min_gate_agreement)
+        return row
+
+    def int8_row(name, folder, modules):
+        """ORT static int8 of the float model with only MODULES quantised (the gate check is reported, not raised)."""
+        d = out / folder
+        d.mkdir(parents=True, exist_ok=True)
+        (d / mf.MANIFEST).unlink(missing_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".fp32-", dir=d))
+        try:  # the baseline's graph has lost the name scopes the module choice reads: export it again
+            export_onnx(deployable, shape, scratch, FP32, ecfg.max_batch)
+            files = quantize_int8(scratch / FP32, d / INT8, calibration_images(data.x_train, ecfg.calib_images,
+                                                                              ecfg.seed), ecfg.per_channel,
+                                  modules=tuple(modules))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        strip_metadata(d / INT8)
+        acc, pr = _onnx_acc(d / INT8, data.x_test, data.y_test)
+        agree = onnxrun.topk_agreement(ref_probs, pr, k)
+        b = mf.artifact_bytes(d / INT8)
+        write_manifest(d, ecfg, {"int8": {"file": INT8, "files": [p.name for p in files], "bytes": b["total"]}}, INT8,
+                       b, {"int8": {"acc": acc, "gate_topk_agreement": agree, "modules": list(modules)}}, shape,
+                       deployable.model.cfg, meta)
+        return _row(name, b["total"], ref32, acc, ref_acc, cfg.ptq_max_drop_pp, budget=ecfg.budget_bytes, gated=False,
+                    artifact=f"{folder}/{INT8}", precision="int8", gate_topk_agreement=agree, modules=list(modules))
 
     for method in cfg.methods:
         t = time.perf_counter()
@@ -188,7 +258,8 @@ def compress(deployable: Deployable, out: str | Path, cfg: CompressConfig, data:
                 ex = torch.from_numpy(onnxrun.to_input(data.x_fit[:2]))
                 steps = prune_iterative(m, cfg.prune_ratio, cfg.prune_steps, ex, step)
                 rows += _exported_rows("prune", export(m, "prune"), ref32, ref8, ref_acc, cfg.prune_max_drop_pp,
-                                       cfg.prune_min_saving, ecfg.budget_bytes, steps=steps)
+                                       cfg.prune_min_saving, ecfg.budget_bytes, steps=steps,
+                                       gate_topk_agreement=_torch_agreement(m, data, ref_probs, k))
             elif method == "lowrank":
                 from refgen.moe.lowrank import auto_rank
 
@@ -207,6 +278,12 @@ def compress(deployable: Deployable, out: str | Path, cfg: CompressConfig, data:
                 rows += _exported_rows("lowrank", export(res["model"].eval(), "lowrank"), ref32, ref8, ref_acc,
                                        cfg.lowrank_max_drop_pp, cfg.lowrank_min_saving, ecfg.budget_bytes,
                                        energy=res["energy"], ranks=res["ranks"], sweep=res["sweep"])
+            elif method == "int4":
+                rows.append(int4_row("int4", "int4", {m_: "int4" for m_ in cfg.int4_modules}
+                                     | {"model.gate": cfg.int4_gate}, cfg.int4_other, cfg.int4_max_drop_pp))
+            elif method == "ablate":
+                rows += _ablations(cfg, deployable, data, int4_row, int8_row, export, ref32, ref8, ref_acc, ref_probs,
+                                   k, ecfg, log)
         except (ValueError, RuntimeError) as e:  # one failed method is reported, the others still run
             rows.append({"method": method, "error": f"{type(e).__name__}: {e}", "pass": False})
         log.log(kind="method", method=method, seconds=time.perf_counter() - t,
@@ -218,17 +295,70 @@ def compress(deployable: Deployable, out: str | Path, cfg: CompressConfig, data:
                      seconds=time.perf_counter() - t0, **(meta or {}))
     atomic_write_json(out / "compress.json", res)
     atomic_write_text(out / "compress.md", report_md(res))
+    from refgen.moe.plots import accuracy_vs_size
+
+    pts = [{"label": "float fp32", "bytes": ref32, "acc": ref_acc}]
+    pts += [{"label": v["method"], "bytes": v["bytes"], "acc": v["acc"]} for v in rows if "error" not in v]
+    accuracy_vs_size(pts, ecfg.budget_bytes, out / "compress_acc_vs_size.png")
     return res
 
 
-def _exported_rows(method, man, ref32, ref8, ref_acc, max_drop, min_saving, budget, **extra) -> list[dict]:
+def _torch_agreement(module, data: _Data, ref_probs, k) -> float:
+    """Top-k agreement of MODULE's gate (PyTorch) with the float model's fp32 ONNX gate on the test split."""
+    return onnxrun.topk_agreement(ref_probs, torch_outputs(module.eval(), onnxrun.to_input(data.x_test))[1], k)
+
+
+def _ablations(cfg, deployable, data, int4_row, int8_row, export, ref32, ref8, ref_acc, ref_probs, k, ecfg, log):
+    """The spec's ablations (§7.10): experts-only quantised vs the gate quantised too, at int8 and at int4 (gate
+    int8), and experts-only pruned; each its own row, a failure reported in its row."""
+    from refgen.moe.finetune import finetune
+    from refgen.moe.prune import prune_iterative
+
+    def prune_experts():
+        m = copy.deepcopy(deployable).eval()
+
+        def step(s):
+            losses = finetune(m, data.x_fit, data.y_fit, cfg.prune_finetune_epochs, cfg.prune_lr, cfg.batch_size,
+                              cfg.seed + s)
+            log.log(kind="prune_experts_step", step=s, finetune_losses=losses)
+
+        ex = torch.from_numpy(onnxrun.to_input(data.x_fit[:2]))
+        steps = prune_iterative(m, cfg.prune_ratio, cfg.prune_steps, ex, step, experts_only=True)
+        return _exported_rows("prune-experts", export(m, "ablate/prune-experts"), ref32, ref8, ref_acc,
+                              cfg.prune_max_drop_pp, cfg.prune_min_saving, ecfg.budget_bytes, gated=False,
+                              folder="ablate/prune-experts", steps=steps,
+                              gate_topk_agreement=_torch_agreement(m, data, ref_probs, k))
+
+    experts = {m_: "int4" for m_ in cfg.int4_modules}
+    jobs = [("int8-experts", lambda: [int8_row("int8-experts", "ablate/int8-experts", ("model.experts",))]),
+            ("int8-experts+gate", lambda: [int8_row("int8-experts+gate", "ablate/int8-experts+gate",
+                                                    ("model.experts", "model.gate"))]),
+            ("int4-experts", lambda: [int4_row("int4-experts", "ablate/int4-experts", experts | {"model.gate": "fp32"},
+                                               "fp32", cfg.int4_max_drop_pp, gated=False)]),
+            ("int4-experts+gate", lambda: [int4_row("int4-experts+gate", "ablate/int4-experts+gate",
+                                                    experts | {"model.gate": "int8"}, "fp32", cfg.int4_max_drop_pp,
+                                                    gated=False)]),
+            ("prune-experts", prune_experts)]
+    rows = []
+    for name, job in jobs:
+        try:
+            rows += job()
+        except (ValueError, RuntimeError) as e:
+            rows.append({"method": name, "error": f"{type(e).__name__}: {e}", "pass": False})
+    return rows
+
+
+def _exported_rows(method, man, ref32, ref8, ref_acc, max_drop, min_saving, budget, gated=True, folder=None,
+                   gate_topk_agreement=None, **extra) -> list[dict]:
+    folder = folder or method
     acc32 = man["checks"]["parity_fp32"]["torch_acc"]
     rows = [_row(method, man["models"]["fp32"]["bytes"], ref32, acc32, ref_acc, max_drop, min_saving,
-                 budget=float("inf"), artifact=f"{method}/model.onnx", precision="fp32", **extra)]
+                 budget=float("inf"), gated=gated, artifact=f"{folder}/model.onnx", precision="fp32",
+                 gate_topk_agreement=gate_topk_agreement, **extra)]
     if "int8" in man["models"] and ref8:
         q = man["checks"]["int8"]
         rows.append(_row(method + "+ptq", man["models"]["int8"]["bytes"], ref8, q["acc"], ref_acc, max_drop,
-                         None, budget=budget, gated=False, artifact=f"{method}/{INT8}", precision="int8",
+                         None, budget=budget, gated=False, artifact=f"{folder}/{INT8}", precision="int8",
                          gate_topk_agreement=q["gate_topk_agreement"], saved_vs_fp32=1 - man["models"]["int8"]["bytes"] / ref32))
     return rows
 
@@ -238,15 +368,17 @@ def report_md(res: dict) -> str:
     lines = [f"# refgen moe compress ({res['created']}, commit {res['git_commit']})", "",
              f"Float model: test accuracy {100 * r['acc']:.2f} %, fp32 ONNX {r['bytes_fp32']:,} B, int8 "
              f"{r['bytes_int8'] if r['bytes_int8'] is None else format(r['bytes_int8'], ',')} B.", "",
-             "| variant | artifact | bytes | vs | saved | test acc | drop pp | limit | pass |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | artifact | bytes | vs | saved | test acc | drop pp | gate top-k agree | limit | pass |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in res["variants"]:
         if "error" in v:
-            lines.append(f"| {v['method']} | failed: {v['error']} | | | | | | | no |")
+            lines.append(f"| {v['method']} | failed: {v['error']} | | | | | | | | no |")
             continue
+        g = v.get("gate_topk_agreement")
         lim = f">= -{v['max_drop_pp']} pp" + (f", saved >= {v['min_saving']:.0%}" if v["min_saving"] else "")
         lines.append(f"| {v['method']} | {v['artifact']} | {v['bytes']:,} | {v['ref_bytes']:,} | {v['saved']:.1%} | "
-                     f"{100 * v['acc']:.2f} % | {v['drop_pp']:+.2f} | {lim if v['pass'] is not None else 'reported'} | "
+                     f"{100 * v['acc']:.2f} % | {v['drop_pp']:+.2f} | {'' if g is None else format(g, '.2%')} | "
+                     f"{lim if v['pass'] is not None else 'reported'} | "
                      f"{ {True: 'yes', False: 'no', None: '-'}[v['pass']]} |")
     return "\n".join(lines) + "\n"
 

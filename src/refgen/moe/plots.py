@@ -1,5 +1,5 @@
-"""The evaluation's PNGs (matplotlib, Agg backend, written atomically): accuracy vs severity per corruption, and
-reliability diagrams before / after temperature scaling."""
+"""The evaluation's and compression's PNGs (matplotlib, Agg backend, written atomically): accuracy vs severity per
+corruption, reliability diagrams before / after temperature scaling, and accuracy vs artifact size."""
 
 from __future__ import annotations
 
@@ -61,4 +61,28 @@ def reliability_diagram(records: list[dict], path: Path) -> None:
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
         ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def accuracy_vs_size(points: list[dict], budget: int, path: Path) -> None:
+    """`refgen moe compress`: test accuracy vs artifact bytes, one labelled point per variant ({'label', 'bytes',
+    'acc'}; the first is the float reference, drawn as a dotted line too), the byte budget as a vertical line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, p in enumerate(points):
+        ax.scatter(p["bytes"], 100 * p["acc"], s=30, marker="*" if i == 0 else "o", zorder=3)
+        ax.annotate(p["label"], (p["bytes"], 100 * p["acc"]), fontsize=7, xytext=(4, 3 - 9 * (i % 2)),
+                    textcoords="offset points")
+    if points:
+        ax.axhline(100 * points[0]["acc"], color="grey", ls=":", lw=0.8)
+    ax.axvline(budget, color="red", ls="--", lw=1, label=f"budget {budget:,} B")
+    ax.set_xscale("log")
+    ax.set_xlabel("artifact bytes (every file, log scale)")
+    ax.set_ylabel("test accuracy %")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
     _save(fig, path)

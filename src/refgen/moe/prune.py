@@ -18,9 +18,13 @@ import torch
 import torch.nn as nn
 
 
-def ignored_layers(deployable: nn.Module) -> list[nn.Module]:
+def ignored_layers(deployable: nn.Module, experts_only: bool = False) -> list[nn.Module]:
+    """EXPERTS_ONLY (the spec's "experts-only pruned" ablation) keeps the stem's convolutions too, so only the
+    experts' channels go."""
     m = deployable.model
     keep = [m.head] + [e[-2] for e in m.experts]  # Expert = (..., Linear, ReLU)
+    if experts_only:
+        keep += [c for c in m.stem.modules() if isinstance(c, nn.Conv2d)]
     return keep + [x for x in (m.gate, m.graph) if x is not None]
 
 
@@ -70,10 +74,12 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def prune_iterative(deployable: nn.Module, ratio: float, steps: int, example: torch.Tensor, after_step=None) -> list[dict]:
+def prune_iterative(deployable: nn.Module, ratio: float, steps: int, example: torch.Tensor, after_step=None,
+                    experts_only: bool = False) -> list[dict]:
     """Prune DEPLOYABLE in place to RATIO of its prunable channels removed, in STEPS equal steps (torch-pruning's
     iterative schedule, L2-magnitude importance per channel group); AFTER_STEP(step) runs after each (the
-    fine-tuning) and may return a dict merged into that step's record. Returns one record per step."""
+    fine-tuning) and may return a dict merged into that step's record. EXPERTS_ONLY leaves the stem's channels.
+    Returns one record per step."""
     import torch_pruning as tp
 
     if not 0 < ratio < 1:
@@ -89,7 +95,7 @@ def prune_iterative(deployable: nn.Module, ratio: float, steps: int, example: to
         warnings.simplefilter("ignore")
         pruner = tp.pruner.MetaPruner(deployable, example, importance=tp.importance.MagnitudeImportance(p=2),
                                       iterative_steps=steps, pruning_ratio=ratio,
-                                      ignored_layers=ignored_layers(deployable),
+                                      ignored_layers=ignored_layers(deployable, experts_only),
                                       output_transform=lambda out: out[0].sum() + out[1].sum())
     _fix_flatten_mappings(pruner.DG)
     shapes = [p.shape for p in loose]
