@@ -218,3 +218,24 @@ def test_int4_save_refuses_an_unknown_precision(deployable, tmp_path):
     with pytest.raises(ValueError, match="unknown storage precision"):
         int4.save(deployable, tmp_path / "x.safetensors", {"model.experts": "int2"})
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_finetune_does_not_depend_on_what_the_process_drew_before(trained_digits, digits):
+    """Dropout and the gate's training noise use torch's global generator; fine-tuning seeds it for the call only,
+    so the compress runner's later methods give the same model whatever ran before them."""
+    from refgen.moe.finetune import finetune
+
+    def tuned(draws: int):
+        model, info = load_model(trained_digits[0])
+        model.drop.p = 0.3  # make the global-generator draws matter
+        module = deployable_from_info(model, info)
+        torch.rand(draws)  # another history of the global generator
+        finetune(module, digits.x_train[:256], digits.y_train[:256], epochs=1, lr=1e-3, seed=5)
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    assert torch.equal(tuned(0), tuned(1000))
+    model, info = load_model(trained_digits[0])  # (building a model draws from the global generator itself)
+    module = deployable_from_info(model, info)
+    before = torch.random.get_rng_state()
+    finetune(module, digits.x_train[:64], digits.y_train[:64], epochs=1, lr=1e-3, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator is left as it was

@@ -24,6 +24,14 @@ def finetune(module: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int,
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     xt, yt = torch.from_numpy(onnxrun.to_input(x)), torch.from_numpy(np.asarray(y, dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)
+    # Dropout and the gate's training noise draw from torch's global generator: seed it for this call only, so
+    # the result does not depend on what the process ran before (the compress runner's earlier methods).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _epochs(module, opt, xt, yt, gen, epochs, batch, lr, switch_mode)
+
+
+def _epochs(module, opt, xt, yt, gen, epochs: int, batch: int, lr: float, switch_mode: bool) -> list[float]:
     if switch_mode:
         module.train()
     losses = []
