@@ -419,6 +419,9 @@ class _Run:
     timings: dict = field(default_factory=dict)
     kind: str = "residuals"  # what the teacher learnt: slot "residuals" or "tokens" (set by the teacher sweep)
     head_start: dict | None = None  # test identity id -> the start head's prediction (start_head)
+    # two-slot source name -> (kind, one tensor per test identity): the start head's prediction and each short
+    # inversion from it, read once by the teacher sweep and rendered again in pairs
+    from_head: dict = field(default_factory=dict)
 
     def save(self, partial: bool = True) -> None:
         _save(self.out, self.result, self.timings, partial)
@@ -554,13 +557,13 @@ def _teacher_sweep(run: _Run) -> list[torch.Tensor]:
         run.result.setdefault("short_steps", {})[str(steps)] = pa
     if cfg.start_head:  # the head's prediction alone (0 steps), then each short inversion from it
         a = [float(best)] if best is not None else [a for a in cfg.alphas if a > 0]
-        starts = [run.head_start[d.name].float() for d in run.test_dirs]
-        rows = {"0": _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, starts, a, cfg, run.neg, run.dev,
-                            kind)[0]}
+        run.from_head["start_head"] = (kind, [run.head_start[d.name].float() for d in run.test_dirs])
         for steps in cfg.short_steps:
-            k, r = _residuals(run.out / f"teacher_s{steps}_head", run.test_dirs)
-            rows[str(steps)] = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, r, a, cfg, run.neg, run.dev,
-                                      k)[0]
+            run.from_head[f"head_s{steps}"] = _residuals(run.out / f"teacher_s{steps}_head", run.test_dirs)
+        rows = {}  # steps from the head's start ("0": its prediction alone) -> per alpha
+        for name, (k, r) in run.from_head.items():
+            steps = "0" if name == "start_head" else name.removeprefix("head_s")
+            rows[steps] = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, r, a, cfg, run.neg, run.dev, k)[0]
         run.result["head_start"] = {"head": cfg.start_head, "per_steps": rows}
     return teach
 
@@ -609,12 +612,9 @@ def _two_slot(run: _Run, teach: list[torch.Tensor], pred: list[torch.Tensor] | N
     sources.update({f"teacher_a{a:g}": (teach, a, run.kind) for a in cfg.pair_alphas})
     if pred is not None:
         sources["head"] = (pred, run.result["head"]["best_alpha"], "residuals")
-    if run.head_start is not None:  # the start head's own prediction, at alpha 1, then each refinement of it:
-        # a head trained on two-person images holds pairs; does a short fit to one-person photos keep that?
-        sources["start_head"] = ([run.head_start[d.name].float() for d in run.test_dirs], 1.0, run.kind)
-        for steps in cfg.short_steps:
-            k, r = _residuals(run.out / f"teacher_s{steps}_head", run.test_dirs)
-            sources[f"head_s{steps}"] = (r, 1.0, k)
+    # the start head's own prediction, at alpha 1, then each refinement of it: a head trained on two-person images
+    # holds pairs; does a short fit to one-person photos keep that?
+    sources.update({name: (r, 1.0, k) for name, (k, r) in run.from_head.items()})
     run.result["two_slot"] = {}
     for name, (res, a, kind) in sources.items():
         alpha = float(a) if a is not None else 1.0  # no alpha kept the scene: report alpha 1
