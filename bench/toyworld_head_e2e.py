@@ -241,8 +241,8 @@ def main(argv=None) -> int:
     dev = a.device
     pipe = load_pipeline(model, dev, a.dtype)
     head, md = load_head(head_dir, pipe.transformer.device, torch.float32)
-    fx = VisionFeatures(vl, dev, head_feature_settings(md, head_dir)["dtype"],
-                        feature_config_from_settings(head_feature_settings(md, head_dir)))
+    fs = head_feature_settings(md, head_dir)
+    fx = VisionFeatures(vl, dev, fs["dtype"], feature_config_from_settings(fs))
     net = R.load(device=dev)
     ne = encode_prompts(pipe, " ")
     neg = (ne.embeds, ne.mask)
