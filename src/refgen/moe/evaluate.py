@@ -218,13 +218,12 @@ def _load(setup: Setup, seed: int, cfg: EvalConfig):
     return _Loaded(predict, ds, (ds.x_train[va], ds.y_train[va]), nbytes), kind
 
 
-def _fit_shift(ld: _Loaded, cfg: EvalConfig, cache: dict) -> None:
+def _fit_shift(ld: _Loaded, cfg: EvalConfig, cache: dict, dup: int) -> None:
     """The shift-aware temperature of one loaded setup: fitted on the corrupted validation holdout (built once per
     validation set and spec, shared by the setups that have the same holdout)."""
     from refgen.moe.data import sha256_array
 
-    vx, vy = ld.val
-    dup = refuse_test_images(vx, ld.data.x_test)
+    vx, vy = ld.val  # already checked against the test split (refuse_test_images: DUP identical images)
     key = (sha256_array(vx), cfg.shift_spec())
     if key not in cache:
         cache[key] = corrupted_validation(vx, vy, cfg.shift_corruptions, cfg.shift_severities, cfg.shift_copies,
@@ -314,10 +313,10 @@ def run_matrix(cfg: EvalConfig, out: str | Path, dry_run: bool = False, progress
             if key not in loaded:
                 ld, kind = _load(setup, seed, cfg)
                 vx, vy = ld.val
-                refuse_test_images(vx, ld.data.x_test)
+                dup = refuse_test_images(vx, ld.data.x_test)
                 ld.temperature = fit_temperature(ld.predict(vx), vy)
                 if cfg.shift_temperature:
-                    _fit_shift(ld, cfg, shift_sets)
+                    _fit_shift(ld, cfg, shift_sets, dup)
                 loaded[key] = (ld, kind)
             ld, kind = loaded[key]
             if split == "latency":
