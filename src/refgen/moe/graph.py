@@ -7,9 +7,8 @@ edges could never become sparse. Here the edges are W projected onto W >= 0 (the
 edge pulled to zero is exactly zero, and rows are normalised by their sum *within the team the gate selected*.
 
 An edge at zero still receives its gradient (the forward clamps the value, the gradient passes straight
-through), so the task can bring it back. The first version used relu(W), whose gradient is 0 at and below zero:
-every edge the L1 pushed to 0 was dead for good, and over a long run (MNIST, 30 epochs, 12.7k steps on the H200)
-all 12 off-diagonal edges died and the graph was the identity (docs/moe.md, "Why the gate did not learn").
+through), so the task can bring it back; with relu(W) an edge the L1 pushed to 0 would be dead for good
+(docs/moe.md, "Why the gate did not learn").
 
 The L1 term is applied as a proximal step (`prox_l1`: soft-thresholding + projection onto W >= 0 after each
 optimizer step, i.e. projected proximal gradient), not added to the loss: Adam divides every gradient by its own
@@ -17,21 +16,18 @@ running scale, so an L1 subgradient that dominates an edge's gradient moves that
 whatever its coefficient (docs/moe.md, "Graph L1"). The threshold is taken in Adam's own metric (train.py,
 `graph_prox_threshold`: lr x graph_l1 / (sqrt(v_hat) + eps) per edge, as ProxGen / proximal Adam do), so graph_l1
 is an L1 coefficient in loss units and the fixed points are those of loss + graph_l1 x (sum of off-diagonal
-edges), whatever the number of steps. The first version shrank by lr x graph_l1 in absolute units after the Adam
-step: a constant drift of graph_l1 in units of Adam's normalised step, which beats every edge whose gradient's
-mean is below graph_l1 x its RMS, and whose total grows with the number of steps (MNIST-5k, 870 steps: edges
-kept; MNIST 60k, 12.7k steps: every edge 0). docs/moe.md, "Why the graph emptied over 30 epochs".
+edges), whatever the number of steps. A threshold of lr x graph_l1 in absolute units would instead drift every
+edge whose gradient's mean is below graph_l1 x its RMS to zero, more so the longer the run (docs/moe.md, "Why
+the graph emptied over 30 epochs").
 
 Two more choices make the edges mean something (`self_loop`, `messages`; checkpoints written before carry
 "learned" / "team"):
 - self_loop "fixed": the diagonal is the constant 1 and an off-diagonal edge is the weight of expert j's message
   relative to expert i's own. With a learnable diagonal the row normalisation makes every row scale-free, so an
-  L1 on the raw edges can always be lowered by shrinking the whole row (it has no minimiser): on the H200 one
-  diagonal drifted from 1.0 to 0.32 while the off-diagonal edges were shrunk after it.
+  L1 on the raw edges can always be lowered by shrinking the whole row (it has no minimiser).
 - messages "neighbours": m_i mixes only the *other* team members (the self weight stays in the normaliser), so
-  A = I switches the message off. With "team", m_i = sum_j A_ij h_j included h_i at weight ~0.9 and the graph
-  block was mostly a per-expert MLP on h_i; the edges only nudged a convex mix and their gradient was
-  near-zero-mean noise (measured: |mean| / RMS 0.02-0.06 after the first 10 % of the steps).
+  A = I switches the message off. With "team", m_i = sum_j A_ij h_j includes h_i at a large weight, the block is
+  mostly a per-expert MLP on h_i, and the edges only nudge a convex mix: their gradient is near-zero-mean noise.
 
 Message passing (one GraphConv-like step on the team's expert vectors h_j, j in S):
     m_i  = sum_{j in S, j != i} A_ij h_j / sum_{j in S} A_ij        (messages "team": j = i included)

@@ -233,8 +233,8 @@ def graph_prox_threshold(opt: torch.optim.Optimizer, group: dict, param: torch.T
     """Per-edge soft threshold of the proximal L1 step after an Adam(W) step: lr x L1 / (sqrt(v_hat) + eps), the
     proximal operator of L1 x |W| in the metric Adam's update lives in (ProxGen, Yun et al. 2021). Its fixed
     points are those of loss + L1 x |W|: an edge survives where the task's mean gradient on it exceeds L1, in loss
-    units. A threshold of lr x L1 alone (the first version) compared L1 with Adam's *normalised* step, i.e. with the
-    gradient's mean / RMS, and its total grew with the number of steps (docs/moe.md)."""
+    units. A threshold of lr x L1 alone would compare L1 with Adam's *normalised* step, i.e. with the gradient's
+    mean / RMS, and its total would grow with the number of steps (docs/moe.md)."""
     st = opt.state.get(param)
     if not st or "exp_avg_sq" not in st:
         raise ValueError("graph_prox_threshold needs an Adam-type optimizer state (exp_avg_sq) after its first step")
