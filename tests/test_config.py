@@ -86,3 +86,12 @@ def test_every_loader_uses_it_for_its_sections(tmp_path):
         p.write_text(text)
         with pytest.raises(ValueError, match=rf"t\.yaml: unknown keys \['{key}'\] in section"):
             load_train_config(p)
+
+
+def test_a_number_written_as_yaml_text_is_refused_with_the_key_and_file(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("graph_l1: 1e-3\n")  # YAML 1.1: a string, which used to fail later as "'<' not supported"
+    with pytest.raises(ValueError, match=r"m\.yaml: graph_l1 must be a number, got the string '1e-3' \(YAML 1.1"):
+        MoETrainConfig.from_yaml(p)
+    p.write_text("graph_l1: 1.0e-3\n")
+    assert MoETrainConfig.from_yaml(p).graph_l1 == 1e-3
