@@ -15,6 +15,13 @@ table on stdout. What it measures and what it does not: docs/dit.md, "Yardstick"
 
 Variants train from scratch on the same prepared data, one after the other, each with its own clock: `default`
 (the config as is), `repa` (REPA on, refgen.dit.config.RepaConfig defaults), `fp8` (torchao float8 matmuls, CUDA).
+
+`--resume` continues each variant from the checkpoint an earlier call left in OUT/runs/<variant>/ (one is written at
+every scoring) instead of starting it again, keeps its earlier scorings and appends the new ones; `--steps` may be
+larger than before. Any other setting that differs is refused, by name. One base run over two calls:
+
+    python bench/dit_yardstick.py --config configs/dit_yardstick_base.yaml --compile --steps 4000 --out OUT
+    python bench/dit_yardstick.py --config configs/dit_yardstick_base.yaml --compile --steps 8000 --resume --out OUT
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--n-train", type=int)
     ap.add_argument("--device")
+    ap.add_argument("--resume", action="store_true", help="continue each variant from its checkpoint in OUT (same "
+                                                          "settings; --steps may grow) instead of from scratch")
     ap.add_argument("--compile", action="store_true", help="train.compile: true for every variant (per-block "
                                                            "compile; FP8 needs it to be fast)")
     args = ap.parse_args(argv)
@@ -60,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile:
         cfg.train.compile = True
     try:
-        report = run_yardstick(cfg, {v: VARIANTS[v] for v in names})
+        report = run_yardstick(cfg, {v: VARIANTS[v] for v in names}, resume=args.resume)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dit_yardstick: error: {e}", file=sys.stderr)
         return 1

@@ -1,13 +1,15 @@
 """The DiT yardstick (refgen.dit.yardstick, bench/dit_yardstick.py): its tiny CPU run goes through every stage, and
 the parts its numbers depend on can fail here: the judge must read the held-out renders and their VAE round trip
 (a wrong latent normalisation or VAE wiring drops those), seed ranges must be disjoint, every held-out caption word
-must be a token of the tiny T5, and time-to-quality must pick the first crossing."""
+must be a token of the tiny T5, time-to-quality (caption and DINO check) must pick the first crossing, and a variant
+continued with --resume must end where one longer run ends, with its earlier scorings kept."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
 
 from refgen.dit import yardstick as Y
 
@@ -51,14 +53,90 @@ def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_pa
 
 
 def test_time_to_quality_is_the_first_scoring_at_or_above_each_threshold():
-    def rec(step, acc):
+    def rec(step, acc, dino):
         return {"step": step, "train_s": 30.0 * step, "images_seen": 8 * step,
-                "text": {"attribute": {"acc": acc, "ci": [acc - 0.05, acc + 0.05]}}}
+                "text": {"attribute": {"acc": acc, "ci": [acc - 0.05, acc + 0.05]}},
+                "dino": {"attribute": {"acc": dino, "ci": [dino - 0.05, dino + 0.05]}}}
 
-    recs = [rec(1, 0.5), rec(2, 0.82), rec(3, 0.79), rec(4, 0.95)]
+    recs = [rec(1, 0.5, 0.85), rec(2, 0.82, 0.7), rec(3, 0.79, 0.91), rec(4, 0.95, 0.99)]
     ttq = Y.time_to_quality(recs, [0.8, 0.9, 0.99])
     assert ttq["80%"]["step"] == 2 and ttq["80%"]["train_min"] == 1.0 and ttq["80%"]["images_seen"] == 16
     assert ttq["90%"]["step"] == 4 and ttq["99%"] is None
+    # the DINO check on its own numbers: crossed at step 1, dropped below at 2, 90 % first at step 3
+    dino = Y.time_to_quality(recs, [0.8, 0.9, 0.99], check="dino")
+    assert dino["80%"]["step"] == 1 and dino["80%"]["acc"] == 0.85 and dino["80%"]["train_min"] == 0.5
+    assert dino["90%"]["step"] == 3 and dino["99%"]["step"] == 4
+    with pytest.raises(ValueError, match="'both'"):
+        Y.time_to_quality(recs, [0.8], check="both")
+
+
+def test_resume_continues_a_variant_to_what_one_longer_run_gives(tmp_path, capsys, bench_module, monkeypatch):
+    from refgen.artifacts import read_jsonl
+    from refgen.dit.train import latest_checkpoint, load_checkpoint
+
+    out = tmp_path / "yard"
+    one = Y.YardstickConfig.tiny(str(out))
+    one.train.steps = 8
+    Y.run_yardstick(one, {"single": {}})                       # the reference: 8 steps in one call
+    bench = bench_module("dit_yardstick")
+    assert bench.main(["--tiny", "--out", str(out), "--variants", "default"]) == 0   # 4 steps, then ...
+    scores = out / "runs" / "default" / "scores.jsonl"
+    first = read_jsonl(scores)
+    # ... a call cut after its step-4 checkpoint was written but before that step was scored
+    scores.write_text(scores.read_text().splitlines()[0] + "\n")
+    scored = []
+    call = Y.Scorer.__call__
+    monkeypatch.setattr(Y.Scorer, "__call__", lambda self, model: scored.append(1) or call(self, model))
+    assert bench.main(["--tiny", "--out", str(out), "--variants", "default", "--resume", "--steps", "8"]) == 0
+    assert "DINO min to 80% |" in capsys.readouterr().out
+    rep = json.loads((out / "yardstick.json").read_text())
+    assert list(rep["variants"]) == ["single", "default"]
+    a, b = rep["variants"]["single"], rep["variants"]["default"]
+    # step 2 read back, not scored again (its own clock and scoring time kept); step 4 from the checkpoint, 6 and 8
+    # by the continued run: three scorings
+    assert b["scores"][0] == first[0] and len(scored) == 3
+    assert [r["step"] for r in b["scores"]] == [2, 4, 6, 8] and b["steps"] == 8
+    assert [r["train_s"] for r in b["scores"]] == sorted(r["train_s"] for r in b["scores"])
+    assert b["calls"] == [{"from_step": 0, "steps": 4}, {"from_step": 4, "steps": 8}]
+    # continued, not trained again from step 0 (which would give the same numbers)
+    run_cfg = json.loads((out / "runs" / "default" / "config.json").read_text())
+    assert run_cfg["resumed_from"].endswith("step_0000004.pt")
+    # bit-exact on the CPU: the loss curve, every score, and the final weights and optimizer state
+    assert b["loss_curve"] == a["loss_curve"] and len(a["loss_curve"]) == 4
+    for x, y in zip(a["scores"], b["scores"]):
+        assert (x["step"], x["text"], x["dino"]) == (y["step"], y["text"], y["dino"])
+    assert b["time_to_quality_dino"] == Y.time_to_quality(b["scores"], [0.8, 0.9], check="dino")
+    ca, cb = (load_checkpoint(latest_checkpoint(out / "runs" / n)) for n in ("single", "default"))
+    for k in ("model", "ema"):
+        assert all(torch.equal(ca[k][p], cb[k][p]) for p in ca[k]), k
+    assert ca["optimizer"]["state"][0]["exp_avg_sq"].equal(cb["optimizer"]["state"][0]["exp_avg_sq"])
+    # one checkpoint kept per run, the latest
+    assert sorted(f.name for f in (out / "runs" / "default" / "checkpoints").iterdir()) == \
+        ["latest.json", "step_0000008.pt"]
+
+    # refused before anything is redone, naming what differs; the run is left as it was
+    assert bench.main(["--tiny", "--out", str(out), "--resume", "--steps", "8", "--eval-every", "1"]) == 1
+    assert "eval_every: 2 then, 1 now" in capsys.readouterr().err
+    other = Y.YardstickConfig.tiny(str(out))
+    other.train.steps, other.train.lr = 8, 2e-3
+    with pytest.raises(ValueError, match=r"differ in train\.lr: 0\.001 then, 0\.002 now"):
+        Y.run_yardstick(other, {"default": {}}, resume=True)
+    short = Y.YardstickConfig.tiny(str(out))
+    short.train.steps = 6
+    with pytest.raises(ValueError, match="at step 8, past the 6 steps"):
+        Y.resume_point(short, "default", {}, rep["device"])
+    assert latest_checkpoint(out / "runs" / "default").name == "step_0000008.pt"
+
+
+def test_extending_is_refused_when_the_lr_schedule_depends_on_the_total(monkeypatch):
+    from refgen.dit import train as T
+
+    train = Y._variant_train_dict(Y.YardstickConfig.tiny("/unused"), "default", {})
+    train["steps"] = 8
+    Y._check_schedule_ignores_steps(train, [{"from_step": 0, "steps": 4}], 4, "default")   # warm-up, constant
+    monkeypatch.setattr(T, "lr_at", lambda step, cfg: cfg.lr * (1 - step / cfg.steps))   # a decay to the end
+    with pytest.raises(ValueError, match="LR schedule depends on the total"):
+        Y._check_schedule_ignores_steps(train, [{"from_step": 0, "steps": 4}], 4, "default")
 
 
 def test_seed_ranges_are_disjoint_from_what_the_judge_and_the_vae_saw(monkeypatch):

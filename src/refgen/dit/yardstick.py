@@ -7,8 +7,13 @@
     score    sample from the held-out captions (text only: DINO dropped) and from the held-out images' DINO
              features (DINO only: text dropped), decode, read with the toy-world recognizer: every captioned
              attribute, whole person, scene, person count, each with its 95 % Wilson interval
-    report   time-to-quality: training minutes until the caption attribute accuracy crosses each threshold, a JSON
-             table and a PNG curve
+    report   time-to-quality: training minutes until the caption attribute accuracy (and, separately, the DINO
+             check's) crosses each threshold, a JSON table and a PNG curve
+
+Resume (`run_yardstick(..., resume=True)`, `--resume`): a variant whose run folder holds a checkpoint from an earlier
+call with the same settings continues from it, to the same weights, losses and scores as one longer run (`train`'s
+resume is bit-exact and the LR schedule does not depend on `steps`, checked); the earlier scorings are read back.
+A checkpoint is written at every scoring, so a call cut by its time limit loses at most one `eval_every`.
 
 Encoders. The text encoder and DINOv3 are `refgen dit tiny-models`' tiny random-weight models (a T5 whose
 tokenizer knows the toy world's words, a 2-layer DINOv3ViT): random features still carry the caption and the
@@ -29,6 +34,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -363,29 +369,40 @@ class Scorer:
         return out, images
 
 
-def time_to_quality(records: list[dict], thresholds: list[float], key: str = "attribute") -> dict[str, dict | None]:
-    """For each threshold, the first scoring whose text-check `key` accuracy reached it: {step, train_min,
-    images_seen, acc, ci}; None if none did. Resolution: one `eval_every` (the crossing happened at or before)."""
+def time_to_quality(records: list[dict], thresholds: list[float], key: str = "attribute",
+                    check: str = "text") -> dict[str, dict | None]:
+    """For each threshold, the first scoring whose `check` ("text": from the caption, "dino": from the held-out
+    image's DINO features) `key` accuracy reached it: {step, train_min, images_seen, acc, ci}; None if none did.
+    Resolution: one `eval_every` (the crossing happened at or before)."""
+    if check not in ("text", "dino"):
+        raise ValueError(f"time_to_quality check must be 'text' or 'dino', got {check!r}")
     out = {}
     for t in thresholds:
-        hit = next((r for r in records if r["text"][key]["acc"] is not None and r["text"][key]["acc"] >= t), None)
+        hit = next((r for r in records if r[check][key]["acc"] is not None and r[check][key]["acc"] >= t), None)
         out[f"{t:.0%}"] = None if hit is None else {
             "step": hit["step"], "train_min": hit["train_s"] / 60, "images_seen": hit["images_seen"],
-            "acc": hit["text"][key]["acc"], "ci": hit["text"][key]["ci"]}
+            "acc": hit[check][key]["acc"], "ci": hit[check][key]["ci"]}
     return out
 
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def run_yardstick(cfg: YardstickConfig, variants: dict[str, dict] | None = None) -> dict:
-    """Render, prepare, then for each variant (name -> TrainConfig overrides; default {"default": {}}) train from
-    scratch with scorings every `eval_every` steps. Writes out/yardstick.json, yardstick.png, per-variant
-    runs/<name>/ (the train run, scores.jsonl, sample grids) and returns the report."""
+def run_yardstick(cfg: YardstickConfig, variants: dict[str, dict] | None = None, resume: bool = False) -> dict:
+    """Render, prepare, then for each variant (name -> TrainConfig overrides; default {"default": {}}) train with
+    scorings every `eval_every` steps: from scratch, or with `resume` from the checkpoint an earlier call with the
+    same settings left in runs/<name>/ (`resume_point`: refused before anything is rendered if the settings differ),
+    to `cfg.train.steps`. Writes out/yardstick.json (after every scoring too, so a call cut by its time limit leaves
+    the curve so far), yardstick.png, per-variant runs/<name>/ (the train run, scores.jsonl, sample grids) and
+    returns the report."""
     from refgen.toyworld.benchmark import DEFAULT_MODEL
 
     cfg.validate()
     variants = variants or {"default": {}}
     out = Path(cfg.out_dir)
+    device_name = _device_name(_device(cfg))
+    if resume:   # a mismatch is named now, not after minutes of rendering and preparing
+        for name, overrides in variants.items():
+            resume_point(cfg, name, overrides, device_name)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
     ranges = seed_ranges(cfg)
@@ -407,59 +424,203 @@ def run_yardstick(cfg: YardstickConfig, variants: dict[str, dict] | None = None)
               "encoders": {"vae": enc["vae"] + (" (the toy world's trained VAE)" if cfg.vae is None else ""),
                            "text_encoder": "tiny random-weight T5 (refgen dit tiny-models, toy-world vocabulary)",
                            "dino": "tiny random-weight DINOv3ViT (refgen dit tiny-models)"},
-              "device": _device_name(_device(cfg)), "timings": timings,
+              "device": device_name, "timings": timings,
               "prepare_command": _prepare_command(cfg, enc, train_src, train_dir)}
     report["toy_model"] = str(DEFAULT_MODEL) if cfg.vae is None else None
     report["variants"].update(earlier_variants(out / "yardstick.json", cfg, skip=list(variants)))
     for name, overrides in variants.items():
-        report["variants"][name] = _run_variant(cfg, name, overrides, train_dir, scorer)
+        def publish(entry: dict, name: str = name) -> None:
+            report["variants"][name] = entry
+            _write_report(out, report, plot=False)
+
+        report["variants"][name] = _run_variant(cfg, name, overrides, train_dir, scorer, resume, device_name,
+                                                publish)
         first_name = next(iter(report["variants"]))
         first = report["variants"][first_name]
         if name != first_name:
             report["variants"][name]["loss_vs_first_variant"] = loss_agreement(first["loss_curve"],
                                                                               report["variants"][name]["loss_curve"])
-        _write_report(out, report, cfg)
+        _write_report(out, report)
     timings["total_s"] = time.perf_counter() - t_all
-    _write_report(out, report, cfg)
+    _write_report(out, report)
     return report
 
 
 # settings that do not change what a variant's scores mean: an earlier call's variants are kept when all else matches
 _RUN_ONLY = ("out_dir", "progress", "render_workers", "prepare_batch_size", "device")
+# ... and those of a variant's `train` run (out_dir, data_dir and ckpt_every are the yardstick's own; steps is
+# where a run stands, each variant reports its own)
+_TRAIN_RUN_ONLY = ("out_dir", "data_dir", "resume", "progress", "device", "ckpt_every", "steps")
+
+
+def _comparable(config: dict) -> dict:
+    d = {k: v for k, v in json.loads(json.dumps(config, default=str)).items() if k not in _RUN_ONLY}
+    d["train"] = {k: v for k, v in d.get("train", {}).items() if k not in _TRAIN_RUN_ONLY}
+    return d
 
 
 def earlier_variants(path: Path, cfg: YardstickConfig, skip: list[str]) -> dict:
     """Variants an earlier call with the same settings scored into this OUT (a GPU session can run one variant per
-    call on the same prepared data); those being re-run now are dropped."""
+    call on the same prepared data); those being re-run now are dropped. `train.steps` may differ: each variant
+    reports its own."""
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    new = _config_dict(cfg)
-    same = {k: v for k, v in old.get("config", {}).items() if k not in _RUN_ONLY} == \
-        {k: v for k, v in json.loads(json.dumps(new)).items() if k not in _RUN_ONLY}
+    same = _comparable(old.get("config", {})) == _comparable(_config_dict(cfg))
     return {k: v for k, v in old.get("variants", {}).items() if k not in skip} if same else {}
 
 
-def _run_variant(cfg: YardstickConfig, name: str, overrides: dict, train_dir: Path, scorer: Scorer) -> dict:
-    from refgen.dit.config import fit_to_shards, to_dict
-    from refgen.dit.shards import load_index
-    from refgen.dit.train import train
+# ------------------------------------------------------------------------------------------------ resume
 
-    run = Path(cfg.out_dir) / "runs" / name
-    shutil.rmtree(run, ignore_errors=True)   # a variant always trains from scratch: its curve starts at step 0
+VARIANT_FILE = "variant.json"   # runs/<name>/: the settings the run was started with, and one line per call
+
+
+def _variant_train_dict(cfg: YardstickConfig, name: str, overrides: dict, train_dir: Path | None = None) -> dict:
+    """The variant's `train` config as a dict: the yardstick's, with its run keys, then the variant's overrides."""
+    from refgen.dit.config import to_dict
+
     d = to_dict(cfg.train)
-    d.update(data_dir=str(train_dir), out_dir=str(run), resume=None, device=cfg.device,
-             ckpt_every=cfg.train.steps, progress=cfg.progress)
+    d.update(data_dir=str(train_dir) if train_dir else None, out_dir=str(Path(cfg.out_dir) / "runs" / name),
+             resume=None, device=cfg.device, ckpt_every=cfg.eval_every, progress=cfg.progress)
     for k, v in overrides.items():
         d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+    return d
+
+
+def _variant_settings(cfg: YardstickConfig, name: str, overrides: dict, device_name: str) -> dict:
+    """What a continued run must share with the call that started it: the yardstick config with the variant's train
+    config, and the device (train_s is wall-clock time: a curve timed on two kinds of device reads as neither)."""
+    return {**_config_dict(cfg), "train": _variant_train_dict(cfg, name, overrides), "device_name": device_name}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_point(cfg: YardstickConfig, name: str, overrides: dict, device_name: str) -> int | None:
+    """The step runs/<name>/ can continue from (its latest checkpoint), or None when it holds none (the variant then
+    trains from scratch). Refused, naming why, when the run was started with other settings (anything but steps and
+    run-only settings), is already past `cfg.train.steps`, or when extending it would not give what one longer run
+    gives."""
+    from refgen.dit.train import CKPT_DIR, LATEST
+
+    run = Path(cfg.out_dir) / "runs" / name
+    latest = run / CKPT_DIR / LATEST
+    if not latest.is_file():
+        return None
+    step = int(json.loads(latest.read_text())["step"])
+    vfile = run / VARIANT_FILE
+    if not vfile.is_file():
+        raise ValueError(f"cannot resume yardstick variant {name}: {run} holds a checkpoint but no {VARIANT_FILE} (it "
+                         f"was written before --resume existed, or by something else); run without --resume to "
+                         f"train it from scratch")
+    earlier = json.loads(vfile.read_text())
+    old, new = (_flat(_comparable(s)) for s in (earlier["settings"], _variant_settings(cfg, name, overrides,
+                                                                                       device_name)))
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    if differ:
+        what = "; ".join(f"{k}: {old.get(k, '<absent>')!r} then, {new.get(k, '<absent>')!r} now" for k in differ)
+        raise ValueError(f"cannot resume yardstick variant {name} from {run}: its settings differ in {what}. Give the "
+                         f"same settings (only steps and run-only settings {list(_RUN_ONLY)} may change), or run "
+                         f"without --resume to train it from scratch")
+    if step > cfg.train.steps:
+        raise ValueError(f"cannot resume yardstick variant {name}: {run} is at step {step}, past the {cfg.train.steps} "
+                         f"steps asked for (give --steps >= {step})")
+    _check_schedule_ignores_steps(_variant_train_dict(cfg, name, overrides), earlier["calls"], step, name)
+    return step
+
+
+def _check_schedule_ignores_steps(train: dict, calls: list[dict], done: int, name: str) -> None:
+    """A run whose steps [0, done) were trained by calls aiming at other totals (`calls`: from_step, steps) equals
+    one run of train["steps"] only if the LR of each of those steps does not depend on the total (a decay to the
+    end would). Today's `lr_at` is warm-up then constant and the EMA decay depends on the step alone; this checks
+    the former, so a schedule that starts to depend on `steps` is refused here instead of giving another curve."""
+    from refgen.dit.config import train_config_from_dict
+    from refgen.dit.train import lr_at
+
+    new = train_config_from_dict(train, source=f"yardstick variant {name}")
+    ends = [c["from_step"] for c in calls[1:]] + [done]
+    for c, end in zip(calls, ends):
+        if c["steps"] == new.steps:
+            continue
+        then = train_config_from_dict({**train, "steps": c["steps"]}, source=f"yardstick variant {name}")
+        bad = next((s for s in range(c["from_step"], end) if lr_at(s, then) != lr_at(s, new)), None)
+        if bad is not None:
+            raise ValueError(f"cannot continue yardstick variant {name} to {new.steps} steps: its LR schedule depends "
+                             f"on the total (step {bad} had {lr_at(bad, then)} in a run of {c['steps']}, a run of "
+                             f"{new.steps} gives {lr_at(bad, new)}), so it would not be one longer run; run without "
+                             f"--resume")
+
+
+def _prune_checkpoints(run: Path) -> None:
+    """Keep only the checkpoint latest.json names: `train` keeps every one it writes, and the yardstick writes one
+    per scoring (base: ~8.5 GB each with its optimizer state). Also removes the temp file of a write that a killed
+    call left behind."""
+    from refgen.dit.train import CKPT_DIR, LATEST, latest_checkpoint
+
+    keep = latest_checkpoint(run)
+    if keep is None:
+        return
+    for f in (run / CKPT_DIR).iterdir():
+        if f.is_file() and f.name != LATEST and f.name != keep.name:
+            f.unlink()
+
+
+# ------------------------------------------------------------------------------------------------ one variant
+
+def _run_variant(cfg: YardstickConfig, name: str, overrides: dict, train_dir: Path, scorer: Scorer, resume: bool,
+                 device_name: str, publish: Callable[[dict], None]) -> dict:
+    from refgen.artifacts import drop_metrics_after, read_jsonl
+    from refgen.dit.config import fit_to_shards
+    from refgen.dit.model import count_params
+    from refgen.dit.shards import load_index
+    from refgen.dit.train import latest_checkpoint, model_from_checkpoint, train
+
+    run = Path(cfg.out_dir) / "runs" / name
+    start = resume_point(cfg, name, overrides, device_name) if resume else None
+    records: list[dict] = []
+    calls: list[dict] = []
+    if start is None:
+        shutil.rmtree(run, ignore_errors=True)   # a fresh variant's curve starts at step 0
+    else:
+        _prune_checkpoints(run)
+        # the steps after the checkpoint are trained (and scored) again
+        for log in ("metrics.jsonl", "scores.jsonl"):
+            drop_metrics_after(run / log, start)
+        if (run / "scores.jsonl").is_file():
+            records = read_jsonl(run / "scores.jsonl")
+        calls = json.loads((run / VARIANT_FILE).read_text())["calls"]
+    if start != cfg.train.steps:   # a run already at its steps is only reported again
+        calls.append({"from_step": start or 0, "steps": cfg.train.steps})
+    atomic_write_json(run / VARIANT_FILE, {"settings": _variant_settings(cfg, name, overrides, device_name),
+                                           "calls": calls})
+    d = _variant_train_dict(cfg, name, overrides, train_dir)
+    d["resume"] = "auto" if start is not None else None
     tcfg = train_config_from_dict(d, source=f"yardstick variant {name}")
     # what train() does for shard data, done here because in-memory batches are passed as `data`
     tcfg, _ = fit_to_shards(tcfg, load_index(train_dir), train_dir, f"yardstick variant {name}")
     log = JsonlLogger(run / "scores.jsonl")
-    records: list[dict] = []
     batch = tcfg.effective_batch
 
-    def on_eval(step: int, ema, train_s: float) -> None:
+    def entry(n_params: int, step: int) -> dict:
+        losses = {}
+        if (run / "metrics.jsonl").is_file():
+            for r in read_jsonl(run / "metrics.jsonl"):
+                losses[r["step"]] = r["loss"]
+        curve = [[s, v] for s, v in sorted(losses.items())]
+        return {"overrides": overrides, "n_params": n_params, "steps": step,
+                "final_loss": curve[-1][1] if curve else None, "loss_curve": curve, "scores": records,
+                "time_to_quality": time_to_quality(records, cfg.thresholds),
+                "time_to_quality_dino": time_to_quality(records, cfg.thresholds, check="dino"),
+                "calls": calls}
+
+    def score(step: int, ema, train_s: float) -> None:
         t = time.perf_counter()
         scores, images = scorer(ema)
         rec = {"step": step, "train_s": train_s, "images_seen": step * batch, **scores,
@@ -468,16 +629,23 @@ def _run_variant(cfg: YardstickConfig, name: str, overrides: dict, train_dir: Pa
         log.log(**rec)
         _save_grid(images, run / f"samples_step{step:07d}.png")
 
+    def on_eval(step: int, ema, train_s: float) -> None:
+        _prune_checkpoints(run)   # train wrote this step's checkpoint just before
+        score(step, ema, train_s)
+        publish(entry(count_params(ema), step))
+
+    if start is not None and not any(r["step"] == start for r in records):
+        # the earlier call was cut between the checkpoint and its scoring, which the resumed run does not repeat
+        ck = latest_checkpoint(run)
+        ema, _ = model_from_checkpoint(ck, _device(cfg))
+        # mmap: one number, not the whole checkpoint read a second time
+        score(start, ema, float(torch.load(ck, map_location="cpu", weights_only=False, mmap=True)["train_seconds"]))
+        del ema
     data = (MemoryBatches(train_dir, tcfg.batch_size, tcfg.seed, _device(cfg), tcfg.num_workers)
             if cfg.data_in_memory else None)
     summary = train(tcfg, data, config_name=f"yardstick variant {name}", on_eval=on_eval,
                     eval_every=cfg.eval_every)
-    from refgen.artifacts import read_jsonl
-
-    losses = [[r["step"], r["loss"]] for r in read_jsonl(run / "metrics.jsonl")]
-    return {"overrides": overrides, "n_params": summary["n_params"], "steps": summary["step"],
-            "final_loss": summary["last"].get("loss"), "loss_curve": losses, "scores": records,
-            "time_to_quality": time_to_quality(records, cfg.thresholds)}
+    return entry(summary["n_params"], summary["step"])
 
 
 def loss_agreement(a: list[list[float]], b: list[list[float]]) -> dict | None:
@@ -526,10 +694,11 @@ def _prepare_command(cfg: YardstickConfig, enc: dict, src: Path, out: Path) -> s
             f"{cfg.t5_max_length} --dit-patch-size {16 // vae_factor(enc['vae'])}")
 
 
-def _write_report(out: Path, report: dict, cfg: YardstickConfig) -> None:
+def _write_report(out: Path, report: dict, plot: bool = True) -> None:
     atomic_write_json(out / "yardstick.json", provenance(report["config"], **{k: v for k, v in report.items()
                                                                              if k != "config"}))
-    plot_curves(report, out / "yardstick.png")
+    if plot:
+        plot_curves(report, out / "yardstick.png")
 
 
 def plot_curves(report: dict, path: Path) -> None:
@@ -580,12 +749,15 @@ def plot_curves(report: dict, path: Path) -> None:
 def to_markdown(report: dict) -> str:
     """The time-to-quality table: one row per variant."""
     ths = report["config"]["thresholds"]
-    head = "| variant | params | steps | " + " | ".join(f"min to {t:.0%}" for t in ths) + \
+    head = "| variant | params | steps | " + " | ".join(f"min to {t:.0%}" for t in ths) + " | " + \
+           " | ".join(f"DINO min to {t:.0%}" for t in ths) + \
            " | last caption attrs | last person | last scene | last count | last DINO attrs |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, v in report["variants"].items():
         last = v["scores"][-1] if v["scores"] else None
-        ttq = [v["time_to_quality"][f"{t:.0%}"] for t in ths]
+        # reports written before the DINO entry existed: computed from their scorings
+        dino = v.get("time_to_quality_dino") or time_to_quality(v["scores"], ths, check="dino")
+        ttq = [v["time_to_quality"][f"{t:.0%}"] for t in ths] + [dino[f"{t:.0%}"] for t in ths]
         cells = [f"{x['train_min']:.2f} (step {x['step']})" if x else "not reached" for x in ttq]
 
         def pc(m):
