@@ -14,6 +14,9 @@ FP8 against bf16 in the same call (issue 22 item 2; `fp8: true`, refgen.dit.fp8;
 
     python bench/dit_train_e2e.py --precisions bf16,fp8 --compile --runs 256:128:1,512:32:1 --steps 60 --out fp8.json
 
+`fp8` is torchao's tensorwise recipe; `fp8_<recipe>` picks another (`fp8_rowwise`, `fp8_rowwise_with_gw_hp`:
+TrainConfig.fp8_recipe), so one call compares them: `--precisions bf16,fp8,fp8_rowwise`.
+
 Each row is run once per precision; MFU is quoted against the dense bf16 peak (`--peak-tflops`) and, for every
 row, against the dense FP8 peak (`--peak-fp8-tflops`), with the FLOP count of the same model either way.
 """
@@ -33,7 +36,7 @@ import torch
 from refgen.artifacts import atomic_write_json, provenance
 from refgen.dit.fp8 import H100_FP8_DENSE
 from refgen.runtime import H100_BF16_DENSE
-from refgen.dit.config import load_train_config, model_preset
+from refgen.dit.config import FP8_RECIPES, load_train_config, model_preset
 from refgen.dit.model import forward_flops
 from refgen.dit.train import train
 
@@ -57,9 +60,9 @@ def batches(cfg, px: int, batch: int, text_len: int, n: int, device) -> list[dic
 
 def run_one(config: str, *, px: int, batch: int, accum: int, steps: int, log_every: int, text_len: int,
             peak: float, tiny: bool, fp8: bool = False, compile: bool | None = None,
-            peak_fp8: float | None = None) -> dict:
+            peak_fp8: float | None = None, fp8_recipe: str = "tensorwise") -> dict:
     over = dict(steps=steps, batch_size=batch, effective_batch=batch * accum, log_every=log_every,
-                ckpt_every=10**9, resume=None, progress=False, lr_warmup_steps=1, fp8=fp8)
+                ckpt_every=10**9, resume=None, progress=False, lr_warmup_steps=1, fp8=fp8, fp8_recipe=fp8_recipe)
     if compile is not None:
         over["compile"] = compile
     if tiny:
@@ -84,6 +87,7 @@ def run_one(config: str, *, px: int, batch: int, accum: int, steps: int, log_eve
     rec = {"model": cfg.model_preset, "image_px": px, "batch": batch, "grad_accum": summary["grad_accum"],
            "steps": steps, "compile": cfg.compile, "cross_attention": cfg.cross_attention,
            "precision": "fp8" if cfg.fp8 else ("bf16" if device.type == "cuda" else "fp32"),
+           **({"fp8_recipe": cfg.fp8_recipe} if cfg.fp8 else {}),
            "images_per_s": ips, "mfu": ips * 3 * fwd / peak, "train_gflop_per_image": 3 * fwd / 1e9,
            **({"mfu_vs_fp8_peak": ips * 3 * fwd / peak_fp8} if peak_fp8 else {}),
            "losses": [r["loss"] for r in rows],
@@ -107,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE / 1e12)
     ap.add_argument("--peak-fp8-tflops", type=float, default=H100_FP8_DENSE / 1e12,
                     help="dense FP8 peak (H100/H200 SXM: 1979) for the second MFU column")
-    ap.add_argument("--precisions", default="bf16", help="bf16 and/or fp8 (fp8: CUDA sm89+), comma separated")
+    ap.add_argument("--precisions", default="bf16",
+                    help="bf16, fp8 (tensorwise) and/or fp8_<recipe> (fp8_rowwise, fp8_rowwise_with_gw_hp; CUDA "
+                         "sm89+), comma separated")
     ap.add_argument("--compile", action="store_true", help="compile: true for every row (FP8 needs it for speed)")
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU, a few steps")
     a = ap.parse_args(argv)
@@ -116,18 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     print(f"{'model':6} {'px':>4} {'batch':>5} {'accum':>5} {'img/s':>8} {'MFU':>6} {'memGiB':>7} {'wall_s':>7}")
     precisions = [p for p in a.precisions.split(",") if p]
-    if not set(precisions) <= {"bf16", "fp8"} or (a.tiny and "fp8" in precisions):
-        ap.error("--precisions: bf16 and/or fp8; fp8 needs CUDA (not --tiny)")
+    known = ["bf16", "fp8"] + [f"fp8_{r}" for r in FP8_RECIPES]
+    if not set(precisions) <= set(known) or (a.tiny and precisions != ["bf16"]):
+        ap.error(f"--precisions: any of {', '.join(known)}; the fp8 ones need CUDA (not --tiny)")
     for spec in a.runs.split(","):
         px, batch, accum = map(int, spec.split(":"))
         for prec in precisions:
             r = run_one(a.config, px=px, batch=batch, accum=accum, steps=a.steps, log_every=a.log_every,
-                        text_len=a.text_len, peak=a.peak_tflops * 1e12, tiny=a.tiny, fp8=prec == "fp8",
-                        compile=True if a.compile else None, peak_fp8=a.peak_fp8_tflops * 1e12)
+                        text_len=a.text_len, peak=a.peak_tflops * 1e12, tiny=a.tiny, fp8=prec.startswith("fp8"),
+                        compile=True if a.compile else None, peak_fp8=a.peak_fp8_tflops * 1e12,
+                        fp8_recipe=prec[4:] if prec.startswith("fp8_") else "tensorwise")
             results.append(r)
             mem = f"{r['peak_mem_gib']:7.1f}" if "peak_mem_gib" in r else f"{'-':>7}"
             print(f"{r['model']:6} {px:4} {batch:5} {r['grad_accum']:5} {r['images_per_s']:8.1f} "
-                  f"{100 * r['mfu']:5.1f}% {mem} {r['wall_s']:7.1f} {r['precision']} "
+                  f"{100 * r['mfu']:5.1f}% {mem} {r['wall_s']:7.1f} {prec} "
                   f"(MFU vs FP8 peak {100 * r['mfu_vs_fp8_peak']:.1f}%)", flush=True)
         atomic_write_json(a.out, provenance(None, results=results, peak_tflops=a.peak_tflops,
                                             device=torch.cuda.get_device_name() if not a.tiny else "cpu",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,105 @@ def test_conversion_swaps_the_token_gemms_keeps_parameters_and_computes_in_fp8()
     gw = dict(model.named_parameters())["blocks.0.mlp.0.weight"].grad
     gw_ref = dict(ref.named_parameters())["blocks.0.mlp.0.weight"].grad
     assert float((gw - gw_ref).norm() / gw_ref.norm()) < 0.25
+
+
+def test_the_recipe_reaches_torchao_and_a_bad_name_is_refused(tmp_path):
+    pytest.importorskip("torchao")
+    from refgen.dit.config import FP8_RECIPES, train_config_from_dict
+    from refgen.dit.fp8 import convert_to_fp8
+
+    from torchao.float8 import ScalingGranularity, ScalingType
+
+    cfg = dataclasses.replace(model_preset("tiny"), hidden_size=32, num_heads=2)
+    for recipe, granularity in (("tensorwise", ScalingGranularity.TENSORWISE),
+                                ("rowwise", ScalingGranularity.AXISWISE),
+                                ("rowwise_with_gw_hp", ScalingGranularity.AXISWISE)):
+        model = NanoDiT(cfg)
+        convert_to_fp8(model, recipe)
+        c = model.blocks[0].mlp[0].config                     # what torchao's Float8Linear computes with
+        assert c.cast_config_input.scaling_granularity is granularity, recipe
+        assert c.round_scales_to_power_of_2 is (recipe != "tensorwise")
+        # the one recipe that keeps the weight-gradient GEMM in high precision
+        assert (c.cast_config_input_for_grad_weight.scaling_type is ScalingType.DISABLED) is (
+            recipe == "rowwise_with_gw_hp")
+    assert FP8_RECIPES[0] == "tensorwise"
+    with pytest.raises(ValueError, match="fp8 recipe 'blockwise': choose one of tensorwise, rowwise, "
+                                         "rowwise_with_gw_hp"):
+        convert_to_fp8(NanoDiT(cfg), "blockwise")
+    # the config refuses it before a run starts, from YAML as from code
+    assert tiny_cfg(tmp_path, fp8_recipe="rowwise").fp8_recipe == "rowwise"
+    with pytest.raises(ValueError, match="fp8_recipe must be one of tensorwise, rowwise, rowwise_with_gw_hp, "
+                                         "got 'row_wise'"):
+        tiny_cfg(tmp_path, fp8_recipe="row_wise").validate()
+    d = yaml.safe_load((REPO / "configs" / "dit_tiny.yaml").read_text())
+    assert d["fp8_recipe"] == "tensorwise"                  # bf16 stays the default; tensorwise with fp8: true
+    with pytest.raises(ValueError, match="fp8_recipe must be one of"):
+        train_config_from_dict({**d, "fp8_recipe": "mxfp8"})
+
+
+def test_train_converts_with_the_configured_recipe_before_compiling(tmp_path, monkeypatch):
+    """train() converts with cfg.fp8_recipe, and only then compiles the blocks (torchao: convert, then compile).
+    The device check is lifted (this CPU has no FP8 tensor cores) and compile is recorded, not run."""
+    pytest.importorskip("torchao")
+    from refgen.dit import fp8
+    from refgen.dit.model import NanoDiT as Model
+    from refgen.dit.train import train
+
+    events = []
+    real = fp8.convert_to_fp8
+    monkeypatch.setattr(fp8, "check_fp8_device", lambda device: None)
+    monkeypatch.setattr(fp8, "convert_to_fp8", lambda m, recipe="tensorwise": events.append(("convert", recipe))
+                        or real(m, recipe))
+
+    def compile_blocks(self, **kw):
+        events.append(("compile", {type(b.mlp[0]).__name__ for b in self.blocks}))
+        return self
+
+    monkeypatch.setattr(Model, "compile_blocks", compile_blocks)
+    cfg = tiny_cfg(tmp_path / "run", steps=1, effective_batch=4, batch_size=4, fp8=True, fp8_recipe="rowwise",
+                   dtype="bf16", compile=True)
+    train(cfg, synthetic_batches(1))
+    assert events == [("convert", "rowwise"), ("compile", {"Float8Linear"})]
+
+
+def test_fp8_gemm_bench_tiny_writes_its_table_and_json(tmp_path, bench_module, capsys, monkeypatch):
+    """bench/dit_fp8_gemm.py --tiny: the token GEMM shapes read from the model, every part for bf16 and each
+    recipe (emulated FP8 on this CPU), the JSON with provenance; a recipe the CPU cannot run is skipped with its
+    reason in --tiny mode, not fatal."""
+    pytest.importorskip("torchao")
+    mod = bench_module("dit_fp8_gemm")
+    out = tmp_path / "g.json"
+    assert mod.main(["--tiny", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["git_commit"] and res["torchao"] and res["settings"]["recipes"] == ["tensorwise", "rowwise"]
+    (w,) = res["widths"]
+    # the tiny preset's converted GEMMs: 7 per block, 2 blocks; M = batch 2 x 16 image tokens (25 for kv's context)
+    shapes = {tuple(g["modules"]): (g["M"], g["K"], g["N"], g["count"]) for g in w["gemms"]}
+    assert shapes == {("attn.qkv",): (32, 32, 96, 2),
+                      ("attn.proj", "cross_attn.q", "cross_attn.proj"): (32, 32, 32, 6),
+                      ("cross_attn.kv",): (50, 32, 64, 2), ("mlp.0",): (32, 32, 128, 2), ("mlp.2",): (32, 128, 32, 2)}
+    for g in w["gemms"]:
+        for part in ("linear", "kernel"):
+            assert g[part]["bf16"]["ms"] > 0 and g[part]["rowwise"]["speedup"] > 0, (part, g)
+    for part in ("block", "model"):
+        assert all(w[part][v]["ms"] > 0 for v in ("bf16", "tensorwise", "rowwise")), part
+    sm = w["summary"]["tensorwise"]
+    assert 0 < sm["gemm_share_of_bf16_step"] < 1 and sm["ideal_speedup_2x_gemms"] > 1
+    assert {"predicted_step_speedup", "measured_step_speedup"} <= set(sm)
+    table = capsys.readouterr().out
+    assert "attn.qkv" in table and "model fwd+bwd" in table and "converted GEMMs =" in table
+
+    def no_rowwise(shape, recipe, s, device):
+        if recipe == "rowwise":
+            raise RuntimeError("no rowwise kernel here")
+        return real(shape, recipe, s, device)
+
+    real = mod.kernel_case
+    monkeypatch.setattr(mod, "kernel_case", no_rowwise)
+    assert mod.main(["--tiny", "--parts", "kernel", "--out", str(out)]) == 0
+    g = json.loads(out.read_text())["widths"][0]["gemms"][0]
+    assert g["kernel"]["rowwise"] == {"skipped": "RuntimeError: no rowwise kernel here"} and "linear" not in g
+    assert ("skipped kernel ('attn.qkv',) rowwise on the CPU: RuntimeError: no rowwise kernel here"
+            in capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        mod.main(["--tiny", "--recipes", "blockwise", "--out", str(out)])

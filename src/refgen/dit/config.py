@@ -117,6 +117,11 @@ class RepaConfig:
             raise ValueError(f"repa.samples must be dino_dropped or all, got {self.samples!r}")
 
 
+# torchao float8 training recipes (`Float8LinearConfig.from_recipe_name`), fastest first; here and not in
+# refgen.dit.fp8 so that validating a config needs no torch
+FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
+
+
 @dataclass
 class TrainConfig:
     model: NanoDiTConfig = field(default_factory=NanoDiTConfig)
@@ -165,6 +170,8 @@ class TrainConfig:
     # FP8 matmuls in the blocks' token GEMMs (torchao float8 training, refgen.dit.fp8), under bf16 autocast; CUDA
     # with FP8 tensor cores only. Opt-in: bf16 stays the default until FP8 proves equal on the yardstick.
     fp8: bool = False
+    # with fp8: torchao's scaling recipe, one of FP8_RECIPES (refgen.dit.fp8 says what each one scales how)
+    fp8_recipe: str = "tensorwise"
 
     def validate(self) -> None:
         self.model.validate()
@@ -178,6 +185,8 @@ class TrainConfig:
         if self.fp8 and self.dtype != "bf16":
             raise ValueError(f"fp8: true runs the FP8 GEMMs inside bf16 autocast; dtype is {self.dtype!r}, set "
                              f"dtype: bf16")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(f"fp8_recipe must be one of {', '.join(FP8_RECIPES)}, got {self.fp8_recipe!r}")
         if self.cross_attention not in ("mask", "zpad", "split"):
             raise ValueError(f"cross_attention must be mask, zpad or split, got {self.cross_attention!r}")
         if self.sigma_sampling not in ("logit_normal", "uniform"):

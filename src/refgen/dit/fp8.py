@@ -9,6 +9,13 @@ with torch.compile, which fuses the scaling casts into neighbouring kernels; Nan
 as they are. Transformer Engine would mean TE layers and its own wheels. The choice is to be confirmed by the
 H200 measurement (docs/dit.md).
 
+Recipes (`TrainConfig.fp8_recipe`, torchao's `Float8LinearConfig.from_recipe_name`), fastest first:
+"tensorwise" (the default) scales each operand by one number (input, weight: e4m3; output gradient: e5m2);
+"rowwise" scales every row of each operand separately (e4m3 throughout, power-of-two scales), so one outlier
+token no longer coarsens the whole batch, at the price of a per-row reduction and CUTLASS's rowwise GEMM;
+"rowwise_with_gw_hp" is rowwise with the weight-gradient GEMM left in bf16 (the most accurate, a third of the
+GEMM FLOPs without the FP8 gain). bench/dit_fp8_gemm.py times all three per GEMM shape, per block and per step.
+
 Only the token GEMMs are converted: every block's self-attention qkv/proj, cross-attention q/kv/proj and MLP.
 They are all the model's matmul FLOPs but a few per-sample ones (timestep MLP, adaLN modulation: M = batch
 rows, too small to gain), the conditioning projections, and the zero-initialised output layer, whose small
@@ -17,11 +24,16 @@ early values FP8's per-tensor scale would flush."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from refgen.dit.config import FP8_RECIPES
 from refgen.runtime import PolicyError
+
+if TYPE_CHECKING:
+    from torchao.float8 import Float8LinearConfig
 
 FP8_MIN_CAPABILITY = (8, 9)     # FP8 tensor cores: Ada (sm89), Hopper (sm90), Blackwell
 H100_FP8_DENSE = 1979e12        # FLOP/s, dense FP8 of an H100 / H200 SXM (NVIDIA's data sheet); bf16: 989e12
@@ -59,10 +71,23 @@ def _torchao():
     return convert_to_float8_training
 
 
-def convert_to_fp8(model: nn.Module) -> list[str]:
+def fp8_linear_config(recipe: str = "tensorwise") -> "Float8LinearConfig":
+    """torchao's `Float8LinearConfig` of a recipe in FP8_RECIPES; another name is refused, naming the valid ones
+    (torchao's own check is an assert, which `python -O` drops)."""
+    if recipe not in FP8_RECIPES:
+        raise ValueError(f"fp8 recipe {recipe!r}: choose one of {', '.join(FP8_RECIPES)}")
+    _torchao()
+    from torchao.float8 import Float8LinearConfig
+
+    return Float8LinearConfig.from_recipe_name(recipe)
+
+
+def convert_to_fp8(model: nn.Module, recipe: str = "tensorwise") -> list[str]:
     """Swap the token GEMMs of `model` for torchao Float8Linear in place (the same Parameter objects, so an
-    optimizer built before keeps them). Returns the converted module names."""
-    _torchao()(model, module_filter_fn=fp8_module_filter)
+    optimizer built before keeps them), scaled by `recipe` (FP8_RECIPES). Returns the converted module names.
+    Convert before the first compiled call: torch.compile traces, and caches, the modules it finds then."""
+    config = fp8_linear_config(recipe)
+    _torchao()(model, module_filter_fn=fp8_module_filter, config=config)
     done = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
     if not done:
         raise ValueError("fp8: no linear layer of the model qualifies for FP8 (token GEMMs with both sides "

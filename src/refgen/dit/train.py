@@ -391,7 +391,7 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
     if cfg.fp8:   # after the EMA copy: the EMA (what sampling uses) keeps plain nn.Linear layers
         from refgen.dit.fp8 import convert_to_fp8
 
-        convert_to_fp8(model)
+        convert_to_fp8(model, cfg.fp8_recipe)   # before _wrap_for_training compiles the blocks
     fused = device.type == "cuda"
     projector = None
     if cfg.repa.enabled:   # built after the DiT, so the DiT's initial weights do not depend on REPA
