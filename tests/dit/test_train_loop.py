@@ -97,11 +97,17 @@ def test_resume_continues_bit_exactly(tmp_path):
     straight = train(tiny_cfg(tmp_path / "a", steps=6, effective_batch=8), data)
     first = train(tiny_cfg(tmp_path / "b", steps=3, effective_batch=8), data)
     assert first["step"] == 3
+    # as if the first run had been killed after logging a step past its checkpoint: the resumed run replays it
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "loss": 9.0}) + "\n")
     resumed = train(tiny_cfg(tmp_path / "b", steps=6, effective_batch=8), data)
     assert resumed["resumed_from"].endswith("step_0000003.pt") and resumed["grad_accum"] == 2
     a, b = _states(straight["checkpoint"]), _states(resumed["checkpoint"])
     assert a["step"] == b["step"] == 6 and a["consumed"] == b["consumed"] == 12
     _assert_same(a, b)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")]
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == steps and 4 in steps
+    assert 9.0 not in [r["loss"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
     ck = load_checkpoint(resumed["checkpoint"])
     assert train_config_from_dict(ck["config"]).model == model_preset("tiny")   # config travels with it
     assert "rng" in ck and "provenance" in ck

@@ -31,7 +31,7 @@ from torch import nn
 
 from refgen.ema import ema_decay_at, ema_update  # noqa: F401  (re-exported for the benches)
 from refgen import flow
-from refgen.artifacts import JsonlLogger, atomic_torch_save, atomic_write_json, provenance
+from refgen.artifacts import JsonlLogger, atomic_torch_save, atomic_write_json, drop_metrics_after, provenance
 from refgen.dit.config import CFGDropout, TrainConfig, fit_to_shards, to_dict, train_config_from_dict
 from refgen.dit.model import Cond, NanoDiT, count_params
 from refgen.runtime import check_cpu_size, resolve_device, seed_everything
@@ -414,6 +414,9 @@ def _train(cfg: TrainConfig, data, rank: int, world: int, device: torch.device, 
     else:
         source = (lambda: _rank_slice(data() if callable(data) else data, rank, world))
     stream = _Stream(source, skip=consumed)
+    if is_main and resumed_from is not None:
+        # a run killed after its checkpoint logged steps it will now replay: each step stays in the log once
+        drop_metrics_after(out / "metrics.jsonl", step)
     logger = JsonlLogger(out / "metrics.jsonl") if is_main else None
 
     from tqdm.auto import tqdm
