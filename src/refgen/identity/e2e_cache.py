@@ -32,6 +32,13 @@ from refgen.artifacts import atomic_save_safetensors, atomic_write_json, provena
 
 FORMAT = "refgen-e2e-cache-1"
 SHARD_IDENTITIES = 256   # identities per photo shard: a shard is the unit a killed build redoes
+# Photos go to the frozen models in batches that span people: with small models every call is launch-bound, so
+# one call per person (~4 photos) left the GPU mostly idle. The bounds keep memory flat whatever the photos.
+TOWER_PATCHES = 65_536   # patches per vision-tower call, whole reference sets (~8 people at the 2 MP budget)
+VAE_BATCH = 64           # photos per VAE encode call on an accelerator,
+VAE_PIXELS = 2**23       # and at most this many pixels (8 photos at 1024 px: ~1.6x a person's 5 photos)
+VAE_BATCH_CPU = 8        # on the CPU a call costs no launch, and a large batch's activations leave the cache
+                         # (toy VAE, 64 px: 64 photos per call were ~1.6x slower per photo than 4-16)
 BANK_ROWS = 1024         # prompts encoded per text-encoder call and per prompt shard
 POLL_S = 2.0             # how often ranks other than 0 look for the finished cache
 
@@ -197,17 +204,72 @@ def _finished(path: Path, **want: str) -> dict | None:
     return md if all(md.get(k) == v for k, v in want.items()) else None
 
 
+def _photo_shard(source, people: range, fx, vae, dev, height: int, width: int, bar) -> tuple[dict, list, list]:
+    """The photo arrays of one shard (tokens, mask, means, latents, counts), its prompts and photo counts.
+
+    Each person's photos are sized by `VisionFeatures.prepare`, max_images at a time, as `per_image` sizes a
+    reference set (together, never with another person's photos), and resized for the VAE; then the tower takes
+    several people's prepared sets per call (`VisionFeatures.tower`) and the VAE a batch of photos per call, both
+    in photo order, so rows come out in the order they are written. Only prepared patches and VAE-sized photos
+    wait for a batch, never the originals (a shard of full-size photos would not fit in memory).
+    The VAE's latents differ from a per-person encode in float rounding only (a conv kernel may depend on the
+    batch size; so does a per-person encode, on the person's photo count)."""
+    from refgen.identity.features import pad_tokens
+    from refgen.identity.qwen_flow import encode_qwen_latents
+    from refgen.images import center_crop_resize
+
+    per, lat, prompts, cnt = [], [], [], []
+    sets, patches, for_vae = [], 0, []
+
+    def run_tower():
+        nonlocal sets, patches
+        out = [e for s in fx.tower(sets) for e in s]
+        per.extend(torch.cat(out).cpu().split([len(e) for e in out]))  # one device-to-host copy, not one a photo
+        sets, patches = [], 0
+
+    cap = VAE_BATCH_CPU if torch.device(dev).type == "cpu" else VAE_BATCH
+    vae_batch = max(1, min(cap, VAE_PIXELS // (height * width)))
+
+    def run_vae(n: int):
+        # kept on the device until the shard is written: no copy waits for the encode, so the GPU encodes while
+        # this loop renders and prepares the next people (a shard's latents are a few hundred MB at most)
+        lat.append(encode_qwen_latents(vae, for_vae[:n], batch=n, device=dev))
+        del for_vae[:n]
+
+    m = fx.cfg.max_images
+    for j in people:
+        ims, ps = source.person(j)
+        if not ims or len(ims) != len(ps):
+            raise ValueError(f"{source.ids[j]}: {len(ims)} photos but {len(ps)} prompts")
+        for c in range(0, len(ims), m):
+            inp = fx.prepare(ims[c:c + m])
+            if sets and patches + len(inp["pixel_values"]) > TOWER_PATCHES:
+                run_tower()
+            sets.append(inp)
+            patches += len(inp["pixel_values"])
+        for_vae += [center_crop_resize(im, width, height) for im in ims]
+        while len(for_vae) >= vae_batch:
+            run_vae(vae_batch)
+        prompts += ps
+        cnt.append(len(ims))
+        bar.update(1)
+    if sets:
+        run_tower()
+    if for_vae:
+        run_vae(len(for_vae))
+    tok, mask = pad_tokens(per)
+    return ({"tokens": tok.to(fx.dtype), "tok_mask": mask, "means": torch.stack([e.mean(0) for e in per]),
+             "latents": torch.cat(lat).cpu(), "counts": torch.tensor(cnt)}, prompts, cnt)
+
+
 def build_cache(folder: str | Path, source, key: dict, pipe, load_tower, height: int, width: int,
                 progress: bool = True, shard_identities: int = SHARD_IDENTITIES) -> dict:
     """Write the cache of `source` under `folder` (finished shards of an interrupted build are kept); returns the
     manifest. `load_tower()` gives the VisionFeatures, called only if a photo shard is missing."""
     from tqdm.auto import tqdm
 
-    from refgen.identity.features import pad_tokens
     from refgen.identity.prompts import encode_prompts
-    from refgen.identity.qwen_flow import encode_qwen_latents
     from refgen.identity.render import execution_device
-    from refgen.images import center_crop_resize
 
     folder = Path(folder)
     check_key(folder, key)
@@ -227,24 +289,10 @@ def build_cache(folder: str | Path, source, key: dict, pipe, load_tower, height:
         md = _finished(path, key_sha256=digest, ids=json.dumps(ids))
         if md is None:
             fx = fx or load_tower()
-            per, lat, prompts, cnt = [], [], [], []
-            for j in range(lo, lo + len(ids)):
-                ims, ps = source.person(j)
-                if len(ims) != len(ps):
-                    raise ValueError(f"{source.ids[j]}: {len(ims)} photos but {len(ps)} prompts")
-                m = fx.cfg.max_images
-                for c in range(0, len(ims), m):  # as VisionFeatures takes a reference set: max_images at a time
-                    per += [e.cpu() for e in fx.per_image(ims[c:c + m])]
-                lat.append(encode_qwen_latents(pipe.vae, [center_crop_resize(im, width, height) for im in ims],
-                                               batch=64, device=dev).cpu())
-                prompts += ps
-                cnt.append(len(ims))
-                bar.update(1)
-            tok, mask = pad_tokens(per)
+            arrays, prompts, cnt = _photo_shard(source, range(lo, lo + len(ids)), fx, pipe.vae, dev, height, width,
+                                                bar)
             md = {"key_sha256": digest, "ids": json.dumps(ids), "prompts": json.dumps(prompts)}
-            atomic_save_safetensors({"tokens": tok.to(fx.dtype), "tok_mask": mask,
-                                     "means": torch.stack([e.mean(0) for e in per]), "latents": torch.cat(lat),
-                                     "counts": torch.tensor(cnt)}, path, md)
+            atomic_save_safetensors(arrays, path, md)
             computed += len(ids)
         else:
             bar.update(len(ids))

@@ -103,11 +103,24 @@ class VisionFeatures:
         under the pixel budget): the one path from photos to the tower that every feature goes through."""
         if not images:
             raise ValueError("no images given for feature extraction")
-        inp = self.prepare(images)
-        pv = inp["pixel_values"].to(self.device, self.dtype)  # (sum of patches, 3*2*16*16)
-        thw = inp["image_grid_thw"].to(self.device)  # (n, 3)
+        return self.tower([self.prepare(images)])[0]
+
+    @torch.no_grad()
+    def tower(self, prepared: list[dict]) -> list[list[torch.Tensor]]:
+        """Reference sets already sized and processed by `prepare`, through the tower in one call: per set, each
+        photo's merged visual tokens [(T_i, D)] float32, as `per_image` gives them set by set.
+
+        Why several sets may share a call: a set's sizes come from `prepare` alone, and inside the tower every
+        image is on its own: attention runs per image (cu_seqlens from image_grid_thw), rotary positions and the
+        position-embedding resampling are computed from each image's own grid, and the 2x2 merge never crosses
+        an image (its tokens come in whole merge blocks). What batching changes is only the kernels' shapes:
+        bit-identical on a CPU in fp32 where measured (tests/identity/test_e2e_cache_batching.py allows 1e-6),
+        within rounding on a GPU, where a GEMM's kernel may depend on its row count."""
+        pv = torch.cat([p["pixel_values"] for p in prepared]).to(self.device, self.dtype)  # (patches, 3*2*16*16)
+        thw = torch.cat([p["image_grid_thw"] for p in prepared]).to(self.device)  # (images, 3)
         out = self.model.model.get_image_features(pv, thw)
-        return [e.float() for e in per_image_embeds(out, thw, self.model.model.visual.spatial_merge_size)]
+        flat = iter([e.float() for e in per_image_embeds(out, thw, self.model.model.visual.spatial_merge_size)])
+        return [[next(flat) for _ in range(len(p["image_grid_thw"]))] for p in prepared]
 
     def tokens(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-photo token features for token-reading heads (the resampler): tokens (B_photos, T, D) float32,
