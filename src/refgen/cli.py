@@ -235,6 +235,15 @@ def cmd_invert(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_soup_heads(args) -> int:
+    from refgen.identity.soup import soup_heads
+
+    weights = [float(x) for x in args.weights.split(",")] if args.weights else None
+    rec = soup_heads(args.heads, weights, args.out)
+    print(json.dumps({"out": args.out, **rec["soup"], "train_ids": len(rec["train_ids"])}))
+    return 0
+
+
 def cmd_features(args) -> int:
     from refgen.identity.features import FeatureConfig, extract_features
 
@@ -425,7 +434,7 @@ def _add_invert(sub) -> None:
 
 
 def _add_head(sub) -> None:
-    """features, train-head"""
+    """features, train-head, soup-heads"""
     f = sub.add_parser("features", help="Qwen3-VL features z per identity under a pixel budget (cached)")
     f.add_argument("root")
     f.add_argument("--vl-model", default="Qwen/Qwen3-VL-8B-Instruct")
@@ -483,6 +492,13 @@ def _add_head(sub) -> None:
     h.add_argument("--device", default=None, help="cuda (default) or cpu (tiny/toy models)")
     h.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="with --model: bf16 (default) or fp32")
     h.set_defaults(func=cmd_train_head)
+
+    so = sub.add_parser("soup-heads", help="average heads fine-tuned from one start (e.g. a one-person head and "
+                                           "the same head continued with two-person steps) into one head folder")
+    so.add_argument("heads", nargs="+", help="head folders (head.safetensors + head.json)")
+    so.add_argument("--weights", default=None, help="comma separated, >= 0, summing to 1 (default: equal)")
+    so.add_argument("--out", required=True)
+    so.set_defaults(func=cmd_soup_heads)
 
 
 def _add_generate(sub) -> None:

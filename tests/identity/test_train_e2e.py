@@ -453,3 +453,52 @@ def test_yaml_mirrors_the_config():
     path = Path(__file__).resolve().parents[2] / "configs" / "train_head_e2e.yaml"
     assert set(yaml.safe_load(path.read_text())) == {f.name for f in dataclasses.fields(E2EConfig)}
     assert dataclasses.asdict(E2EConfig.from_yaml(path)) == dataclasses.asdict(E2EConfig())
+
+
+def test_soup_of_two_heads_from_one_start(toy_ids, tmp_path):
+    """`refgen soup-heads`: weights (1, 0) give the first head back exactly, (0.5, 0.5) the mean of every weight;
+    the soup loads like any head and keeps every parent's training people; other architectures are refused."""
+    from safetensors.torch import load_file, save_file
+
+    from refgen.cli import main
+    from refgen.identity.head import load_head
+    from refgen.identity.soup import soup_heads
+
+    common = dict(head="linear", output="tokens", batch_size=3, lr=1e-2, warmup_steps=0, eval_identities=3,
+                  cache_dir=str(tmp_path / "cache"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    train_e2e(toy_ids, a, default_model(), default_vl_model(),
+              E2EConfig(steps=3, eval_every=3, checkpoint_every=3, **common), device="cpu", dtype="fp32",
+              progress=False)
+    train_e2e(toy_ids, b, default_model(), default_vl_model(),
+              E2EConfig(steps=2, eval_every=2, checkpoint_every=2, init_head=str(a), seed=1, **common),
+              device="cpu", dtype="fp32", progress=False)
+    wa, wb = load_file(a / "head.safetensors"), load_file(b / "head.safetensors")
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+    assert main(["soup-heads", str(a), str(b), "--weights", "1,0", "--out", str(tmp_path / "s10")]) == 0
+    ha, _ = load_head(a, torch.device("cpu"), torch.float32)
+    hs, md = load_head(tmp_path / "s10", torch.device("cpu"), torch.float32)
+    for (k, x), (_, y) in zip(ha.state_dict().items(), hs.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert torch.equal(hs.token_base, ha.token_base) and hs.token_scale == ha.token_scale
+    assert json.loads(md["soup"])["weights"] == [1.0, 0.0]
+
+    rec = soup_heads([a, b], None, tmp_path / "s55")
+    ws = load_file(tmp_path / "s55" / "head.safetensors")
+    for k in wa:
+        torch.testing.assert_close(ws[k], wa[k] if k == "output.placeholder" else (wa[k] + wb[k]) / 2)
+    ids_a = json.loads((a / "head.json").read_text())["train_ids"]
+    assert set(rec["train_ids"]) >= set(ids_a) and rec["soup"]["parents"] == [str(a), str(b)]
+    assert json.loads((tmp_path / "s55" / "head.json").read_text())["soup"]["weights"] == [0.5, 0.5]
+
+    with pytest.raises(ValueError, match="sum to 1"):
+        soup_heads([a, b], [0.7, 0.7], tmp_path / "bad")
+    md_b = dict(__import__("safetensors").safe_open(str(b / "head.safetensors"), "pt").metadata())
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file(wb, other / "head.safetensors", {**md_b, "L": str(int(md_b["L"]) + 1)})
+    (other / "head.json").write_text((b / "head.json").read_text())
+    with pytest.raises(ValueError, match=r"differ in L \('\d+' against '\d+'\)"):
+        soup_heads([a, other], None, tmp_path / "bad")
+    assert main(["soup-heads", str(a), "--out", str(tmp_path / "bad")]) == 1   # one head: a clear error, exit 1
