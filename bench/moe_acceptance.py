@@ -20,6 +20,13 @@ acceptance.md/json) into one archive, and drops the JSONL logs too if the archiv
 unpacked anywhere, `--out THAT --table` prints the same table:
     python bench/moe_acceptance.py --out runs/moe_acceptance --table --pack moe_acceptance_small.tar.gz
 
+--plots writes OUT/report.md after the table: the table, then per data set cost vs accuracy per run (with the RL
+lambda sweep, its Pareto front and the random gate when rl/rl.json exists) and the expert-graph edge heatmaps of
+every graph-MoE run, as PNGs beside their numbers (refgen/moe/report.py). OUT may also be one data set's run
+folders without the <dataset>/ level (docs/results/moe_acceptance_h200/mnist_graphfix):
+    python bench/moe_acceptance.py --out docs/results/moe_acceptance_h200/mnist_graphfix --datasets mnist \
+        --table --plots
+
 A CPU smoke run of the whole script (minutes):
     python bench/moe_acceptance.py --out /tmp/acc --device cpu --datasets digits --seeds 0 --epochs 2 \
         --rl-steps 20 --config-dir configs --smoke
@@ -123,13 +130,21 @@ def _pct(x):
 
 
 def table(args) -> tuple[list[str], dict]:
+    from refgen.moe.report import dataset_dirs
+
     root = Path(args.out)
+    # OUT/<dataset>/ as this script writes it, or one data set's runs directly in OUT (docs/results keeps them so)
+    dirs = dataset_dirs(root) if root.is_dir() else {}
+
+    def droot(d):
+        return dirs.get(d, root / d)
+
     lines, verdict = [], {}
     lines.append("## A1 accuracy (graph-MoE, mean over seeds " + ", ".join(map(str, args.seeds)) + ")")
     lines.append("| data | acc % per seed | mean % | target % | params | pass |")
     lines.append("| --- | --- | --- | --- | --- | --- |")
     for d in args.datasets:
-        runs = [_load(root / d / f"graph_s{s}") for s in args.seeds]
+        runs = [_load(droot(d) / f"graph_s{s}") for s in args.seeds]
         accs = [r["metrics"]["test"]["acc"] if r else None for r in runs]
         m = _mean(accs) if all(a is not None for a in accs) else None
         params = next((r["params"] for r in runs if r), None)
@@ -143,7 +158,7 @@ def table(args) -> tuple[list[str], dict]:
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for d in args.datasets:
         for v in ("graph", "flat", "dense_flops", "dense_bytes"):
-            runs = [_load(root / d / f"{v}_s{s}") for s in args.seeds]
+            runs = [_load(droot(d) / f"{v}_s{s}") for s in args.seeds]
             if not any(runs):
                 lines.append(f"| {d} | {v} | - | - | - | - | - |")
                 continue
@@ -164,15 +179,15 @@ def table(args) -> tuple[list[str], dict]:
               "| data | sparsity | ||A-I||_F | graph acc % | flat acc % | delta pp | k=1 / 2 / 3 acc % | pass |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for d in args.datasets:
-        g = [_load(root / d / f"graph_s{s}") for s in args.seeds]
-        f = [_load(root / d / f"flat_s{s}") for s in args.seeds]
+        g = [_load(droot(d) / f"graph_s{s}") for s in args.seeds]
+        f = [_load(droot(d) / f"flat_s{s}") for s in args.seeds]
         if not all(g) or not all(f):
             lines.append(f"| {d} | - | - | - | - | - | - | - |")
             continue
         sp = _mean([r["graph"]["sparsity"] for r in g])
         dist = _mean([r["graph"]["dist_from_identity"] for r in g])
         ga, fa = _mean([r["metrics"]["test"]["acc"] for r in g]), _mean([r["metrics"]["test"]["acc"] for r in f])
-        ks = [_load(root / d / f"graph_k{k}_s{args.lead}") if k != 2 else g[0] for k in (1, 2, 3)]
+        ks = [_load(droot(d) / f"graph_k{k}_s{args.lead}") if k != 2 else g[0] for k in (1, 2, 3)]
         ok = sp >= 0.30 and dist >= 0.1 and 100 * (ga - fa) >= -0.3
         verdict[f"A3 {d}"] = ok
         lines.append(f"| {d} | {sp:.2f} | {dist:.3f} | {_pct(ga)} | {_pct(fa)} | {100 * (ga - fa):+.2f} | "
@@ -181,7 +196,7 @@ def table(args) -> tuple[list[str], dict]:
               "| data | lambda | acc % | random % | margin pp | FLOPs / static top-2 | delta pp vs top-2 | Pareto |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for d in args.datasets:
-        f = root / d / "rl" / "rl.json"
+        f = droot(d) / "rl" / "rl.json"
         if not f.is_file():
             lines.append(f"| {d} | - | - | - | - | - | - | - |")
             continue
@@ -266,6 +281,8 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--pack", default=None, metavar="FILE.tar.gz",
                    help="after the table: archive OUT without weights (what --table needs, plus the logs)")
+    p.add_argument("--plots", action="store_true",
+                   help="after the table: OUT/report.md with the table, cost-vs-accuracy and edge-heatmap PNGs")
     p.add_argument("--pack-max-mb", type=float, default=15.0, help="drop the JSONL logs above this archive size")
     args = p.parse_args(argv)
     args.datasets = [d for d in args.datasets.split(",") if d]
@@ -300,6 +317,10 @@ def main(argv=None) -> int:
     import torch
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    prev = Path(args.out) / "acceptance.json"
+    if args.table and prev.is_file():
+        # nothing ran in this call: the numbers are from the machine that trained, not the one printing them
+        dev = json.loads(prev.read_text()).get("device", dev)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     head = [f"# refgen.moe acceptance (WP1) - {dev}, {datetime.date.today()}, commit {commit}",
             f"command: python bench/moe_acceptance.py {' '.join(argv if argv is not None else sys.argv[1:])}", ""]
@@ -309,6 +330,11 @@ def main(argv=None) -> int:
 
     atomic_write_text(Path(args.out) / "acceptance.md", text)
     atomic_write_json(Path(args.out) / "acceptance.json", {"verdict": verdict, "device": dev})
+    if args.plots:
+        from refgen.moe.report import write_report
+
+        rep = write_report(args.out, lines, head[:2], args.datasets)
+        print(f"report: {rep['report']}", file=sys.stderr)
     if args.pack:
         info = pack(Path(args.out), Path(args.pack), args.pack_max_mb)
         print(f"packed {info['files']} files, {info['bytes'] / 1e6:.2f} MB -> {info['archive']} (weights left out: "
