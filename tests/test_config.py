@@ -93,5 +93,8 @@ def test_a_number_written_as_yaml_text_is_refused_with_the_key_and_file(tmp_path
     p.write_text("graph_l1: 1e-3\n")  # YAML 1.1: a string, which used to fail later as "'<' not supported"
     with pytest.raises(ValueError, match=r"m\.yaml: graph_l1 must be a number, got the string '1e-3' \(YAML 1.1"):
         MoETrainConfig.from_yaml(p)
+    p.write_text("graph_l1: none\n")
+    with pytest.raises(ValueError, match=r"graph_l1 must be a number, got the string 'none'$"):
+        MoETrainConfig.from_yaml(p)
     p.write_text("graph_l1: 1.0e-3\n")
     assert MoETrainConfig.from_yaml(p).graph_l1 == 1e-3

@@ -54,7 +54,11 @@ def _coerce(tp, value, section: str, source: str | None):
     if isinstance(value, str) and _scalars_in(tp) and str not in typing.get_args(tp):
         # PyYAML reads YAML 1.1, where `1e-3` (no dot) is text: say so instead of failing later in a comparison.
         where = f"{source}: " if source is not None else ""
-        hint = " (YAML 1.1 reads 1e-3 as text: write 1.0e-3)" if "e" in value.lower() else ""
+        try:
+            float(value)
+            hint = " (YAML 1.1 reads 1e-3 as text: write 1.0e-3)"
+        except ValueError:
+            hint = ""
         raise ValueError(f"{where}{section} must be a number, got the string {value!r}{hint}")
     sub = _dataclass_in(tp)
     if sub is not None and value is not None and not isinstance(value, sub):
