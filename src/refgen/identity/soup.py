@@ -81,7 +81,8 @@ def soup_heads(heads: list[str | Path], weights: list[float] | None, out: str | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md_out = {**md0, "soup": json.dumps(info), "git_commit": str(git_commit())}
-    md_out.pop("step", None)   # no step trained the soup
+    for key in ("step", "metrics"):   # the first parent's training, not the soup's (head.json keeps every parent's)
+        md_out.pop(key, None)
     atomic_save_safetensors(soup, out / HEAD_FILE, md_out)
 
     def union(key: str) -> list:
