@@ -107,8 +107,9 @@ def test_compress_runner_writes_every_variant_with_bytes_and_drops(trained_digit
     by = {v["method"]: v for v in res["variants"]}
     ablations = {"int8-experts", "int8-experts+gate", "int4-experts", "int4-experts+gate", "prune-experts",
                  "prune-experts+ptq"}
-    assert set(by) - {"lowrank", "lowrank+ptq"} == {"ptq", "qat", "prune", "prune+ptq", "int4"} | ablations
-    assert {"lowrank", "lowrank+ptq"} <= set(by) or "error" in by.get("lowrank", {})
+    assert set(by) - {"lowrank", "lowrank+ptq", "lowrank+int4"} == {"ptq", "qat", "prune", "prune+ptq", "prune+int4",
+                                                                     "int4"} | ablations
+    assert {"lowrank", "lowrank+ptq", "lowrank+int4"} <= set(by) or "error" in by.get("lowrank", {})
     ref = res["reference"]
     for name, v in by.items():
         if "error" in v:
@@ -127,11 +128,76 @@ def test_compress_runner_writes_every_variant_with_bytes_and_drops(trained_digit
         assert 0 <= by[name]["gate_topk_agreement"] <= 1
     assert by["int4-experts"]["gate_topk_agreement"] == 1.0  # a float gate on the float stem: the same teams
     assert by["int4"]["bytes"] < by["ptq"]["bytes"]
+    _check_combined_int4(by, tmp_path, digits, "prune")
+    if "lowrank+int4" in by:  # vs the float model's int4: test_lowrank_int4_... (here low-rank may save ~nothing)
+        assert by["lowrank+int4"]["bytes"] < min(by["lowrank"]["bytes"], by["lowrank+ptq"]["bytes"])
     assert (tmp_path / "compress_acc_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| int4-experts+gate |" in (tmp_path / "compress.md").read_text()
     steps = [json.loads(ln) for ln in (tmp_path / "compress.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "prune_step"] == [1, 2, 3]
     assert "| ptq |" in (tmp_path / "compress.md").read_text()
+
+
+def _check_combined_int4(by, out, digits, parent):
+    """PARENT's `+int4` row: smaller than each artifact of its parent and than the float model's int4, its bytes
+    are every file the artifact has, and that file alone loads into a model that gives the row's accuracy."""
+    import shutil
+
+    from refgen.moe import int4
+    from refgen.moe.export import torch_outputs
+    from refgen.moe.onnxrun import to_input
+
+    v = by[parent + "+int4"]
+    assert "error" not in v and v["precision"] == "int4" and v["parent"] == parent
+    assert v["bytes"] < min(by[parent]["bytes"], by[parent + "+ptq"]["bytes"], by["int4"]["bytes"])
+    d = out / (parent + "+int4")
+    man = mf.verify(d)
+    assert man["deployable_files"] == [int4.FILE]  # one file, and the folder holds nothing else it needs
+    assert {p.name for p in d.iterdir()} == {int4.FILE, mf.MANIFEST}
+    assert v["bytes"] == man["deployable_bytes"] == (d / int4.FILE).stat().st_size
+    assert 0 <= v["gate_topk_agreement"] <= 1 and 0 <= v["gate_topk_agreement_vs_float"] <= 1
+    alone = out / "alone" / parent
+    alone.mkdir(parents=True)
+    shutil.copy(d / int4.FILE, alone)
+    lg, pr = torch_outputs(int4.load(alone / int4.FILE), to_input(digits.x_test))
+    assert float((lg.argmax(1) == digits.y_test).mean()) == v["acc"] and pr.shape == (len(digits.y_test), 4)
+
+
+def test_lowrank_int4_is_smaller_than_low_rank_and_than_int4_alone(trained_digits, digits, tmp_path):
+    """Energy 0.7 forced (any drop accepted: this tests the storage, not the rank rule)."""
+    cfg = CompressConfig(methods=("lowrank", "int4"), lowrank_energies=(0.7,), lowrank_max_drop_pp=100.0)
+    res = compress_run(trained_digits[0], tmp_path, cfg, data=digits, progress=False)
+    by = {v["method"]: v for v in res["variants"]}
+    assert [v["method"] for v in res["variants"]] == ["lowrank", "lowrank+ptq", "lowrank+int4", "int4"]
+    assert by["lowrank+int4"]["parent_bytes"] == {"lowrank": by["lowrank"]["bytes"],
+                                                  "lowrank+ptq": by["lowrank+ptq"]["bytes"]}
+    _check_combined_int4(by, tmp_path, digits, "lowrank")
+    assert "| lowrank+int4 | lowrank+int4/model_int4.safetensors |" in (tmp_path / "compress.md").read_text()
+
+
+def test_int4_storage_rebuilds_a_pruned_and_factorised_model(deployable, tmp_path):
+    """Stored all fp32, a pruned then factorised model comes back with its architecture and its outputs."""
+    from refgen.moe import int4
+
+    m = copy.deepcopy(deployable)
+    x = torch.rand(6, 1, 8, 8)
+    prune_iterative(m, 0.4, 1, x[:2])
+    m, ranks = factorize(m, 0.7, skip=("model.gate", "model.graph"))
+    assert ranks
+    st = int4.save(m.eval(), tmp_path / "a.safetensors", {"model.experts": "fp32"})
+    assert st["layers"] > len(ranks)  # the factors and the pruned layers
+    r = int4.load(tmp_path / "a.safetensors")
+    assert [(n, type(c).__name__) for n, c in r.named_modules()] == [(n, type(c).__name__)
+                                                                      for n, c in m.named_modules()]
+    with torch.no_grad():
+        for a, b in zip(r(x), m(x)):
+            assert torch.allclose(a, b, atol=1e-5)  # the factors' memory layout changes float rounding only
+    plain = int4.save(deployable, tmp_path / "b.safetensors", {"model.experts": "int4"})
+    assert plain["layers"] == 0
+    with pytest.raises(ValueError, match="cannot store layer 'model.head'"):
+        m.model.head = nn.Identity()
+        int4.save(m, tmp_path / "c.safetensors", {"model.experts": "int4"})
+    assert not (tmp_path / "c.safetensors").exists()
 
 
 def test_experts_only_pruning_keeps_the_stem(deployable):

@@ -7,6 +7,8 @@ as a deployable folder and measured against the float model on the same test spl
     OUT/lowrank/    SVD factorisation at the automatically chosen energy; full export
     OUT/int4/       int4 *storage* (refgen.moe.int4): experts' weights int4, gate int8 or fp32 per config, one
                     safetensors file dequantised at load into the float model + manifest
+    OUT/prune+int4/, OUT/lowrank+int4/   the same storage of the pruned / factorised model (methods prune or
+                    lowrank together with int4): the smallest artifacts
     OUT/ablate/     the spec's ablations: int8 and int4 with the experts only quantised vs the gate quantised too,
                     and the experts only pruned (int8-experts, int8-experts+gate, int4-experts, int4-experts+gate,
                     prune-experts)
@@ -21,7 +23,9 @@ its external data). Savings compare like with like: pruned / factorised fp32 aga
 export (their int8 exports are reported beside, as the "combined" variants), PTQ / QAT int8 against fp32.
 Selection (the rank sweep) uses the validation holdout, never the test split. The int4 variants are evaluated
 as the float model their file loads into (PyTorch, like the pruned / factorised rows' accuracy); their bytes are
-the one file written. Every row that has a gate reports the top-k agreement of its gate with the fp32 ONNX gate.
+the one file written. Every row that has a gate reports the top-k agreement of its gate with the fp32 ONNX gate;
+the combined rows (`+ptq`, `+int4`) with their own parent's fp32 gate (what the quantisation changed), a `+int4`
+row also with the float model's (`gate_topk_agreement_vs_float`).
 """
 
 from __future__ import annotations
@@ -173,26 +177,49 @@ def compress(deployable: Deployable, out: str | Path, cfg: CompressConfig, data:
     rows, k = [], deployable.model.cfg.top_k
     xt = onnxrun.to_input(data.x_test)
 
-    def int4_row(name, folder, rules, other, max_drop, gated=True):
-        """int4 storage of the float model: written, reloaded (dequantised), evaluated like the pruned rows."""
+    def int4_row(name, folder, rules, other, max_drop, gated=True, source=None, gate_ref=None, **extra):
+        """int4 storage of SOURCE (default the float model; a pruned or factorised one for the combined rows):
+        written, reloaded (dequantised), evaluated like the pruned rows, its gate compared with GATE_REF (the
+        gate probabilities of SOURCE's fp32 ONNX; default the float model's)."""
         d = out / folder
         d.mkdir(parents=True, exist_ok=True)
         (d / mf.MANIFEST).unlink(missing_ok=True)
-        st = i4.save(deployable, d / i4.FILE, rules, other)
+        st = i4.save(deployable if source is None else source, d / i4.FILE, rules, other)
         lg, pr = torch_outputs(i4.load(d / i4.FILE), xt)
-        acc, agree = float((lg.argmax(1) == data.y_test).mean()), onnxrun.topk_agreement(ref_probs, pr, k)
-        b = {"files": {i4.FILE: (d / i4.FILE).stat().st_size}}
+        acc = float((lg.argmax(1) == data.y_test).mean())
+        agree = onnxrun.topk_agreement(ref_probs if gate_ref is None else gate_ref, pr, k)
+        if gate_ref is not None:
+            extra["gate_topk_agreement_vs_float"] = onnxrun.topk_agreement(ref_probs, pr, k)
+        b = {"files": {i4.FILE: (d / i4.FILE).stat().st_size}}  # the whole artifact: i4.load needs nothing else
         b["total"] = sum(b["files"].values())
         write_manifest(d, ecfg, {"int4": {"file": i4.FILE, "files": [i4.FILE], "bytes": b["total"]}}, i4.FILE, b,
                        {"int4": {"acc": acc, "gate_topk_agreement": agree, "rules": rules, "other": other,
-                                 "values": st["precisions"]}}, shape, deployable.model.cfg, meta)
+                                 "values": st["precisions"], "layers": st["layers"]}}, shape, deployable.model.cfg,
+                       meta)
         row = _row(name, b["total"], ref32, acc, ref_acc, max_drop, budget=ecfg.budget_bytes, gated=gated,
                    artifact=f"{folder}/{i4.FILE}", precision="int4", gate_topk_agreement=agree,
                    saved_vs_int8=None if not ref8 else 1 - b["total"] / ref8, storage=rules | {"other": other},
-                   values=st["precisions"])
+                   values=st["precisions"], **extra)
         if gated:  # the spec's guard on quantising the gate
             row["pass"] = bool(row["pass"] and agree >= ecfg.min_gate_agreement)
         return row
+
+    int4_rules = {m_: "int4" for m_ in cfg.int4_modules} | {"model.gate": cfg.int4_gate}
+
+    def combined_int4_rows(parent, folder, module):
+        """The int4 storage of MODULE, the model behind PARENT's rows (`prune` / `lowrank` and its `+ptq`, exported
+        to FOLDER), when int4 is asked for too: the same storage as the float model's int4 row; reported, not gated
+        (the parent is)."""
+        if "int4" not in cfg.methods:
+            return []
+        name = parent[0]["method"] + "+int4"
+        try:
+            _, gate32 = _onnx_acc(out / folder / FP32, data.x_test, data.y_test)
+            return [int4_row(name, name, int4_rules, cfg.int4_other, cfg.int4_max_drop_pp, gated=False, source=module,
+                             gate_ref=gate32, parent=parent[0]["method"],
+                             parent_bytes={v["method"]: v["bytes"] for v in parent})]
+        except (ValueError, RuntimeError) as e:
+            return [{"method": name, "error": f"{type(e).__name__}: {e}", "pass": False}]
 
     def int8_row(name, folder, modules):
         """ORT static int8 of the float model with only MODULES quantised (the gate check is reported, not raised)."""
@@ -257,9 +284,10 @@ def compress(deployable: Deployable, out: str | Path, cfg: CompressConfig, data:
 
                 ex = torch.from_numpy(onnxrun.to_input(data.x_fit[:2]))
                 steps = prune_iterative(m, cfg.prune_ratio, cfg.prune_steps, ex, step)
-                rows += _exported_rows("prune", export(m, "prune"), ref32, ref8, ref_acc, cfg.prune_max_drop_pp,
-                                       cfg.prune_min_saving, ecfg.budget_bytes, steps=steps,
-                                       gate_topk_agreement=_torch_agreement(m, data, ref_probs, k))
+                parent = _exported_rows("prune", export(m, "prune"), ref32, ref8, ref_acc, cfg.prune_max_drop_pp,
+                                        cfg.prune_min_saving, ecfg.budget_bytes, steps=steps,
+                                        gate_topk_agreement=_torch_agreement(m, data, ref_probs, k))
+                rows += parent + combined_int4_rows(parent, "prune", m)
             elif method == "lowrank":
                 from refgen.moe.lowrank import auto_rank
 
@@ -275,12 +303,12 @@ def compress(deployable: Deployable, out: str | Path, cfg: CompressConfig, data:
                     raise ValueError(f"no energy in {list(cfg.lowrank_energies)} keeps the validation accuracy within "
                                      f"{cfg.lowrank_max_drop_pp} pp (sweep: " + ", ".join(
                                          f"{r['energy']}: {r['drop_pp']:+.2f} pp" for r in res["sweep"]) + ")")
-                rows += _exported_rows("lowrank", export(res["model"].eval(), "lowrank"), ref32, ref8, ref_acc,
-                                       cfg.lowrank_max_drop_pp, cfg.lowrank_min_saving, ecfg.budget_bytes,
-                                       energy=res["energy"], ranks=res["ranks"], sweep=res["sweep"])
+                parent = _exported_rows("lowrank", export(res["model"].eval(), "lowrank"), ref32, ref8, ref_acc,
+                                        cfg.lowrank_max_drop_pp, cfg.lowrank_min_saving, ecfg.budget_bytes,
+                                        energy=res["energy"], ranks=res["ranks"], sweep=res["sweep"])
+                rows += parent + combined_int4_rows(parent, "lowrank", res["model"])
             elif method == "int4":
-                rows.append(int4_row("int4", "int4", {m_: "int4" for m_ in cfg.int4_modules}
-                                     | {"model.gate": cfg.int4_gate}, cfg.int4_other, cfg.int4_max_drop_pp))
+                rows.append(int4_row("int4", "int4", int4_rules, cfg.int4_other, cfg.int4_max_drop_pp))
             elif method == "ablate":
                 rows += _ablations(cfg, deployable, data, int4_row, int8_row, export, ref32, ref8, ref_acc, ref_probs,
                                    k, ecfg, log)
