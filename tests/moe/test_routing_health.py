@@ -112,3 +112,21 @@ def test_config_checks_for_the_router():
     assert [type(x).__name__ for x in m.gate] == ["GateNorm", "Linear"] and m.gate[1].bias is None
     out = m.train()(torch.randn(1, 1, 8, 8))  # a training batch of one: running statistics, no error
     assert out.logits.shape == (1, 10)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_the_task_loss_reaches_the_in_group_gate_of_the_hierarchical_gate(k):
+    """Renormalised over a team of one, the hierarchical gate's in-group weight was the constant 1: at top-1 the
+    cross-entropy reached the group gate only, and the in-group choice was trained by the balance terms alone."""
+    torch.manual_seed(0)
+    cfg = MoEModelConfig(**{**TINY_MODEL, "kind": "hier", "top_k": k})
+    m = MoEClassifier(cfg, 1, 10).train()
+    out = m(torch.randn(32, 1, 8, 8), path="sparse")
+    r, G = out.routing, cfg.groups
+    # the value is unchanged: the team's weights sum to the chosen group's probability
+    pg = r.logits[:, :G].softmax(1)
+    assert torch.allclose(r.weights.sum(1), pg.max(1).values, atol=1e-6)
+    F.cross_entropy(out.logits, torch.randint(0, 10, (32,))).backward()
+    grad = m.gate[-1].weight.grad
+    group, in_group = float(grad[:G].abs().sum()), float(grad[G:].abs().sum())
+    assert group > 0 and in_group > 0.1 * group, (group, in_group)  # before the fix at k = 1: 1e-8 against 0.14

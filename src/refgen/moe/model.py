@@ -3,7 +3,8 @@
 Gates (how each is read from the design is in docs/moe.md):
     flat    softmax over E experts, top-k, weights renormalised over the k chosen
     hier    a group gate picks the top group, an in-group gate the top-k experts in it; weight =
-            p(group) * p(expert | group) renormalised within the group, so both gates get gradients
+            p(group) * p(expert | group) renormalised within the group (top-1: straight-through, as flat), so
+            both gates get gradients
     graph   the flat gate plus the expert graph (graph.py): the chosen team exchanges features
     dense   no gate: one expert (the dense CNN baselines of equal active FLOPs / equal stored bytes)
 
@@ -235,7 +236,13 @@ class MoEClassifier(nn.Module):
             mask[torch.arange(B), g] = in_group
             mask = mask.view(B, E)
             pe_sel = pe.reshape(B, E) * mask
-            weights = pg.gather(1, g[:, None]) * pe_sel / pe_sel.sum(1, keepdim=True).clamp_min(1e-9)
+            if k == 1:
+                # as for the flat gate: renormalised over a team of one, the in-group weight is the constant 1 and
+                # the task loss would not reach the in-group gate: value 1, gradient of p(expert | group)
+                inner = pe_sel / pe.reshape(B, E).detach().clamp_min(1e-9)
+            else:
+                inner = pe_sel / pe_sel.sum(1, keepdim=True).clamp_min(1e-9)
+            weights = pg.gather(1, g[:, None]) * inner
             return Routing(probs, mask, weights, logits)
         probs = logits.softmax(1)
         mask = topk_mask(probs, k)
