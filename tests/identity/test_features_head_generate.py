@@ -153,7 +153,7 @@ def test_head_trains_data_parallel_under_torchrun(pipe, tiny_models, tmp_path):
            "-m", "refgen.cli", "train-head", str(tmp_path / "ids"), "--out", str(tmp_path / "h"), "--epochs", "2",
            "--batch-size", "3", "--lr", "1e-2", "--val-fraction", "0", "--device", "cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-1500:]   # a rank's own error comes first
     train_head(tmp_path / "ids", tmp_path / "one", cfg, progress=False)
     ddp = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
