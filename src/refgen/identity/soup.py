@@ -92,7 +92,8 @@ def soup_heads(heads: list[str | Path], weights: list[float] | None, out: str | 
         return list(seen)
 
     skip = {"created", "git_commit", "versions", "config", "step", "metrics", "timings", "train_ids", "val_ids"}
-    rec = provenance(rec0.get("config"), **{k: v for k, v in rec0.items() if k not in skip}, soup=info, parent_metrics=[r.get("metrics") for _, _, r in parts],
+    rec = provenance(rec0.get("config"), **{k: v for k, v in rec0.items() if k not in skip}, soup=info,
+                     parent_metrics=[r.get("metrics") for _, _, r in parts],
                      train_ids=union("train_ids"), val_ids=union("val_ids"))
     atomic_write_json(out / HEAD_JSON, rec)
     return rec
