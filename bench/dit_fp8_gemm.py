@@ -56,7 +56,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import statistics
 import sys
 import time
 from typing import NamedTuple
@@ -203,29 +202,16 @@ def _sync(device: torch.device) -> None:
 
 def time_fn(fn, device: torch.device, warmup: int, iters: int) -> dict:
     """compile_s: the first call's wall time (compilation, if any); ms: the median of `iters` timed calls (CUDA
-    events on the GPU, wall clock on the CPU)."""
+    events on the GPU, wall clock on the CPU: refgen's one latency timer, `measure_latency`), after the rest of
+    the warm-up."""
+    from refgen.moe.monitor import measure_latency
+
     t0 = time.perf_counter()
     fn()
     _sync(device)
     first = time.perf_counter() - t0
-    for _ in range(max(warmup - 1, 0)):
-        fn()
-    _sync(device)
-    if device.type == "cuda":
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for a, b in ev:
-            a.record()
-            fn()
-            b.record()
-        torch.cuda.synchronize(device)
-        times = [a.elapsed_time(b) for a, b in ev]
-    else:
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return {"ms": statistics.median(times), "compile_s": first}
+    r = measure_latency(fn, device, warmup=max(warmup - 1, 0), iters=iters)
+    return {"ms": r["median_ms"], "compile_s": first}
 
 
 def _graph_breaks() -> int:
