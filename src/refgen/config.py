@@ -91,6 +91,14 @@ def from_dict(cls, d: dict[str, Any], *, source: str | Path | None = None, secti
                   for k, v in d.items()})
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}: nested settings compared or logged key by key."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file's top-level mapping ({} for an empty file)."""
     import yaml

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from refgen.artifacts import JsonlLogger, atomic_save_image, atomic_write_json, atomic_write_text, provenance
+from refgen.config import flatten
 from refgen.dit.config import TrainConfig, train_config_from_dict
 from refgen.toyworld import world
 
@@ -493,16 +494,6 @@ def _variant_settings(cfg: YardstickConfig, name: str, overrides: dict, device_n
     return {**_config_dict(cfg), "train": _variant_train_dict(cfg, name, overrides), "device_name": device_name}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_point(cfg: YardstickConfig, name: str, overrides: dict, device_name: str) -> int | None:
     """The step runs/<name>/ can continue from (its latest checkpoint), or None when it holds none (the variant then
     trains from scratch). Refused, naming why, when the run was started with other settings (anything but steps and
@@ -521,7 +512,7 @@ def resume_point(cfg: YardstickConfig, name: str, overrides: dict, device_name: 
                          f"was written before --resume existed, or by something else); run without --resume to "
                          f"train it from scratch")
     earlier = json.loads(vfile.read_text())
-    old, new = (_flat(_comparable(s)) for s in (earlier["settings"], _variant_settings(cfg, name, overrides,
+    old, new = (flatten(_comparable(s)) for s in (earlier["settings"], _variant_settings(cfg, name, overrides,
                                                                                        device_name)))
     differ = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
     if differ:

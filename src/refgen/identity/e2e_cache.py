@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from refgen.artifacts import atomic_save_safetensors, atomic_write_json, provenance
+from refgen.config import flatten
 
 FORMAT = "refgen-e2e-cache-1"
 SHARD_IDENTITIES = 256   # identities per photo shard: a shard is the unit a killed build redoes
@@ -163,19 +164,12 @@ def cache_key(source, pipe, model_id: str, features: dict, height: int, width: i
         pipe, model_id), "height": height, "width": width}
 
 
-def _flat(d: dict, pre: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
-    return out
-
-
 def check_key(folder: Path, key: dict) -> None:
     """ValueError naming every setting that differs, when `folder` holds a cache made from another key."""
     f = folder / "key.json"
     if not f.is_file():
         return
-    was, now = _flat(json.loads(f.read_text())), _flat(json.loads(json.dumps(key, default=str)))
+    was, now = flatten(json.loads(f.read_text())), flatten(json.loads(json.dumps(key, default=str)))
     diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
     if diff:
         raise ValueError(f"the e2e cache {folder} was made with other settings ({', '.join(diff)}): use another "

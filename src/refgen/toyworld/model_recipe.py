@@ -44,6 +44,7 @@ import torch
 from refgen import flow
 from refgen.ema import ema_decay_at, ema_update
 from refgen.artifacts import JsonlLogger, atomic_save_image, atomic_write_json, provenance
+from refgen.config import flatten
 from refgen.toyworld import world
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -548,15 +549,9 @@ def _vae_roundtrip(pipe, net, cfg: ToyModelConfig, dev) -> dict:
             "reconstruction": B.score(R.predict(net, torch.cat(rec), str(dev)), rows)}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def _numbers(d: dict) -> dict:
     """{'a': {'b': 1}} -> {'a.b': 1}, numbers only: one JSONL line per evaluation."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)):
-            out[f"{prefix}{k}"] = v
-    return out
+    return {k: v for k, v in flatten(d).items() if isinstance(v, (int, float))}
 
 
 def _grid(imgs, size: int):
@@ -604,7 +599,7 @@ def _evaluate_shipped(pipe, cfg: ToyModelConfig, dev, work: Path, log: JsonlLogg
     if dev.type == "cuda":  # the same bf16-rounded weights computed in fp32, as `--dtype fp32` runs them
         pipe.to(torch.float32)
         evals["fp32_compute"] = evaluate_with_recognizer(pipe, cfg, dev, work, roundtrip=False, samples=False)
-    log.log(stage="eval", **_flat(evals))
+    log.log(stage="eval", **_numbers(evals))
     return evals
 
 
