@@ -243,6 +243,14 @@ def _head_paths(path: Path) -> tuple[Path, Path | None]:
     return path, j if j.is_file() and path.name == HEAD_FILE else None
 
 
+def read_weights(weights: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a head's weights file, as written."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
 def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: str | None = None
               ) -> tuple[nn.Module, dict]:
     """(head in eval mode, weights metadata) from a head folder (head.safetensors + head.json) or a weights file.
@@ -251,14 +259,10 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
     and are linear). Refused with HeadMismatchError, naming both sides: a head.json beside the weights that
     disagrees with them on kind, architecture, L/H/D, feature settings or tokenizer (the record would describe
     another head); `kind` given and not the file's; weights that do not fit the recorded architecture."""
-    from safetensors import safe_open
-
     from refgen.identity.generate import HeadMismatchError
 
     weights, record = _head_paths(Path(path))
-    with safe_open(str(weights), framework="pt") as f:
-        md = dict(f.metadata() or {})
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    sd, md = read_weights(weights)
     if "L" not in md:
         raise ValueError(f"{weights} is not a refgen head checkpoint (no L/H metadata)")
     md.setdefault("kind", "linear")

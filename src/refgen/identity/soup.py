@@ -18,22 +18,17 @@ from pathlib import Path
 import torch
 
 from refgen.artifacts import atomic_save_safetensors, atomic_write_json, git_commit, provenance
-from refgen.identity.head import HEAD_FILE, HEAD_JSON, PLACEHOLDER_KEY, RECORD_KEYS, canonical
+from refgen.identity.head import HEAD_FILE, HEAD_JSON, PLACEHOLDER_KEY, RECORD_KEYS, canonical, read_weights
 
 
 def _read(folder: Path) -> tuple[dict, dict, dict]:
     """(tensors, weights metadata, head.json record) of a head folder."""
-    from safetensors import safe_open
-
     w, j = folder / HEAD_FILE, folder / HEAD_JSON
     for p in (w, j):
         if not p.is_file():
             raise FileNotFoundError(f"{folder} is not a head folder: {p.name} is missing (a soup needs the "
                                     "folders `refgen train-head` writes)")
-    with safe_open(str(w), framework="pt") as f:
-        md = dict(f.metadata() or {})
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    return sd, md, json.loads(j.read_text())
+    return (*read_weights(w), json.loads(j.read_text()))
 
 
 def soup_heads(heads: list[str | Path], weights: list[float] | None, out: str | Path) -> dict:
