@@ -581,9 +581,8 @@ def _run_variant(cfg: YardstickConfig, name: str, overrides: dict, train_dir: Pa
         shutil.rmtree(run, ignore_errors=True)   # a fresh variant's curve starts at step 0
     else:
         _prune_checkpoints(run)
-        # the steps after the checkpoint are trained (and scored) again
-        for log in ("metrics.jsonl", "scores.jsonl"):
-            drop_metrics_after(run / log, start)
+        # the steps after the checkpoint are scored again (train() cuts its own metrics.jsonl back the same way)
+        drop_metrics_after(run / "scores.jsonl", start)
         if (run / "scores.jsonl").is_file():
             records = read_jsonl(run / "scores.jsonl")
         calls = json.loads((run / VARIANT_FILE).read_text())["calls"]
