@@ -19,6 +19,16 @@ def _floats(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from e
 
 
+def _ints(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in _names(s)]
+    except ValueError as e:
+        raise ValueError(f"expected comma-separated integers, got {s!r}") from e
+    if not v or min(v) < 1:
+        raise ValueError(f"expected positive integers, got {s!r}")
+    return v
+
+
 def _fetch(args) -> int:
     from refgen.moe.data import default_cache_dir, fetch_data
 
@@ -103,15 +113,22 @@ def _bench(args) -> int:
     need_data = "corruptions" in sections or args.model is None
     ds = (load_dataset(cfg.dataset, cfg.cache, cfg.data_dir, cfg.n_train or 64, args.n_images) if need_data
           else None)
+    acc = acc_src = None
     if args.model:
         model, info = load_model(args.model, device)
         shape = tuple(info["input_shape"])
+        t = info.get("metrics", {}).get("test", {})
+        if "acc" in t:  # accuracy/J and accuracy/ms use the model's recorded test accuracy
+            acc, acc_src = float(t["acc"]), f"{Path(args.model) / 'moe.json'} metrics.test.acc (n={t.get('n')})"
     else:
         model, shape = build_model(cfg, ds).to(device), ds.shape
     images = ds.x_test[:args.n_images] if ds is not None else None
+    graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
     res = run_bench(model, shape, sections, args.out, images=images, batch=args.batch, steps=args.steps,
                     blocks=args.blocks, sample_every=args.sample_every, iters=args.iters,
-                    energy_seconds=args.energy_seconds, config=cfg)["results"]
+                    energy_seconds=args.energy_seconds, config=cfg, cuda_graphs=graphs,
+                    graph_paths=tuple(_names(args.graph_paths)), latency_batches=tuple(_ints(args.latency_batches)),
+                    energy_batch=args.energy_batch, accuracy=acc, accuracy_source=acc_src)["results"]
     print(json.dumps(summarize(res), indent=2))
     print(f"wrote {Path(args.out) / 'bench.json'}")
     return 0
@@ -208,11 +225,21 @@ def summarize(res: dict) -> dict:
     if "latency" in res:
         s["latency_median_ms"] = {f"b{r['batch']}/k{r['team']}/{r['path']}": round(r["median_ms"], 3)
                                   for r in res["latency"]["rows"]}
+        if "cuda_graph" in res["latency"]:
+            s["cuda_graph_latency_ms"] = {
+                f"b{r['batch']}/{r['path']}/{r['mode']}": {"events_median": round(r["median_ms"], 4),
+                                                           "sync_median": round(r["sync_wall"]["median_ms"], 4),
+                                                           **({"max_abs_diff": r["replay_check"]["max_abs_diff"]}
+                                                              if "replay_check" in r else {})}
+                for r in res["latency"]["cuda_graph"]["rows"]}
     if "corruptions" in res:
         s["corruption_sha256_identical"] = res["corruptions"]["all_identical"]
     if "energy" in res:
         e = res["energy"]["windows"]
-        s["energy_j_per_image"] = {p: {"total": w["j_per_image_total"], "marginal": w["j_per_image_marginal"]}
+        s["energy_j_per_image"] = {p: {"total": w["j_per_image_total"], "marginal": w["j_per_image_marginal"],
+                                       **({"acc_pct_per_j_total": w["acc_pct_per_j_total"],
+                                           "acc_pct_per_j_marginal": w["acc_pct_per_j_marginal"]}
+                                          if "acc_pct_per_j_total" in w else {})}
                                    for p, w in e.items()}
         s["c_flop_j"] = res["energy"]["coefficients"]["c_flop_j"]
     return s
@@ -273,6 +300,13 @@ def register(sub) -> None:
     b.add_argument("--iters", type=int, default=100, help="latency: timed calls per setting")
     b.add_argument("--n-images", type=int, default=200, help="corruptions: test images corrupted")
     b.add_argument("--energy-seconds", type=float, default=10.0, help="energy: window length (>= 5)")
+    b.add_argument("--energy-batch", type=int, default=256, help="energy: batch size of the windows")
+    b.add_argument("--latency-batches", default="1,256", help="latency: comma-separated batch sizes")
+    b.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                   help="latency/energy: also time the forward captured as a CUDA graph (auto: on a CUDA device; "
+                        "on: refuse on the CPU)")
+    b.add_argument("--graph-paths", default="dense", help="paths to capture (only dense can be: the sparse path's "
+                                                          "shapes depend on the data)")
     b.add_argument("--out", required=True)
     b.set_defaults(func=_bench)
 

@@ -12,6 +12,11 @@ model this size takes well under 1 ms, so energy is never measured per batch. `e
 >= 5 s of steady work (>= 100 calls), subtracts the idle power measured just before, and reports J/image total and
 marginal. Per batch there is only the FLOPs proxy (cost.py). The 2-core CI/dev VMs have no energy counter at all
 (no RAPL under /sys/class/powercap): there, energy is proxy-only.
+
+CUDA graphs: `CudaGraphCall` captures fn(x) once at x's shape (PyTorch's recipe: a few warm-up calls on a side
+stream, capture with `torch.cuda.graph` into a static input buffer, then copy each input in and replay). It needs a
+CUDA device and a function without host synchronisation or data-dependent shapes; anything else raises
+`GraphCaptureUnsupported` (nothing is measured in its place).
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ class EnergyUnavailable(PolicyError):
     """No energy counter on this machine; the message says why and what is reported instead."""
 
 
+class GraphCaptureUnsupported(PolicyError):
+    """A CUDA-graph capture asked for where it cannot work (no CUDA device, or a function whose shapes or control
+    flow depend on the data); the message names the reason."""
+
+
 def percentiles(ms: list[float] | np.ndarray) -> dict:
     a = np.asarray(ms, dtype=np.float64)
     if a.size == 0:
@@ -41,14 +51,27 @@ def percentiles(ms: list[float] | np.ndarray) -> dict:
             "min_ms": float(a.min())}
 
 
-def measure_latency(fn, device: torch.device | str = "cpu", warmup: int = 10, iters: int = 100) -> dict:
+def measure_latency(fn, device: torch.device | str = "cpu", warmup: int = 10, iters: int = 100,
+                    sync_each: bool = False) -> dict:
     """Per-call wall time of fn() in ms: CUDA events on a GPU (one sync at the end), perf_counter_ns on the
-    CPU, after WARMUP untimed calls."""
+    CPU, after WARMUP untimed calls. SYNC_EACH (GPU): host wall time of fn() + torch.cuda.synchronize() per call,
+    the latency one request sees from launch to a finished result (CUDA events time the stream, where launches of
+    the next call may already be queued)."""
     if warmup < 0 or iters < 1:
         raise ValueError(f"need warmup >= 0 and iters >= 1, got {warmup}, {iters}")
     device = torch.device(device)
     for _ in range(warmup):
         fn()
+    if device.type == "cuda" and sync_each:
+        torch.cuda.synchronize(device)
+        ms = []
+        for _ in range(iters):
+            t0 = time.perf_counter_ns()
+            fn()
+            torch.cuda.synchronize(device)
+            ms.append((time.perf_counter_ns() - t0) / 1e6)
+        return {**percentiles(ms), "warmup": warmup, "device": str(device), "clock": "perf_counter_ns+cuda_sync",
+                "threads": torch.get_num_threads()}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
@@ -66,6 +89,51 @@ def measure_latency(fn, device: torch.device | str = "cpu", warmup: int = 10, it
             ms.append((time.perf_counter_ns() - t0) / 1e6)
     return {**percentiles(ms), "warmup": warmup, "device": str(device), "clock": "cuda_event" if
             device.type == "cuda" else "perf_counter_ns", "threads": torch.get_num_threads()}
+
+
+class CudaGraphCall:
+    """fn(x) captured into one torch.cuda.CUDAGraph at EXAMPLE's shape, dtype and device.
+
+        call = CudaGraphCall(lambda x: model(x).logits, torch.zeros(1, 1, 28, 28, device="cuda"))
+        y = call(x)      # copies x into the static input, replays, returns the static output
+
+    The returned tensor is the graph's static output: the next call overwrites it (clone it to keep it). WARMUP
+    calls run on a side stream first (cuDNN/cuBLAS handles, autotuning and the allocator settle outside the
+    capture, as PyTorch's CUDA-graph notes prescribe). Raises GraphCaptureUnsupported without a CUDA device, and
+    when the capture itself fails (a host sync or a data-dependent shape inside fn), with PyTorch's message."""
+
+    def __init__(self, fn, example: torch.Tensor, warmup: int = 3):
+        if example.device.type != "cuda" or not torch.cuda.is_available():
+            raise GraphCaptureUnsupported(
+                f"CUDA graphs need a CUDA GPU; the input is on {example.device} (torch.cuda.is_available() = "
+                f"{torch.cuda.is_available()}): nothing is measured in their place")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (capture needs warmed-up kernels), got {warmup}")
+        self.static_in = example.detach().clone()
+        dev = example.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn(self.static_in)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.static_out = fn(self.static_in)
+        except RuntimeError as e:
+            raise GraphCaptureUnsupported(f"CUDA-graph capture failed (a host sync or a data-dependent shape inside "
+                                          f"the captured function?): {e}") from e
+        if not isinstance(self.static_out, torch.Tensor):
+            raise TypeError(f"the captured function must return a tensor, got {type(self.static_out).__name__}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.static_in.shape or x.dtype != self.static_in.dtype:
+            raise ValueError(f"a CUDA graph replays one shape: captured {tuple(self.static_in.shape)} "
+                             f"{self.static_in.dtype}, got {tuple(x.shape)} {x.dtype}")
+        self.static_in.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.static_out
 
 
 def memory_mb(device: torch.device | str) -> dict:
