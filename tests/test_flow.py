@@ -83,6 +83,22 @@ def test_sigma_sampling_and_schedule():
     assert sched[2] > 0.5  # shift spends more steps at high noise
 
 
+def test_sigma_tail_mixes_uniform_draws_near_one_into_the_sampling():
+    base = flow.sample_sigmas(4000, "logit_normal", generator=torch.Generator().manual_seed(1))
+    same = flow.sample_sigmas(4000, "logit_normal", tail=0.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(base, same)  # tail 0: exactly the old draws, so old runs replay bit for bit
+    s = flow.sample_sigmas(4000, "logit_normal", tail=0.25, tail_low=0.95, generator=torch.Generator().manual_seed(1))
+    assert (s > 0).all() and (s <= 1).all()
+    top = (s >= 0.95).float().mean().item()
+    # logit-normal alone puts ~0.2 % at >= 0.95; the mixture adds its 25 % there (4000 draws: +-2 %)
+    assert (base >= 0.95).float().mean().item() < 0.01 and 0.22 < top < 0.29
+    assert (s > 0.99).sum() > 100 and (base > 0.99).sum() == 0  # the sampler's first step is trained at last
+    assert torch.equal(s[s < 0.95], base[s < 0.95])  # the others are the base draws, untouched
+    for bad in ({"tail": -0.1}, {"tail": 1.5}, {"tail": 0.1, "tail_low": 1.0}):
+        with pytest.raises(ValueError, match="tail"):
+            flow.sample_sigmas(4, "logit_normal", **bad)
+
+
 def test_guidance_combinations():
     u, t, d = torch.zeros(2), torch.ones(2), 2 * torch.ones(2)
     assert torch.equal(flow.cfg(t, u, 3.0), 3 * torch.ones(2))

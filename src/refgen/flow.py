@@ -28,17 +28,27 @@ def _expand(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_sigmas(n: int, mode: str = "logit_normal", *, mean: float = 0.0, std: float = 1.0,
+                  tail: float = 0.0, tail_low: float = 0.95,
                   generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Training noise levels, (n,) float32 in (0, 1).
+    """Training noise levels, (n,) float32 in (0, 1].
 
     logit_normal is SD3's choice (more weight on the middle of the path); uniform is plain rectified flow.
+    TAIL > 0 replaces that share of the draws by uniform ones on [TAIL_LOW, 1]: logit-normal(0, 1) almost never
+    draws sigma > 0.99 (about 2 in a million), yet a sampler's first step is at sigma = 1, where the prediction is
+    the condition's mean image (its colours and layout). With TAIL = 0 the draws are exactly those without it.
     """
+    if not 0.0 <= tail <= 1.0 or not 0.0 <= tail_low < 1.0:
+        raise ValueError(f"need 0 <= tail <= 1 and 0 <= tail_low < 1, got tail={tail}, tail_low={tail_low}")
     if mode == "uniform":
         s = torch.rand(n, generator=generator, device=device)
     elif mode == "logit_normal":
         s = torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
     else:
         raise ValueError(f"unknown sigma sampling mode {mode!r}; use 'uniform' or 'logit_normal'")
+    if tail > 0:
+        pick = torch.rand(n, generator=generator, device=device) < tail
+        top = tail_low + (1.0 - tail_low) * (1.0 - torch.rand(n, generator=generator, device=device))  # (low, 1]
+        s = torch.where(pick, top, s)
     return s
 
 

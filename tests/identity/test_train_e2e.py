@@ -1,5 +1,6 @@
 """End-to-end head training on the shipped toy Qwen-Image and toy Qwen3-VL (real models, CPU-sized)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -108,6 +109,25 @@ def test_config_refusals():
         E2EConfig(objective="teacher", output="residual", two_person_fraction=0.5)
     with pytest.raises(ValueError, match="exactly one ~ID~"):
         E2EConfig(default_prompt="a photo")
+    with pytest.raises(ValueError, match="sigma_tail"):
+        E2EConfig(sigma_tail=1.5)
+
+
+def test_sigma_tail_reaches_the_training_batches(toy):
+    """sigma_tail trains the sampler's first step (sigma near 1), which logit-normal sigmas never reach; 0 leaves the
+    batches exactly as they were (noise included), so earlier runs resume and replay bit for bit."""
+    pipe, fx, data, cfg = toy
+    tail = dataclasses.replace(cfg, sigma_tail=1.0, sigma_tail_low=0.98)
+    none = dataclasses.replace(cfg, sigma_tail=0.0)
+    s_tail, s_none = [], []
+    for s in range(20):
+        s_tail.append(single_batch(data, [0, 1, 2, 3, 4], tail, step_generator(0, "step", s)).sigma)
+        b0 = single_batch(data, [0, 1, 2, 3, 4], none, step_generator(0, "step", s))
+        b1 = single_batch(data, [0, 1, 2, 3, 4], cfg, step_generator(0, "step", s))
+        assert torch.equal(b0.sigma, b1.sigma) and torch.equal(b0.noise, b1.noise)
+        s_none.append(b0.sigma)
+    s_tail, s_none = torch.cat(s_tail), torch.cat(s_none)
+    assert (s_tail >= 0.98).all() and (s_tail <= 1).all() and (s_none < 0.98).all()
 
 
 def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy, toy_ids, tmp_path):

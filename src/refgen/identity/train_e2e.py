@@ -87,6 +87,8 @@ class E2EConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     sigma_sampling: str = "logit_normal"
+    sigma_tail: float = 0.0           # share of sigmas drawn uniform on [sigma_tail_low, 1] instead (flow.sample_sigmas):
+    sigma_tail_low: float = 0.95      # logit-normal never trains the sampler's first step, sigma = 1
     height: int = 64                  # target photos are centre-cropped and resized to this before the VAE
     width: int = 64
     default_prompt: str = "A photo of ~ID~."   # for photos without a prompts.json entry
@@ -140,6 +142,9 @@ class E2EConfig:
             raise ValueError("warmup_steps, val_identities and eval_identities must be >= 0")
         if self.sigma_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"sigma_sampling must be 'uniform' or 'logit_normal', got {self.sigma_sampling!r}")
+        if not 0 <= self.sigma_tail <= 1 or not 0 <= self.sigma_tail_low < 1:
+            raise ValueError(f"need 0 <= sigma_tail <= 1 and 0 <= sigma_tail_low < 1, got {self.sigma_tail}, "
+                             f"{self.sigma_tail_low}")
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
         if self.default_prompt.count("~ID~") != 1:
@@ -444,7 +449,7 @@ def _finish(data: E2EData, latent, row, slots, cfg: E2EConfig, g: torch.Generato
             refs.append(r + [0] * (K - len(r)))
             mask.append([True] * len(r) + [False] * (K - len(r)))
     shape = (B, *data.latents.shape[1:])
-    sigma = flow.sample_sigmas(B, cfg.sigma_sampling, generator=g)
+    sigma = flow.sample_sigmas(B, cfg.sigma_sampling, tail=cfg.sigma_tail, tail_low=cfg.sigma_tail_low, generator=g)
     noise = torch.randn(shape, generator=g)
     return Batch(torch.tensor(latent), torch.tensor(row), sigma, noise, torch.tensor(s_item), torch.tensor(s_k),
                  torch.tensor(s_id), torch.tensor(refs), torch.tensor(mask))
