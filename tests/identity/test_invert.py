@@ -270,6 +270,8 @@ def test_free_parametrisation_is_the_residual_itself_unbounded(pipe, tmp_path):
     assert torch.equal(saved, R.detach().cpu())  # the same portable [L, H] artifact as the seed's mode
     with pytest.raises(ValueError, match="parametrisation"):
         InvertConfig(parametrisation="huge")
+    with pytest.raises(ValueError, match="sigma_tail"):
+        InvertConfig(sigma_tail=2.0)
 
 
 FAST_BASE = "a portrait photo of ~ID~, studio lighting"

@@ -64,6 +64,8 @@ class InvertConfig:
     # gradient_checkpointing there (44.5 GiB, but slower per identity). Measured: docs/benchmarks.md.
     identities_per_batch: int = 2
     sigma_sampling: str = "uniform"  # or "logit_normal"
+    sigma_tail: float = 0.0  # share of sigmas drawn uniform on [sigma_tail_low, 1] instead (flow.sample_sigmas)
+    sigma_tail_low: float = 0.95
     true_cfg: float = 1.0  # > 1: optimise through the pipeline's true CFG (two forwards per step)
     # Where the identity lives in the slot window of the encoder output:
     #   rms_scaled  clamp(exp(log_scale)) * P / RMS(P), the seed's parametrisation: bounded, slow to grow
@@ -114,6 +116,9 @@ class InvertConfig:
                              f"{self.lr_schedule!r}, {self.lr_min_ratio}")
         if self.sigma_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"sigma_sampling must be 'uniform' or 'logit_normal', got {self.sigma_sampling!r}")
+        if not 0 <= self.sigma_tail <= 1 or not 0 <= self.sigma_tail_low < 1:
+            raise ValueError(f"need 0 <= sigma_tail <= 1 and 0 <= sigma_tail_low < 1, got {self.sigma_tail}, "
+                             f"{self.sigma_tail_low}")
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
         if not (0 < self.scale_min <= self.init_scale <= self.scale_max):
@@ -487,7 +492,8 @@ class Inverter:
             idx = torch.randint(0, s.latents.shape[0], (n,), generator=s.gen)
             x0 = s.latents[idx]
             noises.append(torch.randn(x0.shape, generator=s.gen))
-            sigmas.append(flow.sample_sigmas(n, cfg.sigma_sampling, generator=s.gen))
+            sigmas.append(flow.sample_sigmas(n, cfg.sigma_sampling, tail=cfg.sigma_tail, tail_low=cfg.sigma_tail_low,
+                                             generator=s.gen))
             if cfg.image_prompts:
                 if s.ident.id not in self.image_rows:
                     raise RuntimeError(f"{s.ident.id}: image prompts not encoded; invert through Inverter.run()")
