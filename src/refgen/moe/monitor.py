@@ -62,17 +62,7 @@ def measure_latency(fn, device: torch.device | str = "cpu", warmup: int = 10, it
     device = torch.device(device)
     for _ in range(warmup):
         fn()
-    if device.type == "cuda" and sync_each:
-        torch.cuda.synchronize(device)
-        ms = []
-        for _ in range(iters):
-            t0 = time.perf_counter_ns()
-            fn()
-            torch.cuda.synchronize(device)
-            ms.append((time.perf_counter_ns() - t0) / 1e6)
-        return {**percentiles(ms), "warmup": warmup, "device": str(device), "clock": "perf_counter_ns+cuda_sync",
-                "threads": torch.get_num_threads()}
-    if device.type == "cuda":
+    if device.type == "cuda" and not sync_each:
         torch.cuda.synchronize(device)
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         for s, e in ev:
@@ -80,15 +70,21 @@ def measure_latency(fn, device: torch.device | str = "cpu", warmup: int = 10, it
             fn()
             e.record()
         torch.cuda.synchronize(device)
-        ms = [s.elapsed_time(e) for s, e in ev]
+        ms, clock = [s.elapsed_time(e) for s, e in ev], "cuda_event"
     else:
+        gpu = device.type == "cuda"  # sync_each: one synchronize per call, inside the timed region
+        if gpu:
+            torch.cuda.synchronize(device)
         ms = []
         for _ in range(iters):
             t0 = time.perf_counter_ns()
             fn()
+            if gpu:
+                torch.cuda.synchronize(device)
             ms.append((time.perf_counter_ns() - t0) / 1e6)
-    return {**percentiles(ms), "warmup": warmup, "device": str(device), "clock": "cuda_event" if
-            device.type == "cuda" else "perf_counter_ns", "threads": torch.get_num_threads()}
+        clock = "perf_counter_ns+cuda_sync" if gpu else "perf_counter_ns"
+    return {**percentiles(ms), "warmup": warmup, "device": str(device), "clock": clock,
+            "threads": torch.get_num_threads()}
 
 
 class CudaGraphCall:
