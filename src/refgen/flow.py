@@ -27,6 +27,12 @@ def _expand(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return sigma.view(-1, *([1] * (x.ndim - 1))).to(x.dtype)
 
 
+def check_tail(tail: float, tail_low: float) -> None:
+    """The sigma tail's bounds, for sample_sigmas and for the configs that pass it on (refused at construction)."""
+    if not 0.0 <= tail <= 1.0 or not 0.0 <= tail_low < 1.0:
+        raise ValueError(f"need 0 <= sigma_tail <= 1 and 0 <= sigma_tail_low < 1, got {tail}, {tail_low}")
+
+
 def sample_sigmas(n: int, mode: str = "logit_normal", *, mean: float = 0.0, std: float = 1.0,
                   tail: float = 0.0, tail_low: float = 0.95,
                   generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -37,8 +43,7 @@ def sample_sigmas(n: int, mode: str = "logit_normal", *, mean: float = 0.0, std:
     draws sigma > 0.99 (about 2 in a million), yet a sampler's first step is at sigma = 1, where the prediction is
     the condition's mean image (its colours and layout). With TAIL = 0 the draws are exactly those without it.
     """
-    if not 0.0 <= tail <= 1.0 or not 0.0 <= tail_low < 1.0:
-        raise ValueError(f"need 0 <= tail <= 1 and 0 <= tail_low < 1, got tail={tail}, tail_low={tail_low}")
+    check_tail(tail, tail_low)
     if mode == "uniform":
         s = torch.rand(n, generator=generator, device=device)
     elif mode == "logit_normal":

@@ -116,9 +116,7 @@ class InvertConfig:
                              f"{self.lr_schedule!r}, {self.lr_min_ratio}")
         if self.sigma_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"sigma_sampling must be 'uniform' or 'logit_normal', got {self.sigma_sampling!r}")
-        if not 0 <= self.sigma_tail <= 1 or not 0 <= self.sigma_tail_low < 1:
-            raise ValueError(f"need 0 <= sigma_tail <= 1 and 0 <= sigma_tail_low < 1, got {self.sigma_tail}, "
-                             f"{self.sigma_tail_low}")
+        flow.check_tail(self.sigma_tail, self.sigma_tail_low)
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height/width must be multiples of 16, got {self.height}x{self.width}")
         if not (0 < self.scale_min <= self.init_scale <= self.scale_max):
