@@ -68,6 +68,12 @@ def test_loss_is_zero_for_the_path_velocity_and_sees_its_sign():
     assert right.shape == (4,) and right.max() < 1e-8
     torch.testing.assert_close(wrong, 4 * v_path.pow(2).flatten(1).mean(1), rtol=1e-4, atol=1e-6)
     assert flow.loss(lambda x, s, c: -v_path, x0, None, sigma=sigma, noise=eps) == pytest.approx(wrong.mean().item())
+    # the one-step estimate from the path velocity is the clean sample; from a wrong one it is off by sigma * error
+    per, x_t, v = flow.loss_and_prediction(lambda x, s, c: v_path, x0, None, sigma=sigma, noise=eps)
+    torch.testing.assert_close(per, right)
+    torch.testing.assert_close(flow.predict_x0(x_t, v, sigma), x0, rtol=1e-4, atol=1e-5)
+    off = flow.predict_x0(x_t, -v_path, sigma) - x0
+    torch.testing.assert_close(off, 2 * sigma.view(-1, 1, 1) * v_path, rtol=1e-4, atol=1e-5)
 
 
 def test_sigma_sampling_and_schedule():

@@ -68,6 +68,21 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x0
 
 
+def predict_x0(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The one-step estimate of the clean sample from a velocity: x_t - sigma * v (exact when v is exact)."""
+    return x_t - _expand(sigma, x_t) * v
+
+
+def loss_and_prediction(model: Model, x0: torch.Tensor, cond, *, sigma: torch.Tensor,
+                        noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-sample MSE (B,), x_sigma, v): `loss` with the noised input and the prediction kept, for objectives
+    that also read the model's estimate of the clean sample (`predict_x0`)."""
+    x_t = add_noise(x0, noise, sigma)
+    v = model(x_t, sigma, cond)
+    err = (v.float() - velocity_target(x0, noise).float()).pow(2)
+    return err.flatten(1).mean(1), x_t, v
+
+
 def loss(model: Model, x0: torch.Tensor, cond, *, sigma: torch.Tensor, noise: torch.Tensor,
          reduction: str = "mean") -> torch.Tensor:
     """MSE between model(x_sigma, sigma, cond) and noise - x0.
@@ -75,10 +90,7 @@ def loss(model: Model, x0: torch.Tensor, cond, *, sigma: torch.Tensor, noise: to
     reduction="none" returns one value per sample (B,), which batched inversion needs to keep
     identities independent.
     """
-    x_t = add_noise(x0, noise, sigma)
-    v = model(x_t, sigma, cond)
-    err = (v.float() - velocity_target(x0, noise).float()).pow(2)
-    per_sample = err.flatten(1).mean(1)
+    per_sample = loss_and_prediction(model, x0, cond, sigma=sigma, noise=noise)[0]
     if reduction == "none":
         return per_sample
     if reduction == "mean":

@@ -111,6 +111,12 @@ def test_config_refusals():
         E2EConfig(default_prompt="a photo")
     with pytest.raises(ValueError, match="sigma_tail"):
         E2EConfig(sigma_tail=1.5)
+    with pytest.raises(ValueError, match="id_weight must be >= 0"):
+        E2EConfig(id_weight=-0.1)
+    with pytest.raises(ValueError, match="id_weight needs the e2e or mixed"):
+        E2EConfig(objective="teacher", output="residual", id_weight=0.1)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        E2EConfig(id_weight=0.1, height=48, width=48)
 
 
 def test_sigma_tail_reaches_the_training_batches(toy):
@@ -128,6 +134,55 @@ def test_sigma_tail_reaches_the_training_batches(toy):
         s_none.append(b0.sigma)
     s_tail, s_none = torch.cat(s_tail), torch.cat(s_none)
     assert (s_tail >= 0.98).all() and (s_tail <= 1).all() and (s_none < 0.98).all()
+
+
+def test_id_loss_reads_the_person_in_the_decoded_estimate(toy, toy_ids, tmp_path):
+    """The vision tower reads a float image as its processor path reads the photo; the ID loss of the clean-image
+    estimate is small for the target's own latents, larger for another person's, 0 for two-person targets; it
+    reaches the head's gradient; and a run with it trains and logs it."""
+    import numpy as np
+
+    from refgen.identity.qwen_flow import pack
+    from refgen.identity.train_e2e import _frozen_flow_model, build_e2e_head, id_losses, item_losses
+    from refgen.images import load_rgb, scan
+
+    pipe, fx, data, cfg = toy
+    photo = load_rgb(sorted(scan(toy_ids).identities, key=lambda i: i.id)[1].images[0])
+    x = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    x.requires_grad_(True)
+    m = fx.pixel_means(x)
+    torch.testing.assert_close(m[0], fx.per_image([photo])[0].mean(0), rtol=1e-4, atol=1e-5)
+    m.sum().backward()
+    assert x.grad.abs().sum() > 0
+    with_id = dataclasses.replace(cfg, id_weight=1.0)
+    data.vae, data.vl = pipe.vae, fx
+    try:
+        b = single_batch(data, [0, 1, 2, 3, 4], with_id, step_generator(0, "step", 0))
+        own = id_losses(data, b, pack(data.latents[b.latent]))
+        other = id_losses(data, b, pack(data.latents[b.latent.roll(1)]))  # each estimate is another person's photo
+        assert (own < 0.5 * other).all() and (own >= 0).all(), (own, other)
+        p = pair_batch(data, 2, with_id, step_generator(0, "step", 1))
+        assert (id_losses(data, p, pack(data.latents[p.latent])) == 0).all()
+        torch.manual_seed(0)
+        head = build_e2e_head(dataclasses.replace(cfg, head="linear"), data.means.shape[1], data.L, data.H)
+        b = single_batch(data, [0, 1, 2], with_id, step_generator(0, "step", 2))
+        fm, grads = _frozen_flow_model(pipe, cfg), []
+        for c in (cfg, with_id):
+            head.zero_grad()
+            out = item_losses(head, data, b, fm, c, torch.float32)
+            out["loss"].sum().backward()
+            grads.append(torch.cat([q.grad.flatten() for q in head.parameters() if q.grad is not None]).clone())
+        assert "id" in out and not torch.allclose(grads[0], grads[1])
+    finally:
+        data.vae = data.vl = None
+    run = E2EConfig(head="linear", output="residual", steps=3, batch_size=3, lr=1e-2, warmup_steps=0, eval_every=3,
+                    eval_identities=2, checkpoint_every=3, id_weight=0.5)
+    out = tmp_path / "head_id"
+    train_e2e(toy_ids, out, default_model(), default_vl_model(), run, device="cpu", dtype="fp32", progress=False)
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 3 and all(0 < r["id"] < 2 for r in steps)
+    assert all(r["loss"] == pytest.approx(r["flow"] + 0.5 * r["id"], rel=1e-5) for r in steps)
 
 
 def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy, toy_ids, tmp_path):

@@ -122,6 +122,19 @@ class VisionFeatures:
         flat = iter([e.float() for e in per_image_embeds(out, thw, self.model.model.visual.spatial_merge_size)])
         return [[next(flat) for _ in range(len(p["image_grid_thw"]))] for p in prepared]
 
+    def pixel_means(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, D) float32: each image's mean merged visual token, as `per_image(...)[i].mean(0)` gives it for the
+        same picture, from a float tensor (N, 3, H, W) in [0, 1] with sides multiples of 32, and differentiable:
+        the ID loss of head training reads a generated image's features through it. The images are taken at
+        their own size (no pixel budget: that is for reference sets, several photos at once)."""
+        ip = self.processor
+        mean = torch.tensor(ip.image_mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(ip.image_std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+        pv, thw = patchify((images.float() - mean) / std, ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+        out = self.model.model.get_image_features(pv.to(self.device, self.dtype), thw.to(self.device))
+        per = per_image_embeds(out, thw, self.model.model.visual.spatial_merge_size)
+        return torch.stack([e.float().mean(0) for e in per])
+
     def tokens(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-photo token features for token-reading heads (the resampler): tokens (B_photos, T, D) float32,
         zero-padded to the longest photo, and mask (B_photos, T) bool, True = a real token."""
@@ -158,6 +171,21 @@ def pad_tokens(per_image: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tenso
         tok[i, :e.shape[0]] = e
         mask[i, :e.shape[0]] = True
     return tok, mask
+
+
+def patchify(x: torch.Tensor, patch: int, merge: int, temporal: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised images (N, C, H, W) -> (pixel_values (N*gh*gw, C*temporal*patch*patch), image_grid_thw (N, 3)),
+    the Qwen2-VL/Qwen3-VL image processor's layout for images it does not resize: the frame repeated for the
+    temporal patch, patches in merge-block order. Differentiable (a reshape and a permute)."""
+    N, C, H, W = x.shape
+    if H % (patch * merge) or W % (patch * merge):
+        raise ValueError(f"image sides must be multiples of {patch * merge}, got {H}x{W}")
+    gh, gw = H // patch, W // patch
+    p = x.unsqueeze(1).expand(N, temporal, C, H, W).reshape(N, 1, temporal, C, gh // merge, merge, patch,
+                                                            gw // merge, merge, patch)
+    p = p.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(N * gh * gw, C * temporal * patch * patch)
+    thw = torch.tensor([[1, gh, gw]], dtype=torch.long).expand(N, 3).contiguous()
+    return p.contiguous(), thw
 
 
 def per_image_embeds(out, grid_thw: torch.Tensor, merge: int) -> list[torch.Tensor]:

@@ -39,6 +39,15 @@ def encode_qwen_latents(vae, images: list[Image.Image], batch: int = 4, device: 
     return torch.cat(out)
 
 
+def decode_qwen_latents(vae, packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Packed normalised latents (B, h/2 * w/2, 4C) of an (h, w) latent -> images (B, 3, H, W) in [-1, 1] (about),
+    in the VAE's dtype; differentiable (the ID loss of head training back-propagates through it)."""
+    z = unpack(packed, h, w).to(vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+    return vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
+
+
 def pack(z: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, h/2 * w/2, 4C), QwenImagePipeline._pack_latents."""
     B, C, h, w = z.shape

@@ -224,7 +224,7 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
     from refgen.flow import true_cfg
-    from refgen.identity.qwen_flow import unpack
+    from refgen.identity.qwen_flow import decode_qwen_latents
 
     tr = pipe.transformer
     if tr.config.guidance_embeds:  # a guidance-distilled model takes no true CFG; the pipeline handles it
@@ -251,11 +251,8 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
         latents = pipe.scheduler.step(true_cfg(v_cond, v_uncond, cfg.true_cfg), t, latents, return_dict=False)[0]
     if output_type == "latent":
         return latents
-    vae = pipe.vae
-    z = unpack(latents, cfg.height // pipe.vae_scale_factor, cfg.width // pipe.vae_scale_factor).to(vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-    image = vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
+    image = decode_qwen_latents(pipe.vae, latents, cfg.height // pipe.vae_scale_factor,
+                                cfg.width // pipe.vae_scale_factor)
     image = pipe.image_processor.postprocess(image, output_type=output_type)
     pipe.maybe_free_model_hooks()
     return image

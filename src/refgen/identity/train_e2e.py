@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
@@ -93,6 +94,12 @@ class E2EConfig:
     width: int = 64
     default_prompt: str = "A photo of ~ID~."   # for photos without a prompts.json entry
     teacher_weight: float = 1.0       # mixed: e2e + teacher_weight * teacher
+    # ID loss (PuLID's idea, with the one-step estimate instead of a few-step sampler): + id_weight * (1 - cos)
+    # between the Qwen3-VL mean feature of the model's clean-image estimate x_t - sigma * v, decoded by the VAE,
+    # and the target photo's own. The flow loss weighs every pixel alike; this one weighs what the vision tower
+    # sees of the person. One-person steps only (two-person images have no features); the tower and the VAE
+    # decoder stay on the device and are back-propagated through. 0 = off (the steps are then unchanged).
+    id_weight: float = 0.0
     teacher_root: str = ""            # folder with seed_<id>/teacher_residual.safetensors ("" = the data root)
     two_person_fraction: float = 0.0  # share of steps on two-person toy-world images (toy identities only)
     two_person_images: int = 2000     # how many two-person images are rendered once for those steps
@@ -149,6 +156,13 @@ class E2EConfig:
             raise ValueError(f"default_prompt must contain exactly one ~ID~: {self.default_prompt!r}")
         if self.teacher_weight < 0:
             raise ValueError(f"teacher_weight must be >= 0, got {self.teacher_weight}")
+        if self.id_weight < 0:
+            raise ValueError(f"id_weight must be >= 0, got {self.id_weight}")
+        if self.id_weight and self.objective == "teacher":
+            raise ValueError("id_weight needs the e2e or mixed objective (it reads the flow model's estimate)")
+        if self.id_weight and (self.height % 32 or self.width % 32):
+            raise ValueError(f"id_weight needs height/width multiples of 32 (the vision tower's patch 16 x merge 2), "
+                             f"got {self.height}x{self.width}")
         if not 0 <= self.two_person_fraction <= 1 or self.two_person_images < 1:
             raise ValueError("need 0 <= two_person_fraction <= 1 and two_person_images >= 1")
         if self.tables not in ("device", "mapped"):
@@ -208,6 +222,9 @@ class E2EData:
     tps: list = field(default_factory=list)
     T_ph: torch.Tensor | None = None
     e: float = 1.0
+    # id_weight > 0: the frozen VAE (decodes the clean-image estimate) and VisionFeatures (reads it)
+    vae: object = None
+    vl: object = None
 
 
 def _pair_scenes(ids: list[str], n: int, seed: int) -> list[tuple[int, int, object, str]]:
@@ -346,6 +363,10 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
         if not troot:
             raise ValueError(f"the {cfg.objective} objective needs teachers: set teacher_root")
         data.teachers = _teachers(Path(troot), ids, cfg, data.L, data.H, pipe, data.e).to(dev)
+    if cfg.id_weight > 0:
+        data.vae, data.vl = pipe.vae, load()
+        data.vae.requires_grad_(False)
+        data.vl.model.requires_grad_(False)
     return data
 
 
@@ -520,8 +541,12 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
         E, M = condition(data, batch, R, dtype)
         x0 = pack(data.latents[batch.latent.to(dev)])
         noise = pack(batch.noise.to(x0))
-        out["flow"] = flow.loss(model, x0, (E, M), sigma=batch.sigma.to(dev), noise=noise, reduction="none")
+        sigma = batch.sigma.to(dev)
+        out["flow"], x_t, v = flow.loss_and_prediction(model, x0, (E, M), sigma=sigma, noise=noise)
         total = total + out["flow"]
+        if cfg.id_weight > 0:
+            out["id"] = id_losses(data, batch, flow.predict_x0(x_t, v, sigma))
+            total = total + cfg.id_weight * out["id"]
     if cfg.objective in ("teacher", "mixed"):
         per_slot, _ = head_loss_terms(R, data.teachers[batch.slot_ident.to(dev)])  # (n,)
         item = batch.slot_item.to(dev)
@@ -531,6 +556,23 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
         total = total + (cfg.teacher_weight if cfg.objective == "mixed" else 1.0) * t
     out["loss"] = total
     return out
+
+
+def id_losses(data: E2EData, batch: Batch, x0_hat: torch.Tensor) -> torch.Tensor:
+    """Per item (B,): 1 - cos between the vision tower's mean feature of the decoded estimate x0_hat (B, N, 4C)
+    and the target photo's cached one; 0 for items whose target is not a photo (two-person images)."""
+    from refgen.identity.qwen_flow import decode_qwen_latents
+
+    dev = x0_hat.device
+    lat = batch.latent.to(dev)
+    own = lat < data.means.shape[0]
+    out = torch.zeros(lat.shape[0], device=dev)
+    if not bool(own.any()):
+        return out
+    h, w = data.latents.shape[-2:]
+    img = decode_qwen_latents(data.vae, x0_hat[own], h, w)  # (b, 3, H, W) in [-1, 1]
+    feat = data.vl.pixel_means((img.float() + 1) / 2)  # (b, D)
+    return out.masked_scatter(own, 1 - F.cosine_similarity(feat, data.means[lat[own]].to(dev).float(), dim=-1))
 
 
 @torch.no_grad()
@@ -771,12 +813,12 @@ def _optimise(head, opt, params, data: E2EData, batch, fm, cfg: E2EConfig, dtype
     for grp in opt.param_groups:
         grp["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    sums = torch.zeros(3, device=dev)  # loss, flow, teacher: summed over this rank's items
+    sums = torch.zeros(4, device=dev)  # loss, flow, teacher, id: summed over this rank's items
     if mine:
         losses = item_losses(head, data, batch.select(mine), fm, cfg, dtype)
         (losses["loss"].sum() / n_items).backward()
         sums = torch.stack([losses[k].detach().sum() if k in losses else torch.zeros((), device=dev)
-                            for k in ("loss", "flow", "teacher")])
+                            for k in ("loss", "flow", "teacher", "id")])
     _all_reduce_grads(params, world)
     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
@@ -788,6 +830,8 @@ def _optimise(head, opt, params, data: E2EData, batch, fm, cfg: E2EConfig, dtype
         rec["flow"] = sums[1].item() / n_items
     if cfg.objective != "e2e":
         rec["teacher"] = sums[2].item() / n_items
+    if cfg.id_weight > 0:  # averaged over all items: two-person ones count as 0
+        rec["id"] = sums[3].item() / n_items
     return rec
 
 

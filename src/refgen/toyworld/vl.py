@@ -201,18 +201,11 @@ def pixel_values(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     of 32 within its pixel bounds): rescale 1/255, normalise with mean/std 0.5, repeat the frame for
     the temporal patch and patchify in merge-block order. Returns (pixel_values (N*gh*gw, 3*2*16*16),
     image_grid_thw (N, 3)). Identical to `Qwen2VLImageProcessor(...)(images)` (tests/toyworld/test_vl.py)."""
+    from refgen.identity.features import patchify
+
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    N, C, H, W = images.shape
-    if H % (PATCH * MERGE) or W % (PATCH * MERGE):
-        raise ValueError(f"image sides must be multiples of {PATCH * MERGE}, got {H}x{W}")
-    x = (images.float() / 255 - MEAN) / STD
-    gh, gw = H // PATCH, W // PATCH
-    p = x.unsqueeze(1).expand(N, TEMPORAL, C, H, W).reshape(N, 1, TEMPORAL, C, gh // MERGE, MERGE, PATCH,
-                                                                gw // MERGE, MERGE, PATCH)
-    p = p.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(N * gh * gw, C * TEMPORAL * PATCH * PATCH)
-    thw = torch.tensor([[1, gh, gw]], dtype=torch.long).expand(N, 3).contiguous()
-    return p.contiguous(), thw
+    return patchify((images.float() / 255 - MEAN) / STD, PATCH, MERGE, TEMPORAL)
 
 
 def _patch_embed_linear(self, hidden_states: torch.Tensor) -> torch.Tensor:
