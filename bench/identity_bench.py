@@ -12,6 +12,7 @@ Two sections, each sized for one device call (< 10 min on an H100):
     python bench/identity_bench.py --section invert --out invert.json   # inversion K/checkpointing/offload,
                                                                         # torch.compile (inversion and render)
     python bench/identity_bench.py --section head --out head.json       # one e2e head training step, K people
+                                                                        # (--id-loss: also with the ID loss)
     python bench/identity_bench.py --tiny --section all --out /tmp/b.json   # tiny models on CPU: code runs
 
 Every row records its time and the peak GPU memory of that row alone (torch's max_memory_allocated, and
@@ -465,12 +466,14 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
 HEAD_TARGETS = {"toy_run_192k": 3000 * 64, "20k_ids_x50": 20_000 * 50}
 
 
-def section_head(b: Bench, pipe, S: dict, tiny: bool):
+def section_head(b: Bench, pipe, S: dict, tiny: bool, id_loss: bool = False):
     """One end-to-end head training step at full size: a resampler head with token output (the default) over
     cached Qwen3-VL-8B tokens of 3 reference photos per person, its tokens read by the 7B text encoder and the
     target's flow-matching loss through the 20B transformer, backward to the head (refgen.identity.train_e2e's own
     `_optimise`). K people per step, with and without gradient checkpointing. The vision tower is frozen and runs
-    once per photo (the features row), so it is not part of the step."""
+    once per photo (the features row), so it is not part of the step. `id_loss`: the same steps with
+    `id_weight` 0.2, which adds a VAE decode of each target's estimate and the vision tower's forward and backward
+    on it (`train_e2e.id_losses`)."""
     from refgen.identity.prompts import encode_prompts
     from refgen.identity.render import execution_device
     from refgen.identity.train_e2e import (E2EConfig, E2EData, _frozen_flow_model, _optimise, attach_text_encoder,
@@ -496,8 +499,14 @@ def section_head(b: Bench, pipe, S: dict, tiny: bool):
         bank_starts=torch.tensor([[enc.slots[0][0].start, -1]], device=dev), L=S["L"], H=0, teachers=None,
         pairs=None)
     attach_text_encoder(data, pipe, [PROMPT])
+    if id_loss:  # the ID loss reads the decoded estimate through the Qwen3-VL-8B vision tower (random weights)
+        vis, Dv = build_vision_tower(tiny)
+        if Dv != D:
+            raise ValueError(f"vision tower width {Dv} != the features' {D}")
+        data.vae, data.vl = pipe.vae, TowerReader(vis.requires_grad_(False))
     for ckpt in (False, True):
-        cfg = E2EConfig(height=H, width=W, refs_min=3, refs_max=3, gradient_checkpointing=ckpt)
+        cfg = E2EConfig(height=H, width=W, refs_min=3, refs_max=3, gradient_checkpointing=ckpt,
+                        id_weight=0.2 if id_loss else 0.0)
         fm = _frozen_flow_model(pipe, cfg)
         if not ckpt:
             pipe.transformer.disable_gradient_checkpointing()
@@ -505,20 +514,39 @@ def section_head(b: Bench, pipe, S: dict, tiny: bool):
         head = build_e2e_head(cfg, D, data.L, data.H).to(dev)
         params = list(head.parameters())
         opt = torch.optim.AdamW(params, lr=1e-3)
+        tag = ("_ckpt" if ckpt else "") + ("_id" if id_loss else "")
+        what = (" +ckpt" if ckpt else "") + (" +ID loss" if id_loss else "")
         for K in ((1, 2) if tiny else (1, 2, 4)):
             cfg.batch_size = K
             batch = single_batch(data, list(range(K)), cfg, step_generator(0, "step", K))
-            r = b.measure(f"head_e2e_K{K}{'_ckpt' if ckpt else ''}",
-                          f"e2e head step (resampler, token output): K={K} targets{' +ckpt' if ckpt else ''}",
+            r = b.measure(f"head_e2e_K{K}{tag}", f"e2e head step (resampler, token output): K={K} targets{what}",
                           lambda: _optimise(head, opt, params, data, batch, fm, cfg, pipe.transformer.dtype, 0, 0, 1,
                                             dev), repeat=1 if tiny else 3, warmup=1, per=K)
             if r:
                 r["gpu_hours"] = {k: n * r["per_item_s"] / 3600 for k, n in HEAD_TARGETS.items()}
-                b.row(f"  -> head K={K}{' +ckpt' if ckpt else ''}", ", ".join(
+                b.row(f"  -> head K={K}{what}", ", ".join(
                     f"{k}: {h:.1f} GPU-hours" for k, h in r["gpu_hours"].items()))
                 b.save()
         del head, opt, params
         peak_reset()
+
+
+class TowerReader:
+    """What the ID loss reads of a generated image (`VisionFeatures.pixel_means`), from the bench's vision tower."""
+
+    def __init__(self, vis):
+        from refgen.tiny_qwen import build_qwen3_vl_image_processor
+
+        self.vis, self.processor = vis, build_qwen3_vl_image_processor()
+        p = next(vis.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def pixel_means(self, images: torch.Tensor) -> torch.Tensor:
+        from refgen.identity.features import pixel_means
+
+        return pixel_means(images, lambda pv, thw: self.vis(pv.to(self.device, self.dtype),
+                                                            grid_thw=thw.to(self.device)),
+                           self.processor, self.vis.config.spatial_merge_size)
 
 
 def section_features(b: Bench, S: dict, tiny: bool):
@@ -564,6 +592,8 @@ def main():
     ap.add_argument("--parts", default=",".join(INVERT_PARTS), help=f"invert section: any of {INVERT_PARTS}")
     ap.add_argument("--parametrisation", default="tokens", help="invert section: InvertConfig.parametrisation "
                     "(tokens, free, rms_scaled); offload runs a residual mode")
+    ap.add_argument("--id-loss", action="store_true", help="head section: the same steps again with the ID loss "
+                    "(id_weight 0.2: VAE decode + vision tower forward and backward per target)")
     args = ap.parse_args()
     if args.section == "all" and not args.tiny:
         raise SystemExit("--section all is for --tiny; with the real models run render and invert as two calls")
@@ -609,6 +639,8 @@ def main():
         section_invert(b, pipe, S, args.tiny, parts=args.parts.split(","))
     if args.section in ("head", "all"):
         section_head(b, pipe, S, args.tiny)
+        if args.id_loss:
+            section_head(b, pipe, S, args.tiny, id_loss=True)
     b.save()
     b.table(f"identity bench, section {args.section} ({b.res['device']}, torch {b.res['torch']}, "
             f"{S['W']}x{S['H']} WxH, {S['steps']} steps, true CFG 4)")

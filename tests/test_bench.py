@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_identity_bench_runs_on_tiny_models(tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "identity_bench.py"), "--tiny", "--section", "all",
-                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--id-loss", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     for k in ("plain_1", "refgen_1_cfgbatch0", "refgen_1_cfgbatch1", "refgen_two_slot", "refgen_2_cfgbatch1",
-              "grid", "features", "invert_K1", "invert_K2_ckpt", "head_e2e_K2", "head_e2e_K2_ckpt"):
+              "grid", "features", "invert_K1", "invert_K2_ckpt", "head_e2e_K2", "head_e2e_K2_ckpt",
+              "head_e2e_K2_id", "head_e2e_K2_ckpt_id"):
         assert "error" not in res[k] and res[k]["s"] > 0, (k, res[k])
     assert res["inject_s"] > 0 and res["head_s"] > 0
     assert res["grid"]["n"] == 8 and "| alpha grid 4x2" in r.stdout

@@ -127,13 +127,9 @@ class VisionFeatures:
         same picture, from a float tensor (N, 3, H, W) in [0, 1] with sides multiples of 32, and differentiable:
         the ID loss of head training reads a generated image's features through it. The images are taken at
         their own size (no pixel budget: that is for reference sets, several photos at once)."""
-        ip = self.processor
-        mean = torch.tensor(ip.image_mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(ip.image_std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
-        pv, thw = patchify((images.float() - mean) / std, ip.patch_size, ip.merge_size, ip.temporal_patch_size)
-        out = self.model.model.get_image_features(pv.to(self.device, self.dtype), thw.to(self.device))
-        per = per_image_embeds(out, thw, self.model.model.visual.spatial_merge_size)
-        return torch.stack([e.float().mean(0) for e in per])
+        get = self.model.model.get_image_features
+        return pixel_means(images, lambda pv, thw: get(pv.to(self.device, self.dtype), thw.to(self.device)),
+                           self.processor, self.model.model.visual.spatial_merge_size)
 
     def tokens(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-photo token features for token-reading heads (the resampler): tokens (B_photos, T, D) float32,
@@ -186,6 +182,18 @@ def patchify(x: torch.Tensor, patch: int, merge: int, temporal: int) -> tuple[to
     p = p.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(N * gh * gw, C * temporal * patch * patch)
     thw = torch.tensor([[1, gh, gw]], dtype=torch.long).expand(N, 3).contiguous()
     return p.contiguous(), thw
+
+
+def pixel_means(images: torch.Tensor, tower, processor, merge: int) -> torch.Tensor:
+    """(N, D) float32 mean visual token per image of `images` (N, 3, H, W) in [0, 1], differentiable: normalised
+    with the processor's mean/std and laid out as it lays out images it does not resize; `tower(pixel_values,
+    grid_thw)` is a Qwen3-VL vision tower call (`get_image_features`, or the vision model itself) that moves its
+    inputs where it computes."""
+    ip = processor
+    mean = torch.tensor(ip.image_mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(ip.image_std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
+    pv, thw = patchify((images.float() - mean) / std, ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+    return torch.stack([e.float().mean(0) for e in per_image_embeds(tower(pv, thw), thw, merge)])
 
 
 def per_image_embeds(out, grid_thw: torch.Tensor, merge: int) -> list[torch.Tensor]:
