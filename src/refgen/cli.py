@@ -216,7 +216,7 @@ def cmd_invert(args) -> int:
                  "gradient_checkpointing": args.gradient_checkpointing or None, "compile": args.compile or None,
                  "checkpoint_every": args.checkpoint_every, "qa": False if args.no_qa else None,
                  "parametrisation": args.parametrisation, "image_prompts": args.image_prompts or None,
-                 "start_weight": args.start_weight}
+                 "start_weight": args.start_weight, "id_weight": args.id_weight}
     cfg = InvertConfig.from_yaml(args.config, **overrides) if args.config else InvertConfig(
         **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -423,9 +423,13 @@ def _add_invert(sub) -> None:
     v.add_argument("--start-head", default=None,
                    help="a head folder (`refgen train-head`): each identity starts from its prediction, not noise "
                         "(needs --vl-model; its output must be the parametrisation's kind)")
-    v.add_argument("--vl-model", default=None, help="the Qwen3-VL model the start head's features come from")
+    v.add_argument("--vl-model", default=None, help="the Qwen3-VL model the start head's features come from, and "
+                   "that reads the estimates of --id-weight")
     v.add_argument("--start-weight", type=float, default=None,
                    help="from a head's start: weight of mean((P - P_start)^2) keeping the inversion near it")
+    v.add_argument("--id-weight", type=float, default=None,
+                   help="weight of the ID loss (1 - cos of the vision tower's features, estimate vs photo; needs "
+                        "--vl-model); 0 = off")
     _add_runtime(v)
     _add_speed(v, offload_modes=("none", "model"), render=False)
     v.add_argument("--compile", action="store_true",

@@ -519,15 +519,17 @@ class IdentityPipeline:
             return self.load_residual(made)
 
     def invert_identities(self, identities: list, config, out_root: str | Path, progress: bool = True,
-                          label: str | None = None, start: dict | None = None) -> list[dict]:
+                          label: str | None = None, start: dict | None = None, vl=None) -> list[dict]:
         """Teacher inversion of identity folders (refgen.images.Identity) into OUT_ROOT/<id>/, K per forward,
         resumable, complete ones skipped; the records of those inverted now. What `refgen invert` runs (`label`:
         print how many are complete and to do under that name). A complete identity made with other settings
-        is refused, never passed off as this run's."""
+        is refused, never passed off as this run's. `vl`: the VisionFeatures for config.id_weight > 0 (default:
+        this pipeline's own, loaded with a head)."""
         from refgen.identity.invert import Inverter, check_invert_offload
 
         check_invert_offload(self.offload)
-        inv = Inverter(self.pipe, config, out_root, model_id=self.model_id, progress=progress)
+        inv = Inverter(self.pipe, config, out_root, model_id=self.model_id, progress=progress,
+                       vl=vl if vl is not None else self.features)
         inv.refuse_stale(identities)
         if label:
             n_done = sum(inv.is_complete(i) for i in identities)

@@ -361,3 +361,37 @@ def test_cli_starts_each_identity_from_a_head_s_prediction(tmp_path, capsys):
     assert 0 < moved < guessed  # one small step away from the head's guess, not from the bare placeholder
     assert main(base + ["--steps", "1", "--out", str(tmp_path / "free"), "--parametrisation", "free"]) == 1
     assert "outputs tokens, but the inversion's parametrisation is 'free'" in capsys.readouterr().err
+
+
+def test_id_loss_in_inversion(pipe, tiny_models, tmp_path, capsys):
+    """id_weight reads each step's one-step estimates through a vision tower: it is logged, it changes what is learnt,
+    it needs a VisionFeatures (refused without one, and on the CLI without --vl-model before any model loads)."""
+    from refgen.identity.features import VisionFeatures
+
+    root = make_identities(tmp_path / "ids", n=2)
+    with pytest.raises(ValueError, match="give the Inverter a VisionFeatures"):
+        Inverter(pipe, InvertConfig(**{**FAST, "id_weight": 0.5}), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="id_weight must be a finite number >= 0"):
+        InvertConfig(id_weight=-1.0)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        InvertConfig(id_weight=0.5, height=48, width=48)
+    vl = VisionFeatures(tiny_models["qwen3_vl"], "cpu", "fp32")
+    learnt = {}
+    for w in (0.0, 5.0):
+        cfg = InvertConfig(**{**FAST, "steps": 3, "id_weight": w})
+        inv = Inverter(pipe, cfg, tmp_path / f"o{w}", model_id="tiny", progress=False, vl=vl)
+        (s0, s1) = inv.run_batch(scan(root).identities[:2])
+        learnt[w] = s0.P.detach().clone()
+        log = [json.loads(x) for x in (tmp_path / f"o{w}" / "seed_0" / "teacher_metrics.jsonl").read_text().splitlines()]
+        ids = [r["id"] for r in log if "id" in r]
+        assert len(ids) == 3 and (all(0 < x < 2 for x in ids) if w else all(x == 0 for x in ids)), log
+        if w:
+            assert s0.means.shape == (s0.latents.shape[0], vl.dim)
+    assert not torch.allclose(learnt[0.0], learnt[5.0])
+    base = ["invert", str(root), "--model", tiny_models["qwen_image"], "--device", "cpu", "--dtype", "fp32",
+            "--steps", "1", "--height", "32", "--width", "32", "--no-qa", "--parametrisation", "rms_scaled",
+            "--id-weight", "0.5", "--out", str(tmp_path / "cli")]
+    assert main(base) == 1 and "needs --vl-model" in capsys.readouterr().err
+    assert main(base + ["--vl-model", tiny_models["qwen3_vl"], "--only", "seed_0"]) == 0
+    rec = json.loads((tmp_path / "cli" / "seed_0" / "teacher.json").read_text())
+    assert rec["config"]["id_weight"] == 0.5

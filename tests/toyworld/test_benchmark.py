@@ -139,10 +139,14 @@ def test_shipped_model_draws_people_spelled_out_in_words():
 
 def test_benchmark_reads_a_token_teacher_through_the_text_encoder(tmp_path):
     cfg = B.BenchmarkConfig.tiny(invert={"steps": 3, "images_per_step": 1, "parametrisation": "tokens",
-                                         "image_prompts": True}, pair_images=1)  # photos beside someone too
+                                         "image_prompts": True, "id_weight": 0.5},  # the ID loss with the toy VL
+                                 pair_images=1)  # photos beside someone too
     r = B.run_benchmark(cfg, tmp_path, progress=False)
     d = tmp_path / "teacher" / f"seed_{cfg.test_seed}"
     assert (d / "teacher_tokens.safetensors").exists() and not (d / "teacher_residual.safetensors").exists()
+    assert json.loads((d / "teacher.json").read_text())["config"]["id_weight"] == 0.5
+    assert all(json.loads(x)["id"] > 0 for x in (d / "teacher_metrics.jsonl").read_text().splitlines()
+               if '"id"' in x)
     assert any("pair_0.png" in f for f in json.loads((d / "teacher.json").read_text())["images"])
     assert set(r["teacher"]["per_alpha"]) == {"0", "1"}
     assert "skipped" in r["head"]  # the head predicts slot residuals: no head row from a token teacher

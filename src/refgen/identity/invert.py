@@ -36,7 +36,7 @@ import torch
 
 from refgen import flow
 from refgen.artifacts import JsonlLogger, atomic_torch_save, atomic_write_json, drop_metrics_after, provenance
-from refgen.identity.qwen_flow import QwenFlowModel, encode_qwen_latents, pack
+from refgen.identity.qwen_flow import QwenFlowModel, encode_qwen_latents, images_to_tensor, pack
 from refgen.identity.render import execution_device, release_text_encoder
 from refgen.images import Identity, center_crop_resize, load_rgb
 
@@ -92,6 +92,10 @@ class InvertConfig:
     # people beats per-person inversion, and inversion from it drifts back down as it fits the few photos
     # (docs/benchmarks.md); this anchors the refinement to the head. No effect on identities started from noise.
     start_weight: float = 0.0
+    # > 0: + id_weight * the ID loss (refgen.identity.id_loss) of each image's one-step estimate against the photo,
+    # read by the Qwen3-VL vision tower (`refgen invert --vl-model`); it raised a head's identity on unseen people
+    # (docs/head.md). Needs height/width multiples of 32. 0 = off, the steps unchanged.
+    id_weight: float = 0.0
     scale_min: float = 0.01
     scale_max: float = 1.5
     rms_weight: float = 0.02
@@ -135,6 +139,11 @@ class InvertConfig:
             raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, got {self.parametrisation!r}")
         if not (self.start_weight >= 0 and math.isfinite(self.start_weight)):
             raise ValueError(f"start_weight must be a finite number >= 0, got {self.start_weight}")
+        if not (self.id_weight >= 0 and math.isfinite(self.id_weight)):
+            raise ValueError(f"id_weight must be a finite number >= 0, got {self.id_weight}")
+        if self.id_weight and (self.height % 32 or self.width % 32):
+            raise ValueError(f"id_weight needs height/width multiples of 32 (the vision tower's patch 16 x merge 2), "
+                             f"got {self.height}x{self.width}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "InvertConfig":
@@ -175,15 +184,24 @@ class _State:
     adam_state: dict | None = None  # AdamW moments restored from a checkpoint
     started_from: str = "noise"  # or "given" (Inverter.run's start: a head's prediction)
     P_start: torch.Tensor | None = None  # P at a given start, what start_weight anchors to
+    means: torch.Tensor | None = None  # (N, D) each photo's vision-tower feature (id_weight > 0)
 
 
 class Inverter:
     """Runs teacher inversion for identities against one loaded QwenImagePipeline."""
 
-    def __init__(self, pipe, cfg: InvertConfig, out_root: str | Path, model_id: str = "", progress: bool = True):
+    def __init__(self, pipe, cfg: InvertConfig, out_root: str | Path, model_id: str = "", progress: bool = True,
+                 vl=None):
+        """`vl`: the VisionFeatures the ID loss reads with (needed when cfg.id_weight > 0, unused otherwise)."""
         from refgen.identity.prompts import encode_prompts, encode_tokenized, tokenize
 
+        if cfg.id_weight and vl is None:
+            raise ValueError("id_weight > 0 reads each estimate through the Qwen3-VL vision tower: give the "
+                             "Inverter a VisionFeatures (refgen invert --vl-model)")
         self.pipe, self.cfg, self.out_root, self.model_id, self.progress = pipe, cfg, Path(out_root), model_id, progress
+        self.vl = vl if cfg.id_weight else None
+        if self.vl is not None:
+            pipe.vae.requires_grad_(False)
         self.device = execution_device(pipe)
         self.dtype = pipe.transformer.dtype
         self.tokens = cfg.parametrisation == "tokens"
@@ -335,6 +353,9 @@ class Inverter:
         ls = torch.nn.Parameter(torch.tensor(log_scale, device=self.device))
         st = _State(ident, latents, P, ls, gen, lr=self.cfg.lr, started_from="noise" if start is None else "given",
                     P_start=None if start is None else P.detach().clone())
+        if self.vl is not None:  # the photos as the ID loss sees its estimates: at the inversion's size
+            with torch.no_grad():
+                st.means = self.vl.pixel_means((images_to_tensor(images)[:, :, 0] + 1) / 2)  # (N, D)
         ckpt = self.dir(ident) / "teacher_ckpt.pt"
         if ckpt.exists():
             self._load_ckpt(st, ckpt)
@@ -439,10 +460,10 @@ class Inverter:
     def _step(self, active: list[_State], opt) -> tuple[list[float], list[dict]]:
         """One optimisation step of every active identity; (loss (K), metrics (K)) read back once."""
         cfg, n = self.cfg, self.cfg.images_per_step
-        x0, noise, sigma, c = self._draw(active)
+        x0, noise, sigma, c, picks = self._draw(active)
         R = torch.stack([self.residual(s) for s in active])  # (K, L, H) float32, or (K, L, H_in) tokens
         E, M, E0, win = self._embeds(R, c, n)
-        per = flow.loss(self.model, x0, (E, M), sigma=sigma, noise=noise, reduction="none")
+        per, x_t, v = flow.loss_and_prediction(self.model, x0, (E, M), sigma=sigma, noise=noise)
         per_id = per.view(len(active), n).mean(1)  # (K,)
         tok_rms = R.pow(2).mean(-1).sqrt()  # (K, L) per-token RMS of what is learnt
         reg = []
@@ -452,6 +473,14 @@ class Inverter:
         reg = torch.stack(reg)
         total = per_id + cfg.rms_weight * reg  # (K,)
         zero = torch.zeros((), device=self.device)
+        ident = torch.zeros_like(per_id)
+        if cfg.id_weight:
+            from refgen.identity.id_loss import id_loss
+
+            means = torch.cat([s.means[i.to(s.means.device)] for s, i in zip(active, picks)])  # (K*n, D)
+            ident = id_loss(self.pipe.vae, self.vl, flow.predict_x0(x_t, v, sigma), self.latent_hw,
+                            means).view(len(active), n).mean(1)
+            total = total + cfg.id_weight * ident
         anchor = torch.stack([(s.P - s.P_start).pow(2).mean() if s.P_start is not None else zero
                               for s in active])  # (K,) mean squared distance from the given start
         if cfg.start_weight:
@@ -473,21 +502,23 @@ class Inverter:
                                 (delta.masked_fill(~w, 0).pow(2).sum((1, 2)) / (self.slot.length * delta.shape[2])).sqrt(),
                                 off.pow(2).mean((1, 2)).sqrt(),
                                 log_scale.exp().clamp(cfg.scale_min, cfg.scale_max), log_scale,
-                                anchor.detach().sqrt(), total.detach()], 1).tolist()  # (K, 9)
+                                anchor.detach().sqrt(), ident.detach(), total.detach()], 1).tolist()  # (K, 10)
             for k, s in enumerate(active):
                 s.rms_mean = tok_rms[k].detach() if s.rms_mean is None else (
                     cfg.rms_ema * s.rms_mean + (1 - cfg.rms_ema) * tok_rms[k].detach())
         metrics = [dict(zip(("mse", "rms_reg", "total_rms", "slot_rms", "offslot_rms", "scale", "log_scale",
-                             "start_dist"), c[:8])) for c in cols]
-        return [c[8] for c in cols], metrics
+                             "start_dist", "id"), c[:9])) for c in cols]
+        return [c[9] for c in cols], metrics
 
     def _draw(self, active: list[_State]) -> tuple:
-        """(x0 (K*n, N_tok, 4C), noise, sigma (K*n,), prompt-bank row per image (K*n,) or None). Each identity draws
-        from its own generator, in a fixed order: batch make-up does not change what it sees."""
+        """(x0 (K*n, N_tok, 4C), noise, sigma (K*n,), prompt-bank row per image (K*n,) or None, each identity's
+        photo numbers [(n,)]). Each identity draws from its own generator, in a fixed order: batch make-up does not
+        change what it sees."""
         cfg, n = self.cfg, self.cfg.images_per_step
-        x0s, noises, sigmas, ctx_idx = [], [], [], []
+        x0s, noises, sigmas, ctx_idx, picks = [], [], [], [], []
         for s in active:
             idx = torch.randint(0, s.latents.shape[0], (n,), generator=s.gen)
+            picks.append(idx)
             x0 = s.latents[idx]
             noises.append(torch.randn(x0.shape, generator=s.gen))
             sigmas.append(flow.sample_sigmas(n, cfg.sigma_sampling, tail=cfg.sigma_tail, tail_low=cfg.sigma_tail_low,
@@ -501,7 +532,7 @@ class Inverter:
             x0s.append(x0)
         x0 = torch.cat(x0s)
         noise = pack(torch.cat(noises).to(x0))  # one host-to-device copy for the batch
-        return pack(x0), noise, torch.cat(sigmas).to(self.device), torch.cat(ctx_idx) if ctx_idx else None
+        return pack(x0), noise, torch.cat(sigmas).to(self.device), torch.cat(ctx_idx) if ctx_idx else None, picks
 
     def _embeds(self, R: torch.Tensor, c: torch.Tensor | None, n: int) -> tuple:
         """(E (K*n, S, H) with each identity in its rows' prompts, mask or None, E0 the prompts as written, window
@@ -716,7 +747,9 @@ def invert(root: str | Path, model: str, out: str | Path | None = None, only: li
            vl_model: str | None = None) -> list[dict]:
     """`refgen invert`: scan ROOT, pick this worker's identities, skip complete ones, invert the rest.
 
-    start_head (with vl_model, the Qwen3-VL model its features come from): each identity starts from the head's
+    vl_model is the Qwen3-VL model that the start head's features come from, and that reads the estimates of
+    cfg.id_weight > 0 (the ID loss).
+    start_head (with vl_model): each identity starts from the head's
     prediction from all of its photos instead of noise (`refgen train-head`; its output must be what
     cfg.parametrisation optimises), anchored to it by cfg.start_weight. On the toy world 150 steps from a head
     give what 1,500 give from noise (docs/benchmarks.md), so set cfg.steps accordingly.
@@ -750,11 +783,18 @@ def invert(root: str | Path, model: str, out: str | Path | None = None, only: li
         from refgen.identity.head import check_start_head
 
         check_start_head(start_head, cfg.parametrisation)  # before any model loads
+    if cfg.id_weight and not vl_model:
+        raise ValueError("id_weight > 0 needs --vl-model: the Qwen3-VL model whose vision tower reads the person")
     ip = IdentityPipeline.from_pretrained(model, device=device, dtype=dtype, offload=offload)
+    vl = None
+    if cfg.id_weight:
+        from refgen.identity.features import VisionFeatures
+
+        vl = VisionFeatures(vl_model, str(execution_device(ip.pipe)), dtype)
     start = None
     if start_head:  # features + head are ~0.04 s per identity at full size: predict them all, then free the tower
         ip.load_head(start_head, vl_model)
         start = {i.id: ip.residual_from_refs(i.images).tensor for i in idents}
         ip.features = ip.head = None
     return ip.invert_identities(idents, cfg, out_root, progress=progress, start=start,
-                                label=f"refgen invert: shard {shard[0]}/{shard[1]}")
+                                label=f"refgen invert: shard {shard[0]}/{shard[1]}", vl=vl)

@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
@@ -559,9 +558,9 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
 
 
 def id_losses(data: E2EData, batch: Batch, x0_hat: torch.Tensor) -> torch.Tensor:
-    """Per item (B,): 1 - cos between the vision tower's mean feature of the decoded estimate x0_hat (B, N, 4C)
-    and the target photo's cached one; 0 for items whose target is not a photo (two-person images)."""
-    from refgen.identity.qwen_flow import decode_qwen_latents
+    """Per item (B,): the ID loss (`refgen.identity.id_loss`) of the estimate x0_hat (B, N, 4C) against the target
+    photo's cached feature; 0 for items whose target is not a photo (two-person images have no feature)."""
+    from refgen.identity.id_loss import id_loss
 
     dev = x0_hat.device
     lat = batch.latent.to(dev)
@@ -569,10 +568,8 @@ def id_losses(data: E2EData, batch: Batch, x0_hat: torch.Tensor) -> torch.Tensor
     out = torch.zeros(lat.shape[0], device=dev)
     if not bool(own.any()):
         return out
-    h, w = data.latents.shape[-2:]
-    img = decode_qwen_latents(data.vae, x0_hat[own], h, w)  # (b, 3, H, W) in [-1, 1]
-    feat = data.vl.pixel_means((img.float() + 1) / 2)  # (b, D)
-    return out.masked_scatter(own, 1 - F.cosine_similarity(feat, data.means[lat[own]].to(dev).float(), dim=-1))
+    per = id_loss(data.vae, data.vl, x0_hat[own], tuple(data.latents.shape[-2:]), data.means[lat[own]])
+    return out.masked_scatter(own, per)
 
 
 @torch.no_grad()

@@ -505,10 +505,15 @@ def _invert_all(run: _Run) -> None:
 
     cfg, out, stats = run.cfg, run.out, {}
     splits = ["test"] + (["train"] if cfg.n_train else [])
+    vl = None
+    if InvertConfig(**cfg.invert_config(None)).id_weight:  # the ID loss reads estimates with the toy VL's tower
+        from refgen.identity.features import VisionFeatures
+
+        vl = VisionFeatures(cfg.vl_model or default_vl_model(), cfg.device, cfg.dtype)
     for steps_tag, steps in [("", None)] + [(f"_s{s}", s) for s in cfg.short_steps]:
         c = InvertConfig(**cfg.invert_config(steps))
         t = time.time()
-        inv = Inverter(run.pipe, c, out / f"teacher{steps_tag}", model_id=run.model, progress=run.progress)
+        inv = Inverter(run.pipe, c, out / f"teacher{steps_tag}", model_id=run.model, progress=run.progress, vl=vl)
         idents = [i for split in (splits if steps is None else ["test"])
                   for i in scan(out / "identities" / split).identities]
         inv.refuse_stale(idents)  # numbers from other settings must not be reported as this config's
@@ -522,7 +527,8 @@ def _invert_all(run: _Run) -> None:
         for steps in cfg.short_steps:
             c = InvertConfig(**cfg.invert_config(steps))
             t = time.time()
-            inv = Inverter(run.pipe, c, out / f"teacher_s{steps}_head", model_id=run.model, progress=run.progress)
+            inv = Inverter(run.pipe, c, out / f"teacher_s{steps}_head", model_id=run.model, progress=run.progress,
+                           vl=vl)
             idents = scan(out / "identities" / "test").identities
             inv.refuse_stale(idents)
             recs = inv.run(idents, start=run.head_start)

@@ -1,0 +1,29 @@
+"""ID loss: how far the person the model is drawing is from the person in the photo, as the vision tower sees it.
+
+PuLID (Guo et al. 2024) adds a face-recognition loss on images sampled during training; here the image is the flow
+model's one-step estimate of the clean sample, x0_hat = x_sigma - sigma * v (`refgen.flow.predict_x0`), decoded by
+the frozen VAE and read by the frozen Qwen3-VL vision tower (`VisionFeatures.pixel_means`): 1 - cos between its mean
+visual token and the target photo's. The flow loss weighs every pixel alike, and glasses or a face shape are few
+pixels; this weighs what the tower sees of the person. Everything is differentiable back to the conditioning, which
+head training (`train_e2e`) and teacher inversion (`invert`) both optimise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def id_loss(vae, vl, x0_hat: torch.Tensor, latent_hw: tuple[int, int], target_means: torch.Tensor) -> torch.Tensor:
+    """(B,) 1 - cos(vision-tower mean feature of decode(x0_hat), target_means).
+
+    x0_hat: packed normalised latents (B, h/2 * w/2, 4C) of an (h, w) = latent_hw latent; target_means (B, D): each
+    target photo's mean visual token as `vl.pixel_means` (or VisionFeatures' cache) gives it; vl: anything with
+    `pixel_means(images (B, 3, H, W) in [0, 1]) -> (B, D)`, H and W multiples of 32."""
+    from refgen.identity.qwen_flow import decode_qwen_latents
+
+    if x0_hat.shape[0] != target_means.shape[0]:
+        raise ValueError(f"id_loss: {x0_hat.shape[0]} estimates but {target_means.shape[0]} target features")
+    img = decode_qwen_latents(vae, x0_hat, *latent_hw)  # (B, 3, H, W) in [-1, 1]
+    feat = vl.pixel_means((img.float() + 1) / 2)  # (B, D)
+    return 1 - F.cosine_similarity(feat, target_means.to(feat.device, torch.float32), dim=-1)
