@@ -93,8 +93,9 @@ class InvertConfig:
     # (docs/benchmarks.md); this anchors the refinement to the head. No effect on identities started from noise.
     start_weight: float = 0.0
     # > 0: + id_weight * the ID loss (refgen.identity.id_loss) of each image's one-step estimate against the photo,
-    # read by the Qwen3-VL vision tower (`refgen invert --vl-model`); it raised a head's identity on unseen people
-    # (docs/head.md). Needs height/width multiples of 32. 0 = off, the steps unchanged.
+    # read by the Qwen3-VL vision tower (`refgen invert --vl-model`): the flow loss weighs every pixel of a few
+    # photos alike, this what the tower sees of the person. Needs height/width multiples of 32. 0 = off, the steps
+    # unchanged.
     id_weight: float = 0.0
     scale_min: float = 0.01
     scale_max: float = 1.5

@@ -93,13 +93,13 @@ class E2EConfig:
     width: int = 64
     default_prompt: str = "A photo of ~ID~."   # for photos without a prompts.json entry
     teacher_weight: float = 1.0       # mixed: e2e + teacher_weight * teacher
-    # ID loss (PuLID's idea, with the one-step estimate instead of a few-step sampler): + id_weight * (1 - cos)
-    # between the Qwen3-VL mean feature of the model's clean-image estimate x_t - sigma * v, decoded by the VAE,
-    # and the target photo's own. The flow loss weighs every pixel alike; this one weighs what the vision tower
-    # sees of the person. One-person steps only (two-person images have no features); the tower and the VAE
-    # decoder stay on the device and are back-propagated through. 0 = off (the steps are then unchanged).
-    id_weight: float = 0.0
     teacher_root: str = ""            # folder with seed_<id>/teacher_residual.safetensors ("" = the data root)
+    # ID loss (refgen.identity.id_loss): + id_weight * (1 - cos) between the Qwen3-VL mean feature of the model's
+    # clean-image estimate x_t - sigma * v, decoded by the VAE, and the target photo's own. The flow loss weighs
+    # every pixel alike; this one weighs what the vision tower sees of the person. One-person steps only (two-person
+    # images have no features); the tower and the VAE decoder stay on the device and are back-propagated through.
+    # 0 = off (the steps are then unchanged).
+    id_weight: float = 0.0
     two_person_fraction: float = 0.0  # share of steps on two-person toy-world images (toy identities only)
     two_person_images: int = 2000     # how many two-person images are rendered once for those steps
     val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
