@@ -185,6 +185,34 @@ def test_id_loss_reads_the_person_in_the_decoded_estimate(toy, toy_ids, tmp_path
     assert all(r["loss"] == pytest.approx(r["flow"] + 0.5 * r["id"], rel=1e-5) for r in steps)
 
 
+def test_spatial_id_loss_sees_who_stands_where(toy):
+    """The token-by-token ID loss is ~0 for the target's own latent, larger for a mirrored image (the same pixels,
+    the people swapped left and right, which a mean feature barely sees), and reaches two-person steps."""
+    from refgen.identity.id_loss import spatial_id_loss
+    from refgen.identity.qwen_flow import pack
+    from refgen.identity.train_e2e import _frozen_flow_model, build_e2e_head, item_losses
+
+    pipe, fx, data, cfg = toy
+    with pytest.raises(ValueError, match="id_spatial is a form of the ID loss"):
+        E2EConfig(id_spatial=True)
+    hw = tuple(data.latents.shape[-2:])
+    p = pair_batch(data, 3, cfg, step_generator(0, "step", 3))
+    x0 = pack(data.latents[p.latent])
+    own = spatial_id_loss(pipe.vae, fx, x0, x0, hw)
+    mirrored = spatial_id_loss(pipe.vae, fx, pack(data.latents[p.latent].flip(-1)), x0, hw)
+    assert (own < 1e-4).all() and (mirrored > 10 * own.clamp_min(1e-6)).all(), (own, mirrored)
+    spatial = dataclasses.replace(cfg, id_weight=1.0, id_spatial=True)
+    data.vae, data.vl = pipe.vae, fx
+    try:
+        torch.manual_seed(0)
+        head = build_e2e_head(dataclasses.replace(cfg, head="linear"), data.means.shape[1], data.L, data.H)
+        out = item_losses(head, data, p, _frozen_flow_model(pipe, cfg), spatial, torch.float32)
+        assert out["id"].shape == (3,) and (out["id"] > 0).all()
+        torch.testing.assert_close(out["loss"], out["flow"] + out["id"])
+    finally:
+        data.vae = data.vl = None
+
+
 def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy, toy_ids, tmp_path):
     """2 ranks (gloo), 5 identities in batches of 4: step 2 is the epoch's last batch, 1 target, so rank 1 has
     nothing and must still join the gradient all-reduce. Same losses and weights as one process. The 2 ranks

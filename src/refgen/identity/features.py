@@ -127,9 +127,13 @@ class VisionFeatures:
         same picture, from a float tensor (N, 3, H, W) in [0, 1] with sides multiples of 32, and differentiable:
         the ID loss of head training reads a generated image's features through it. The images are taken at
         their own size (no pixel budget: that is for reference sets, several photos at once)."""
+        return self.pixel_tokens(images).mean(1)
+
+    def pixel_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, T, D) float32: `pixel_means` before the mean, token t at the same place in every image."""
         get = self.model.model.get_image_features
-        return pixel_means(images, lambda pv, thw: get(pv.to(self.device, self.dtype), thw.to(self.device)),
-                           self.processor, self.model.model.visual.spatial_merge_size)
+        return pixel_tokens(images, lambda pv, thw: get(pv.to(self.device, self.dtype), thw.to(self.device)),
+                            self.processor, self.model.model.visual.spatial_merge_size)
 
     def tokens(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-photo token features for token-reading heads (the resampler): tokens (B_photos, T, D) float32,
@@ -184,16 +188,21 @@ def patchify(x: torch.Tensor, patch: int, merge: int, temporal: int) -> tuple[to
     return p.contiguous(), thw
 
 
-def pixel_means(images: torch.Tensor, tower, processor, merge: int) -> torch.Tensor:
-    """(N, D) float32 mean visual token per image of `images` (N, 3, H, W) in [0, 1], differentiable: normalised
-    with the processor's mean/std and laid out as it lays out images it does not resize; `tower(pixel_values,
-    grid_thw)` is a Qwen3-VL vision tower call (`get_image_features`, or the vision model itself) that moves its
-    inputs where it computes."""
+def pixel_tokens(images: torch.Tensor, tower, processor, merge: int) -> torch.Tensor:
+    """(N, T, D) float32 merged visual tokens of `images` (N, 3, H, W) in [0, 1], one size, differentiable:
+    normalised with the processor's mean/std and laid out as it lays out images it does not resize;
+    `tower(pixel_values, grid_thw)` is a Qwen3-VL vision tower call (`get_image_features`, or the vision model
+    itself) that moves its inputs where it computes. Token t of every image is the same place in it."""
     ip = processor
     mean = torch.tensor(ip.image_mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(ip.image_std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1)
     pv, thw = patchify((images.float() - mean) / std, ip.patch_size, ip.merge_size, ip.temporal_patch_size)
-    return torch.stack([e.float().mean(0) for e in per_image_embeds(tower(pv, thw), thw, merge)])
+    return torch.stack([e.float() for e in per_image_embeds(tower(pv, thw), thw, merge)])
+
+
+def pixel_means(images: torch.Tensor, tower, processor, merge: int) -> torch.Tensor:
+    """(N, D): `pixel_tokens` averaged over each image's tokens, as VisionFeatures pools a photo."""
+    return pixel_tokens(images, tower, processor, merge).mean(1)
 
 
 def per_image_embeds(out, grid_thw: torch.Tensor, merge: int) -> list[torch.Tensor]:

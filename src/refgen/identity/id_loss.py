@@ -6,6 +6,9 @@ the frozen VAE and read by the frozen Qwen3-VL vision tower (`VisionFeatures.pix
 visual token and the target photo's. The flow loss weighs every pixel alike, and glasses or a face shape are few
 pixels; this weighs what the tower sees of the person. Everything is differentiable back to the conditioning, which
 head training (`train_e2e`) and teacher inversion (`invert`) both optimise.
+
+`spatial_id_loss` compares token by token against the target's own latent, decoded alike: a mean feature cannot
+tell who stands left and who right in a two-person image, tokens at the same place can.
 """
 
 from __future__ import annotations
@@ -27,3 +30,16 @@ def id_loss(vae, vl, x0_hat: torch.Tensor, latent_hw: tuple[int, int], target_me
     img = decode_qwen_latents(vae, x0_hat, *latent_hw)  # (B, 3, H, W) in [-1, 1]
     feat = vl.pixel_means((img.float() + 1) / 2)  # (B, D)
     return 1 - F.cosine_similarity(feat, target_means.to(feat.device, torch.float32), dim=-1)
+
+
+def spatial_id_loss(vae, vl, x0_hat: torch.Tensor, x0: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """(B,) mean over visual tokens of 1 - cos(token t of decode(x0_hat), token t of decode(x0)): x0 (B, N, 4C) the
+    packed target latents, read without gradient; vl: anything with `pixel_tokens(images) -> (B, T, D)`."""
+    from refgen.identity.qwen_flow import decode_qwen_latents
+
+    if x0_hat.shape != x0.shape:
+        raise ValueError(f"spatial_id_loss: estimates {tuple(x0_hat.shape)} and targets {tuple(x0.shape)} differ")
+    with torch.no_grad():
+        target = vl.pixel_tokens((decode_qwen_latents(vae, x0, *latent_hw).float() + 1) / 2)  # (B, T, D)
+    feat = vl.pixel_tokens((decode_qwen_latents(vae, x0_hat, *latent_hw).float() + 1) / 2)
+    return (1 - F.cosine_similarity(feat, target, dim=-1)).mean(1)

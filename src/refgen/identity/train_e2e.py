@@ -97,9 +97,13 @@ class E2EConfig:
     # ID loss (refgen.identity.id_loss): + id_weight * (1 - cos) between the Qwen3-VL mean feature of the model's
     # clean-image estimate x_t - sigma * v, decoded by the VAE, and the target photo's own. The flow loss weighs
     # every pixel alike; this one weighs what the vision tower sees of the person. One-person steps only (two-person
-    # images have no features); the tower and the VAE decoder stay on the device and are back-propagated through.
+    # images have no cached feature; id_spatial covers them); the tower and the VAE decoder stay on the device and
+    # are back-propagated through.
     # 0 = off (the steps are then unchanged).
     id_weight: float = 0.0
+    # The ID loss token by token against the target's own latent, decoded alike (id_loss.spatial_id_loss), on one-
+    # and two-person steps: a mean feature cannot say who stands where in a two-person image.
+    id_spatial: bool = False
     two_person_fraction: float = 0.0  # share of steps on two-person toy-world images (toy identities only)
     two_person_images: int = 2000     # how many two-person images are rendered once for those steps
     val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
@@ -157,6 +161,8 @@ class E2EConfig:
             raise ValueError(f"teacher_weight must be >= 0, got {self.teacher_weight}")
         if self.id_weight < 0:
             raise ValueError(f"id_weight must be >= 0, got {self.id_weight}")
+        if self.id_spatial and not self.id_weight:
+            raise ValueError("id_spatial is a form of the ID loss: set id_weight > 0 too")
         if self.id_weight and self.objective == "teacher":
             raise ValueError("id_weight needs the e2e or mixed objective (it reads the flow model's estimate)")
         if self.id_weight and (self.height % 32 or self.width % 32):
@@ -543,7 +549,13 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
         sigma = batch.sigma.to(dev)
         out["flow"], x_t, v = flow.loss_and_prediction(model, x0, (E, M), sigma=sigma, noise=noise)
         total = total + out["flow"]
-        if cfg.id_weight > 0:
+        if cfg.id_spatial:
+            from refgen.identity.id_loss import spatial_id_loss
+
+            out["id"] = spatial_id_loss(data.vae, data.vl, flow.predict_x0(x_t, v, sigma), x0,
+                                        tuple(data.latents.shape[-2:]))
+            total = total + cfg.id_weight * out["id"]
+        elif cfg.id_weight > 0:
             out["id"] = id_losses(data, batch, flow.predict_x0(x_t, v, sigma))
             total = total + cfg.id_weight * out["id"]
     if cfg.objective in ("teacher", "mixed"):
