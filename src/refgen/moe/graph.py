@@ -33,6 +33,10 @@ Message passing (one GraphConv-like step on the team's expert vectors h_j, j in 
     m_i  = sum_{j in S, j != i} A_ij h_j / sum_{j in S} A_ij        (messages "team": j = i included)
     h'_i = h_i + strength * relu(W m_i)
 With A = I, m_i = 0 ("neighbours") or h_i ("team"); off-diagonal sparsity is what is measured.
+
+Instead of an L1 coefficient the sparsity can be stated as such (train.py, `graph_target_sparsity`): the smallest
+off-diagonal edges are pruned by magnitude on a gradual schedule to that share of the edges (`prune_smallest`),
+pruned edges stay 0 and the others keep training.
 """
 
 from __future__ import annotations
@@ -103,6 +107,26 @@ class ExpertGraph(nn.Module):
             raise ValueError(f"prox step must be finite and >= 0, got {step}")
         off = ~torch.eye(w.shape[0], dtype=torch.bool, device=w.device)
         w.sub_(step * off.to(w.dtype)).clamp_(min=0.0)
+
+    @torch.no_grad()
+    def prune_smallest(self, pruned: torch.Tensor, count: int) -> torch.Tensor:
+        """Magnitude pruning of the off-diagonal edges: PRUNED ([E, E] bool, the edges pruned so far, which stay
+        pruned) grows by the smallest remaining edges until COUNT are pruned, and every pruned weight is set to 0.
+        An edge's magnitude is its weight relative to its row's self weight (the raw edge when self_loop is
+        "fixed"), i.e. the weight of that neighbour's message in a team of two. Returns the new mask."""
+        a = self.adjacency()
+        rel = a / a.diagonal().clamp_min(EPS).unsqueeze(1)
+        off = ~torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+        if not 0 <= count <= int(off.sum()):
+            raise ValueError(f"count must be in 0..{int(off.sum())} off-diagonal edges, got {count}")
+        pruned = pruned & off
+        extra = count - int(pruned.sum())
+        if extra > 0:  # ties broken by the edge's index (torch.sort is stable)
+            alive = torch.nonzero((off & ~pruned).flatten()).squeeze(1)
+            order = torch.sort(rel.flatten()[alive], stable=True).indices
+            pruned.view(-1)[alive[order[:extra]]] = True
+        self.weight.masked_fill_(pruned, 0.0)
+        return pruned
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """h [B, E, D] expert vectors (anything where mask is 0), mask [B, E] in {0, 1} -> h' [B, E, D] (rows of

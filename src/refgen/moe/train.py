@@ -57,6 +57,9 @@ class MoETrainConfig:
     z_loss_coef: float = 1e-3           # router z-loss weight (ST-MoE: 1e-3)
     graph_l1: float = 3e-4              # L1 coefficient (loss units) on the off-diagonal graph edges; proximal step
                                         # in Adam's metric (graph_prox_threshold); chosen on the validation split
+    graph_target_sparsity: float = 0.0  # > 0: prune the smallest off-diagonal edges by magnitude to this share,
+                                        # gradually (graph_prune_schedule); 0: off. Replaces graph_l1, which must
+                                        # be 0 with it: an L1 would go on removing edges past the stated share
     shift_px: int = 2                   # random translation by up to this many pixels (0: off)
     corrupt_p: float = 0.0              # share of training images corrupted (refgen.moe.augment; 0: off)
     corrupt_types: tuple[str, ...] = ("gaussian_noise", "impulse_noise", "defocus_blur", "motion_blur", "fog",
@@ -94,6 +97,12 @@ class MoETrainConfig:
         for k in ("weight_decay", "balance_coef", "z_loss_coef", "graph_l1", "shift_px"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if not 0 <= self.graph_target_sparsity < 1:
+            raise ValueError(f"graph_target_sparsity must be in [0, 1) (the share of off-diagonal edges pruned; "
+                             f"0: off), got {self.graph_target_sparsity}")
+        if self.graph_target_sparsity > 0 and self.graph_l1 > 0:
+            raise ValueError(f"graph_target_sparsity {self.graph_target_sparsity} states the sparsity itself; "
+                             f"set graph_l1: 0 with it (got graph_l1 {self.graph_l1}), or graph_target_sparsity: 0")
         self.corrupt_types = tuple(str(t) for t in self.corrupt_types)
         self.corrupt_severities = tuple(int(s) for s in self.corrupt_severities)
         augment.check(self.corrupt_p, self.corrupt_types, self.corrupt_severities)
@@ -210,6 +219,8 @@ class _Run:
     gate_group: dict
     gen: torch.Generator
     train_flops: float
+    step: int = 0                            # optimizer steps taken
+    graph_pruned: torch.Tensor | None = None  # [E, E] bool: the edges graph_target_sparsity has pruned (stay 0)
 
 
 def _start_run(cfg: MoETrainConfig, model: MoEClassifier, shape, n_train: int, out: Path, device) -> _Run:
@@ -243,8 +254,38 @@ def graph_prox_threshold(opt: torch.optim.Optimizer, group: dict, param: torch.T
     return group["lr"] * l1 / (v_hat.sqrt() + group["eps"])
 
 
+GRAPH_PRUNE_SPAN = (0.25, 0.75)  # graph_target_sparsity: prune between these fractions of the training steps
+
+
+def graph_prune_schedule(step: int, total_steps: int, target: float, span=GRAPH_PRUNE_SPAN) -> float:
+    """Zhu & Gupta's (2017) gradual pruning schedule: the sparsity after STEP of TOTAL_STEPS rises from 0 to TARGET
+    as s_t = target x (1 - (1 - (t - t_0) / (t_1 - t_0))^3) between t_0 = span[0] x total and t_1 = span[1] x total
+    (cubic: most edges go early, while the others can still adapt; none after t_1, so the rest of the run trains
+    the graph that is left). 0 before t_0, TARGET from t_1 on."""
+    t0, t1 = span[0] * total_steps, span[1] * total_steps
+    p = min(max((step - t0) / max(t1 - t0, 1e-9), 0.0), 1.0)
+    return target * (1 - (1 - p) ** 3)
+
+
+def _prune_graph(run: _Run) -> None:
+    """graph_target_sparsity: prune to the schedule's share of the off-diagonal edges (whole edges, rounded), keep
+    the pruned ones at 0, and log when an edge goes."""
+    g = run.model.graph
+    E = g.num_experts
+    count = math.floor(graph_prune_schedule(run.step, run.total_steps, run.cfg.graph_target_sparsity)
+                       * E * (E - 1) + 0.5)
+    if run.graph_pruned is None:
+        run.graph_pruned = torch.zeros(E, E, dtype=torch.bool, device=g.weight.device)
+    before = int(run.graph_pruned.sum())
+    run.graph_pruned = g.prune_smallest(run.graph_pruned, max(count, before))
+    if int(run.graph_pruned.sum()) > before:
+        run.log.log(kind="graph_prune", step=run.step, pruned=int(run.graph_pruned.sum()),
+                    mask=run.graph_pruned.int().tolist())
+
+
 def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor):
-    """One optimizer step (with the graph's proximal L1 and the per-step schedule); returns (CE, model output)."""
+    """One optimizer step (with the graph's proximal L1 or its pruning, and the per-step schedule); returns (CE,
+    model output)."""
     cfg, model = run.cfg, run.model
     out_ = model(x, path=cfg.path)
     ce = F.cross_entropy(out_.logits, y)
@@ -254,8 +295,11 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor):
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     run.opt.step()
+    run.step += 1
     if model.graph is not None and cfg.graph_l1 > 0:
         model.graph.prox_l1(graph_prox_threshold(run.opt, run.gate_group, model.graph.weight, cfg.graph_l1))
+    if model.graph is not None and cfg.graph_target_sparsity > 0:
+        _prune_graph(run)
     if run.sched is not None:
         run.sched.step()
     return ce, out_
