@@ -464,7 +464,7 @@ class IdentityPipeline:
 
     def invert(self, images, config=None, out: str | Path | None = None, identity: str | None = None,
                progress: bool = True, prompts: Sequence[str] | None = None,
-               start: "SlotResidual | SlotTokens | None" = None) -> "SlotResidual | SlotTokens":
+               start: "SlotResidual | SlotTokens | None" = None, features=None) -> "SlotResidual | SlotTokens":
         """Teacher inversion of 1-n photos of one person (`refgen invert`'s engine: the same optimisation,
         checkpoints and records) -> SlotTokens (the default parametrisation) or SlotResidual, in memory.
 
@@ -477,6 +477,8 @@ class IdentityPipeline:
         photos' order); a folder of photos may carry them instead as prompts.json ({file name: prompt}).
         `start`: begin at this person (e.g. a head's `residual_from_refs(photos)`) instead of near the placeholder:
         a SlotTokens for parametrisation "tokens", a SlotResidual for "free"/"rms_scaled".
+        `features`: the VisionFeatures (`refgen.identity.features`) that reads the estimates of config.id_weight > 0
+        (default: this pipeline's own, loaded with a head).
         """
         from refgen.artifacts import atomic_save_image
         from refgen.identity.invert import InvertConfig, teacher_file
@@ -510,7 +512,7 @@ class IdentityPipeline:
 
                 atomic_write_json(d / "prompts.json", {f.name: t for f, t in zip(files, prompts)})
             self.invert_identities([Identity(ident_id, d, files)], config, root, progress=progress,
-                                   start=None if start is None else {ident_id: start.tensor})
+                                   start=None if start is None else {ident_id: start.tensor}, vl=features)
             try:
                 made = teacher_file(d)
             except ValueError as e:

@@ -395,3 +395,11 @@ def test_id_loss_in_inversion(pipe, tiny_models, tmp_path, capsys):
     assert main(base + ["--vl-model", tiny_models["qwen3_vl"], "--only", "seed_0"]) == 0
     rec = json.loads((tmp_path / "cli" / "seed_0" / "teacher.json").read_text())
     assert rec["config"]["id_weight"] == 0.5
+    from refgen.pipeline import IdentityPipeline  # the Python API: features given with the call
+
+    ip = IdentityPipeline(pipe)
+    photos = scan(root).identities[1].images
+    cfg = InvertConfig(**{**FAST, "steps": 2, "id_weight": 0.5})
+    with pytest.raises(ValueError, match="features=VisionFeatures"):
+        ip.invert(photos, cfg, progress=False)
+    assert ip.invert(photos, cfg, progress=False, features=vl).tensor.shape[0] == s0.P.shape[0]

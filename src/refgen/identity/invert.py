@@ -198,7 +198,8 @@ class Inverter:
 
         if cfg.id_weight and vl is None:
             raise ValueError("id_weight > 0 reads each estimate through the Qwen3-VL vision tower: give the "
-                             "Inverter a VisionFeatures (refgen invert --vl-model)")
+                             "Inverter a VisionFeatures (refgen invert --vl-model; in Python "
+                             "IdentityPipeline.invert(..., features=VisionFeatures(vl_model)))")
         self.pipe, self.cfg, self.out_root, self.model_id, self.progress = pipe, cfg, Path(out_root), model_id, progress
         self.vl = vl if cfg.id_weight else None
         if self.vl is not None:
