@@ -139,6 +139,61 @@ def copy_paste(pipe, net, dev, head, fx, dirs: list[Path], attrs: list[dict], al
     return out
 
 
+# The bench's own settings where neither a flag nor the --config YAML says otherwise (the YAML's keys win over
+# these, a flag given wins over the YAML): a flag's argparse default must never mask a key of the YAML.
+BENCH_DEFAULTS = {"objective": "e2e", "head": "resampler", "output": "tokens", "steps": 3000, "batch_size": 64,
+                  "lr": 1e-3, "two_person_fraction": 0.0, "tables": "device"}
+
+
+def resolve_e2e_flags(a) -> dict:
+    """Fill the E2EConfig flags left unset (None) from the --config YAML, then from BENCH_DEFAULTS, in place;
+    returns the YAML's mapping ({} without --config)."""
+    from refgen.config import read_yaml
+
+    yaml = read_yaml(a.config) if a.config else {}
+    for key, default in BENCH_DEFAULTS.items():
+        if getattr(a, key) is None:
+            setattr(a, key, yaml.get(key, default))
+    return yaml
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke settings: every stage, a few identities/steps")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--n-train", type=int, default=1200)
+    ap.add_argument("--n-val", type=int, default=24, help="validation identities (ids 400000...): choose alpha")
+    ap.add_argument("--n-test", type=int, default=48)
+    ap.add_argument("--n-pairs", type=int, default=24)
+    # E2EConfig's keys: None = not given, so a --config YAML's value stands (BENCH_DEFAULTS fill the rest)
+    ap.add_argument("--head", default=None, choices=["linear", "resampler"])
+    ap.add_argument("--output", default=None, choices=["residual", "tokens"],
+                    help="the head's output: a slot residual, or the placeholder's token embeddings")
+    ap.add_argument("--objective", default=None, choices=["e2e"], help="the toy identities have no teachers")
+    ap.add_argument("--steps", type=int, default=None, help=f"default {BENCH_DEFAULTS['steps']}")
+    ap.add_argument("--batch-size", type=int, default=None, help=f"default {BENCH_DEFAULTS['batch_size']}")
+    ap.add_argument("--lr", type=float, default=None, help=f"default {BENCH_DEFAULTS['lr']}")
+    ap.add_argument("--two-person-fraction", type=float, default=None, help="default 0")
+    ap.add_argument("--alphas", default="0.8,1,1.4,1.8", help="head alphas to render (chosen on validation people)")
+    ap.add_argument("--config", default=None, help="E2EConfig YAML: its keys override the bench's defaults, the "
+                                                   "flags given override both")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--stream", action="store_true",
+                    help="render the training people on the fly into the trainer's cache instead of writing "
+                         "OUT/train/seed_<id>/ folders first (same people, same photos and prompts)")
+    ap.add_argument("--cache-dir", default=None, help="the trainer's data cache (default OUT/head/cache); a cache "
+                                                      "made from the same people and settings is reused")
+    ap.add_argument("--init-head", default=None, help="a head folder whose weights start the training (E2EConfig."
+                                                      "init_head): e.g. two-person steps on top of a one-person head")
+    ap.add_argument("--eval-head", default=None, help="score this trained head folder instead of training one "
+                                                      "(refused if it was trained on the test or validation people)")
+    ap.add_argument("--tables", default=None, choices=["device", "mapped"],
+                    help="the cache on the device, or memory-mapped with a step's rows moved to it")
+    return ap
+
+
 def main(argv=None) -> int:
     from refgen.artifacts import atomic_write_json, provenance
     from refgen.identity.features import VisionFeatures, feature_config_from_settings
@@ -153,38 +208,8 @@ def main(argv=None) -> int:
                                            test_pairs)
     from refgen.toyworld.identities import make_identities
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke settings: every stage, a few identities/steps")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--n-train", type=int, default=1200)
-    ap.add_argument("--n-val", type=int, default=24, help="validation identities (ids 400000...): choose alpha")
-    ap.add_argument("--n-test", type=int, default=48)
-    ap.add_argument("--n-pairs", type=int, default=24)
-    ap.add_argument("--head", default="resampler", choices=["linear", "resampler"])
-    ap.add_argument("--output", default="tokens", choices=["residual", "tokens"],
-                    help="the head's output: a slot residual, or the placeholder's token embeddings")
-    ap.add_argument("--objective", default="e2e", choices=["e2e"], help="the toy identities have no teachers")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--two-person-fraction", type=float, default=0.0)
-    ap.add_argument("--alphas", default="0.8,1,1.4,1.8", help="head alphas to render (chosen on validation people)")
-    ap.add_argument("--config", default=None, help="E2EConfig YAML; the flags above override it")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--stream", action="store_true",
-                    help="render the training people on the fly into the trainer's cache instead of writing "
-                         "OUT/train/seed_<id>/ folders first (same people, same photos and prompts)")
-    ap.add_argument("--cache-dir", default=None, help="the trainer's data cache (default OUT/head/cache); a cache "
-                                                      "made from the same people and settings is reused")
-    ap.add_argument("--init-head", default=None, help="a head folder whose weights start the training (E2EConfig."
-                                                      "init_head): e.g. two-person steps on top of a one-person head")
-    ap.add_argument("--eval-head", default=None, help="score this trained head folder instead of training one "
-                                                      "(refused if it was trained on the test or validation people)")
-    ap.add_argument("--tables", default="device", choices=["device", "mapped"],
-                    help="the cache on the device, or memory-mapped with a step's rows moved to it")
-    a = ap.parse_args(argv)
+    a = build_parser().parse_args(argv)
+    yaml = resolve_e2e_flags(a)
     if a.tiny:
         a.device, a.dtype, a.n_train, a.n_val, a.n_test, a.n_pairs = "cpu", "fp32", 6, 2, 2, 1
         a.steps, a.batch_size, a.alphas = 4, 4, "1"
@@ -211,7 +236,7 @@ def main(argv=None) -> int:
 
     over = {"objective": a.objective, "head": a.head, "output": a.output, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr,
             "two_person_fraction": a.two_person_fraction,
-            "eval_every": max(1, a.steps // 4), "checkpoint_every": max(1, a.steps // 4), "tables": a.tables,
+            **{k: max(1, a.steps // 4) for k in ("eval_every", "checkpoint_every") if k not in yaml}, "tables": a.tables,
             **({"cache_dir": a.cache_dir} if a.cache_dir else {}),
             **({"init_head": a.init_head} if a.init_head else {}),
             **({"toyworld_identities": a.n_train, "toyworld_first_id": bcfg.train_seed} if a.stream else {})}

@@ -93,3 +93,27 @@ def test_toyworld_head_e2e_streams_training_people(tmp_path):
     assert not (tmp_path / "train").exists() and (tmp_path / "head" / "cache" / "manifest.json").is_file()
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["test"]["per_alpha"]["1"]["n_people"] == 4 and res["e2e_config"]["toyworld_identities"] == 6
+
+
+def test_toyworld_head_e2e_config_keys_are_not_masked_by_flag_defaults(tmp_path):
+    """A --config YAML's keys stand unless a flag is given: a flag's default must not overwrite them (the bench
+    once trained without two-person steps although the YAML asked for them)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toyworld_head_e2e", ROOT / "bench" / "toyworld_head_e2e.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("two_person_fraction: 0.3\nsteps: 7\nlr: 0.02\neval_every: 3\n")
+
+    def resolved(*flags):
+        a = bench.build_parser().parse_args(["--out", str(tmp_path), "--config", str(cfg), *flags])
+        return a, bench.resolve_e2e_flags(a)
+
+    a, yaml = resolved()
+    assert (a.two_person_fraction, a.steps, a.lr) == (0.3, 7, 0.02) and yaml["eval_every"] == 3
+    assert (a.batch_size, a.head, a.tables) == (bench.BENCH_DEFAULTS["batch_size"], "resampler", "device")
+    a, _ = resolved("--steps", "5", "--two-person-fraction", "0")  # a flag given wins, 0 included
+    assert (a.steps, a.two_person_fraction, a.lr) == (5, 0.0, 0.02)
+    a = bench.build_parser().parse_args(["--out", str(tmp_path)])
+    assert bench.resolve_e2e_flags(a) == {} and a.two_person_fraction == 0.0 and a.steps == 3000
