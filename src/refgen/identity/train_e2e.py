@@ -95,10 +95,9 @@ class E2EConfig:
     teacher_weight: float = 1.0       # mixed: e2e + teacher_weight * teacher
     teacher_root: str = ""            # folder with seed_<id>/teacher_residual.safetensors ("" = the data root)
     # ID loss (refgen.identity.id_loss): + id_weight * (1 - cos) between the Qwen3-VL mean feature of the model's
-    # clean-image estimate x_t - sigma * v, decoded by the VAE, and the target photo's own. The flow loss weighs
-    # every pixel alike; this one weighs what the vision tower sees of the person. One-person steps only (two-person
-    # images have no cached feature; id_spatial covers them); the tower and the VAE decoder stay on the device and
-    # are back-propagated through.
+    # clean-image estimate x_t - sigma * v and the target's, both decoded by the VAE from their latents. The flow
+    # loss weighs every pixel alike; this one weighs what the vision tower sees of the person. One- and two-person
+    # steps; the tower and the VAE decoder stay on the device and are back-propagated through.
     # 0 = off (the steps are then unchanged).
     id_weight: float = 0.0
     # The ID loss token by token against the target's own latent, decoded alike (id_loss.spatial_id_loss), on one-
@@ -556,7 +555,7 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
                                         tuple(data.latents.shape[-2:]))
             total = total + cfg.id_weight * out["id"]
         elif cfg.id_weight > 0:
-            out["id"] = id_losses(data, batch, flow.predict_x0(x_t, v, sigma))
+            out["id"] = id_losses(data, flow.predict_x0(x_t, v, sigma), x0)
             total = total + cfg.id_weight * out["id"]
     if cfg.objective in ("teacher", "mixed"):
         per_slot, _ = head_loss_terms(R, data.teachers[batch.slot_ident.to(dev)])  # (n,)
@@ -569,19 +568,18 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
     return out
 
 
-def id_losses(data: E2EData, batch: Batch, x0_hat: torch.Tensor) -> torch.Tensor:
+def id_losses(data: E2EData, x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Per item (B,): the ID loss (`refgen.identity.id_loss`) of the estimate x0_hat (B, N, 4C) against the target
-    photo's cached feature; 0 for items whose target is not a photo (two-person images have no feature)."""
+    x0 (B, N, 4C), both decoded by the VAE and read by the tower at the training size. The target is read from its
+    own latent, not from the cached reference feature: that one saw the whole photo at the processor's resolution,
+    the estimate is the centre crop at height x width, and both sides then carry the same VAE decode."""
     from refgen.identity.id_loss import id_loss
+    from refgen.identity.qwen_flow import decode_qwen_latents
 
-    dev = x0_hat.device
-    lat = batch.latent.to(dev)
-    own = lat < data.means.shape[0]
-    out = torch.zeros(lat.shape[0], device=dev)
-    if not bool(own.any()):
-        return out
-    per = id_loss(data.vae, data.vl, x0_hat[own], tuple(data.latents.shape[-2:]), data.means[lat[own]])
-    return out.masked_scatter(own, per)
+    hw = tuple(data.latents.shape[-2:])
+    with torch.no_grad():
+        target = data.vl.pixel_means((decode_qwen_latents(data.vae, x0, *hw).float() + 1) / 2)  # (B, D)
+    return id_loss(data.vae, data.vl, x0_hat, hw, target)
 
 
 @torch.no_grad()
@@ -839,7 +837,7 @@ def _optimise(head, opt, params, data: E2EData, batch, fm, cfg: E2EConfig, dtype
         rec["flow"] = sums[1].item() / n_items
     if cfg.objective != "e2e":
         rec["teacher"] = sums[2].item() / n_items
-    if cfg.id_weight > 0:  # averaged over all items: two-person ones count as 0
+    if cfg.id_weight > 0:
         rec["id"] = sums[3].item() / n_items
     return rec
 
