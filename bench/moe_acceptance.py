@@ -27,6 +27,12 @@ folders without the <dataset>/ level (docs/results/moe_acceptance_h200/mnist_gra
     python bench/moe_acceptance.py --out docs/results/moe_acceptance_h200/mnist_graphfix --datasets mnist \
         --table --plots
 
+An RL sweep split over processes (GPUs): each call runs some lambdas into OUT/<dataset>/rl_parts/, then one call
+merges them into OUT/<dataset>/rl/rl.json (Pareto flags over all lambdas; refgen.moe.routing.merge_sweeps):
+    python bench/moe_acceptance.py --out OUT --cache C --datasets mnist --seeds 17 --only rl --rl-lambdas 0,0.002
+    python bench/moe_acceptance.py --out OUT --cache C --datasets mnist --seeds 17 --only rl --rl-lambdas 0.005,0.1
+    python bench/moe_acceptance.py --out OUT --datasets mnist --seeds 17 --only rl-merge
+
 A CPU smoke run of the whole script (minutes):
     python bench/moe_acceptance.py --out /tmp/acc --device cpu --datasets digits --seeds 0 --epochs 2 \
         --rl-steps 20 --config-dir configs --smoke
@@ -97,12 +103,28 @@ def rl_runs(args, dataset, ds, log):
 
     src = Path(args.out) / dataset / f"graph_s{args.lead}"
     out = Path(args.out) / dataset / "rl"
+    over = {"device": args.device, "steps": args.rl_steps, "threads": args.threads}
+    if args.rl_lambdas:  # one part of a sweep split over processes: OUT/<dataset>/rl_parts/<its lambdas>/
+        over["lambdas"] = args.rl_lambdas
+        out = Path(args.out) / dataset / "rl_parts" / ("lam_" + "_".join(f"{lam:g}" for lam in args.rl_lambdas))
     if _load(src) is None or (out / "rl.json").is_file():
         return
-    over = {"device": args.device, "steps": args.rl_steps, "threads": args.threads}
     cfg = RLConfig.from_yaml(Path(args.config_dir) / "moe_rl.yaml", **over)
     log(f"rl sweep {dataset} lambdas {cfg.lambdas}")
     rl_sweep(src, cfg, out, progress=not args.quiet, data=ds)
+
+
+def rl_merge(args, dataset, log):
+    """OUT/<dataset>/rl/rl.json from the parts in OUT/<dataset>/rl_parts/*/rl.json (--rl-lambdas runs)."""
+    from refgen.moe.routing import merge_sweeps
+
+    files = sorted((Path(args.out) / dataset / "rl_parts").glob("*/rl.json"))
+    if not files:
+        log(f"rl-merge {dataset}: no parts in {Path(args.out) / dataset / 'rl_parts'}")
+        return
+    res = merge_sweeps([json.loads(f.read_text()) for f in files], Path(args.out) / dataset / "rl")
+    log(f"rl-merge {dataset}: {len(files)} parts, lambdas {res['config']['lambdas']}, "
+        f"{res['pareto_points']} Pareto points")
 
 
 def monitor_runs(args, dataset, log):
@@ -272,10 +294,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)))
     p.add_argument("--epochs", type=int, default=None, help="override the configs' epochs (smoke runs)")
     p.add_argument("--rl-steps", type=int, default=None)
+    p.add_argument("--rl-lambdas", default=None, metavar="L1,L2,...",
+                   help="RL on these lambdas only, into OUT/<dataset>/rl_parts/lam_<L1>_<L2>.../ (one part of a "
+                        "sweep split over processes); --only rl-merge then writes OUT/<dataset>/rl/rl.json")
     p.add_argument("--config-dir", default="configs")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="which training runs (one process per variant spreads a data set over a GPU)")
-    p.add_argument("--only", default="train,rl,monitor", help="which parts to run before the table")
+    p.add_argument("--only", default="train,rl,monitor",
+                   help="which parts to run before the table (train, rl, monitor; rl-merge: merge the --rl-lambdas "
+                        "parts, after every part has finished)")
     p.add_argument("--table", action="store_true", help="only print the table of what exists")
     p.add_argument("--smoke", action="store_true", help="tiny monitor bench (CPU smoke runs)")
     p.add_argument("--quiet", action="store_true")
@@ -288,6 +315,7 @@ def main(argv=None) -> int:
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.variants = [v for v in args.variants.split(",") if v]
+    args.rl_lambdas = [float(x) for x in args.rl_lambdas.split(",") if x] if args.rl_lambdas else None
     if set(args.variants) - set(VARIANTS):
         p.error(f"--variants: unknown {sorted(set(args.variants) - set(VARIANTS))}; known {list(VARIANTS)}")
     # the top-k ablation, RL and monitor use one seed's graph-MoE: the first acceptance seed whenever it is among
@@ -303,11 +331,14 @@ def main(argv=None) -> int:
         from refgen.moe.data import load_dataset
 
         for d in args.datasets:
-            ds = load_dataset(d, args.cache, progress=not args.quiet)
+            if only & {"train", "rl"}:
+                ds = load_dataset(d, args.cache, progress=not args.quiet)
             if "train" in only:
                 train_runs(args, d, ds, log)
             if "rl" in only and d in ("mnist", "animal_mnist", "digits"):
                 rl_runs(args, d, ds, log)
+            if "rl-merge" in only:
+                rl_merge(args, d, log)
         if "monitor" in only:
             monitor_runs(args, args.datasets[0], log)
     lines, verdict = table(args)

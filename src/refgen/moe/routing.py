@@ -366,3 +366,46 @@ def rl_sweep(model_dir: str | Path, cfg: RLConfig, out: str | Path, progress: bo
                         cost_definition=f"active FLOPs / active FLOPs of static top-{cfg.ref_k} (FlopCounterMode)")
     atomic_write_json(out / "rl.json", result)
     return result
+
+
+def merge_sweeps(parts: list[dict], out: str | Path | None = None) -> dict:
+    """One rl.json from sweeps over disjoint lambda subsets of the same MoE (one process per subset, e.g. spread
+    over GPUs): each lambda's gate is trained and evaluated on its own (seeded per lambda), so the rows are what
+    one sweep would give; they are put in lambda order, the Pareto flags and pareto_points are recomputed over all
+    of them and every row's delta against static top-REF_K uses the first part's reference (the spread of the
+    parts' reference accuracies is recorded). Refuses parts of different models, data sets or configs (other than
+    lambdas, device and threads) and a lambda that is in two parts. `seconds` is the parts' sum (process time, not
+    wall time; each part's own in `merged_from`). Writes OUT/rl.json when OUT is given."""
+    if not parts:
+        raise ValueError("merge_sweeps needs at least one sweep")
+    skip = {"lambdas", "device", "threads"}
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        for k in ("model_dir", "dataset"):
+            if p.get(k) != first.get(k):
+                raise ValueError(f"part {i} has {k} {p.get(k)!r}, part 0 {first.get(k)!r}: not one sweep")
+        diff = sorted(k for k in set(p["config"]) | set(first["config"])
+                      if k not in skip and p["config"].get(k) != first["config"].get(k))
+        if diff:
+            raise ValueError(f"part {i} differs from part 0 in config {diff}: not one sweep")
+    rows = [dict(r) for p in parts for r in p["lambdas"]]
+    lams = [r["lam"] for r in rows]
+    if len(set(lams)) != len(lams):
+        raise ValueError(f"a lambda is in more than one part: {sorted(lams)}")
+    rows.sort(key=lambda r: r["lam"])
+    ref = first["reference"]
+    for r in rows:
+        r["delta_acc_pp_vs_static_ref"] = 100 * (r["acc"] - ref["acc"])
+    front = pareto_front([(r["active_flops_per_image"], r["acc"]) for r in rows])
+    for r, f in zip(rows, front):
+        r["on_pareto_front"] = f
+    refs = [p["reference"]["acc"] for p in parts]
+    result = {**first, "config": {**first["config"], "lambdas": [r["lam"] for r in rows]}, "lambdas": rows,
+              "pareto_points": int(sum(front)), "seconds": sum(p["seconds"] for p in parts),
+              "merged_from": [{"lambdas": [r["lam"] for r in p["lambdas"]], "seconds": p["seconds"],
+                               "created": p.get("created"), "device": p.get("device"),
+                               "reference_acc": p["reference"]["acc"]} for p in parts],
+              "reference_acc_spread_pp": 100 * (max(refs) - min(refs))}
+    if out is not None:
+        atomic_write_json(Path(out) / "rl.json", result)
+    return result
