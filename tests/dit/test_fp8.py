@@ -169,7 +169,8 @@ def test_fp8_gemm_bench_tiny_writes_its_table_and_json(tmp_path, bench_module, c
     for part in ("block", "model"):
         assert all(w[part][v]["ms"] > 0 for v in ("bf16", "tensorwise", "rowwise")), part
     sm = w["summary"]["tensorwise"]
-    assert 0 < sm["gemm_share_of_bf16_step"] < 1 and sm["ideal_speedup_2x_gemms"] > 1
+    share = sm["gemm_share_of_bf16_step"]  # two separate timings: on a loaded CPU the share can pass 1, no bound
+    assert share > 0 and sm["ideal_speedup_2x_gemms"] == pytest.approx(1 / max(1 - share / 2, 1e-9))
     assert {"predicted_step_speedup", "measured_step_speedup"} <= set(sm)
     table = capsys.readouterr().out
     assert "attn.qkv" in table and "model fwd+bwd" in table and "converted GEMMs =" in table

@@ -46,6 +46,7 @@ def test_a_failing_method_is_its_own_row_the_others_still_run_and_the_cli_exits_
     md = (out / "compress.md").read_text()
     assert "| ptq | failed: ValueError: ptq needs export.int8: true |" in md
     assert "| lowrank | failed: ValueError: no energy in [0.05]" in md
+    assert "no int8 export (export.int8: false)." in md and "None" not in md.splitlines()[2]
     assert md in capsys.readouterr().out  # the CLI prints the report
     assert (out / "compress_acc_vs_size.png").read_bytes()[:4] == b"\x89PNG"
     logged = [json.loads(ln) for ln in (out / "compress.jsonl").read_text().splitlines()]

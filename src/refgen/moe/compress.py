@@ -394,8 +394,9 @@ def _exported_rows(method, man, ref32, ref8, ref_acc, max_drop, min_saving, budg
 def report_md(res: dict) -> str:
     r = res["reference"]
     lines = [f"# refgen moe compress ({res['created']}, commit {res['git_commit']})", "",
-             f"Float model: test accuracy {100 * r['acc']:.2f} %, fp32 ONNX {r['bytes_fp32']:,} B, int8 "
-             f"{r['bytes_int8'] if r['bytes_int8'] is None else format(r['bytes_int8'], ',')} B.", "",
+             f"Float model: test accuracy {100 * r['acc']:.2f} %, fp32 ONNX {r['bytes_fp32']:,} B, "
+             + ("no int8 export (export.int8: false)." if r['bytes_int8'] is None
+                else f"int8 {r['bytes_int8']:,} B."), "",
              "| variant | artifact | bytes | vs | saved | test acc | drop pp | gate top-k agree | limit | pass |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v in res["variants"]:
