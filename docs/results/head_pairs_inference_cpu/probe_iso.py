@@ -1,7 +1,7 @@
 """CPU probe: two people in one prompt with token heads, joint encoding (today) vs isolated slots (each slot's
 segment encoded with only its own person's tokens, the other slots as the bare placeholder; the causal text encoder
 then never lets person B's words read person A's tokens). Validation people (400000+), never test people."""
-import argparse, importlib.util, json, sys, time
+import argparse, importlib.util, json, time
 from pathlib import Path
 import torch
 
