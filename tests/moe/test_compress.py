@@ -305,3 +305,19 @@ def test_finetune_does_not_depend_on_what_the_process_drew_before(trained_digits
     before = torch.random.get_rng_state()
     finetune(module, digits.x_train[:64], digits.y_train[:64], epochs=1, lr=1e-3, seed=5)
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator is left as it was
+
+
+def test_a_drop_of_exactly_the_bound_is_within_it_despite_float_rounding():
+    """100 * (0.975 - 0.985) is -1.0000000000000009: 8 of 800 validation images (exactly 1 pp) must still pass a
+    <= 1 pp bound, in the low-rank energy sweep and in the report's pass flag."""
+    from refgen.moe.compress import _row
+    from refgen.moe.lowrank import auto_rank
+
+    assert 100 * (0.975 - 0.985) < -1.0
+    assert _row("lowrank", 600_000, 895_820, 0.975, 0.985, 1.0, 0.15)["pass"] is True
+    assert _row("lowrank", 600_000, 895_820, 0.97375, 0.985, 1.0, 0.15)["pass"] is False  # 9 images: outside
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 64))
+    accs = iter([0.985, 0.97375, 0.975, 0.98])  # reference, then energies 0.7 (-1.125 pp), 0.8 (-1.00 pp), 0.9
+    res = auto_rank(module, [0.7, 0.8, 0.9], lambda m: next(accs), 1.0)
+    assert res["energy"] == 0.8 and [r["energy"] for r in res["sweep"]] == [0.7, 0.8]
