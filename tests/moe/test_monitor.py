@@ -95,3 +95,81 @@ def test_bad_arguments_and_an_empty_probe():
     with pytest.raises(ValueError, match="iters >= 1"):
         measure_latency(lambda: None, "cpu", iters=0)
     assert Probe("cpu").summary() == {"sampled_steps": 0}
+
+
+def test_a_calibrated_coefficient_reaches_every_record_and_the_probe_reads_flushed_records():
+    from refgen.moe.cost import EnergyCoefficients
+
+    c = EnergyCoefficients(device="test", c_flop_j=3e-12, calibrated=True, source="a test value")
+    probe = Probe("cpu", sample_every=2, coeffs=c)
+    for i in range(4):
+        with probe.step(i, flops=1e9):
+            pass
+    assert probe.flush() == []  # on the CPU every sampled step is recorded at once; nothing is pending
+    assert [r["step"] for r in probe.records] == [0, 2] and "images" not in probe.records[0]
+    assert probe.records[0]["energy_proxy_mj"] == pytest.approx(3.0) and probe.records[0]["energy_proxy_calibrated"]
+    s = probe.summary()
+    assert s["sampled_steps"] == 2 and s["peak_mem_mb"] == max(r["mem_mb"] for r in probe.records) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine can capture CUDA graphs")
+def test_cuda_graphs_refuse_on_a_cpu_and_say_nothing_is_measured():
+    from refgen.moe.monitor import CudaGraphCall, GraphCaptureUnsupported
+
+    with pytest.raises(GraphCaptureUnsupported, match=r"need a CUDA GPU; the input is on cpu.*nothing is measured"):
+        CudaGraphCall(lambda t: t * 2, torch.zeros(2, 3))
+
+
+# ---- GPU paths (CUDA events, CUDA memory, NVML, CUDA graphs): run where there is a GPU, skipped on the CPU ----
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events, CUDA memory, NVML and CUDA "
+                                                                     "graphs need an NVIDIA GPU")
+
+
+@needs_gpu
+def test_gpu_latency_with_cuda_events_and_with_a_sync_per_call():
+    x = torch.randn(256, 256, device="cuda")
+    ev = measure_latency(lambda: x @ x, "cuda", warmup=2, iters=20)
+    host = measure_latency(lambda: time.sleep(0.01), "cuda", warmup=1, iters=5, sync_each=True)
+    assert ev["clock"] == "cuda_event" and ev["n"] == 20 and 0 < ev["median_ms"] < 100
+    assert host["clock"] == "perf_counter_ns+cuda_sync" and 9 <= host["median_ms"] <= 30
+
+
+@needs_gpu
+def test_gpu_probe_records_at_flush_and_reads_cuda_memory():
+    x = torch.randn(512, 512, device="cuda")
+    probe = Probe("cuda", sample_every=2)
+    for i in range(4):
+        with probe.step(i, flops=2 * 512 ** 3, images=1):
+            x @ x
+    assert probe.records == []  # CUDA events are read at the flush, not per step
+    recs = probe.flush()
+    assert [r["step"] for r in recs] == [0, 2] and all(r["time_ms"] >= 0 for r in recs)
+    assert recs[0]["mem_kind"] == "cuda_max_allocated" and recs[0]["mem_mb"] >= 1.0  # x alone is 1 MB
+    a = torch.empty(50_000_000, device="cuda")  # 200 MB
+    assert memory_mb("cuda")["mem_mb"] >= 200
+    del a
+
+
+@needs_gpu
+def test_nvml_energy_counter_reads_and_never_decreases():
+    c = NvmlEnergy(0)
+    e0 = c.read_mj()
+    time.sleep(0.3)
+    assert c.read_mj() >= e0 > 0 and c.name
+
+
+@needs_gpu
+def test_cuda_graph_replays_the_eager_result_and_refuses_another_shape():
+    from refgen.moe.monitor import CudaGraphCall
+
+    w = torch.randn(16, 16, device="cuda")
+    call = CudaGraphCall(lambda t: torch.relu(t @ w), torch.zeros(4, 16, device="cuda"))
+    x = torch.randn(4, 16, device="cuda")
+    assert torch.allclose(call(x).clone(), torch.relu(x @ w))
+    with pytest.raises(ValueError, match="replays one shape"):
+        call(torch.zeros(5, 16, device="cuda"))
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        CudaGraphCall(lambda t: t * 2, x, warmup=0)
+    with pytest.raises(TypeError, match="must return a tensor"):
+        CudaGraphCall(lambda t: (t * 2,), x)
