@@ -1,7 +1,7 @@
 """Score a head folder exactly as bench/toyworld_head_e2e.py --eval-head --n-val 0 --alphas 1 does for the
 test sweep (one person, alpha 1) and two_slot (default pairs), but keep per-image recognizer predictions for a
 paired comparison, and skip the head-independent caption ceiling and copy-paste. Uses the bench's own functions."""
-import argparse, importlib.util, json, sys, time
+import argparse, importlib.util, json, time
 from pathlib import Path
 import torch
 
