@@ -139,6 +139,24 @@ def copy_paste(pipe, net, dev, head, fx, dirs: list[Path], attrs: list[dict], al
     return out
 
 
+def scoring_setup(model: str, vl: str, head_dir: Path, device: str, dtype: str):
+    """(pipe, head, fx, recognizer, neg) to render and score a trained head's people: the toy pipeline, the head
+    in fp32, the VisionFeatures with the head's recorded feature settings, the recognizer and the negative prompt."""
+    from refgen.identity.features import VisionFeatures, feature_config_from_settings
+    from refgen.identity.generate import head_feature_settings
+    from refgen.identity.head import load_head
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.render import load_pipeline
+    from refgen.toyworld import recognizer as R
+
+    pipe = load_pipeline(model, device, dtype)
+    head, md = load_head(head_dir, pipe.transformer.device, torch.float32)
+    fs = head_feature_settings(md, head_dir)
+    fx = VisionFeatures(vl, device, fs["dtype"], feature_config_from_settings(fs))
+    ne = encode_prompts(pipe, " ")
+    return pipe, head, fx, R.load(device=device), (ne.embeds, ne.mask)
+
+
 # The bench's own settings where neither a flag nor the --config YAML says otherwise (the YAML's keys win over
 # these, a flag given wins over the YAML): a flag's argparse default must never mask a key of the YAML.
 BENCH_DEFAULTS = {"objective": "e2e", "head": "resampler", "output": "tokens", "steps": 3000, "batch_size": 64,
@@ -196,13 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from refgen.artifacts import atomic_write_json, provenance
-    from refgen.identity.features import VisionFeatures, feature_config_from_settings
-    from refgen.identity.generate import head_feature_settings
-    from refgen.identity.head import load_head
-    from refgen.identity.prompts import encode_prompts
-    from refgen.identity.render import load_pipeline
     from refgen.identity.train_e2e import E2EConfig, train_e2e
-    from refgen.toyworld import recognizer as R
     from refgen.toyworld.benchmark import (BenchmarkConfig, attributes_of, caption_ceiling, check_disjoint,
                                            default_model, default_vl_model, held_out_ranges, render_config,
                                            test_pairs)
@@ -264,13 +276,7 @@ def main(argv=None) -> int:
 
     t = time.time()
     dev = a.device
-    pipe = load_pipeline(model, dev, a.dtype)
-    head, md = load_head(head_dir, pipe.transformer.device, torch.float32)
-    fs = head_feature_settings(md, head_dir)
-    fx = VisionFeatures(vl, dev, fs["dtype"], feature_config_from_settings(fs))
-    net = R.load(device=dev)
-    ne = encode_prompts(pipe, " ")
-    neg = (ne.embeds, ne.mask)
+    pipe, head, fx, net, neg = scoring_setup(model, vl, head_dir, dev, a.dtype)
     test_dirs = _dirs(out / "test")
     test_attrs = [attributes_of(d) for d in test_dirs]
     pairs = test_pairs(len(test_dirs), a.n_pairs)

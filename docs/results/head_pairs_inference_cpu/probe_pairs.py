@@ -17,13 +17,7 @@ ap.add_argument("--scenes", type=int, default=5); ap.add_argument("--seeds", typ
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 from refgen.identity import prompts as P
-from refgen.identity.features import VisionFeatures, feature_config_from_settings
-from refgen.identity.generate import head_feature_settings
-from refgen.identity.head import load_head
-from refgen.identity.prompts import encode_prompts
-from refgen.identity.render import load_pipeline
 from refgen.identity.tokens import placeholder_embeds
-from refgen.toyworld import recognizer as R
 from refgen.toyworld.benchmark import BenchmarkConfig, attributes_of, default_model, default_vl_model, test_pairs
 from refgen.toyworld.identities import make_identities
 
@@ -108,12 +102,7 @@ if not root.exists():
 head_dir = Path(a.head)
 rec = json.loads((head_dir / "head.json").read_text())
 assert not ({p.name for p in root.iterdir()} & set(rec.get("train_ids", []))), "head trained on these people"
-pipe = load_pipeline(model, "cpu", "fp32")
-head, md = load_head(head_dir, pipe.transformer.device, torch.float32)
-fs = head_feature_settings(md, head_dir)
-fx = VisionFeatures(vl, "cpu", fs["dtype"], feature_config_from_settings(fs))
-net = R.load(device="cpu")
-ne = encode_prompts(pipe, " "); neg = (ne.embeds, ne.mask)
+pipe, head, fx, net, neg = B.scoring_setup(model, vl, head_dir, "cpu", "fp32")
 dirs = B._dirs(root); attrs = [attributes_of(d) for d in dirs]
 pairs = test_pairs(len(dirs), a.n_pairs)
 GRID = (bcfg.size // 16, bcfg.size // 16)

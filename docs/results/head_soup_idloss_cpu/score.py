@@ -16,11 +16,6 @@ ap.add_argument("--alpha", type=float, default=1.0); ap.add_argument("--no-pairs
 ap.add_argument("--seed", type=int, default=400000)
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
-from refgen.identity.features import VisionFeatures, feature_config_from_settings
-from refgen.identity.generate import head_feature_settings
-from refgen.identity.head import load_head
-from refgen.identity.prompts import encode_prompts
-from refgen.identity.render import load_pipeline
 from refgen.toyworld import recognizer as R
 from refgen.toyworld import world
 from refgen.toyworld.benchmark import (BenchmarkConfig, attributes_of, default_model, default_vl_model,
@@ -38,12 +33,7 @@ head_dir = Path(a.head)
 rec = json.loads((head_dir / "head.json").read_text())
 scored = {f"seed_{i}" for i in range(SEED, SEED + a.n_test)}
 assert not (scored & set(rec.get("train_ids", []) + rec.get("val_ids", []))), "head trained on test people"
-pipe = load_pipeline(model, "cpu", "fp32")
-head, md = load_head(head_dir, pipe.transformer.device, torch.float32)
-fs = head_feature_settings(md, head_dir)
-fx = VisionFeatures(vl, "cpu", fs["dtype"], feature_config_from_settings(fs))
-net = R.load(device="cpu")
-ne = encode_prompts(pipe, " "); neg = (ne.embeds, ne.mask)
+pipe, head, fx, net, neg = B.scoring_setup(model, vl, head_dir, "cpu", "fp32")
 dirs = B._dirs(root); attrs = [attributes_of(d) for d in dirs]
 pairs = [] if a.no_pairs else test_pairs(len(dirs), a.n_pairs)
 key, res = B.residuals(head, fx, dirs)
