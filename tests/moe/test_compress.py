@@ -135,6 +135,9 @@ def test_compress_runner_writes_every_variant_with_bytes_and_drops(trained_digit
     assert "| int4-experts+gate |" in (tmp_path / "compress.md").read_text()
     steps = [json.loads(ln) for ln in (tmp_path / "compress.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps if r["kind"] == "prune_step"] == [1, 2, 3]
+    for r in steps:  # a method's log line is its own row, not the `+int4` row appended after it
+        if r["kind"] == "method" and r["method"] in by and "error" not in by[r["method"]]:
+            assert (r["bytes"], r["acc"], r["pass"]) == tuple(by[r["method"]][k_] for k_ in ("bytes", "acc", "pass"))
     assert "| ptq |" in (tmp_path / "compress.md").read_text()
 
 

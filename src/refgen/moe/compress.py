@@ -247,6 +247,7 @@ def compress(deployable: Deployable, out: str | Path, cfg: CompressConfig, data:
 
     for method in cfg.methods:
         t = time.perf_counter()
+        n0 = len(rows)
         try:
             if method == "ptq":
                 if ref8 is None:
@@ -315,8 +316,10 @@ def compress(deployable: Deployable, out: str | Path, cfg: CompressConfig, data:
                                    k, ecfg, log)
         except (ValueError, RuntimeError) as e:  # one failed method is reported, the others still run
             rows.append({"method": method, "error": f"{type(e).__name__}: {e}", "pass": False})
+        # the method's own row (prune, not prune+int4 appended after it); ablate has none of its name: its last row
+        own = next((r for r in rows[n0:] if r["method"] == method), rows[-1])
         log.log(kind="method", method=method, seconds=time.perf_counter() - t,
-                **{k_: v for k_, v in rows[-1].items() if k_ in ("bytes", "acc", "drop_pp", "saved", "pass", "error")})
+                **{k_: v for k_, v in own.items() if k_ in ("bytes", "acc", "drop_pp", "saved", "pass", "error")})
         bar.update(1)
     bar.close()
     res = provenance(cfg, reference={"acc": ref_acc, "bytes_fp32": ref32, "bytes_int8": ref8,
