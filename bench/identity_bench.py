@@ -473,7 +473,7 @@ def section_head(b: Bench, pipe, S: dict, tiny: bool, id_loss: bool = False):
     `_optimise`). K people per step, with and without gradient checkpointing. The vision tower is frozen and runs
     once per photo (the features row), so it is not part of the step. `id_loss`: the same steps with
     `id_weight` 0.2, which adds a VAE decode of each target's estimate and the vision tower's forward and backward
-    on it (`train_e2e.id_losses`)."""
+    on it (`id_loss.mean_id_loss`)."""
     from refgen.identity.prompts import encode_prompts
     from refgen.identity.render import execution_device
     from refgen.identity.train_e2e import (E2EConfig, E2EData, _frozen_flow_model, _optimise, attach_text_encoder,

@@ -143,7 +143,8 @@ def test_id_loss_reads_the_person_in_the_decoded_estimate(toy, toy_ids, tmp_path
     import numpy as np
 
     from refgen.identity.qwen_flow import pack
-    from refgen.identity.train_e2e import _frozen_flow_model, build_e2e_head, id_losses, item_losses
+    from refgen.identity.id_loss import mean_id_loss
+    from refgen.identity.train_e2e import _frozen_flow_model, build_e2e_head, item_losses
     from refgen.images import load_rgb, scan
 
     pipe, fx, data, cfg = toy
@@ -159,20 +160,21 @@ def test_id_loss_reads_the_person_in_the_decoded_estimate(toy, toy_ids, tmp_path
     try:
         b = single_batch(data, [0, 1, 2, 3, 4], with_id, step_generator(0, "step", 0))
         x0 = pack(data.latents[b.latent])
-        own = id_losses(data, x0, x0)
-        other = id_losses(data, pack(data.latents[b.latent.roll(1)]), x0)  # each estimate another person's photo
+        hw = tuple(data.latents.shape[-2:])
+        own = mean_id_loss(pipe.vae, fx, x0, x0, hw)
+        other = mean_id_loss(pipe.vae, fx, pack(data.latents[b.latent.roll(1)]), x0, hw)  # another person's photo
         assert (own.abs() < 1e-5).all() and (other > 1e-3).all(), (own, other)
         # the target is read from its own latent, as the estimate is: the crop at the training size, decoded
         from refgen.identity.qwen_flow import decode_qwen_latents
 
-        hw = tuple(data.latents.shape[-2:])
         seen = fx.pixel_means((decode_qwen_latents(pipe.vae, x0, *hw).float() + 1) / 2)
         torch.testing.assert_close(other, 1 - torch.nn.functional.cosine_similarity(
             fx.pixel_means((decode_qwen_latents(pipe.vae, pack(data.latents[b.latent.roll(1)]), *hw).float() + 1) / 2),
             seen, dim=-1))
         p = pair_batch(data, 2, with_id, step_generator(0, "step", 1))  # two-person targets too
         px0 = pack(data.latents[p.latent])
-        assert (id_losses(data, px0, px0).abs() < 1e-5).all() and (id_losses(data, px0.roll(1, 0), px0) > 1e-3).all()
+        assert (mean_id_loss(pipe.vae, fx, px0, px0, hw).abs() < 1e-5).all()
+        assert (mean_id_loss(pipe.vae, fx, px0.roll(1, 0), px0, hw) > 1e-3).all()
         torch.manual_seed(0)
         head = build_e2e_head(dataclasses.replace(cfg, head="linear"), data.means.shape[1], data.L, data.H)
         b = single_batch(data, [0, 1, 2], with_id, step_generator(0, "step", 2))

@@ -548,14 +548,11 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
         sigma = batch.sigma.to(dev)
         out["flow"], x_t, v = flow.loss_and_prediction(model, x0, (E, M), sigma=sigma, noise=noise)
         total = total + out["flow"]
-        if cfg.id_spatial:
-            from refgen.identity.id_loss import spatial_id_loss
+        if cfg.id_weight > 0:
+            from refgen.identity.id_loss import mean_id_loss, spatial_id_loss
 
-            out["id"] = spatial_id_loss(data.vae, data.vl, flow.predict_x0(x_t, v, sigma), x0,
-                                        tuple(data.latents.shape[-2:]))
-            total = total + cfg.id_weight * out["id"]
-        elif cfg.id_weight > 0:
-            out["id"] = id_losses(data, flow.predict_x0(x_t, v, sigma), x0)
+            read = spatial_id_loss if cfg.id_spatial else mean_id_loss
+            out["id"] = read(data.vae, data.vl, flow.predict_x0(x_t, v, sigma), x0, tuple(data.latents.shape[-2:]))
             total = total + cfg.id_weight * out["id"]
     if cfg.objective in ("teacher", "mixed"):
         per_slot, _ = head_loss_terms(R, data.teachers[batch.slot_ident.to(dev)])  # (n,)
@@ -566,20 +563,6 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
         total = total + (cfg.teacher_weight if cfg.objective == "mixed" else 1.0) * t
     out["loss"] = total
     return out
-
-
-def id_losses(data: E2EData, x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """Per item (B,): the ID loss (`refgen.identity.id_loss`) of the estimate x0_hat (B, N, 4C) against the target
-    x0 (B, N, 4C), both decoded by the VAE and read by the tower at the training size. The target is read from its
-    own latent, not from the cached reference feature: that one saw the whole photo at the processor's resolution,
-    the estimate is the centre crop at height x width, and both sides then carry the same VAE decode."""
-    from refgen.identity.id_loss import id_loss
-    from refgen.identity.qwen_flow import decode_qwen_latents
-
-    hw = tuple(data.latents.shape[-2:])
-    with torch.no_grad():
-        target = data.vl.pixel_means((decode_qwen_latents(data.vae, x0, *hw).float() + 1) / 2)  # (B, D)
-    return id_loss(data.vae, data.vl, x0_hat, hw, target)
 
 
 @torch.no_grad()
