@@ -44,6 +44,7 @@ import torch
 from refgen.moe import int4 as i4
 from refgen.moe import manifest as mf
 from refgen.moe import onnxrun
+from refgen.moe.lowrank import within_drop
 from refgen.moe.export import FP32, INT8, Deployable, ExportConfig, calibration_images, deployable_from_info, \
     export_model, export_onnx, quantize_int8, strip_metadata, torch_outputs, write_manifest
 
@@ -145,8 +146,7 @@ def _row(method, bytes_, ref_bytes, acc, ref_acc, max_drop, min_saving=None, bud
          **extra):
     saved = 1 - bytes_ / ref_bytes
     drop = 100 * (acc - ref_acc)
-    ok = round(drop, 9) >= -max_drop and (min_saving is None or saved >= min_saving)  # round: a drop of exactly
-    # max_drop (100 * (0.975 - 0.985) = -1.0000000000000009) is within the bound
+    ok = within_drop(drop, max_drop) and (min_saving is None or saved >= min_saving)
     return {"method": method, "bytes": bytes_, "ref_bytes": ref_bytes, "saved": saved, "acc": acc,
             "ref_acc": ref_acc, "drop_pp": drop, "max_drop_pp": max_drop, "min_saving": min_saving,
             "within_budget": bytes_ <= budget, "pass": bool(ok and bytes_ <= budget) if gated else None, **extra}

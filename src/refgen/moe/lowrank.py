@@ -78,6 +78,13 @@ def factorize(module: nn.Module, energy: float, skip: tuple[str, ...] = ()) -> t
     return new, ranks
 
 
+def within_drop(drop_pp: float, max_drop_pp: float) -> bool:
+    """Is an accuracy change of DROP_PP (negative = a drop) within MAX_DROP_PP? Rounded to 9 decimals first: a drop
+    of exactly the bound (8 of 800 images = 1 pp) is 100 * (0.975 - 0.985) = -1.0000000000000009 in floating point
+    and would be refused."""
+    return round(drop_pp, 9) >= -max_drop_pp
+
+
 def auto_rank(module: nn.Module, energies, val_acc, max_drop_pp: float, skip: tuple[str, ...] = (),
               after=None) -> dict:
     """Sweep ENERGIES (ascending): factorise, run AFTER(model) (fine-tuning, optional), measure VAL_ACC(model);
@@ -93,9 +100,7 @@ def auto_rank(module: nn.Module, energies, val_acc, max_drop_pp: float, skip: tu
         n = sum(p.numel() for p in m.parameters())
         rec = {"energy": e, "val_acc": acc, "drop_pp": 100 * (acc - ref), "params": n, "layers": len(ranks)}
         sweep.append(rec)
-        # round: a drop of exactly MAX_DROP_PP (e.g. 8 of 800 images = 1 pp) is 100 * (0.975 - 0.985) =
-        # -1.0000000000000009 in floating point and would be refused
-        if ranks and round(rec["drop_pp"], 9) >= -max_drop_pp:
+        if ranks and within_drop(rec["drop_pp"], max_drop_pp):
             chosen = {"model": m, "energy": e, "ranks": ranks}
             break
     return {"ref_val_acc": ref, "sweep": sweep, **(chosen or {"model": None, "energy": None, "ranks": {}})}
