@@ -200,6 +200,21 @@ def test_resume_under_another_batch_size_but_not_another_objective(pipe, tmp_pat
         inv._new_state(ident)
 
 
+@pytest.mark.parametrize("parametrisation", ["tokens", "free"])
+def test_resume_where_log_scale_has_no_moments(pipe, tmp_path, parametrisation):
+    # 'tokens' (the default) and 'free' never use log_scale, so AdamW keeps no moments for it; a resume must restore
+    # P's moments alone and end where the uninterrupted run ended
+    root = make_identities(tmp_path / "ids", n=1)
+    kw = {**FAST, "parametrisation": parametrisation, "steps": 6, "checkpoint_every": 3}
+    _, full = run(pipe, root, tmp_path / "o", **kw)  # leaves its step-3 checkpoint behind
+    ident = scan(root).identities[0]
+    inv = Inverter(pipe, InvertConfig(**kw), tmp_path / "o", progress=False)
+    s = inv._new_state(ident)
+    assert s.step == 3 and s.adam_state["step"][1] is None and s.adam_state["step"][0] is not None
+    resumed = inv.run_batch([ident], [s])[0]
+    assert resumed.step == 6 and torch.equal(resumed.P, full[ident.id].P)
+
+
 def test_cli_turns_qa_off_and_sets_the_checkpoint_interval(tiny_models, tmp_path):
     root = make_identities(tmp_path / "ids", n=1)
     assert main(["invert", str(root), "--model", tiny_models["qwen_image"], "--device", "cpu", "--dtype", "fp32",

@@ -426,8 +426,8 @@ class Inverter:
                                 lr=cfg.lr, weight_decay=cfg.weight_decay)
         for s in states:  # restore AdamW moments after a resume
             ad = s.adam_state
-            if ad and ad["step"][0] is not None:
-                for j, p in enumerate((s.P, s.log_scale)):
+            for j, p in enumerate((s.P, s.log_scale)):
+                if ad and ad["step"][j] is not None:  # log_scale has no moments where it is unused ('tokens', 'free')
                     opt.state[p] = {k: ad[k][j].to(p.device) if k != "step" else ad[k][j] for k in ad}
         loggers = {s.ident.id: JsonlLogger(self.dir(s.ident) / "teacher_metrics.jsonl") for s in states}
         active = [s for s in states if s.stop_reason is None and s.step < cfg.steps]
