@@ -225,6 +225,70 @@ def test_spatial_id_loss_sees_who_stands_where(toy):
         data.vae = data.vl = None
 
 
+def test_localization_loss_on_two_person_steps(toy, toy_ids):
+    """loc_weight: two-person steps add loc_weight * the localisation loss (one-person steps do not); the value and
+    the head's gradient are the same under gradient checkpointing (the hooks only keep what the blocks compute);
+    and a head trained on it alone makes each person's tokens read that person's slot more."""
+    from refgen.identity.train_e2e import _frozen_flow_model, build_e2e_head, item_losses
+
+    pipe, fx, _, cfg = toy
+    with pytest.raises(ValueError, match="loc_weight acts on two-person steps"):
+        E2EConfig(loc_weight=1.0)
+    loc = dataclasses.replace(cfg, output="residual", loc_weight=0.5)
+    data = prepare_data(pipe, fx, toy_ids, loc, progress=False)
+    assert data.pair_regions.shape == (6, 2, data.latents.shape[-2] * data.latents.shape[-1] // 4)
+    assert data.pair_regions[:, 0].any(1).all() and data.pair_regions[:, 1].any(1).all()
+    p = pair_batch(data, 3, loc, step_generator(0, "step", 3))
+    one = single_batch(data, [0, 1], loc, step_generator(0, "step", 4))
+    torch.manual_seed(0)
+    head = build_e2e_head(dataclasses.replace(loc, head="linear"), data.means.shape[1], data.L, data.H)
+
+    def run(checkpointing: bool):
+        fm = _frozen_flow_model(pipe, dataclasses.replace(loc, gradient_checkpointing=checkpointing))
+        head.zero_grad()
+        out = item_losses(head, data, p, fm, loc, torch.float32)
+        out["loss"].sum().backward()
+        return out, [q.grad.clone() for q in head.parameters() if q.grad is not None]
+
+    try:
+        plain, g0 = run(False)
+        pipe.transformer.train()  # diffusers checkpoints only in training mode; dropout is 0 in this model
+        ckpt, g1 = run(True)
+    finally:
+        pipe.transformer.disable_gradient_checkpointing()
+        pipe.transformer.eval()
+    assert plain["loc"].shape == (3,) and (plain["loc"] > 0).all()
+    torch.testing.assert_close(plain["loss"], plain["flow"] + 0.5 * plain["loc"])
+    torch.testing.assert_close(ckpt["loc"], plain["loc"])
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert "loc" not in item_losses(head, data, one, _frozen_flow_model(pipe, loc), loc, torch.float32)
+
+    only = dataclasses.replace(loc, loc_weight=1.0)
+    fm = _frozen_flow_model(pipe, only)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-2)
+    start = None
+    for _ in range(15):
+        opt.zero_grad()
+        val = item_losses(head, data, p, fm, only, torch.float32)["loc"].mean()
+        start = val.item() if start is None else start
+        val.backward()
+        opt.step()
+    assert val.item() < 0.9 * start, (start, val.item())
+
+
+def test_training_logs_the_localization_loss(toy_ids, tmp_path):
+    cfg = E2EConfig(output="residual", steps=2, batch_size=3, two_person_fraction=1.0, two_person_images=4,
+                    loc_weight=0.5, warmup_steps=0, eval_identities=0, cache_dir=str(tmp_path / "cache"),
+                    resampler={"width": 32, "layers": 1, "heads": 2})
+    train_e2e(toy_ids, tmp_path / "h", default_model(), default_vl_model(), cfg, device="cpu", dtype="fp32",
+              progress=False)
+    m = [json.loads(x) for x in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in m if "loss" in r]
+    assert len(steps) == 2 and all(r["two_person"] and r["loc"] > 0 for r in steps)
+    assert steps[-1]["loss"] == pytest.approx(steps[-1]["flow"] + 0.5 * steps[-1]["loc"], rel=1e-5)
+
+
 def test_e2e_trains_data_parallel_with_an_uneven_last_batch(toy, toy_ids, tmp_path):
     """2 ranks (gloo), 5 identities in batches of 4: step 2 is the epoch's last batch, 1 target, so rank 1 has
     nothing and must still join the gradient all-reduce. Same losses and weights as one process. The 2 ranks

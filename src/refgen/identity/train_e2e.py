@@ -19,6 +19,8 @@ One step, for a batch of target photos (each of a person with >= 2 photos):
           mixed:   e2e + teacher_weight * teacher
 Two-person steps (toy-world identities only, `two_person_fraction`): a two-person image of two training people
 rendered by the toy world, in a prompt with two `~ID~` slots, each filled with its own person's head output.
+With `loc_weight` these steps also ask each person's image tokens to read their own slot (`localize`: the renders
+know where each person is drawn).
 
 Data parallel under torchrun: every rank reads the same data cache and draws the same global batch from the same
 generator, then takes its share (items rank, rank + world, ...). Gradients are summed over ranks by one
@@ -105,6 +107,10 @@ class E2EConfig:
     id_spatial: bool = False
     two_person_fraction: float = 0.0  # share of steps on two-person toy-world images (toy identities only)
     two_person_images: int = 2000     # how many two-person images are rendered once for those steps
+    # Localisation loss on the two-person steps (refgen.identity.localize): + loc_weight * -log(share of an image
+    # token's slot-reading that goes to the slot of the person drawn there), every block, tokens of each person's
+    # rendered silhouette. Two people blend without it (docs/head.md). 0 = off (the steps are then unchanged).
+    loc_weight: float = 0.0
     val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
     eval_identities: int = 16         # training identities whose fixed-noise flow loss is logged (0 = none)
     eval_every: int = 200
@@ -169,6 +175,10 @@ class E2EConfig:
                              f"got {self.height}x{self.width}")
         if not 0 <= self.two_person_fraction <= 1 or self.two_person_images < 1:
             raise ValueError("need 0 <= two_person_fraction <= 1 and two_person_images >= 1")
+        if self.loc_weight < 0:
+            raise ValueError(f"loc_weight must be >= 0, got {self.loc_weight}")
+        if self.loc_weight and not self.two_person_fraction:
+            raise ValueError("loc_weight acts on two-person steps: set two_person_fraction > 0 too")
         if self.tables not in ("device", "mapped"):
             raise ValueError(f"tables must be 'device' or 'mapped', got {self.tables!r}")
         if self.toyworld_identities < 0 or self.toyworld_first_id < 0:
@@ -217,6 +227,8 @@ class E2EData:
     H: int                         # the head's output width: the encoder output's H, or H_in for tokens
     teachers: torch.Tensor | None  # (N, L, H) float32 teacher residuals (teacher / mixed objectives)
     pairs: torch.Tensor | None     # (P2, 4) two-person images: left id, right id, latent index, bank row
+    # loc_weight > 0: (P2, 2, N) bool image-token regions of the left and right person of each two-person image
+    pair_regions: torch.Tensor | None = None
     feature_settings: dict = field(default_factory=dict)
     residual_metadata: dict = field(default_factory=dict)
     output: str = "residual"
@@ -332,7 +344,7 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
     t = open_cache(folder, man, dev)
     ids, texts = t.ids, list(t.prompts)
     latents, bank, bank_mask, starts = t.latents, t.bank, t.bank_mask, t.bank_starts
-    pair_t = None
+    pair_t = pair_regions = None
     if cfg.two_person_fraction > 0:  # rendered per rank (toy world only, a few thousand 64 px images), not cached
         from refgen.toyworld import world as toy
 
@@ -354,12 +366,18 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
         texts += uniq
         P = t.photo_row.shape[0]
         pair_t = torch.tensor([[a, b, P + j, row_of[text]] for j, (a, b, _, text) in enumerate(scenes)])
+        if cfg.loc_weight > 0:
+            from refgen.identity.localize import token_regions
+
+            grid = (latents.shape[-2] // 2, latents.shape[-1] // 2)  # packed 2 x 2 latent patches, row-major
+            pair_regions = torch.stack([token_regions(toy.person_masks(s, max(cfg.height, cfg.width)), cfg.width,
+                                                      cfg.height, grid) for _, _, s, _ in scenes]).to(dev)
     tables = [t.tokens, t.tok_mask, t.means, latents, bank, bank_mask]
     if cfg.tables == "device":  # every row on the device: the fastest steps, for sets that fit
         tables = [r.materialise() for r in tables]
     tokens, tok_mask, means, latents, bank, bank_mask = tables
     data = E2EData(ids, t.photos, tokens, tok_mask, means, latents, t.photo_row, bank, bank_mask, starts, t.L, t.H,
-                   None, pair_t, settings, residual_metadata(pipe, model_id), cfg.output)
+                   None, pair_t, pair_regions, settings, residual_metadata(pipe, model_id), cfg.output)
     if cfg.output == "tokens":
         attach_text_encoder(data, pipe, texts)
     if cfg.objective != "e2e":
@@ -546,7 +564,17 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
         x0 = pack(data.latents[batch.latent.to(dev)])
         noise = pack(batch.noise.to(x0))
         sigma = batch.sigma.to(dev)
-        out["flow"], x_t, v = flow.loss_and_prediction(model, x0, (E, M), sigma=sigma, noise=noise)
+        pair = cfg.loc_weight > 0 and int(batch.slot_k.max()) == 1  # a two-person step (its own step, never mixed)
+        if pair:
+            from refgen.identity.localize import SlotAttention, localization_loss
+
+            with SlotAttention(model.transformer) as cap:
+                out["flow"], x_t, v = flow.loss_and_prediction(model, x0, (E, M), sigma=sigma, noise=noise)
+            out["loc"] = localization_loss(cap.shares(_slot_keys(data, batch)),
+                                           data.pair_regions[batch.latent.to(dev) - int(data.pairs[0, 2])])
+            total = total + cfg.loc_weight * out["loc"]
+        else:
+            out["flow"], x_t, v = flow.loss_and_prediction(model, x0, (E, M), sigma=sigma, noise=noise)
         total = total + out["flow"]
         if cfg.id_weight > 0:
             from refgen.identity.id_loss import mean_id_loss, spatial_id_loss
@@ -563,6 +591,18 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
         total = total + (cfg.teacher_weight if cfg.objective == "mixed" else 1.0) * t
     out["loss"] = total
     return out
+
+
+def _slot_keys(data: E2EData, batch: Batch) -> torch.Tensor:
+    """(B, 2, L) text positions of each two-person item's left and right ~ID~ window."""
+    dev = data.bank_starts.device
+    item, k = batch.slot_item.to(dev), batch.slot_k.to(dev)
+    start = data.bank_starts[batch.row.to(dev)[item], k]  # (n,)
+    keys = torch.full((batch.latent.shape[0], 2, data.L), -1, dtype=torch.long, device=dev)
+    keys[item, k] = start[:, None] + torch.arange(data.L, device=dev)
+    if (keys < 0).any():
+        raise ValueError("a two-person item lacks a slot window (two ~ID~ per two-person prompt)")
+    return keys
 
 
 @torch.no_grad()
@@ -803,12 +843,12 @@ def _optimise(head, opt, params, data: E2EData, batch, fm, cfg: E2EConfig, dtype
     for grp in opt.param_groups:
         grp["lr"] = lr
     opt.zero_grad(set_to_none=True)
-    sums = torch.zeros(4, device=dev)  # loss, flow, teacher, id: summed over this rank's items
+    sums = torch.zeros(5, device=dev)  # loss, flow, teacher, id, loc: summed over this rank's items
     if mine:
         losses = item_losses(head, data, batch.select(mine), fm, cfg, dtype)
         (losses["loss"].sum() / n_items).backward()
         sums = torch.stack([losses[k].detach().sum() if k in losses else torch.zeros((), device=dev)
-                            for k in ("loss", "flow", "teacher", "id")])
+                            for k in ("loss", "flow", "teacher", "id", "loc")])
     _all_reduce_grads(params, world)
     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
@@ -822,6 +862,8 @@ def _optimise(head, opt, params, data: E2EData, batch, fm, cfg: E2EConfig, dtype
         rec["teacher"] = sums[2].item() / n_items
     if cfg.id_weight > 0:
         rec["id"] = sums[3].item() / n_items
+    if cfg.loc_weight > 0:
+        rec["loc"] = sums[4].item() / n_items  # 0 on one-person steps
     return rec
 
 

@@ -429,13 +429,26 @@ def _draw_person(d: ImageDraw.ImageDraw, C: int, p: Person) -> None:
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """RGB image of `scene`, `size` x `size` pixels. Same scene -> same pixels."""
+    return _render(scene, size, scene.people)
+
+
+def person_masks(scene: Scene, size: int = 64) -> np.ndarray:
+    """(n_people, size, size) bool: the pixels of `render(scene, size)` that change when that person is left out,
+    i.e. where the person is drawn (their anti-aliased edge included). People never overlap, so the masks are
+    disjoint up to the edge pixels where two bodies come close."""
+    full = np.asarray(render(scene, size), dtype=np.int16)
+    return np.stack([np.abs(full - np.asarray(_render(scene, size, scene.people[:k] + scene.people[k + 1:]),
+                                              dtype=np.int16)).max(-1) > 0 for k in range(len(scene.people))])
+
+
+def _render(scene: Scene, size: int, people: tuple[Person, ...]) -> Image.Image:
     if size < MIN_SIZE:
         raise ValueError(f"size must be >= {MIN_SIZE} px, got {size}")
     C = size * SS
     img = Image.new("RGB", (C, C))
     d = ImageDraw.Draw(img)
     _draw_background(d, C, scene)
-    for p in scene.people:
+    for p in people:
         _draw_person(d, C, p)
     img = img.reduce(SS)  # box filter: exact, deterministic anti-aliasing
     a = np.asarray(img, dtype=np.float32) * (scene.brightness * np.asarray(scene.tint, dtype=np.float32))
