@@ -105,7 +105,8 @@ def test_target_sparsity_prunes_to_the_target_and_the_model_still_trains(digits,
 
 def test_graph_configs_list_the_key():
     """Every configs/moe_*.yaml that sets graph_l1 also shows graph_target_sparsity: 0.5 with the L1 off on the two
-    data sets where no L1 value met A3 on the H200 (Animal-MNIST, ToyWorld-27), 0 elsewhere; each loads."""
+    data sets where no L1 value met A3 on the H200 (Animal-MNIST, ToyWorld-27; also the ToyWorld-27 robust recipe, which
+    is the plain one + augmentation), 0 elsewhere; each loads."""
     from pathlib import Path
 
     import yaml
@@ -114,6 +115,6 @@ def test_graph_configs_list_the_key():
     assert len(named) >= 5
     for p in named:
         cfg = MoETrainConfig.from_yaml(p)
-        want = 0.5 if p.stem in ("moe_animal_mnist", "moe_toyworld27") else 0.0
+        want = 0.5 if p.stem in ("moe_animal_mnist", "moe_toyworld27", "moe_toyworld27_robust") else 0.0
         assert yaml.safe_load(p.read_text()).get("graph_target_sparsity") == want == cfg.graph_target_sparsity, p
         assert cfg.graph_l1 == 0.0 or want == 0.0, p
