@@ -109,7 +109,8 @@ class E2EConfig:
     two_person_images: int = 2000     # how many two-person images are rendered once for those steps
     # Localisation loss on the two-person steps (refgen.identity.localize): + loc_weight * -log(share of an image
     # token's slot-reading that goes to the slot of the person drawn there), every block, tokens of each person's
-    # rendered silhouette. Two people blend without it (docs/head.md). 0 = off (the steps are then unchanged).
+    # rendered silhouette. It does localise the slots, but with the generator frozen only the slot tokens can move,
+    # and on the toy world that cost each person's identity (docs/head.md): 0 = off (the steps are then unchanged).
     loc_weight: float = 0.0
     val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
     eval_identities: int = 16         # training identities whose fixed-noise flow loss is logged (0 = none)
