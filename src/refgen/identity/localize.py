@@ -1,7 +1,7 @@
 """Who stands where: a localisation loss for two-person training steps.
 
-Two people in one prompt blend: with the head's two outputs in their slots, 60 % of a person's wrong attributes are
-the other person's (44 % by chance; docs/head.md). FastComposer (Xiao et al. 2023) traced the same failure to each
+Two people in one prompt blend: with the head's two outputs in their slots, a person's wrong attributes are the
+other person's more often than chance (docs/head.md). FastComposer (Xiao et al. 2023) traced the same failure to each
 subject's tokens being read by the whole image, and supervised every subject token's cross-attention map with that
 subject's segmentation mask. Qwen-Image has no cross-attention: each block attends jointly over [text; image]. The
 question is asked of the part of that attention which answers it: for an image token, the attention logits to the
@@ -13,6 +13,9 @@ restricted softmax leaves the attention's total mass on the text to the flow los
 The hooks keep references to what every block computes anyway (the image queries and text keys after QK-norm, and
 the rotary tables); RoPE and the logits are computed after the forward, outside the blocks, so gradient
 checkpointing recomputes the blocks as they were.
+
+With the generator frozen, the only thing this loss can move is the slot tokens themselves; on the toy world that
+localised the slots and cost identity (docs/head.md), so `E2EConfig.loc_weight` is off by default.
 """
 
 from __future__ import annotations
