@@ -43,6 +43,7 @@ differ slightly from inference on that subset (not at all for photos within the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -514,19 +515,24 @@ def head_forward(head, data: E2EData, batch: Batch) -> torch.Tensor:
     return head(pool_photos(data.means[refs], rmask))  # z (n, D)
 
 
+def slot_windows(data: E2EData, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(item (n,), k (n,), pos (n, L)) of every slot of the batch: its item, which ~ID~ of the item's prompt it is,
+    and that window's positions in the prompt's encoding."""
+    dev = data.bank.device
+    item, k = batch.slot_item.to(dev), batch.slot_k.to(dev)
+    start = data.bank_starts[batch.row.to(dev)[item], k]  # (n,)
+    if (start < 0).any():
+        raise ValueError("a slot has no ~ID~ window in its prompt (one ~ID~ per person the prompt names)")
+    return item, k, start[:, None] + torch.arange(data.L, device=dev)
+
+
 def inject_slots(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(E (B, S, H), mask (B, S)): each target's own prompt from the bank with every slot's R added in its window
     (rows at different positions: index_put, as inversion does for per-image prompts)."""
-    dev = data.bank.device
-    row = batch.row.to(dev)
+    row = batch.row.to(data.bank.device)
     E0, M = data.bank[row], data.bank_mask[row]
-    item, k = batch.slot_item.to(dev), batch.slot_k.to(dev)
-    start = data.bank_starts[row[item], k]  # (n,)
-    if (start < 0).any():
-        raise ValueError("a slot has no ~ID~ window in its prompt (one ~ID~ per person the prompt names)")
-    pos = start[:, None] + torch.arange(data.L, device=dev)  # (n, L)
-    rows = item[:, None].expand_as(pos)
-    return E0.index_put((rows, pos), R.to(dtype), accumulate=True), M
+    item, _, pos = slot_windows(data, batch)
+    return E0.index_put((item[:, None].expand_as(pos), pos), R.to(dtype), accumulate=True), M
 
 
 def condition(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -566,17 +572,15 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
         noise = pack(batch.noise.to(x0))
         sigma = batch.sigma.to(dev)
         pair = cfg.loc_weight > 0 and int(batch.slot_k.max()) == 1  # a two-person step (its own step, never mixed)
-        if pair:
-            from refgen.identity.localize import SlotAttention, localization_loss
+        from refgen.identity.localize import SlotAttention, localization_loss
 
-            with SlotAttention(model.transformer) as cap:
-                out["flow"], x_t, v = flow.loss_and_prediction(model, x0, (E, M), sigma=sigma, noise=noise)
+        with SlotAttention(model.transformer) if pair else contextlib.nullcontext() as cap:
+            out["flow"], x_t, v = flow.loss_and_prediction(model, x0, (E, M), sigma=sigma, noise=noise)
+        total = total + out["flow"]
+        if pair:
             out["loc"] = localization_loss(cap.shares(_slot_keys(data, batch)),
                                            data.pair_regions[batch.latent.to(dev) - int(data.pairs[0, 2])])
             total = total + cfg.loc_weight * out["loc"]
-        else:
-            out["flow"], x_t, v = flow.loss_and_prediction(model, x0, (E, M), sigma=sigma, noise=noise)
-        total = total + out["flow"]
         if cfg.id_weight > 0:
             from refgen.identity.id_loss import mean_id_loss, spatial_id_loss
 
@@ -596,11 +600,9 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
 
 def _slot_keys(data: E2EData, batch: Batch) -> torch.Tensor:
     """(B, 2, L) text positions of each two-person item's left and right ~ID~ window."""
-    dev = data.bank_starts.device
-    item, k = batch.slot_item.to(dev), batch.slot_k.to(dev)
-    start = data.bank_starts[batch.row.to(dev)[item], k]  # (n,)
-    keys = torch.full((batch.latent.shape[0], 2, data.L), -1, dtype=torch.long, device=dev)
-    keys[item, k] = start[:, None] + torch.arange(data.L, device=dev)
+    item, k, pos = slot_windows(data, batch)
+    keys = torch.full((batch.latent.shape[0], 2, data.L), -1, dtype=torch.long, device=pos.device)
+    keys[item, k] = pos
     if (keys < 0).any():
         raise ValueError("a two-person item lacks a slot window (two ~ID~ per two-person prompt)")
     return keys

@@ -357,15 +357,20 @@ def rl_sweep(model_dir: str | Path, cfg: RLConfig, out: str | Path, progress: bo
         if cfg.finetune_experts:
             atomic_save_safetensors({k: v.detach().cpu() for k, v in tuned.state_dict().items()},
                                     d / "model.safetensors", {"lambda": str(lam)})
-    front = pareto_front([(r["active_flops_per_image"], r["acc"]) for r in rows])
-    for r, f in zip(rows, front):
-        r["on_pareto_front"] = f
     result = provenance(cfg, model_dir=str(model_dir), dataset=ds.name, static_topk=static, reference=ref,
-                        lambdas=rows, pareto_points=int(sum(front)), seconds=time.perf_counter() - t0,
+                        lambdas=rows, pareto_points=_mark_front(rows), seconds=time.perf_counter() - t0,
                         device=str(device), cost=table.to_json(),
                         cost_definition=f"active FLOPs / active FLOPs of static top-{cfg.ref_k} (FlopCounterMode)")
     atomic_write_json(out / "rl.json", result)
     return result
+
+
+def _mark_front(rows: list[dict]) -> int:
+    """Flag each lambda's row on_pareto_front (active FLOPs down, accuracy up); returns how many are on it."""
+    front = pareto_front([(r["active_flops_per_image"], r["acc"]) for r in rows])
+    for r, f in zip(rows, front):
+        r["on_pareto_front"] = f
+    return int(sum(front))
 
 
 def merge_sweeps(parts: list[dict], out: str | Path | None = None) -> dict:
@@ -396,12 +401,9 @@ def merge_sweeps(parts: list[dict], out: str | Path | None = None) -> dict:
     ref = first["reference"]
     for r in rows:
         r["delta_acc_pp_vs_static_ref"] = 100 * (r["acc"] - ref["acc"])
-    front = pareto_front([(r["active_flops_per_image"], r["acc"]) for r in rows])
-    for r, f in zip(rows, front):
-        r["on_pareto_front"] = f
     refs = [p["reference"]["acc"] for p in parts]
     result = {**first, "config": {**first["config"], "lambdas": [r["lam"] for r in rows]}, "lambdas": rows,
-              "pareto_points": int(sum(front)), "seconds": sum(p["seconds"] for p in parts),
+              "pareto_points": _mark_front(rows), "seconds": sum(p["seconds"] for p in parts),
               "merged_from": [{"lambdas": [r["lam"] for r in p["lambdas"]], "seconds": p["seconds"],
                                "created": p.get("created"), "device": p.get("device"),
                                "reference_acc": p["reference"]["acc"]} for p in parts],
