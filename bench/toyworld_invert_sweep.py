@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=16)
     ap.add_argument("--n-pairs", type=int, default=8)
     ap.add_argument("--pair-images", type=int, default=0, help="reference photos per identity beside another person")
+    ap.add_argument("--photos", type=int, default=0, help="one-person reference photos per identity (0: 3-5)")
     ap.add_argument("--test-seed", type=int, default=200_000,
                     help="first identity id; choose settings on another range than the benchmark's test ids "
                          "(e.g. 500000), then report the choice on 200000")
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
         base = BenchmarkConfig.tiny() if a.tiny else BenchmarkConfig(device=a.device, n_train=0, n_test=a.n_test,
                                                                      n_pairs=a.n_pairs, test_seed=a.test_seed)
         base.pair_images = a.pair_images
+        base.photos = a.photos
         base.short_steps = [int(x) for x in a.short_steps.split(",") if x]
         base.start_head = a.start_head
         base.pair_alphas = [float(x) for x in a.pair_alphas.split(",") if x]

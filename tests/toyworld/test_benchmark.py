@@ -1,6 +1,7 @@
 """The identity benchmark and the demo on the embedded toy model, at smoke-test sizes (CPU)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,6 @@ def test_best_alpha_skips_alphas_that_lose_the_scene():
 
 def test_yaml_mirrors_the_dataclass_defaults():
     import dataclasses
-    from pathlib import Path
 
     y = B.BenchmarkConfig.from_yaml(Path(__file__).resolve().parents[2] / "configs" / "toyworld_benchmark.yaml")
     d = B.BenchmarkConfig()
@@ -58,6 +58,8 @@ def test_config_validation():
         B.BenchmarkConfig(scenes=["moon"])
     with pytest.raises(ValueError, match="steps"):
         B.BenchmarkConfig(invert={"steps": 0})
+    with pytest.raises(ValueError, match="photos"):
+        B.BenchmarkConfig(photos=-1)
 
 
 RESIDUAL = {"steps": 3, "images_per_step": 1, "parametrisation": "rms_scaled"}  # a teacher the head can regress
@@ -140,14 +142,16 @@ def test_shipped_model_draws_people_spelled_out_in_words():
 def test_benchmark_reads_a_token_teacher_through_the_text_encoder(tmp_path):
     cfg = B.BenchmarkConfig.tiny(invert={"steps": 3, "images_per_step": 1, "parametrisation": "tokens",
                                          "image_prompts": True, "id_weight": 0.5},  # the ID loss with the toy VL
-                                 pair_images=1)  # photos beside someone too
+                                 pair_images=1, photos=2)  # photos beside someone too; exactly 2 alone
     r = B.run_benchmark(cfg, tmp_path, progress=False)
     d = tmp_path / "teacher" / f"seed_{cfg.test_seed}"
     assert (d / "teacher_tokens.safetensors").exists() and not (d / "teacher_residual.safetensors").exists()
     assert json.loads((d / "teacher.json").read_text())["config"]["id_weight"] == 0.5
     assert all(json.loads(x)["id"] > 0 for x in (d / "teacher_metrics.jsonl").read_text().splitlines()
                if '"id"' in x)
-    assert any("pair_0.png" in f for f in json.loads((d / "teacher.json").read_text())["images"])
+    images = json.loads((d / "teacher.json").read_text())["images"]
+    assert any("pair_0.png" in f for f in images)
+    assert sorted(Path(f).name for f in images if "img_" in Path(f).name) == ["img_0.png", "img_1.png"]
     assert set(r["teacher"]["per_alpha"]) == {"0", "1"}
     assert "skipped" in r["head"]  # the head predicts slot residuals: no head row from a token teacher
     assert r["two_slot"]["teacher"]["n_images"] == cfg.n_pairs * len(cfg.scenes) * len(cfg.seeds)

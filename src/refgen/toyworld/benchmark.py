@@ -78,6 +78,9 @@ class BenchmarkConfig:
     test_seed: int = 200_000
     size: int = 64
     pair_images: int = 0       # reference photos per identity beside another person (two-person prompts)
+    # One-person reference photos per identity: 0 keeps make-identities' 3-5; K > 0 gives every identity exactly K,
+    # to ask how much of the teacher's shortfall is too few photos (users bring anything from 2 to dozens).
+    photos: int = 0
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.4, 1.8, 2.4])
     head_alphas: list[float] = field(default_factory=lambda: [1.0, 1.4, 1.8, 2.4])
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # per (identity, scene)
@@ -113,6 +116,8 @@ class BenchmarkConfig:
             raise ValueError(f"unknown scenes {bad}; choose from {world.SCENES}")
         if not self.alphas or not self.seeds:
             raise ValueError("need at least one alpha and one seed")
+        if self.photos < 0:
+            raise ValueError(f"photos must be >= 0 (0 = 3-5 per identity), got {self.photos}")
         if self.n_pairs < 0 or 2 * self.n_pairs > self.n_test * (self.n_test - 1):
             raise ValueError(f"n_pairs={self.n_pairs} needs more test identities than n_test={self.n_test}")
         ic = InvertConfig(**self.invert_config())  # validate now, not after an hour
@@ -442,11 +447,12 @@ def run_benchmark(cfg: BenchmarkConfig, out: str | Path, progress: bool = True) 
     dev = resolve_device(cfg.device)
     t0 = time.time()
     # 1. identities (idempotent: complete folders are kept)
+    k = {"min_images": cfg.photos, "max_images": cfg.photos} if cfg.photos else {}
     make_identities(out / "identities" / "test", n=cfg.n_test, seed=cfg.test_seed, size=cfg.size,
-                    pair_images=cfg.pair_images, progress=progress)
+                    pair_images=cfg.pair_images, progress=progress, **k)
     if cfg.n_train:
         make_identities(out / "identities" / "train", n=cfg.n_train, seed=cfg.train_seed, size=cfg.size,
-                        pair_images=cfg.pair_images, progress=progress)
+                        pair_images=cfg.pair_images, progress=progress, **k)
     identities_s = time.time() - t0
     pipe = load_pipeline(model, str(dev), cfg.dtype)
     ne = encode_prompts(pipe, InvertConfig(**cfg.invert_config()).negative_prompt)  # the one inversion renders with
