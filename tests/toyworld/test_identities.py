@@ -47,6 +47,8 @@ def test_cli(tmp_path, capsys):
     assert refgen_main(["toyworld", "make-identities", str(tmp_path / "ids"), "--n", "2", "--seed", "5", "--quiet"]) == 0
     assert (tmp_path / "ids" / "seed_6" / "identity.json").is_file()
     assert "2 identities" in capsys.readouterr().out
+    assert refgen_main(["toyworld", "make-identities", str(tmp_path / "k7"), "--n", "1", "--photos", "7", "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "k7" / "seed_0").glob("img_*.png")) == [f"img_{i}.png" for i in range(7)]
 
 
 def test_pair_photos_put_the_person_beside_someone_and_say_where(tmp_path):

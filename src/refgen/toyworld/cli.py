@@ -10,8 +10,9 @@ from pathlib import Path
 def _make_identities(args) -> int:
     from refgen.toyworld.identities import make_identities
 
+    k = {"min_images": args.photos, "max_images": args.photos} if args.photos else {}
     folders = make_identities(args.out, n=args.n, seed=args.seed, size=args.size, pair_images=args.pair_images,
-                              progress=not args.quiet)
+                              progress=not args.quiet, **k)
     print(f"{len(folders)} identities in {args.out} (seed_{args.seed} .. seed_{args.seed + args.n - 1})")
     return 0
 
@@ -99,6 +100,7 @@ def register(toyworld_subparsers) -> None:
     p.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     p.add_argument("--pair-images", type=int, default=0,
                    help="photos per identity beside a random other person (captioned; default 0)")
+    p.add_argument("--photos", type=int, default=0, help="exactly this many one-person photos each (default 0: 3-5)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_make_identities)
 
