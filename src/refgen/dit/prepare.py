@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import time
