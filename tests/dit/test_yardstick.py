@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from refgen.dit import yardstick as Y
+from refgen.toyworld import world
 
 
 def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_path, capsys, bench_module):
@@ -50,6 +51,33 @@ def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_pa
     again = json.loads((out / "yardstick.json").read_text())
     assert list(again["variants"]) == ["default", "repa"] and again["variants"]["default"] == v
     assert next((out / "shards" / "train" / "buckets").rglob("*.tar")).stat().st_mtime_ns == shard   # not redone
+
+
+def test_scores_split_by_people_say_when_the_words_go_to_the_wrong_person():
+    """Renders read right; the same two-person renders scored against the people in swapped order lose their
+    attributes to the other person (leak near 1), while the one-person rows keep theirs."""
+    from refgen.toyworld import recognizer as R
+
+    seeds = {1: [], 2: []}
+    s = 5_600_000_000
+    while min(len(v) for v in seeds.values()) < 6:
+        sc = world.scene_from_seed(s)
+        if len(seeds[len(sc.people)]) < 6:
+            seeds[len(sc.people)].append(s)
+        s += 1
+    rows, images = [], []
+    for k, ss in seeds.items():
+        for x in ss:
+            sc = world.scene_from_seed(x)
+            people = [p.identity.to_dict() for p in sc.people]
+            rows.append({"scene": sc.background, "people": people[::-1]})  # two people: the wrong order
+            images.append(world.render(sc, 64))
+    m = Y.score_images(R.load(), images, rows)
+    one, two = m["by_people"]["1"], m["by_people"]["2"]
+    assert one["person"]["n"] == 6 and two["person"]["n"] == 12 and m["person"]["n"] == 18
+    assert one["attribute"]["acc"] >= 0.9 and two["attribute"]["acc"] < one["attribute"]["acc"] - 0.3
+    assert two["leak"] > 0.8 > two["leak_chance"] and "leak" not in one
+    assert m["attribute"]["k"] == one["attribute"]["k"] + two["attribute"]["k"]
 
 
 def test_time_to_quality_is_the_first_scoring_at_or_above_each_threshold():

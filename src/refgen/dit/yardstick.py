@@ -297,22 +297,36 @@ def proportion(k: int, n: int) -> dict:
     return {"acc": k / n if n else None, "k": int(k), "n": int(n), "ci": wilson(int(k), int(n))}
 
 
-def score_images(net, images: list, rows: list[dict]) -> dict:
-    """Recognizer reading of `images` against `rows` ({people: [attrs], scene}): the benchmark's `score`, with
-    counts and Wilson intervals for each proportion. `attribute` pools every (person, attribute) judgement, so its
-    interval treats the 7 attributes of a person as independent: narrower than the truth."""
-    from refgen.toyworld import recognizer as R
-    from refgen.toyworld.benchmark import score
-
-    s = score(R.predict(net, images), rows)
+def _proportions(s: dict) -> dict:
     n_img, n_p = s["n_images"], s["n_people"]
     n_attr = n_p * len(world.ATTRIBUTES)
     return {"attribute": proportion(round(s["attribute_acc"] * n_attr), n_attr),
             "person": proportion(round(s["identity_acc"] * n_p), n_p),
             "scene": proportion(round(s["scene_acc"] * n_img), n_img),
             "person_count": proportion(round(s["people_count_acc"] * n_img), n_img),
-            "all_people": proportion(round(s["all_people_acc"] * n_img), n_img),
-            "per_attribute": s["per_attribute"]}
+            "all_people": proportion(round(s["all_people_acc"] * n_img), n_img)}
+
+
+def score_images(net, images: list, rows: list[dict]) -> dict:
+    """Recognizer reading of `images` against `rows` ({people: [attrs], scene}): the benchmark's `score`, with
+    counts and Wilson intervals for each proportion. `attribute` pools every (person, attribute) judgement, so its
+    interval treats the 7 attributes of a person as independent: narrower than the truth.
+
+    `by_people` repeats the proportions for the images of one and of two captioned people, and for two also the
+    benchmark's `leak` (of a person's wrong attributes where the two differ, the share drawn with the other
+    person's value) against its chance level: a caption accuracy that stalls with one-person images near the
+    ceiling and a high leak says the words are bound to the wrong person, not unlearnt."""
+    from refgen.toyworld import recognizer as R
+    from refgen.toyworld.benchmark import score
+
+    preds = R.predict(net, images)
+    s = score(preds, rows)
+    out = {**_proportions(s), "per_attribute": s["per_attribute"], "by_people": {}}
+    for k in sorted({len(r["people"]) for r in rows}):
+        idx = [i for i, r in enumerate(rows) if len(r["people"]) == k]
+        s = score([preds[i] for i in idx], [rows[i] for i in idx])
+        out["by_people"][str(k)] = {**_proportions(s), **{x: s[x] for x in ("leak", "leak_chance", "leak_n") if x in s}}
+    return out
 
 
 class Scorer:
