@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a handful of images and the tiny model")
     ap.add_argument("--variants", default="default", help=f"comma separated, from {', '.join(VARIANTS)}")
     ap.add_argument("--steps", type=int, help="training steps of every variant (overrides train.steps)")
+    ap.add_argument("--lr", type=float, help="peak learning rate of every variant (overrides train.lr)")
     ap.add_argument("--eval-every", type=int)
     ap.add_argument("--n-train", type=int)
     ap.add_argument("--device")
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = YardstickConfig.tiny(**over) if args.tiny else load_yardstick_config(args.config, **over)
     if args.steps:
         cfg.train.steps = args.steps
+    if args.lr is not None:
+        if not args.lr > 0:
+            ap.error(f"--lr must be > 0, got {args.lr}")
+        cfg.train.lr = args.lr
     if args.compile:
         cfg.train.compile = True
     try:

@@ -17,10 +17,12 @@ from refgen.toyworld import world
 
 def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_path, capsys, bench_module):
     out = tmp_path / "yard"
-    assert bench_module("dit_yardstick").main(["--tiny", "--out", str(out), "--variants", "default,repa"]) == 0
+    assert bench_module("dit_yardstick").main(["--tiny", "--out", str(out), "--variants", "default,repa",
+                                               "--lr", "2e-3"]) == 0
     table = capsys.readouterr().out
     assert "| default |" in table and "| repa |" in table
     rep = json.loads((out / "yardstick.json").read_text())
+    assert rep["config"]["train"]["lr"] == 2e-3
     assert (out / "yardstick.png").stat().st_size > 10_000
     # the held-out set went through `prepare`: its shards hold every held-out image, in the toy VAE's /4 geometry
     idx = json.loads((out / "shards" / "eval" / "index.json").read_text())
@@ -47,7 +49,7 @@ def test_tiny_yardstick_runs_every_stage_and_its_ceilings_read_the_images(tmp_pa
     assert "repa_loss" in json.loads((out / "runs" / "repa" / "metrics.jsonl").read_text().splitlines()[-1])
     # a later call on the same OUT re-runs one variant on the prepared data and keeps the other's scores
     shard = next((out / "shards" / "train" / "buckets").rglob("*.tar")).stat().st_mtime_ns
-    assert bench_module("dit_yardstick").main(["--tiny", "--out", str(out), "--variants", "repa"]) == 0
+    assert bench_module("dit_yardstick").main(["--tiny", "--out", str(out), "--variants", "repa", "--lr", "2e-3"]) == 0
     again = json.loads((out / "yardstick.json").read_text())
     assert list(again["variants"]) == ["default", "repa"] and again["variants"]["default"] == v
     assert next((out / "shards" / "train" / "buckets").rglob("*.tar")).stat().st_mtime_ns == shard   # not redone
