@@ -58,8 +58,9 @@ def test_config_validation():
         B.BenchmarkConfig(scenes=["moon"])
     with pytest.raises(ValueError, match="steps"):
         B.BenchmarkConfig(invert={"steps": 0})
-    with pytest.raises(ValueError, match="photos"):
-        B.BenchmarkConfig(photos=-1)
+    for bad in (-1, 1):
+        with pytest.raises(ValueError, match="photos"):
+            B.BenchmarkConfig(photos=bad)
 
 
 RESIDUAL = {"steps": 3, "images_per_step": 1, "parametrisation": "rms_scaled"}  # a teacher the head can regress

@@ -116,8 +116,9 @@ class BenchmarkConfig:
             raise ValueError(f"unknown scenes {bad}; choose from {world.SCENES}")
         if not self.alphas or not self.seeds:
             raise ValueError("need at least one alpha and one seed")
-        if self.photos < 0:
-            raise ValueError(f"photos must be >= 0 (0 = 3-5 per identity), got {self.photos}")
+        if self.photos < 0 or self.photos == 1:
+            raise ValueError(f"photos must be 0 (3-5 per identity) or >= 2 (an identity folder needs two photos), "
+                             f"got {self.photos}")
         if self.n_pairs < 0 or 2 * self.n_pairs > self.n_test * (self.n_test - 1):
             raise ValueError(f"n_pairs={self.n_pairs} needs more test identities than n_test={self.n_test}")
         ic = InvertConfig(**self.invert_config())  # validate now, not after an hour
