@@ -1,12 +1,14 @@
 """refgen moe eval: calibration, hypervolume / modes, the config matrix (dry-run, skipping, abort), reports."""
 
 import json
+import time
 
 import numpy as np
 import pytest
 
 from refgen.moe.calibration import ece_mce, fit_temperature, reliability_bins, uncertainty
-from refgen.moe.evaluate import EvalAborted, EvalConfig, jobs, run_matrix
+from refgen.moe.evaluate import EvalAborted, EvalConfig, jobs, run_matrix, stages
+from refgen.moe.monitor import EnergyUnavailable
 from refgen.moe.pareto import hypervolume, non_dominated, operating_modes
 
 
@@ -103,7 +105,88 @@ def test_config_checks():
         EvalConfig(setups=[{"name": "a", "path": "x"}, {"name": "a", "path": "y"}])
     cfg = EvalConfig.from_yaml("configs/moe_eval.yaml")
     assert len(jobs(cfg)) == 5 * (3 * 36 + 1)
+    assert [s[0] for s in stages(cfg)] == ["export", "compress"]
 
+
+
+class _Watts:
+    """A stand-in energy counter (NVML needs a GPU): a constant 100 W, so every joule is idle power."""
+    name = "stand-in 100 W"
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+
+    def read_mj(self):
+        return (time.perf_counter() - self.t0) * 100 * 1e3
+
+
+def test_device_job_gives_accuracy_per_ms_and_per_joule_and_skips_onnx(trained_digits, exported_digits, tmp_path):
+    cfg = _cfg(trained_digits[0], exported_digits[0], seeds=(17,), corruptions=("contrast",), severities=(3,),
+               device="cpu", energy_seconds=5.0, energy_idle_seconds=0.2, energy_batch=32, device_latency_iters=20)
+    assert ("float", 17, "device") in jobs(cfg) and len(jobs(cfg)) == 2 * (1 + 1 + 1 + 1)
+    res = run_matrix(cfg, tmp_path, progress=False, energy_counter=_Watts())
+    assert res["failed"] == []
+    rec = next(json.loads(ln) for ln in (tmp_path / "eval_raw.jsonl").read_text().splitlines()
+               if '"device"' in ln and '"float"' in ln)
+    w = rec["energy"]
+    assert w["seconds"] >= 5 and w["images"] == 32 * w["calls"] and w["counter"] == "stand-in 100 W"
+    assert w["j_per_image_total"] == pytest.approx(100 * w["seconds"] / w["images"], rel=1e-3)
+    assert abs(w["j_per_image_marginal"]) < 0.01 * w["j_per_image_total"]   # nothing above idle
+    s = res["summary"]["setups"]
+    d = s["float"]["device"]
+    assert d["acc_per_ms"] == pytest.approx(s["float"]["acc"] / rec["device_latency_ms_median"])
+    assert d["acc_pct_per_j_total"] == pytest.approx(100 * s["float"]["acc"] / w["j_per_image_total"])
+    assert "not_measured" in s["int8"]["device"] and "ONNX" in s["int8"]["device"]["not_measured"]
+    md = (tmp_path / "eval_matrix.md").read_text()
+    assert "acc %/J total" in md and "| int8 | cpu | an ONNX setup" in md
+    assert run_matrix(cfg, tmp_path, dry_run=True)["to_run"] == 0      # the device jobs count as done
+
+
+def test_device_energy_refused_without_a_counter_before_any_job(trained_digits, tmp_path):
+    cfg = EvalConfig(setups=[{"name": "float", "path": str(trained_digits[0])}], seeds=(17,),
+                     corruptions=("contrast",), severities=(1,), device="cpu", latency=False, cost="bytes")
+    with pytest.raises(EnergyUnavailable, match="energy: true needs a CUDA device"):
+        run_matrix(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "eval_raw.jsonl").exists()
+    with pytest.raises(ValueError, match="energy_seconds >= 5"):
+        EvalConfig(device="cuda", energy_seconds=2)
+    with pytest.raises(ValueError, match="device must be"):
+        EvalConfig(device="tpu")
+
+
+def test_one_command_makes_the_missing_exports_and_compressions_then_skips_them(trained_digits, tmp_path):
+    (tmp_path / "c.yaml").write_text("methods: [ptq]\n")
+    exp, comp = tmp_path / "export", tmp_path / "comp"
+    cfg = EvalConfig(setups=[{"name": "int8", "path": str(exp)}, {"name": "ptq", "path": str(comp / "baseline")}],
+                     exports=[{"model": str(trained_digits[0]), "out": str(exp)}],
+                     compressions=[{"model": str(trained_digits[0]), "out": str(comp),
+                                    "config": str(tmp_path / "c.yaml")}],
+                     seeds=(17,), corruptions=("contrast",), severities=(1,), latency=False, cost="bytes",
+                     calib_n=100)
+    plan = run_matrix(cfg, tmp_path / "v", dry_run=True)
+    assert plan["stages_to_run"] == 2 and plan["todo"][0].startswith("export ")
+    res = run_matrix(cfg, tmp_path / "v", progress=False)
+    assert res["failed"] == [] and set(res["summary"]["setups"]) == {"int8", "ptq"}
+    for f in ("manifest.json", "model_int8.onnx"):
+        assert (exp / f).is_file()
+    for f in ("compress.json", "compress.md", "compress_acc_vs_size.png"):
+        assert (comp / f).stat().st_size > 0
+    stamp = (exp / "manifest.json").stat().st_mtime_ns
+    again = run_matrix(cfg, tmp_path / "v", dry_run=True)
+    assert again["stages_to_run"] == 0 and again["to_run"] == 0
+    run_matrix(cfg, tmp_path / "v", progress=False)
+    assert (exp / "manifest.json").stat().st_mtime_ns == stamp           # a complete export is not redone
+    (comp / "compress.md").unlink()                                        # an unfinished compression is redone
+    assert run_matrix(cfg, tmp_path / "v", dry_run=True)["todo"] == [f"compress {trained_digits[0]} -> {comp}"]
+
+
+def test_a_failing_stage_stops_the_run_and_names_the_command(tmp_path):
+    cfg = EvalConfig(setups=[{"name": "x", "path": str(tmp_path / "e")}],
+                     exports=[{"model": str(tmp_path / "no_such_run"), "out": str(tmp_path / "e")}],
+                     seeds=(17,), corruptions=("contrast",), severities=(1,), latency=False, cost="bytes")
+    with pytest.raises(RuntimeError, match=r"stage `refgen moe export --model .*no_such_run"):
+        run_matrix(cfg, tmp_path / "v", progress=False)
+    assert not (tmp_path / "v" / "eval_raw.jsonl").exists()
 
 # ---- the shift-aware temperature (fitted on a corrupted copy of the validation holdout) ----------------------
 

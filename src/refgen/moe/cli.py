@@ -177,10 +177,13 @@ def _eval(args) -> int:
         sev = [int(x) for x in _names(sev)]
     over = {"seeds": [int(x) for x in _names(args.seeds)] if args.seeds else None, "n_test": args.n_test,
             "cache": args.cache, "shift_temperature": True if args.shift_temperature else None,
-            "shift_severities": sev, "shift_seed": args.shift_seed}
+            "shift_severities": sev, "shift_seed": args.shift_seed, "device": args.device,
+            "energy": False if args.no_energy else None, "energy_seconds": args.energy_seconds}
     cfg = EvalConfig.from_yaml(args.config, **over)
     res = run_matrix(cfg, args.out, dry_run=args.dry_run, progress=not args.quiet)
-    print(f"{res['jobs']} jobs: {res['skipped_done']} done before (skipped), {res['to_run']} to run")
+    print(f"{res['stages']} export/compress stages: {res['stages'] - res['stages_to_run']} complete (skipped), "
+          f"{res['stages_to_run']} to run; {res['jobs']} jobs: {res['skipped_done']} done before (skipped), "
+          f"{res['to_run']} to run")
     if args.dry_run:
         for j in res["todo"]:
             print("  " + j)
@@ -351,6 +354,11 @@ def register(sub) -> None:
                    help="severity mix of that copy: comma-separated 0..5 (0 = clean) or all / mild / severe / "
                         "all+clean (default: the config's, all = 1..5)")
     e.add_argument("--shift-seed", type=int, default=None, help="seed of the corrupted validation copy (default 0)")
+    e.add_argument("--device", default=None, help="e.g. cuda: per setup, batch-1 latency and NVML energy windows on "
+                                                  "that device -> accuracy per ms there and per joule (config key "
+                                                  "device; refused without an energy counter unless --no-energy)")
+    e.add_argument("--no-energy", action="store_true", help="with --device: latency only")
+    e.add_argument("--energy-seconds", type=float, default=None, help="energy window length (>= 5, default 10)")
     e.add_argument("--dry-run", action="store_true", help="list the jobs and which are done; run nothing")
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--out", required=True)

@@ -6,6 +6,18 @@ per-seed model. Splits: 'clean' (the test split), '<corruption>@<severity>' for 
 (corruptions.corrupt_set: the seed fixes every corrupted byte), and 'latency' (batch-1 median on one CPU thread,
 measured once per setup at the first seed).
 
+With `device` (e.g. `cuda`), each PyTorch setup gets one more job, 'device', at the first seed: batch-1 latency on
+that device (CUDA events after warm-up, median / P95) and, with `energy`, NVML energy windows of >= `energy_seconds`
+at batch `energy_batch` (monitor.energy_window: idle-subtracted J/image total and marginal). The summary divides the
+setup's clean accuracy by them: accuracy per ms on the device and accuracy % per joule, the columns spec §8 asks
+of the H200. ONNX setups are recorded as not measured there (ONNX Runtime runs on the CPU: their 'latency' job).
+A device without an energy counter is refused before any job runs (no number stands in for a joule).
+
+`exports` and `compressions` name the artifacts the setups read (`refgen moe export` / `refgen moe compress` of a
+train folder, `{seed}` expanding over the seeds): the command makes any that is not complete (an export folder
+without its manifest, a compression folder without compress.json / compress.md / its plot) before the matrix, so one
+command regenerates every report, the compression reports included; complete ones are skipped.
+
 Each finished job appends one schema-checked record to OUT/eval_raw.jsonl; a rerun skips (setup, seed, split)
 triples already there with status 'ok' and retries failed ones. More than `max_failed_fraction` of the jobs failing
 aborts the run with a summary (exit 1). `--dry-run` lists the jobs and what would be skipped. The reports
@@ -37,6 +49,7 @@ from refgen.moe import onnxrun
 from refgen.moe.calibration import (corrupted_validation, ece_mce, fit_temperature, refuse_test_images,
                                     reliability_bins, severity_mix, uncertainty)
 from refgen.moe.corruptions import CORRUPTIONS
+from refgen.moe.monitor import MIN_ENERGY_WINDOW_S
 
 B5_ECE, B5_CUT = 0.02, 0.20   # B5: temperature scaling cuts ECE by >= 20 % wherever ECE > 2 %
 
@@ -55,7 +68,8 @@ RECORD_SCHEMA = {
         "temperature_shift": {"type": "number", "exclusiveMinimum": 0},
         "shift": {"type": "object", "required": ["spec", "seed", "sha256", "n"]},
     },
-    "allOf": [{"if": {"properties": {"status": {"const": "ok"}, "split": {"not": {"const": "latency"}}}},
+    "allOf": [{"if": {"properties": {"status": {"const": "ok"},
+                                   "split": {"not": {"enum": ["latency", "device"]}}}},
                "then": {"required": ["acc", "n", "ece", "mce", "ece_ts", "mce_ts", "temperature"]}},
               {"if": {"properties": {"status": {"const": "failed"}}}, "then": {"required": ["error"]}}],
 }
@@ -73,8 +87,18 @@ class Setup:
 
 
 @dataclass
+class Stage:
+    """An artifact the setups read, made before the matrix when it is not complete."""
+    model: str                      # a `refgen moe train` folder; `{seed}` = one per seed
+    out: str
+    config: str | None = None       # YAML mirroring ExportConfig / CompressConfig (None = their defaults)
+
+
+@dataclass
 class EvalConfig:
     setups: list[Setup] = field(default_factory=list)
+    exports: list[Stage] = field(default_factory=list)       # `refgen moe export` runs made first (if incomplete)
+    compressions: list[Stage] = field(default_factory=list)  # `refgen moe compress` runs made first (if incomplete)
     seeds: tuple[int, ...] = (17, 42, 1337)
     corruptions: tuple[str, ...] = CORRUPTIONS
     severities: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -92,11 +116,19 @@ class EvalConfig:
     shift_corruptions: tuple[str, ...] = CORRUPTIONS
     shift_copies: int = 5           # corrupted copies of each validation image
     shift_seed: int = 0             # fixes every corrupted validation byte; recorded
+    device: str | None = None       # e.g. cuda: one 'device' job per setup (latency there, and energy): None = none
+    energy: bool = True             # with device: NVML energy windows too (accuracy per joule)
+    energy_seconds: float = 10.0    # per window, >= 5 s (NVML's counter refreshes every 20-100 ms)
+    energy_batch: int = 256
+    energy_idle_seconds: float = 5.0  # idle power measured just before each window
+    device_latency_iters: int = 1000
 
     def __post_init__(self):
         from refgen.config import from_dict
 
         self.setups = [from_dict(Setup, s, section="setups") if isinstance(s, dict) else s for s in self.setups]
+        for k in ("exports", "compressions"):
+            setattr(self, k, [from_dict(Stage, s, section=k) if isinstance(s, dict) else s for s in getattr(self, k)])
         names = [s.name for s in self.setups]
         if len(set(names)) != len(names):
             raise ValueError(f"setup names must be unique, got {names}")
@@ -119,6 +151,13 @@ class EvalConfig:
         if int(self.shift_copies) < 1:
             raise ValueError(f"shift_copies must be >= 1, got {self.shift_copies}")
         self.shift_copies, self.shift_seed = int(self.shift_copies), int(self.shift_seed)
+        if self.device is not None and self.device.split(":")[0] not in ("cuda", "cpu"):
+            raise ValueError(f"device must be cuda[:N] or cpu, got {self.device!r}")
+        if (self.energy_seconds < MIN_ENERGY_WINDOW_S or self.energy_batch < 1 or self.device_latency_iters < 1
+                or self.energy_idle_seconds <= 0):
+            raise ValueError(f"need energy_seconds >= {MIN_ENERGY_WINDOW_S:g}, energy_batch >= 1, "
+                             f"device_latency_iters >= 1 and energy_idle_seconds > 0, got {self.energy_seconds}, "
+                             f"{self.energy_batch}, {self.device_latency_iters}, {self.energy_idle_seconds}")
 
     def shift_spec(self) -> str:
         """What the shift-aware temperature is fitted on; a record with another spec is not 'done'."""
@@ -150,7 +189,40 @@ def jobs(cfg: EvalConfig) -> list[tuple[str, int, str]]:
             out += [(s.name, seed, sp) for sp in splits(cfg)]
             if cfg.latency and i == 0:
                 out.append((s.name, seed, "latency"))
+            if cfg.device and i == 0:
+                out.append((s.name, seed, "device"))
     return out
+
+
+STAGE_DONE = {"export": ("manifest.json",), "compress": ("compress.json", "compress.md", "compress_acc_vs_size.png")}
+
+
+def stages(cfg: EvalConfig) -> list[tuple[str, str, str, str | None]]:
+    """(kind, model, out, config) of every export and compression, `{seed}` expanded, in the order they run."""
+    out = []
+    for kind, items in (("export", cfg.exports), ("compress", cfg.compressions)):
+        for s in items:
+            seeds = cfg.seeds if "{seed}" in s.model + s.out else (None,)
+            for seed in seeds:
+                f = (lambda v: v.replace("{seed}", str(seed))) if seed is not None else (lambda v: v)  # noqa: E731
+                out.append((kind, f(s.model), f(s.out), s.config))
+    return out
+
+
+def stage_done(kind: str, out: str) -> bool:
+    return all((Path(out) / f).is_file() for f in STAGE_DONE[kind])
+
+
+def run_stage(kind: str, model: str, out: str, config: str | None, cache: str | None, progress: bool) -> None:
+    if kind == "export":
+        from refgen.moe.export import ExportConfig, export_run
+
+        export_run(model, out, ExportConfig.from_yaml(config) if config else ExportConfig(), cache=cache)
+    else:
+        from refgen.moe.compress import CompressConfig, compress_run
+
+        compress_run(model, out, CompressConfig.from_yaml(config) if config else CompressConfig(), cache=cache,
+                     progress=progress)
 
 
 def done_triples(out: Path, cfg: EvalConfig | None = None) -> set[tuple[str, int, str]]:
@@ -166,7 +238,7 @@ def done_triples(out: Path, cfg: EvalConfig | None = None) -> set[tuple[str, int
     def done(r):
         if r.get("status") != "ok":
             return False
-        return spec is None or r["split"] == "latency" or (r.get("shift") or {}).get("spec") == spec
+        return spec is None or r["split"] in ("latency", "device") or (r.get("shift") or {}).get("spec") == spec
     return {(r["setup"], r["seed"], r["split"]) for r in read_jsonl(p) if done(r)}
 
 
@@ -258,6 +330,53 @@ def _latency(kind, shape, iters: int) -> float:
     return float(np.median(t)), float(np.percentile(t, 95))
 
 
+def _device_job(kind, shape, cfg: EvalConfig, counter) -> dict:
+    """Batch-1 latency on cfg.device and (COUNTER given) energy windows at cfg.energy_batch, of a copy of the
+    setup's PyTorch module moved there; ONNX setups only where ONNX Runtime has a CUDA provider."""
+    import copy
+
+    import torch
+
+    from refgen.moe.monitor import energy_window, measure_latency
+
+    dev = torch.device(cfg.device)
+    if kind[0] == "onnx":  # the H200 image's ONNX Runtime has no CUDA provider; its CPU time is the 'latency' job
+        return {"device": str(dev), "not_measured": "an ONNX setup: ONNX Runtime runs on the CPU here (its 'latency' "
+                                                    "job); the device numbers are its PyTorch source's"}
+    module = copy.deepcopy(kind[1]).to(dev).eval()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    x1 = torch.rand(1, *shape, device=dev)
+    with torch.no_grad():
+        lat = measure_latency(lambda: module(x1), dev, warmup=10, iters=cfg.device_latency_iters)
+        rec = {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+               "device_latency_ms_median": lat["median_ms"], "device_latency_ms_p95": lat["p95_ms"],
+               "device_latency_clock": lat["clock"]}
+        if counter is not None:
+            xb = torch.rand(cfg.energy_batch, *shape, device=dev)
+            w = energy_window(lambda: module(xb), cfg.energy_batch, counter, min_seconds=cfg.energy_seconds,
+                              idle_seconds=cfg.energy_idle_seconds, sync=sync)
+            rec["energy"] = {**w, "batch": cfg.energy_batch, "counter": getattr(counter, "name", type(counter).__name__)}
+    return rec
+
+
+def _energy_counter(cfg: EvalConfig, counter=None):
+    """The energy counter of cfg.device, or None when energy is off; refuses a device without one."""
+    if not cfg.device or not cfg.energy:
+        return None
+    if counter is not None:
+        return counter
+    import torch
+
+    from refgen.moe.monitor import EnergyUnavailable, NvmlEnergy
+
+    dev = torch.device(cfg.device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise EnergyUnavailable(f"energy: true needs a CUDA device with NVML, got device {cfg.device!r} on a machine "
+                                f"{'with' if torch.cuda.is_available() else 'without'} CUDA; set energy: false for "
+                                f"latency only")
+    return NvmlEnergy(dev.index or 0)
+
+
 def _evaluate(ld: _Loaded, split: str, seed: int, cfg: EvalConfig) -> dict:
     from refgen.moe.corruptions import corrupt_set
 
@@ -282,7 +401,9 @@ def _evaluate(ld: _Loaded, split: str, seed: int, cfg: EvalConfig) -> dict:
     return rec
 
 
-def run_matrix(cfg: EvalConfig, out: str | Path, dry_run: bool = False, progress: bool = True) -> dict:
+def run_matrix(cfg: EvalConfig, out: str | Path, dry_run: bool = False, progress: bool = True,
+               energy_counter=None) -> dict:
+    """ENERGY_COUNTER: a counter with read_mj() (and name) for the device jobs instead of NVML's (tests)."""
     from jsonschema import validate
     from tqdm import tqdm
 
@@ -291,12 +412,22 @@ def run_matrix(cfg: EvalConfig, out: str | Path, dry_run: bool = False, progress
     out = Path(out)
     all_jobs, done = jobs(cfg), done_triples(out, cfg)
     todo = [j for j in all_jobs if j not in done]
+    st = stages(cfg)
+    st_todo = [s for s in st if not stage_done(s[0], s[2])]
     plan = {"jobs": len(all_jobs), "skipped_done": len(all_jobs) - len(todo), "to_run": len(todo),
-            "todo": [f"{s} seed={d} {sp}" for s, d, sp in todo]}
+            "stages": len(st), "stages_to_run": len(st_todo),
+            "todo": [f"{k} {m} -> {o}" for k, m, o, _ in st_todo] + [f"{s} seed={d} {sp}" for s, d, sp in todo]}
     if dry_run:
         return plan
     if not cfg.setups:
         raise ValueError("the config has no setups")
+    for kind, model, o, conf in st_todo:  # the artifacts the setups read; a failure here stops the run
+        try:
+            run_stage(kind, model, o, conf, cfg.cache, progress)
+        except Exception as e:
+            raise RuntimeError(f"stage `refgen moe {kind} --model {model} --out {o}` failed: {type(e).__name__}: "
+                               f"{e}") from e
+    counter = _energy_counter(cfg, energy_counter) if any(j[2] == "device" for j in todo) else None
     log, sha, commit = JsonlLogger(out / RAW), cfg.sha256(), git_commit()
     by_name = {s.name: s for s in cfg.setups}
     loaded: dict[tuple[str, int], tuple] = {}
@@ -323,6 +454,8 @@ def run_matrix(cfg: EvalConfig, out: str | Path, dry_run: bool = False, progress
                 med, p95 = _latency(kind, ld.data.shape, cfg.latency_iters)
                 rec.update(latency_ms_median=med, latency_ms_p95=p95, unstable=p95 > 2 * med, threads=1,
                            bytes=ld.bytes)
+            elif split == "device":
+                rec.update(_device_job(kind, ld.data.shape, cfg, counter), bytes=ld.bytes)
             else:
                 rec.update(_evaluate(ld, split, seed, cfg), bytes=ld.bytes)
             rec["status"] = "ok"
@@ -399,6 +532,25 @@ def calibration_summary(cfg: EvalConfig, mine: list[dict]) -> dict:
     return {"levels": levels, "b5": b5}
 
 
+def _device_summary(acc: float, recs: list[dict]) -> dict | None:
+    """Accuracy per ms on the device and accuracy % per joule (total, marginal) from the setup's device job."""
+    from refgen.moe.bench import accuracy_per_joule
+
+    if not recs:
+        return None
+    r = recs[0]
+    if "not_measured" in r:
+        return {"device": r["device"], "not_measured": r["not_measured"]}
+    d = {k: r[k] for k in ("device", "device_name", "device_latency_ms_median", "device_latency_ms_p95")}
+    d["acc_per_ms"] = acc / r["device_latency_ms_median"]
+    if "energy" in r:
+        w = r["energy"]
+        d.update(j_per_image_total=w["j_per_image_total"], j_per_image_marginal=w["j_per_image_marginal"],
+                 energy_window_s=w["seconds"], energy_batch=w["batch"], avg_w=w["avg_w"], idle_w=w["idle_w"],
+                 **accuracy_per_joule(acc, w))
+    return d
+
+
 def summarize(cfg: EvalConfig, recs: list[dict]) -> dict:
     from refgen.moe.pareto import hypervolume, operating_modes
 
@@ -432,7 +584,8 @@ def summarize(cfg: EvalConfig, recs: list[dict]) -> dict:
         row["ece_ts_severity3"] = float(np.mean([r["ece_ts"] for r in oods3])) if oods3 else None
         row["temperature_shift"] = clean[0].get("temperature_shift")
         row["shift"] = clean[0].get("shift")
-        row["calibration"] = calibration_summary(cfg, [r for r in mine if r["split"] != "latency"])
+        row["calibration"] = calibration_summary(cfg, [r for r in mine if r["split"] not in ("latency", "device")])
+        row["device"] = _device_summary(row["acc"], [r for r in mine if r["split"] == "device"])
         row["acc_per_ms"] = row["acc"] / row["latency_ms_median"] if row["latency_ms_median"] else None
         row["cost"] = row["latency_ms_median"] if cfg.cost == "latency_ms" else row["bytes"]
         rows[s.name] = row
@@ -530,6 +683,22 @@ def matrix_md(s: dict, cfg: EvalConfig) -> str:
                      f"{_f(r['ece_severity3'], '.4f')} → {_f(r['ece_ts_severity3'], '.4f')} | "
                      f"{_f(r['latency_ms_median'], '.3f')}{' (unstable)' if r['latency_unstable'] else ''} | "
                      f"{_f(r['acc_per_ms'], '.3f')} | {r['bytes']:,} |")
+    dev = [r for r in s["setups"].values() if r.get("device")]
+    if dev:
+        lines += ["", "On the device (batch-1 latency: CUDA events after 10 warm-up calls, median; energy: NVML windows "
+                      f">= {cfg.energy_seconds:g} s at batch {cfg.energy_batch}, idle-subtracted = marginal; accuracy "
+                      "= the clean accuracy above, mean over seeds):", "",
+                  "| setup | device | latency ms (P95) | acc/ms | J/image total | J/image marginal | acc %/J total | "
+                  "acc %/J marginal |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in dev:
+            d = r["device"]
+            if "not_measured" in d:
+                lines.append(f"| {r['setup']} | {d['device']} | {d['not_measured']} | | | | | |")
+                continue
+            lines.append(f"| {r['setup']} | {d['device_name']} | {d['device_latency_ms_median']:.3f} "
+                         f"({d['device_latency_ms_p95']:.3f}) | {d['acc_per_ms']:.3f} | "
+                         f"{_f(d.get('j_per_image_total'), '.3e')} | {_f(d.get('j_per_image_marginal'), '.3e')} | "
+                         f"{_f(d.get('acc_pct_per_j_total'), '.4g')} | {_f(d.get('acc_pct_per_j_marginal'), '.4g')} |")
     lines += calibration_md(s, cfg)
     lines += ["", "Per-type drop at severity 3 (pp):", "", "| setup | " + " | ".join(cfg.corruptions) + " |",
               "| --- |" + " --- |" * len(cfg.corruptions)]
