@@ -685,7 +685,7 @@ def matrix_md(s: dict, cfg: EvalConfig) -> str:
                      f"{_f(r['acc_per_ms'], '.3f')} | {r['bytes']:,} |")
     dev = [r for r in s["setups"].values() if r.get("device")]
     if dev:
-        lines += ["", "On the device (batch-1 latency: CUDA events after 10 warm-up calls, median; energy: NVML windows "
+        lines += ["", "On the device (batch-1 latency: CUDA events on a GPU, after 10 warm-up calls, median; energy: NVML windows "
                       f">= {cfg.energy_seconds:g} s at batch {cfg.energy_batch}, idle-subtracted = marginal; accuracy "
                       "= the clean accuracy above, mean over seeds):", "",
                   "| setup | device | latency ms (P95) | acc/ms | J/image total | J/image marginal | acc %/J total | "
