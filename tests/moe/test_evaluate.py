@@ -144,10 +144,11 @@ def test_device_job_gives_accuracy_per_ms_and_per_joule_and_skips_onnx(trained_d
 
 def test_device_energy_refused_without_a_counter_before_any_job(trained_digits, tmp_path):
     cfg = EvalConfig(setups=[{"name": "float", "path": str(trained_digits[0])}], seeds=(17,),
+                     exports=[{"model": str(trained_digits[0]), "out": str(tmp_path / "export")}],
                      corruptions=("contrast",), severities=(1,), device="cpu", latency=False, cost="bytes")
     with pytest.raises(EnergyUnavailable, match="energy: true needs a CUDA device"):
         run_matrix(cfg, tmp_path, progress=False)
-    assert not (tmp_path / "eval_raw.jsonl").exists()
+    assert not (tmp_path / "eval_raw.jsonl").exists() and not (tmp_path / "export").exists()  # no stage ran either
     with pytest.raises(ValueError, match="energy_seconds >= 5"):
         EvalConfig(device="cuda", energy_seconds=2)
     with pytest.raises(ValueError, match="device must be"):

@@ -332,7 +332,7 @@ def _latency(kind, shape, iters: int) -> float:
 
 def _device_job(kind, shape, cfg: EvalConfig, counter) -> dict:
     """Batch-1 latency on cfg.device and (COUNTER given) energy windows at cfg.energy_batch, of a copy of the
-    setup's PyTorch module moved there; ONNX setups only where ONNX Runtime has a CUDA provider."""
+    setup's PyTorch module moved there; an ONNX setup is recorded as not measured."""
     import copy
 
     import torch
@@ -340,7 +340,7 @@ def _device_job(kind, shape, cfg: EvalConfig, counter) -> dict:
     from refgen.moe.monitor import energy_window, measure_latency
 
     dev = torch.device(cfg.device)
-    if kind[0] == "onnx":  # the H200 image's ONNX Runtime has no CUDA provider; its CPU time is the 'latency' job
+    if kind[0] == "onnx":  # onnxruntime (not onnxruntime-gpu) here and on the H200 image: CPU only
         return {"device": str(dev), "not_measured": "an ONNX setup: ONNX Runtime runs on the CPU here (its 'latency' "
                                                     "job); the device numbers are its PyTorch source's"}
     module = copy.deepcopy(kind[1]).to(dev).eval()
@@ -421,13 +421,14 @@ def run_matrix(cfg: EvalConfig, out: str | Path, dry_run: bool = False, progress
         return plan
     if not cfg.setups:
         raise ValueError("the config has no setups")
+    # refused before anything runs: no stage or job is spent on a run that cannot measure what it was asked to
+    counter = _energy_counter(cfg, energy_counter) if any(j[2] == "device" for j in todo) else None
     for kind, model, o, conf in st_todo:  # the artifacts the setups read; a failure here stops the run
         try:
             run_stage(kind, model, o, conf, cfg.cache, progress)
         except Exception as e:
             raise RuntimeError(f"stage `refgen moe {kind} --model {model} --out {o}` failed: {type(e).__name__}: "
                                f"{e}") from e
-    counter = _energy_counter(cfg, energy_counter) if any(j[2] == "device" for j in todo) else None
     log, sha, commit = JsonlLogger(out / RAW), cfg.sha256(), git_commit()
     by_name = {s.name: s for s in cfg.setups}
     loaded: dict[tuple[str, int], tuple] = {}
