@@ -82,9 +82,11 @@ def test_tower_takes_several_people_and_gives_each_its_own_features(models):
     together = fx.tower([fx.prepare(s) for s in sets])
     assert [len(s) for s in together] == [len(s) for s in alone] == [2, 2, 2, 2]
     assert len({tuple(e.shape) for s in alone for e in s}) > 1  # the sets really differ in size
+    # fp32, tolerance 1e-5: batched kernels sum in another order than per-set ones, and how far that moves a
+    # feature depends on the CPU's kernels (1.8e-6 on an Intel Xeon, under 1e-6 on an AMD EPYC)
     for a, b in zip(alone, together):
         for x, y in zip(a, b):
-            torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
 
 
 def test_batched_cache_rows_are_the_per_person_rows_and_a_killed_build_resumes(models, tmp_path, monkeypatch):
@@ -113,10 +115,10 @@ def test_batched_cache_rows_are_the_per_person_rows_and_a_killed_build_resumes(m
     assert man["identities_computed"] == 2 and first.stat().st_mtime_ns == mtime and len(calls) == 2
     got = shard_rows(tmp_path, man)
     assert len(got["tokens"]) == len(want_tok) == sum(man["counts"])
-    for g, w in zip(got["tokens"], want_tok):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(torch.stack(got["means"]), torch.stack([w.mean(0) for w in want_tok]), rtol=1e-6,
-                               atol=1e-6)
+    for g, w in zip(got["tokens"], want_tok):  # 1e-5: summation order, as in the test above
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(got["means"]), torch.stack([w.mean(0) for w in want_tok]), rtol=1e-5,
+                               atol=1e-5)
     torch.testing.assert_close(got["latents"], want_lat, rtol=1e-5, atol=1e-5)
     assert [man["prompts"][r] for r in man["photo_rows"]] == want_prompts
     assert man["counts"] == [len(Resized(n).person(j)[0]) for j in range(n)]
