@@ -320,18 +320,19 @@ def main(argv=None) -> int:
     c1 = result["ceiling"]["single"]
     print(f"head {a.head} ({a.output}), objective {a.objective}: {a.n_train} training people, {a.steps} steps x {a.batch_size}; "
           f"{len(test_dirs)} unseen test people x {len(bcfg.scenes)} scenes x {len(bcfg.seeds)} seeds, "
-          f"{bcfg.render_steps} steps, true CFG {bcfg.true_cfg}; intervals 95 % Wilson")
+          f"{bcfg.render_steps} steps, true CFG {bcfg.true_cfg}; intervals 95 % Wilson on images, and by person "
+          f"(clustered: a person's images are not independent)")
     if "val" in result:
         per = result["val"]["per_alpha"].items()
         print(f"alpha chosen on {a.n_val} validation people: {alpha} (" + ", ".join(
             f"{k}: id {m['identity_acc']:.1%}, scene {m['scene_acc']:.1%}" for k, m in per) + ")")
-    print(f"{'':24s} {'identity (all 7)':28s} {'of ceiling':10s} {'attributes':10s} {'scene':28s} n")
-    print(f"{'caption ceiling':24s} {_pct(c1, 'identity_acc'):28s} {'':10s} {c1['attribute_acc']:<10.1%} "
-          f"{_pct(c1, 'scene_acc'):28s} {c1['n_people']}")
-    for k, m in result["test"]["per_alpha"].items():
-        name = f"head alpha {k}" + (" (chosen)" if k == alpha else "")
-        print(f"{name:24s} {_pct(m, 'identity_acc'):28s} {m['identity_acc'] / max(c1['identity_acc'], 1e-9):<10.0%} "
-              f"{m['attribute_acc']:<10.1%} {_pct(m, 'scene_acc'):28s} {m['n_people']}")
+    print(f"{'':24s} {'identity (all 7)':28s} {'by person':18s} {'of ceiling':10s} {'attributes':10s} {'scene':28s} n")
+    for name, m in [("caption ceiling", c1)] + [(f"head alpha {k}" + (" (chosen)" if k == alpha else ""), m)
+                                                 for k, m in result["test"]["per_alpha"].items()]:
+        of = "" if m is c1 else f"{m['identity_acc'] / max(c1['identity_acc'], 1e-9):.0%}"
+        cp = m.get("identity_ci_people")
+        print(f"{name:24s} {_pct(m, 'identity_acc'):28s} {f'[{cp[0]:.1%}, {cp[1]:.1%}]' if cp else '':18s} "
+              f"{of:10s} {m['attribute_acc']:<10.1%} {_pct(m, 'scene_acc'):28s} {m['n_people']}")
     if pairs:
         c2, m = result["ceiling"]["pair"], result["two_slot"]
         print(f"two people, both right in order: ceiling {_pct(c2, 'all_people_acc')}, head (alpha {alpha}) "

@@ -96,6 +96,28 @@ def test_benchmark_runs_every_stage_and_is_idempotent(tmp_path):
         B.run_benchmark(other, tmp_path, progress=False)
 
 
+def test_person_clustered_interval_is_wider_when_a_person_is_all_right_or_all_wrong():
+    # 20 people x 10 images at 50 %: the same hits, spread within each person or all-or-nothing per person
+    mixed = [(5, 10)] * 20
+    lumped = [(10, 10)] * 10 + [(0, 10)] * 10
+    w = B.wilson(100, 200)
+    assert B.clustered_interval(mixed) == pytest.approx(w)                # design effect < 1: never below Wilson
+    deff = (20 / 19 * 20 * 25 / 200 ** 2) / (0.25 / 200)                   # 10.5: 19 trials, the people count
+    assert B.clustered_interval(lumped) == pytest.approx(B.wilson(0.5 * 200 / deff, 200 / deff))
+    assert 200 / deff == pytest.approx(19)
+    assert B.clustered_interval(lumped)[0] < w[0] - 0.1
+    assert B.clustered_interval([(10, 10)] * 3) == pytest.approx(B.wilson(2, 2))      # p = 1: C - 1 trials
+    assert B.clustered_interval([(3, 4)]) == [0.0, 1.0]
+    # score() clusters by the person's attributes
+    a, b = {k: v[0] for k, v in world.ATTRIBUTES.items()}, {k: v[1] for k, v in world.ATTRIBUTES.items()}
+    rows = [{"people": [a], "scene": "beach"}] * 4 + [{"people": [b], "scene": "beach"}] * 4
+    preds = [{"people": [a], "scene": "beach"}] * 8                       # b is never drawn right
+    s = B.score(preds, rows)
+    assert s["identity_acc"] == 0.5 and s["n_distinct_people"] == 2
+    assert s["identity_ci_people"] == pytest.approx(B.wilson(0.5, 1))    # two people, all-or-nothing: one trial
+    assert s["identity_ci_people"][1] - s["identity_ci_people"][0] > s["identity_ci"][1] - s["identity_ci"][0]
+
+
 def test_wilson_interval_matches_the_textbook_values():
     # Wilson (1927) score interval, z = 1.96: 5/10 -> [0.2366, 0.7634], 0/10 -> [0, 0.2775], 10/10 -> [0.7225, 1]
     assert B.wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)

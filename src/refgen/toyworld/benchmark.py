@@ -170,13 +170,36 @@ def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
     return [max(0.0, mid - half), min(1.0, mid + half)]
 
 
+def clustered_interval(groups: list[tuple[int, int]], z: float = 1.96) -> list[float]:
+    """95 % interval of a proportion whose trials come in clusters GROUPS = [(hits, trials), ...] (one per person).
+    The images of one person share their fate (a head that misses a person's glasses misses them in every scene), so
+    they are not independent trials. Wilson's interval at the effective sample size N / deff, deff the design
+    effect: the cluster-robust variance of the ratio, C/(C-1) * sum((k - p n)^2) / N^2, over the binomial p(1-p)/N,
+    never below 1 (no interval narrower than Wilson on images). People all right or all wrong give C - 1 trials (the
+    C/(C-1) small-sample factor); at p = 0 or 1, where the design effect cannot be estimated, so do they. Fewer than
+    2 clusters: [0, 1]."""
+    C, N = len(groups), sum(n for _, n in groups)
+    if C < 2 or N == 0:
+        return [0.0, 1.0]
+    K = sum(k for k, _ in groups)
+    p = K / N
+    if 0 < p < 1:
+        robust = C / (C - 1) * sum((k - p * n) ** 2 for k, n in groups) / N ** 2
+        n_eff = N / max(1.0, robust / (p * (1 - p) / N))
+    else:
+        n_eff = C - 1
+    return wilson(p * n_eff, n_eff, z)
+
+
 def score(preds: list[dict], rows: list[dict]) -> dict:
     """Recognizer predictions vs what each row asked for.
 
     rows[i] = {"people": [attrs of the 1st person from the left, attrs of the 2nd, ...], "scene": name}.
     identity = every one of the 7 attributes right for that person (the recognizer's joint identity);
     all_people = every person of the row recognised, each in their own left-to-right position.
-    Proportions carry their count (n_people for identity, n_images for the rest) and a 95 % Wilson interval.
+    Proportions carry their count (n_people for identity, n_images for the rest) and a 95 % Wilson interval;
+    identity also an interval clustered by person (`identity_ci_people`, `n_distinct_people`: a person is their 7
+    attributes), which is the one to read when two heads are compared on the same people.
 
     Rows of two people also say whether the people blend: of a person's wrong attributes where the two people
     differ, the share drawn with the *other* person's value (`leak`), against what a wrong guess among the
@@ -186,6 +209,7 @@ def score(preds: list[dict], rows: list[dict]) -> dict:
     id_hits, attr, persons, scene, all_ok, count_ok = 0, 0.0, 0, 0, 0, 0
     per_attr = {k: 0 for k in world.ATTRIBUTES}
     leak_errors, leaked, chance = 0, 0, 0.0
+    by_person: dict[tuple, list[int]] = {}  # attributes -> [hits, trials]
     for p, r in zip(preds, rows):
         scene += p["scene"] == r["scene"]
         count_ok += len(p["people"]) == len(r["people"])
@@ -199,6 +223,9 @@ def score(preds: list[dict], rows: list[dict]) -> dict:
             attr += sum(ok.values()) / len(ok)
             id_hits += all(ok.values())
             row_ok &= all(ok.values())
+            g = by_person.setdefault(tuple(want[k] for k in world.ATTRIBUTES), [0, 0])
+            g[0] += all(ok.values())
+            g[1] += 1
             if len(r["people"]) == 2 and got is not None:
                 other = r["people"][1 - slot]
                 for k in world.ATTRIBUTES:
@@ -211,6 +238,8 @@ def score(preds: list[dict], rows: list[dict]) -> dict:
         if leak_errors else {}
     return {"n_images": n, "n_people": persons, **two,
             "identity_acc": id_hits / max(1, persons), "identity_ci": wilson(id_hits, persons),
+            "identity_ci_people": clustered_interval([tuple(g) for g in by_person.values()]),
+            "n_distinct_people": len(by_person),
             "attribute_acc": attr / max(1, persons),
             "scene_acc": scene / max(1, n), "scene_ci": wilson(scene, n),
             "all_people_acc": all_ok / max(1, n), "all_people_ci": wilson(all_ok, n),
