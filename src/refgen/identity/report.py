@@ -55,6 +55,8 @@ def toyworld_kpis(r: dict, source: str = "") -> dict:
          "n_images": m["n_images"], "of_ceiling": m["identity_acc"] / max(c1["identity_acc"], 1e-9),
          "ceiling": c1["identity_acc"], "attributes": m["attribute_acc"], "scene": m["scene_acc"],
          "scene_ci": m["scene_ci"]}
+    if "identity_ci_people" in m:  # clustered by person (results before it have none)
+        k.update(identity_ci_people=m["identity_ci_people"], n_people_distinct=m["n_distinct_people"])
     if "two_slot" in r:
         t, c2 = r["two_slot"], r["ceiling"]["pair"]
         k.update(two_people_both_right=t["all_people_acc"], two_people_ci=t["all_people_ci"],
