@@ -62,7 +62,9 @@ def main(argv=None) -> int:
                      "two_slot": r["two_slot"]["teacher"]["all_people_acc"], "invert_s": inv.get("seconds"),
                      "per_alpha": {x: (m["identity_acc"], m["attribute_acc"], m["scene_acc"]) for x, m in pa.items()}})
         b = rows[-1]["best"] or {"identity_acc": float("nan"), "attribute_acc": float("nan"), "scene_acc": float("nan")}
+        cp = b.get("identity_ci_people")
         print(f"{json.dumps(over)[:60]:60s} ceiling {c1:.2f} | best a={best} id {b['identity_acc']:.2f} "
+              + (f"[by person {cp[0]:.2f}, {cp[1]:.2f}] " if cp else "") +
               f"({b['identity_acc'] / max(c1, 1e-9):.0%} of ceiling) attr {b['attribute_acc']:.2f} "
               f"scene {b['scene_acc']:.2f} | two-slot {rows[-1]['two_slot']:.2f} of {c2:.2f} | "
               f"invert {inv.get('seconds') or 0:.0f}s "
