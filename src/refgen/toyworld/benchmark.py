@@ -199,7 +199,7 @@ def score(preds: list[dict], rows: list[dict]) -> dict:
     all_people = every person of the row recognised, each in their own left-to-right position.
     Proportions carry their count (n_people for identity, n_images for the rest) and a 95 % Wilson interval;
     identity also an interval clustered by person (`identity_ci_people`, `n_distinct_people`: a person is their 7
-    attributes), which is the one to read when two heads are compared on the same people.
+    attributes): the one to read for a claim about new people rather than new images of these people.
 
     Rows of two people also say whether the people blend: of a person's wrong attributes where the two people
     differ, the share drawn with the *other* person's value (`leak`), against what a wrong guess among the
