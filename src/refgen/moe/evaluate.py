@@ -11,7 +11,7 @@ that device (CUDA events after warm-up, median / P95) and, with `energy`, NVML e
 at batch `energy_batch` (monitor.energy_window: idle-subtracted J/image total and marginal). The summary divides the
 setup's clean accuracy by them: accuracy per ms on the device and accuracy % per joule, the columns spec §8 asks
 of the H200. ONNX setups are recorded as not measured there (ONNX Runtime runs on the CPU: their 'latency' job).
-A device without an energy counter is refused before any job runs (no number stands in for a joule).
+A device without an energy counter is refused before any stage or job runs (no number stands in for a joule).
 
 `exports` and `compressions` name the artifacts the setups read (`refgen moe export` / `refgen moe compress` of a
 train folder, `{seed}` expanding over the seeds): the command makes any that is not complete (an export folder
