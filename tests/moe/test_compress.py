@@ -4,14 +4,13 @@ the spec's thresholds are checked by the runner's pass flags, not asserted here)
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from refgen.moe import manifest as mf
 from refgen.moe.compress import CompressConfig, compress_run
-from refgen.moe.export import ExportConfig, deployable_from_info
+from refgen.moe.export import deployable_from_info
 from refgen.moe.lowrank import factorize, factorize_layer, rank_for_energy
 from refgen.moe.prune import num_params, prune_iterative
 from refgen.moe.qat import fold_batchnorm
