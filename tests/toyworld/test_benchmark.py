@@ -114,6 +114,7 @@ def test_person_clustered_interval_is_wider_when_a_person_is_all_right_or_all_wr
     preds = [{"people": [a], "scene": "beach"}] * 8                       # b is never drawn right
     s = B.score(preds, rows)
     assert s["identity_acc"] == 0.5 and s["n_distinct_people"] == 2
+    assert s["identity_by_person"] == [["|".join(a.values()), 4, 4], ["|".join(b.values()), 0, 4]]
     assert s["identity_ci_people"] == pytest.approx(B.wilson(0.5, 1))    # two people, all-or-nothing: one trial
     assert s["identity_ci_people"][1] - s["identity_ci_people"][0] > s["identity_ci"][1] - s["identity_ci"][0]
 

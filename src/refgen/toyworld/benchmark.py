@@ -240,6 +240,9 @@ def score(preds: list[dict], rows: list[dict]) -> dict:
             "identity_acc": id_hits / max(1, persons), "identity_ci": wilson(id_hits, persons),
             "identity_ci_people": clustered_interval([tuple(g) for g in by_person.values()]),
             "n_distinct_people": len(by_person),
+            # [person (their 7 attributes, '|'-joined), hits, images]: two runs on the same people compare person by
+            # person (a paired test), which the totals cannot
+            "identity_by_person": [["|".join(k), g[0], g[1]] for k, g in by_person.items()],
             "attribute_acc": attr / max(1, persons),
             "scene_acc": scene / max(1, n), "scene_ci": wilson(scene, n),
             "all_people_acc": all_ok / max(1, n), "all_people_ci": wilson(all_ok, n),
