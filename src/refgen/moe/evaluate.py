@@ -54,6 +54,7 @@ from refgen.moe.monitor import MIN_ENERGY_WINDOW_S
 B5_ECE, B5_CUT = 0.02, 0.20   # B5: temperature scaling cuts ECE by >= 20 % wherever ECE > 2 %
 
 RAW = "eval_raw.jsonl"
+MEASURE_SPLITS = ("latency", "device")  # jobs that time or meter a setup: no accuracy, no calibration
 RECORD_SCHEMA = {
     "type": "object",
     "required": ["setup", "method", "seed", "split", "status", "config_sha256", "git_commit"],
@@ -69,7 +70,7 @@ RECORD_SCHEMA = {
         "shift": {"type": "object", "required": ["spec", "seed", "sha256", "n"]},
     },
     "allOf": [{"if": {"properties": {"status": {"const": "ok"},
-                                   "split": {"not": {"enum": ["latency", "device"]}}}},
+                                   "split": {"not": {"enum": list(MEASURE_SPLITS)}}}},
                "then": {"required": ["acc", "n", "ece", "mce", "ece_ts", "mce_ts", "temperature"]}},
               {"if": {"properties": {"status": {"const": "failed"}}}, "then": {"required": ["error"]}}],
 }
@@ -202,10 +203,8 @@ def stages(cfg: EvalConfig) -> list[tuple[str, str, str, str | None]]:
     out = []
     for kind, items in (("export", cfg.exports), ("compress", cfg.compressions)):
         for s in items:
-            seeds = cfg.seeds if "{seed}" in s.model + s.out else (None,)
-            for seed in seeds:
-                f = (lambda v: v.replace("{seed}", str(seed))) if seed is not None else (lambda v: v)  # noqa: E731
-                out.append((kind, f(s.model), f(s.out), s.config))
+            for seed in cfg.seeds if "{seed}" in s.model + s.out else ("",):  # no {seed}: one stage
+                out.append((kind, s.model.replace("{seed}", str(seed)), s.out.replace("{seed}", str(seed)), s.config))
     return out
 
 
@@ -238,7 +237,7 @@ def done_triples(out: Path, cfg: EvalConfig | None = None) -> set[tuple[str, int
     def done(r):
         if r.get("status") != "ok":
             return False
-        return spec is None or r["split"] in ("latency", "device") or (r.get("shift") or {}).get("spec") == spec
+        return spec is None or r["split"] in MEASURE_SPLITS or (r.get("shift") or {}).get("spec") == spec
     return {(r["setup"], r["seed"], r["split"]) for r in read_jsonl(p) if done(r)}
 
 
@@ -355,7 +354,8 @@ def _device_job(kind, shape, cfg: EvalConfig, counter) -> dict:
             xb = torch.rand(cfg.energy_batch, *shape, device=dev)
             w = energy_window(lambda: module(xb), cfg.energy_batch, counter, min_seconds=cfg.energy_seconds,
                               idle_seconds=cfg.energy_idle_seconds, sync=sync)
-            rec["energy"] = {**w, "batch": cfg.energy_batch, "counter": getattr(counter, "name", type(counter).__name__)}
+            rec["energy"] = {**w, "batch": cfg.energy_batch,
+                             "counter": getattr(counter, "name", type(counter).__name__)}
     return rec
 
 
@@ -585,7 +585,7 @@ def summarize(cfg: EvalConfig, recs: list[dict]) -> dict:
         row["ece_ts_severity3"] = float(np.mean([r["ece_ts"] for r in oods3])) if oods3 else None
         row["temperature_shift"] = clean[0].get("temperature_shift")
         row["shift"] = clean[0].get("shift")
-        row["calibration"] = calibration_summary(cfg, [r for r in mine if r["split"] not in ("latency", "device")])
+        row["calibration"] = calibration_summary(cfg, [r for r in mine if r["split"] not in MEASURE_SPLITS])
         row["device"] = _device_summary(row["acc"], [r for r in mine if r["split"] == "device"])
         row["acc_per_ms"] = row["acc"] / row["latency_ms_median"] if row["latency_ms_median"] else None
         row["cost"] = row["latency_ms_median"] if cfg.cost == "latency_ms" else row["bytes"]
@@ -686,8 +686,8 @@ def matrix_md(s: dict, cfg: EvalConfig) -> str:
                      f"{_f(r['acc_per_ms'], '.3f')} | {r['bytes']:,} |")
     dev = [r for r in s["setups"].values() if r.get("device")]
     if dev:
-        lines += ["", "On the device (batch-1 latency: CUDA events on a GPU, after 10 warm-up calls, median; energy: NVML windows "
-                      f">= {cfg.energy_seconds:g} s at batch {cfg.energy_batch}, idle-subtracted = marginal; accuracy "
+        lines += ["", "On the device (batch-1 latency: CUDA events on a GPU, after 10 warm-up calls, median; energy: "
+                      f"NVML windows >= {cfg.energy_seconds:g} s at batch {cfg.energy_batch}, idle-subtracted = marginal; accuracy "
                       "= the clean accuracy above, mean over seeds):", "",
                   "| setup | device | latency ms (P95) | acc/ms | J/image total | J/image marginal | acc %/J total | "
                   "acc %/J marginal |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
