@@ -185,9 +185,17 @@ def test_a_failing_stage_stops_the_run_and_names_the_command(tmp_path):
     cfg = EvalConfig(setups=[{"name": "x", "path": str(tmp_path / "e")}],
                      exports=[{"model": str(tmp_path / "no_such_run"), "out": str(tmp_path / "e")}],
                      seeds=(17,), corruptions=("contrast",), severities=(1,), latency=False, cost="bytes")
-    with pytest.raises(RuntimeError, match=r"stage `refgen moe export --model .*no_such_run"):
+    with pytest.raises(ValueError, match=r"stage `refgen moe export --model .*no_such_run.*FileNotFoundError"):
         run_matrix(cfg, tmp_path / "v", progress=False)
     assert not (tmp_path / "v" / "eval_raw.jsonl").exists()
+    # the CLI says it in one line, exit 1, no traceback
+    from refgen.cli import main
+
+    (tmp_path / "c.yaml").write_text(f"setups: [{{name: x, path: {tmp_path / 'e'}}}]\n"
+                                     f"exports: [{{model: {tmp_path / 'no_such_run'}, out: {tmp_path / 'e'}}}]\n"
+                                     "seeds: [17]\ncorruptions: [contrast]\nseverities: [1]\nlatency: false\n"
+                                     "cost: bytes\n")
+    assert main(["moe", "eval", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "v2"), "--quiet"]) == 1
 
 # ---- the shift-aware temperature (fitted on a corrupted copy of the validation holdout) ----------------------
 

@@ -424,11 +424,14 @@ def run_matrix(cfg: EvalConfig, out: str | Path, dry_run: bool = False, progress
     # refused before anything runs: no stage or job is spent on a run that cannot measure what it was asked to
     counter = _energy_counter(cfg, energy_counter) if any(j[2] == "device" for j in todo) else None
     for kind, model, o, conf in st_todo:  # the artifacts the setups read; a failure here stops the run
+        stage = f"stage `refgen moe {kind} --model {model} --out {o}`"
         try:
             run_stage(kind, model, o, conf, cfg.cache, progress)
-        except Exception as e:
-            raise RuntimeError(f"stage `refgen moe {kind} --model {model} --out {o}` failed: {type(e).__name__}: "
-                               f"{e}") from e
+        except (FileNotFoundError, ValueError) as e:  # bad input stays bad input: one line from the CLI
+            raise ValueError(f"{stage} failed: {type(e).__name__}: {e}") from e
+        except Exception as e:  # anything else is a bug to be read in its traceback, which names the stage
+            e.add_note(f"in {stage}")
+            raise
     log, sha, commit = JsonlLogger(out / RAW), cfg.sha256(), git_commit()
     by_name = {s.name: s for s in cfg.setups}
     loaded: dict[tuple[str, int], tuple] = {}
