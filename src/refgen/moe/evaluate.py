@@ -373,7 +373,7 @@ def _energy_counter(cfg: EvalConfig, counter=None):
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise EnergyUnavailable(f"energy: true needs a CUDA device with NVML, got device {cfg.device!r} on a machine "
                                 f"{'with' if torch.cuda.is_available() else 'without'} CUDA; set energy: false for "
-                                f"latency only")
+                                f"latency only (--no-energy)")
     return NvmlEnergy(dev.index or 0)
 
 
