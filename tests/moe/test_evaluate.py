@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from refgen.moe.calibration import ece_mce, fit_temperature, reliability_bins, uncertainty
 from refgen.moe.evaluate import EvalAborted, EvalConfig, jobs, run_matrix, stages
@@ -139,7 +140,22 @@ def test_device_job_gives_accuracy_per_ms_and_per_joule_and_skips_onnx(trained_d
     assert "not_measured" in s["int8"]["device"] and "ONNX" in s["int8"]["device"]["not_measured"]
     md = (tmp_path / "eval_matrix.md").read_text()
     assert "acc %/J total" in md and "| int8 | cpu | an ONNX setup" in md
+    assert "CUDA graphs need a CUDA GPU" in rec["graph_not_measured"] and "graph_latency_ms_median" not in rec
+    assert "not measured: CUDA graphs need a CUDA GPU" in md          # no eager number stands in for the graph's
     assert run_matrix(cfg, tmp_path, dry_run=True)["to_run"] == 0      # the device jobs count as done
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_device_job_times_the_model_as_a_cuda_graph_on_a_gpu(trained_digits):
+    from refgen.moe.evaluate import _graph_latency
+    from refgen.moe.export import deployable_from_info
+    from refgen.moe.train import load_model
+
+    model, info = load_model(trained_digits[0])
+    module = deployable_from_info(model, info).cuda().eval()
+    with torch.no_grad():
+        r = _graph_latency(module, torch.rand(1, 1, 8, 8, device="cuda"), iters=20)
+    assert r["graph_max_abs_diff"] <= 1e-4 and 0 < r["graph_latency_ms_median"] <= r["graph_latency_ms_p95"]
 
 
 def test_device_energy_refused_without_a_counter_before_any_job(trained_digits, tmp_path):
