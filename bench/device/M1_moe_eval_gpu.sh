@@ -15,8 +15,8 @@ else
 fi
 R=$PWD/.carry/runm; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT
 t0=$(date +%s)
-python3 -m refgen.cli moe train --config $CFG --out $R/m_s17 --seed 17 --device $DEV --quiet > $R/train.log 2>&1 \
-  || { tail -n 20 $R/train.log; exit 1; }
+[ -f $R/m_s17/moe.json ] || python3 -m refgen.cli moe train --config $CFG --out $R/m_s17 --seed 17 --device $DEV \
+  --quiet > $R/train.log 2>&1 || { tail -n 20 $R/train.log; exit 1; }
 echo "train: $(( $(date +%s) - t0 )) s"
 cat > $R/eval.yaml <<YAML
 setups:
