@@ -309,6 +309,9 @@ def test_shift_temperature_refuses_a_holdout_that_is_the_test_split(trained_digi
     res = run_matrix(cfg, tmp_path, progress=False)
     assert len(res["failed"]) == 2 and all("refusing to fit a temperature on the test split" in f
                                            for f in res["failed"])
+    md = (tmp_path / "eval_matrix.md").read_text()                   # the report names what is missing
+    assert "**2 job(s) failed**" in md and md.count("refusing to fit a temperature on the test split") == 2
+    assert res["summary"]["failed"] == res["failed"]
 
 
 def test_eval_cli_shift_flags(trained_digits, tmp_path):

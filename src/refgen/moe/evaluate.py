@@ -368,12 +368,12 @@ def _graph_latency(module, x1, iters: int) -> dict:
 
     from refgen.moe.monitor import CudaGraphCall, GraphCaptureUnsupported, measure_latency
 
-    try:
-        call = CudaGraphCall(module, x1)
+    try:  # the deployable module returns (logits, gate weights); a graph replays one tensor
+        call = CudaGraphCall(lambda x: module(x)[0], x1)
     except GraphCaptureUnsupported as e:
         return {"graph_not_measured": str(e)}
     x2 = torch.rand_like(x1)
-    diff = float((call(x2).clone() - module(x2)).abs().max())
+    diff = float((call(x2).clone() - module(x2)[0]).abs().max())
     if diff > 1e-4:
         return {"graph_not_measured": f"the CUDA-graph replay differs from the eager forward: max |dlogit| {diff:.3g}"}
     lat = measure_latency(lambda: call(x1), x1.device, warmup=10, iters=iters, sync_each=True)
@@ -511,6 +511,17 @@ def _ok_records(out: Path) -> list[dict]:
     return list(latest.values())
 
 
+def _still_failed(out: Path) -> list[str]:
+    """The jobs whose latest record failed (a later run's 'ok' clears one): the reports name them, so a missing
+    row is never silent."""
+    from refgen.artifacts import read_jsonl
+
+    latest = {}
+    for r in read_jsonl(out / RAW):
+        latest[(r["setup"], r["seed"], r["split"])] = r
+    return [f"{k[0]} seed={k[1]} {k[2]}: {r['error']}" for k, r in latest.items() if r.get("status") == "failed"]
+
+
 def _cut(before: float, after: float) -> float:
     """Relative ECE cut in % (negative: the temperature made ECE worse)."""
     return 100 * (before - after) / before if before > 0 else 0.0
@@ -634,7 +645,7 @@ def write_reports(cfg: EvalConfig, out: Path) -> dict:
     from refgen.artifacts import atomic_write_json, atomic_write_text, provenance
     from refgen.moe.plots import reliability_diagram, robustness_curves
 
-    s = summarize(cfg, _ok_records(out))
+    s = {**summarize(cfg, _ok_records(out)), "failed": _still_failed(out)}
     rows = list(s["setups"].values())[:cfg.max_plot_setups]
     files = {}
     if rows:
@@ -714,6 +725,9 @@ def matrix_md(s: dict, cfg: EvalConfig) -> str:
                      f"{_f(r['ece_severity3'], '.4f')} → {_f(r['ece_ts_severity3'], '.4f')} | "
                      f"{_f(r['latency_ms_median'], '.3f')}{' (unstable)' if r['latency_unstable'] else ''} | "
                      f"{_f(r['acc_per_ms'], '.3f')} | {r['bytes']:,} |")
+    if s.get("failed"):
+        lines += ["", f"**{len(s['failed'])} job(s) failed** (their rows are missing or partial; the next run retries "
+                      "them):", ""] + [f"- {f}" for f in s["failed"]]
     dev = [r for r in s["setups"].values() if r.get("device")]
     if dev:
         lines += ["", "On the device (batch-1 latency, after 10 warm-up calls, median: eager with CUDA events on a GPU; "
