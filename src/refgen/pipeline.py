@@ -235,10 +235,11 @@ def _people_by_kind(pipe, people: Sequence, alphas: Sequence[float]) -> tuple[li
     return toks, res
 
 
-def _encode_people(pipe, prompt: str, people: Sequence, alphas: Sequence[float], encode_text):
+def _encode_people(pipe, prompt: str, people: Sequence, alphas: Sequence[float], encode_text, isolate: bool = False):
     """(prompt_embeds (1, S, H), prompt_embeds_mask (1, S)) with person k in slot k. Residual people only: the
     prompt (`encode_text`, which may cache it) plus alpha_k R_k. With token people the text encoder reads the
-    prompt with their tokens in their slots (no cache serves that), then residual people are added."""
+    prompt with their tokens in their slots (no cache serves that), then residual people are added; `isolate`:
+    each person reaches only its own segment of the prompt (heads trained with `isolate_slots`)."""
     from refgen.identity.inject import inject
     from refgen.identity.prompts import tokenize
     from refgen.identity.render import encode_with_tokens
@@ -247,13 +248,14 @@ def _encode_people(pipe, prompt: str, people: Sequence, alphas: Sequence[float],
         return _inject(encode_text(prompt, len(people) or None), people, alphas)
     toks, res = _people_by_kind(pipe, people, alphas)
     dp = _diffusers_pipe(pipe)
-    E, M = encode_with_tokens(dp, [prompt], [[t] for t in toks], [1.0])
+    E, M = encode_with_tokens(dp, [prompt], [[t] for t in toks], [1.0], isolate)
     slots = tokenize(dp, prompt, len(people)).slots  # the tokenizer's windows: no second text-encoder pass
     E = inject(E, slots, [r.to(E.device, E.dtype) for r in res], [1.0] * len(res))
     return E, M
 
 
-def encode_identity(pipe, prompt: str, people: Sequence = (), alphas=None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_identity(pipe, prompt: str, people: Sequence = (), alphas=None,
+                    isolate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """`(prompt_embeds, prompt_embeds_mask)` for a stock `QwenImagePipeline`, with person k in the k-th `~ID~`.
 
         prompt_embeds, mask = refgen.encode_identity(pipe, "~ID~ on a beach", [SlotResidual.load("anna.safetensors", pipe)])
@@ -263,13 +265,16 @@ def encode_identity(pipe, prompt: str, people: Sequence = (), alphas=None) -> tu
     one per person, or one for all (default 1). The prompt is encoded as `pipe.encode_prompt` does (bit-identical
     without placeholders), every `~ID~` with the same fixed token ids; the slot count, each residual's fit and the
     alphas are checked first. Reference photos need the vision tower and a head: use `IdentityPipeline`.
+    `isolate`: two or more token people each reach only their own segment of the prompt, as a head trained with
+    `isolate_slots` was (`IdentityPipeline` reads it from the head).
     """
     from refgen.identity.prompts import encode_prompts, tokenize
 
     tokenize(pipe, prompt, n_identities=len(people) or None)  # slot count first: it needs no model
     people = [_residual_of(p, pipe, k) for k, p in enumerate(people)]
     alphas = _alphas_for(len(people), alphas)
-    return _encode_people(pipe, prompt, people, alphas, lambda p, n: encode_prompts(pipe, p, n_identities=n))
+    return _encode_people(pipe, prompt, people, alphas, lambda p, n: encode_prompts(pipe, p, n_identities=n),
+                          isolate)
 
 
 def reference_photos(images) -> list[Image.Image]:
@@ -358,6 +363,9 @@ class IdentityPipeline:
         self.device = execution_device(pipe)
         self.free_text_encoder = free_text_encoder
         self.features = self.head = self.head_metadata = self.head_path = None  # set by load_head
+        # Two or more token people each read only their own segment of the prompt: set by load_head from the head's
+        # training config (`isolate_slots`), so people are encoded as the head learnt them.
+        self.isolate_slots = False
         self._encoded: OrderedDict = OrderedDict()
 
     def __repr__(self) -> str:
@@ -414,6 +422,8 @@ class IdentityPipeline:
             if problems:
                 raise HeadMismatchError(f"head {head} does not fit: " + "; ".join(problems))
         self.features, self.head, self.head_metadata, self.head_path = fx, h, md, str(head)
+        cfg = md.get("config") or "{}"
+        self.isolate_slots = bool((json.loads(cfg) if isinstance(cfg, str) else cfg).get("isolate_slots", False))
 
     # ---- what the pipeline is ------------------------------------------------------------------------------
     @property
@@ -597,7 +607,7 @@ class IdentityPipeline:
         alphas = _alphas_for(len(residuals), alphas)
         if any(isinstance(p, SlotTokens) for p in residuals):
             self._text_encoder_ready()  # token people are read by the text encoder: no cached prompt serves
-        E, M = _encode_people(self, prompt, residuals, alphas, self._encode_text)
+        E, M = _encode_people(self, prompt, residuals, alphas, self._encode_text, self.isolate_slots)
         return E, M, residuals
 
     def encode(self, prompt: str, people: Sequence = (), alphas=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,32 @@ def test_placeholder_tokens_encode_exactly_as_the_prompt_and_grads_reach_them(pi
         encode_prompts(pipe, "a ~ID~", tokens=[T[None, :1]])
 
 
+def test_isolated_people_reach_only_their_own_segment_of_the_prompt(pipe):
+    from refgen.identity.prompts import tokenize
+
+    T = placeholder_embeds(pipe)
+    g = torch.Generator().manual_seed(0)
+    A, B = [torch.nn.Parameter((T + torch.randn(T.shape, generator=g))[None].expand(2, -1, -1).clone())
+            for _ in range(2)]
+    prompts = ["A photo of two people on a beach: on the left, ~ID~; on the right, ~ID~.", "~ID~ and ~ID~ in a city"]
+    iso = encode_prompts(pipe, prompts, tokens=[A, B], isolate=True)
+    only_a = encode_prompts(pipe, prompts, tokens=[A, T[None].expand(2, -1, -1)])   # B's slot left bare
+    only_b = encode_prompts(pipe, prompts, tokens=[T[None].expand(2, -1, -1), B])
+    joint = encode_prompts(pipe, prompts, tokens=[A, B])
+    for r, p in enumerate(prompts):
+        s2, n = tokenize(pipe, p, 2).slots[1].start, int(iso.mask[r].sum())
+        assert torch.allclose(iso.embeds[r, :s2], only_a.embeds[r, :s2], atol=1e-5)   # A's segment never reads B
+        assert torch.allclose(iso.embeds[r, s2:n], only_b.embeds[r, s2:n], atol=1e-5)  # B's segment never reads A
+        assert not torch.allclose(iso.embeds[r, s2:n], joint.embeds[r, s2:n], atol=1e-3)  # jointly, B's words do
+    assert torch.equal(iso.mask, joint.mask)
+    iso.embeds.float().pow(2).sum().backward()
+    assert A.grad.abs().sum() > 0 and B.grad.abs().sum() > 0
+    one = encode_prompts(pipe, "A photo of ~ID~ at sunset.", tokens=[A[:1].detach()], isolate=True)
+    assert torch.equal(one.embeds, encode_prompts(pipe, "A photo of ~ID~ at sunset.", tokens=[A[:1].detach()]).embeds)
+    E_iso, _ = encode_with_tokens(pipe, [prompts[1]], [[A[0].detach()], [B[0].detach()]], [1.0], isolate=True)
+    assert torch.allclose(E_iso[0, :n], iso.embeds[1, :n].to(E_iso), atol=1e-5)
+
+
 def test_alpha_zero_is_the_prompt_as_written_and_each_person_has_their_own_alpha(pipe):
     T = placeholder_embeds(pipe)
     g = torch.Generator().manual_seed(0)

@@ -412,6 +412,12 @@ def test_token_output_is_token_inversion_s_encoding(toy, toy_ids):
     torch.testing.assert_close(E2[0, :n], want.embeds[0, :n])
     swapped = encode_prompts(pipe, [tok.tps[p.row[0]].prompt], tokens=[(tok.T_ph + tok.e * R2[k])[None] for k in (1, 0)])
     assert (swapped.embeds[0, :n] - E2[0, :n]).abs().max() > 1e-3
+    # isolate_slots: each person's segment of the prompt is encoded without the other person (the inference path)
+    E3, _ = condition(tok, p, R2, torch.float32, isolate=True)
+    want = encode_prompts(pipe, [tok.tps[p.row[0]].prompt], tokens=[(tok.T_ph + tok.e * R2[k])[None] for k in (0, 1)],
+                          isolate=True)
+    torch.testing.assert_close(E3[0, :n], want.embeds[0, :n])
+    assert (E3[0, :n] - E2[0, :n]).abs().max() > 1e-3
 
 
 def test_token_head_trains_loads_and_makes_slot_tokens(toy_ids, tmp_path):
@@ -483,6 +489,38 @@ def test_init_head_starts_from_a_trained_head_and_refuses_another_architecture(t
 def test_token_output_refusals():
     with pytest.raises(ValueError, match="output must be one of"):
         E2EConfig(output="words")
+    with pytest.raises(ValueError, match="isolate_slots is for output: tokens"):
+        E2EConfig(output="residual", isolate_slots=True)
+
+
+def test_isolated_pair_training_reaches_the_head_and_the_pipeline(toy_ids, tmp_path):
+    """A head trained with isolate_slots on two-person steps records it; IdentityPipeline reads it from the head and
+    encodes two people each in their own segment, as training did (a checkpoint without the key resumes)."""
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.tokens import at_alpha, placeholder_embeds
+    from refgen.images import scan
+    from refgen.pipeline import IdentityPipeline
+
+    cfg = E2EConfig(head="linear", output="tokens", steps=2, batch_size=2, warmup_steps=0, eval_identities=0,
+                    two_person_fraction=1.0, two_person_images=4, isolate_slots=True, checkpoint_every=2,
+                    cache_dir=str(tmp_path / "c"))
+    out = tmp_path / "head"
+    train_e2e(toy_ids, out, default_model(), default_vl_model(), cfg, device="cpu", dtype="fp32", progress=False)
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(log) == 2 and all(r["two_person"] for r in log)
+    ip = IdentityPipeline.from_pretrained(default_model(), vl_model=default_vl_model(), head=str(out), device="cpu",
+                                          dtype="fp32")
+    assert ip.isolate_slots
+    ids = sorted(scan(toy_ids).identities, key=lambda i: i.id)
+    a, b = (ip.residual_from_refs(i.images[:2]) for i in ids[:2])
+    prompt = "~ID~ next to ~ID~ in the city."
+    E, M = ip.encode(prompt, [a, b])
+    ph = placeholder_embeds(ip.pipe)
+    want = encode_prompts(ip.pipe, prompt, tokens=[at_alpha(t.tensor, ph, 1.0)[None] for t in (a, b)], isolate=True)
+    n = int(M.sum())
+    torch.testing.assert_close(E[0, :n], want.embeds[0, :n].to(E))
+    ip.isolate_slots = False  # the user may still ask for the joint encoding
+    assert (ip.encode(prompt, [a, b])[0][0, :n] - E[0, :n]).abs().max() > 1e-4
 
 
 def test_token_heads_regress_token_teachers(toy, toy_ids, tmp_path):

@@ -52,23 +52,31 @@ def text_encoder_device(pipe) -> torch.device:
 
 def encode_prompts(pipe, prompts: str | list[str], n_identities: int | None = None,
                    device: torch.device | None = None, dtype: torch.dtype | None = None,
-                   tokens: list[torch.Tensor] | None = None) -> Encoded:
+                   tokens: list[torch.Tensor] | None = None, isolate: bool = False) -> Encoded:
     """Encode prompts to E (B, S, H) + mask (B, S) with each prompt's slot windows.
 
     `n_identities` (when given) is checked against each prompt's placeholder count.
     `tokens` (input-level identities): tokens[k] (B, L, H_in) replaces the input token embeddings of slot k
     of every prompt before the text encoder, so the person is read by the encoder and every token after the
     slot sees it (the encoder is causal). Every prompt then needs len(tokens) slots. Gradients flow into
-    `tokens` when they require grad (inversion); otherwise this runs without autograd.
+    `tokens` when they require grad (inversion); otherwise this runs without autograd. `isolate`: each
+    person reaches only its own segment of the prompt (`encode_tokenized`).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     tps = [tokenize(pipe, p, n_identities if tokens is None else len(tokens)) for p in prompts]
-    return encode_tokenized(pipe, tps, device, dtype, tokens)
+    return encode_tokenized(pipe, tps, device, dtype, tokens, isolate)
 
 
 def encode_tokenized(pipe, tps: list[TokenizedPrompt], device: torch.device | None = None,
-                     dtype: torch.dtype | None = None, tokens: list[torch.Tensor] | None = None) -> Encoded:
-    """`encode_prompts` for prompts tokenized once (`tokenize`): inversion encodes the same prompts every step."""
+                     dtype: torch.dtype | None = None, tokens: list[torch.Tensor] | None = None,
+                     isolate: bool = False) -> Encoded:
+    """`encode_prompts` for prompts tokenized once (`tokenize`): inversion encodes the same prompts every step.
+
+    `isolate` (two or more token people): the prompt is encoded once per person, the other slots holding the
+    bare placeholder's embeddings, and position p of the output is taken from the pass of the last slot that
+    starts at or before p (the words before the first slot from the first pass: they read no person). So a
+    person's tokens reach their own window and the words up to the next slot, never the other person's words,
+    which the causal encoder otherwise lets read every slot before them. One person: the same as joint."""
     from refgen.identity.render import execution_device
 
     device = device or execution_device(pipe)
@@ -94,9 +102,21 @@ def encode_tokenized(pipe, tps: list[TokenizedPrompt], device: torch.device | No
                 raise ValueError(f"encode_prompts: tokens[{bad[0]}] has shape {tuple(tokens[bad[0]].shape)}; the "
                                  f"placeholder {tps[0].slots[0]} is {L} tokens long: (B, {L}, H_in)")
             starts = torch.tensor([[sl.start + drop for sl in tp.slots] for tp in tps], device=te_device)  # (B, K)
-            x = place_tokens(pipe.text_encoder.get_input_embeddings()(input_ids), starts, tokens)
-            out = pipe.text_encoder(inputs_embeds=x, attention_mask=attn, output_hidden_states=True)
-        hidden = out.hidden_states[-1]  # (B, T, H)
+            x0 = pipe.text_encoder.get_input_embeddings()(input_ids)  # (B, T, H_in), the placeholder in every slot
+            K = len(tokens)
+            if not isolate or K < 2:
+                x = place_tokens(x0, starts, tokens)
+                out = pipe.text_encoder(inputs_embeds=x, attention_mask=attn, output_hidden_states=True)
+            else:  # K passes in one batch (K*B, T, H_in): pass k has person k alone
+                x = torch.cat([place_tokens(x0, starts[:, k:k + 1], [tokens[k]]) for k in range(K)])
+                out = pipe.text_encoder(inputs_embeds=x, attention_mask=attn.repeat(K, 1), output_hidden_states=True)
+        hidden = out.hidden_states[-1]  # (B, T, H), or (K*B, T, H) isolated
+        if tokens is not None and isolate and len(tokens) >= 2:
+            B, T = input_ids.shape
+            passes = hidden.view(len(tokens), B, T, -1)  # (K, B, T, H)
+            pos = torch.arange(T, device=hidden.device)
+            owner = ((pos[None, None, :] >= starts[:, :, None].to(hidden.device)).sum(1) - 1).clamp(min=0)  # (B, T)
+            hidden = passes.gather(0, owner[None, :, :, None].expand(1, -1, -1, passes.shape[3]))[0]  # (B, T, H)
         # The pipeline's masking (each row's real tokens h[m.bool()], the template prefix dropped, zero-padded to
         # the longest) as one gather: no per-row boolean index, which costs a host sync per row.
         lengths = [len(tp.input_ids) for tp in tps]

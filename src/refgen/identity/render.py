@@ -259,10 +259,11 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
 
 
 def encode_with_tokens(pipe, prompts: list[str], tokens: list[list[torch.Tensor]],
-                       alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+                       alphas: list[float], isolate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(E (B, S, H), mask (B, S)) of prompts[b] with slot k read as T_ph + alphas[b] (tokens[k][b] - T_ph).
     tokens[k][b] (L, H_in) are learnt token embeddings (identity/tokens.py), any device and float dtype: they
-    are moved to where the text encoder computes, in its dtype."""
+    are moved to where the text encoder computes, in its dtype. `isolate`: each person reaches only its own
+    segment of the prompt (`prompts.encode_tokenized`; for heads trained with `isolate_slots`)."""
     from refgen.identity.prompts import encode_prompts, text_encoder_device
     from refgen.identity.tokens import at_alpha, placeholder_embeds
 
@@ -270,7 +271,7 @@ def encode_with_tokens(pipe, prompts: list[str], tokens: list[list[torch.Tensor]
     base = placeholder_embeds(pipe).to(dev)
     a = torch.tensor([float(x) for x in alphas], device=dev)
     toks = [at_alpha(torch.stack([t.to(dev, torch.float32) for t in per_slot]), base, a).to(dt) for per_slot in tokens]
-    enc = encode_prompts(pipe, prompts, n_identities=len(tokens), tokens=toks)
+    enc = encode_prompts(pipe, prompts, n_identities=len(tokens), tokens=toks, isolate=isolate)
     return enc.embeds, enc.mask
 
 

@@ -113,6 +113,9 @@ class E2EConfig:
     # rendered silhouette. It does localise the slots, but with the generator frozen only the slot tokens can move,
     # and on the toy world that cost each person's identity (docs/head.md): 0 = off (the steps are then unchanged).
     loc_weight: float = 0.0
+    # Two or more token people: each person reaches only its own segment of the prompt (its window and the words up
+    # to the next slot; `prompts.encode_tokenized`), in training and, from the head's metadata, at inference.
+    isolate_slots: bool = False
     val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
     eval_identities: int = 16         # training identities whose fixed-noise flow loss is logged (0 = none)
     eval_every: int = 200
@@ -185,6 +188,9 @@ class E2EConfig:
             raise ValueError(f"tables must be 'device' or 'mapped', got {self.tables!r}")
         if self.toyworld_identities < 0 or self.toyworld_first_id < 0:
             raise ValueError("toyworld_identities and toyworld_first_id must be >= 0")
+        if self.isolate_slots and self.output != "tokens":
+            raise ValueError("isolate_slots is for output: tokens (a residual is added after the text encoder, where "
+                             "no word reads it)")
         if self.two_person_fraction and self.objective == "teacher":
             raise ValueError("two_person_fraction needs the e2e or mixed objective (two-person steps are "
                              "flow-matching steps)")
@@ -535,7 +541,8 @@ def inject_slots(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtyp
     return E0.index_put((item[:, None].expand_as(pos), pos), R.to(dtype), accumulate=True), M
 
 
-def condition(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def condition(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtype,
+              isolate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(E (B, S, H), mask (B, S)) of every target's own prompt with each slot's head output in it: a residual added
     in its window (`inject_slots`), or tokens T_ph + e R read by the frozen text encoder in the slot's place (the
     path of token inversion, `encode_tokenized`; gradients reach R through the encoder)."""
@@ -552,7 +559,8 @@ def condition(data: E2EData, batch: Batch, R: torch.Tensor, dtype: torch.dtype) 
                          "targets come in separate steps)")
     T = (data.T_ph + data.e * R.to(dev, torch.float32)).to(data.pipe.text_encoder.dtype)  # (n, L, H_in)
     per_slot = [T.new_zeros(B, data.L, T.shape[2]).index_copy(0, item[k == j], T[k == j]) for j in range(K)]
-    enc = encode_tokenized(data.pipe, [data.tps[r] for r in batch.row.tolist()], data.bank.device, dtype, per_slot)
+    enc = encode_tokenized(data.pipe, [data.tps[r] for r in batch.row.tolist()], data.bank.device, dtype, per_slot,
+                           isolate)
     return enc.embeds, enc.mask
 
 
@@ -567,7 +575,7 @@ def item_losses(head, data: E2EData, batch: Batch, model, cfg: E2EConfig, dtype:
     out = {}
     total = torch.zeros(B, device=dev)
     if cfg.objective in ("e2e", "mixed"):
-        E, M = condition(data, batch, R, dtype)
+        E, M = condition(data, batch, R, dtype, cfg.isolate_slots)
         x0 = pack(data.latents[batch.latent.to(dev)])
         noise = pack(batch.noise.to(x0))
         sigma = batch.sigma.to(dev)
@@ -810,7 +818,9 @@ def _resume(ck: Path, head, opt, cfg: E2EConfig, data: E2EData) -> tuple[int, li
         return 0, [0, 0]
     st = torch.load(ck, map_location="cpu", weights_only=False)
     now = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in _RESUMABLE}
-    was = {k: v for k, v in st["config"].items() if k not in _RESUMABLE}
+    # A setting added after the checkpoint was made reads as its default, which leaves the steps as they were.
+    default = json.loads(json.dumps(dataclasses.asdict(E2EConfig())))
+    was = {k: v for k, v in {**default, **st["config"]}.items() if k not in _RESUMABLE}
     if was != now or st["ids"] != data.ids:
         diff = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k)) or ["the identities"]
         raise ValueError(f"{ck} was made with other settings ({', '.join(diff)}): use another --out, or delete "

@@ -340,7 +340,8 @@ def render_config(cfg: BenchmarkConfig):
 
 def render_rows(pipe, prompts: list[str], jobs: list[dict], rc, neg) -> list:
     """jobs[i] = {"prompt": index into prompts, "residuals": [(L,H) per slot], "alpha": a, "seed": s}, or
-    "tokens": [(L,H_in) per slot] (learnt token embeddings) instead of "residuals".
+    "tokens": [(L,H_in) per slot] (learnt token embeddings) instead of "residuals", and then optionally
+    "isolate": True (each person reaches only its own segment of the prompt: heads trained with isolate_slots).
     Prompts are encoded once; each job gets its residuals injected at its prompt's slots (a prompt with
     no placeholder renders as written), or its prompt is encoded again with its tokens; images come back in job
     order. Jobs of one prompt are batched together (their slots are at the same places). `rc` is a
@@ -359,10 +360,12 @@ def render_rows(pipe, prompts: list[str], jobs: list[dict], rc, neg) -> list:
         slots = enc.slots[p]
         B = len(idx)
         E = enc.embeds[p:p + 1].expand(B, -1, -1)
+        if len({bool(jobs[i].get("isolate")) for i in idx}) > 1:
+            raise ValueError(f"the jobs of prompt {prompts[p]!r} mix isolated and joint encoding: one setting per prompt")
         if slots and "tokens" in jobs[idx[0]]:
             E, _ = encode_with_tokens(pipe, [prompts[p]] * B, [[jobs[i]["tokens"][k] for i in idx]
                                                                for k in range(len(slots))],
-                                      [jobs[i]["alpha"] for i in idx])
+                                      [jobs[i]["alpha"] for i in idx], bool(jobs[idx[0]].get("isolate")))
             E = _pad_to(E, enc.embeds.shape[1]).to(dev, dt)  # the same ids as the plain prompt: the same mask
         elif slots:
             res = [torch.stack([jobs[i]["residuals"][k] for i in idx]).to(dev, dt) for k in range(len(slots))]
