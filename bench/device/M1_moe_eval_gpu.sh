@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Device call (nvidia-h200, one GPU, ~5 min). carry: [".whl_moe"] = jsonschema and pymoo with their wheels
-# (no diffusers needed; `python3 -m pip download` as the device README says, for Python 3.12).
+# Device call (nvidia-h200, one GPU, ~3 min). carry: [".whl_moe"] = jsonschema and pymoo with their wheels: referencing,
+# jsonschema-specifications, rpds-py, attrs, moocore, cffi, pycparser, platformdirs, autograd, cma, alive-progress,
+# about-time, graphemeu, Deprecated, wrapt (no diffusers needed; `python3 -m pip download --no-deps` as the device
+# README says, for Python 3.12; the H200 image lacks cffi and platformdirs, which pymoo's hypervolume imports).
 # Issue 21, B6 through `refgen moe eval` itself: a ToyWorld-27 graph-MoE (seed 17) trained on the GPU, exported by
 # the eval's own stage, evaluated clean + 7 corruptions at severity 3 with --device cuda: batch-1 latency on the
 # H200 and NVML energy windows per PyTorch setup -> accuracy/ms there and accuracy %/J, beside the CPU latency.
