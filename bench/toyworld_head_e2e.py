@@ -71,19 +71,24 @@ def sweep(pipe, net, dev, attrs, res, alphas, bcfg, neg) -> dict:
                             [r for r, j in zip(rows, jobs) if j["alpha"] == a]) for a in alphas}
 
 
-def two_slot(pipe, net, dev, attrs, res, pairs, alpha, bcfg, neg, isolate: bool = False) -> dict:
-    """Two people per prompt (PAIR_PROMPT), left then right; ISOLATE as the head was trained (`isolate_slots`)."""
+def two_slot(pipe, net, dev, attrs, res, pairs, alpha, bcfg, neg, isolate: bool = False, head=None) -> dict:
+    """Two people per prompt (PAIR_PROMPT), left then right; ISOLATE as the head was trained (`isolate_slots`), and
+    each person with HEAD's offset for their slot when it has `slot_roles` (`head.with_slot_role`)."""
+    from refgen.identity.head import with_slot_role
     from refgen.toyworld import recognizer as R
     from refgen.toyworld import world
     from refgen.toyworld.benchmark import PAIR_PROMPT, render_config, render_rows, score
 
     prompts = [PAIR_PROMPT.format(where=world.SCENE_PHRASES[s][0]) for s in bcfg.scenes]
     key, res = res
+    kind = "tokens" if key == "tokens" else "residual"
     jobs, rows = [], []
     for i, j in pairs:
         for si, s in enumerate(bcfg.scenes):
             for seed in bcfg.seeds:
-                jobs.append({"prompt": si, key: [res[i], res[j]], "alpha": alpha, "seed": seed,
+                people = [res[p] if head is None else with_slot_role(head, kind, res[p], k, 2)
+                          for k, p in enumerate((i, j))]
+                jobs.append({"prompt": si, key: people, "alpha": alpha, "seed": seed,
                              **({"isolate": True} if isolate and key == "tokens" else {})})
                 rows.append({"people": [attrs[i], attrs[j]], "scene": s})
     return score(R.predict(net, render_rows(pipe, prompts, jobs, render_config(bcfg), neg), dev), rows)
@@ -295,7 +300,7 @@ def main(argv=None) -> int:
         result["val"] = {"per_alpha": val, "chosen_alpha": alpha}
         val_pairs = test_pairs(len(val_dirs), min(a.n_pairs, len(val_dirs) * (len(val_dirs) - 1) // 2))
         if pairs and val_pairs:  # two people may want another alpha than one: chosen on validation pairs too
-            vp = {f"{x:g}": two_slot(pipe, net, dev, val_attrs, val_res, val_pairs, x, bcfg, neg, iso)
+            vp = {f"{x:g}": two_slot(pipe, net, dev, val_attrs, val_res, val_pairs, x, bcfg, neg, iso, head)
                   for x in alphas}
             pair_alpha = max(vp, key=lambda k: (vp[k]["all_people_acc"], vp[k]["identity_acc"]))
             result["val"].update(pairs_per_alpha=vp, chosen_pair_alpha=pair_alpha)
@@ -308,11 +313,12 @@ def main(argv=None) -> int:
     result["ceiling"] = caption_ceiling(pipe, net, test_attrs, pairs, bcfg.scenes, bcfg.seeds, render_config(bcfg),
                                         neg, dev)
     if pairs:
-        result["two_slot"] = two_slot(pipe, net, dev, test_attrs, test_res, pairs, float(alpha), bcfg, neg, iso)
+        result["two_slot"] = two_slot(pipe, net, dev, test_attrs, test_res, pairs, float(alpha), bcfg, neg, iso,
+                                      head)
         if pair_alpha is not None and pair_alpha != alpha:
             result["two_slot_pair_alpha"] = {"alpha": pair_alpha, **two_slot(pipe, net, dev, test_attrs, test_res,
                                                                               pairs, float(pair_alpha), bcfg, neg,
-                                                                              iso)}
+                                                                              iso, head)}
     times["eval_ceiling_two_slot_s"] = time.time() - t
     t = time.time()
     result["copy_paste"] = copy_paste(pipe, net, dev, head, fx, test_dirs, test_attrs, float(alpha), bcfg, neg)

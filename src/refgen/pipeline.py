@@ -19,6 +19,7 @@ diffusers pipeline; what the pipeline itself does (its offload hooks) is read fr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -607,8 +608,20 @@ class IdentityPipeline:
         alphas = _alphas_for(len(residuals), alphas)
         if any(isinstance(p, SlotTokens) for p in residuals):
             self._text_encoder_ready()  # token people are read by the text encoder: no cached prompt serves
-        E, M = _encode_people(self, prompt, residuals, alphas, self._encode_text, self.isolate_slots)
+        E, M = _encode_people(self, prompt, self._with_slot_roles(residuals), alphas, self._encode_text,
+                              self.isolate_slots)
         return E, M, residuals
+
+    def _with_slot_roles(self, people: list) -> list:
+        """People as the loaded head's two-person slots read them (its `slot_roles`, `head.with_slot_role`); the same
+        people without such a head or in a prompt of one or more than two."""
+        if self.head is None or getattr(self.head, "slot_roles", None) is None or len(people) != 2:
+            return people
+        from refgen.identity.head import with_slot_role
+
+        return [dataclasses.replace(p, tensor=with_slot_role(
+            self.head, "tokens" if isinstance(p, SlotTokens) else "residual", p.tensor, k, 2))
+            for k, p in enumerate(people)]
 
     def encode(self, prompt: str, people: Sequence = (), alphas=None) -> tuple[torch.Tensor, torch.Tensor]:
         """`(prompt_embeds (1, S, H), prompt_embeds_mask (1, S))` with person k in the k-th `~ID~`, for this

@@ -523,6 +523,66 @@ def test_isolated_pair_training_reaches_the_head_and_the_pipeline(toy_ids, tmp_p
     assert (ip.encode(prompt, [a, b])[0][0, :n] - E[0, :n]).abs().max() > 1e-4
 
 
+def test_slot_roles_are_learnt_on_pair_steps_and_read_at_inference(toy, toy_ids, tmp_path):
+    """slot_roles: a learnt (2, L, H) offset for the first / second slot of a two-person prompt, zero at the start,
+    added to the head's output on pair steps only; saved in the head, read by the bench helper and IdentityPipeline
+    for two-person prompts (one person: unchanged); a head without roles can start a run with them, not back."""
+    import dataclasses
+
+    from refgen.identity.generate import HeadMismatchError
+    from refgen.identity.head import load_head, with_slot_role
+    from refgen.identity.prompts import encode_prompts
+    from refgen.identity.tokens import at_alpha, placeholder_embeds
+    from refgen.identity.train_e2e import build_e2e_head, head_forward
+    from refgen.images import scan
+    from refgen.pipeline import IdentityPipeline
+
+    with pytest.raises(ValueError, match="slot_roles are learnt on two-person steps"):
+        E2EConfig(slot_roles=True)
+    pipe, fx, data, cfg = toy
+    rcfg = dataclasses.replace(cfg, output="residual", slot_roles=True)
+    head = build_e2e_head(rcfg, data.means.shape[1], data.L, data.H)
+    assert head.slot_roles.shape == (2, data.L, data.H) and not head.slot_roles.any()
+    with torch.no_grad():
+        head.slot_roles.normal_()
+    g = step_generator(0, "step", 0)
+    pb, sb = pair_batch(data, 2, rcfg, g), single_batch(data, [0, 1], rcfg, g)
+    plain = dataclasses.replace(rcfg, slot_roles=False)
+    bare = build_e2e_head(plain, data.means.shape[1], data.L, data.H)
+    bare.load_state_dict({k: v for k, v in head.state_dict().items() if k != "slot_roles"})
+    torch.testing.assert_close(head_forward(head, data, pb) - head_forward(bare, data, pb), head.slot_roles[pb.slot_k])
+    torch.testing.assert_close(head_forward(head, data, sb), head_forward(bare, data, sb))   # one person: no role
+
+    base = dict(head="linear", output="tokens", steps=2, batch_size=2, warmup_steps=0, eval_identities=0,
+                two_person_fraction=1.0, two_person_images=4, checkpoint_every=2, cache_dir=str(tmp_path / "c"))
+    first = tmp_path / "no_roles"
+    train_e2e(toy_ids, first, default_model(), default_vl_model(), E2EConfig(**base), device="cpu", dtype="fp32",
+              progress=False)
+    out = tmp_path / "roles"
+    train_e2e(toy_ids, out, default_model(), default_vl_model(), E2EConfig(**base, slot_roles=True,
+              init_head=str(first)), device="cpu", dtype="fp32", progress=False)
+    h, _ = load_head(out, torch.device("cpu"), torch.float32)
+    assert h.slot_roles.abs().sum() > 0                                      # learnt from zero on the pair steps
+    with pytest.raises(HeadMismatchError, match="slot_roles"):            # roles cannot be dropped silently
+        train_e2e(toy_ids, tmp_path / "back", default_model(), default_vl_model(),
+                  E2EConfig(**base, init_head=str(out)), device="cpu", dtype="fp32", progress=False)
+    ip = IdentityPipeline.from_pretrained(default_model(), vl_model=default_vl_model(), head=str(out), device="cpu",
+                                          dtype="fp32")
+    ids = sorted(scan(toy_ids).identities, key=lambda i: i.id)
+    a, b = (ip.residual_from_refs(i.images[:2]) for i in ids[:2])
+    ph = placeholder_embeds(ip.pipe)
+    prompt = "~ID~ next to ~ID~ in the city."
+    E, M = ip.encode(prompt, [a, b], [0.5])
+    toks = [at_alpha(with_slot_role(h, "tokens", t.tensor, k, 2), ph, 0.5)[None] for k, t in enumerate((a, b))]
+    torch.testing.assert_close(E, encode_prompts(ip.pipe, prompt, tokens=toks).embeds.to(E), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(with_slot_role(h, "tokens", a.tensor, 1, 2), a.tensor)
+    assert torch.equal(with_slot_role(h, "tokens", a.tensor, 0, 1), a.tensor)              # one person: as made
+    assert torch.equal(with_slot_role(h, "residual", a.tensor, 0, 2), a.tensor)            # another kind: as made
+    one = "A photo of ~ID~ in the city."
+    torch.testing.assert_close(ip.encode(one, [a])[0], encode_prompts(
+        ip.pipe, one, tokens=[a.tensor[None]]).embeds.to(E), atol=1e-5, rtol=1e-5)
+
+
 def test_token_heads_regress_token_teachers(toy, toy_ids, tmp_path):
     """teacher / mixed with token output regress each person's teacher tokens as the head's own unit,
     (T - T_ph) / e; residual teachers are named as the other output's, and tokens learnt for another text encoder

@@ -206,6 +206,7 @@ HEAD_FILE, HEAD_JSON = "head.safetensors", "head.json"
 # A token head (output "tokens") stores beside its weights the placeholder embeddings T_ph its output is added to
 # (T = T_ph + token_scale * out), so inference can refuse a text encoder whose placeholder differs.
 PLACEHOLDER_KEY = "output.placeholder"
+SLOT_ROLES_KEY = "slot_roles"  # (2, L, H): the head's offsets for the first and second slot of a two-person prompt
 # what a head's weights file and its head.json must agree on, or the weights are not the head the record describes
 RECORD_KEYS = ("kind", "head_config", "L", "H", "D", "feature_settings", "placeholder_token_ids",
                "tokenizer_fingerprint", "output")
@@ -293,6 +294,8 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
     if md["kind"] == "resampler":
         config.setdefault("pooled_query", False)  # resamplers recorded before the option had no pooled query
     head = build_head(md["kind"], int(md["D"]), int(md["L"]), int(md["H"]), config)
+    if SLOT_ROLES_KEY in sd:  # trained with slot_roles: an offset per slot of a two-person prompt
+        head.slot_roles = nn.Parameter(torch.zeros_like(sd[SLOT_ROLES_KEY]))
     try:
         head.load_state_dict(sd)
     except RuntimeError as e:
@@ -332,6 +335,19 @@ def person_from_photos(head: nn.Module, features, photos: list) -> tuple[str, to
     if getattr(head, "output", "residual") == "tokens":
         return "tokens", head.token_base + head.token_scale * out
     return "residual", out
+
+
+def with_slot_role(head: nn.Module, kind: str, person: torch.Tensor, k: int, n_people: int) -> torch.Tensor:
+    """PERSON of KIND ("residual": R (L, H), "tokens": T (L, H_in), as `person_from_photos` makes them) in slot K of
+    a prompt with N_PEOPLE people: plus the head's learnt offset for that slot when the head has `slot_roles`, the
+    prompt has two people and the person is of the head's own output kind (in token units for a token head);
+    unchanged otherwise (one person, more than two, a head without roles, or a person of the other kind)."""
+    roles = getattr(head, "slot_roles", None)
+    output = getattr(head, "output", "residual")
+    if roles is None or n_people != 2 or kind != output:
+        return person
+    off = roles[k].detach().to(person.device, person.dtype)
+    return person + (head.token_scale * off if output == "tokens" else off)
 
 
 @torch.no_grad()

@@ -116,6 +116,11 @@ class E2EConfig:
     # Two or more token people: each person reaches only its own segment of the prompt (its window and the words up
     # to the next slot; `prompts.encode_tokenized`), in training and, from the head's metadata, at inference.
     isolate_slots: bool = False
+    # A learned offset per slot of a two-person prompt (first / second person, i.e. left / right in the toy world's
+    # phrasings), zero at the start, added to the head's output there in training and at inference (`slot_roles` in
+    # the head file): the window of a person's tokens carries almost nothing of the words around it (docs/head.md),
+    # so it cannot tell the transformer which of the two people it is; the offset can.
+    slot_roles: bool = False
     val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
     eval_identities: int = 16         # training identities whose fixed-noise flow loss is logged (0 = none)
     eval_every: int = 200
@@ -191,6 +196,8 @@ class E2EConfig:
         if self.isolate_slots and self.output != "tokens":
             raise ValueError("isolate_slots is for output: tokens (a residual is added after the text encoder, where "
                              "no word reads it)")
+        if self.slot_roles and not self.two_person_fraction:
+            raise ValueError("slot_roles are learnt on two-person steps: set two_person_fraction > 0 too")
         if self.two_person_fraction and self.objective == "teacher":
             raise ValueError("two_person_fraction needs the e2e or mixed objective (two-person steps are "
                              "flow-matching steps)")
@@ -419,7 +426,10 @@ def build_e2e_head(cfg: E2EConfig, dim: int, L: int, H: int):
     arch = dict(cfg.resampler) if cfg.head == "resampler" else {}
     if cfg.output == "tokens":
         arch.setdefault("scale_max", TOKEN_SCALE_MAX)
-    return build_head(cfg.head, dim, L, H, arch)
+    head = build_head(cfg.head, dim, L, H, arch)
+    if cfg.slot_roles:
+        head.slot_roles = torch.nn.Parameter(torch.zeros(2, L, H))  # (2, L, H): first, second of two people
+    return head
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -517,8 +527,13 @@ def head_forward(head, data: E2EData, batch: Batch) -> torch.Tensor:
     refs, rmask = batch.refs.to(dev), batch.ref_mask.to(dev)
     if head.kind == "resampler":
         tok, kmask = photo_tokens(data.tokens[refs], data.tok_mask[refs], rmask)  # (n, K*T, D), (n, K*T)
-        return head(tok, kmask)
-    return head(pool_photos(data.means[refs], rmask))  # z (n, D)
+        R = head(tok, kmask)
+    else:
+        R = head(pool_photos(data.means[refs], rmask))  # z (n, D)
+    roles = getattr(head, "slot_roles", None)
+    if roles is not None and int(batch.slot_k.max()) == 1:  # a two-person step: every item has two slots
+        R = R + roles[batch.slot_k.to(dev)]
+    return R
 
 
 def slot_windows(data: E2EData, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -843,7 +858,10 @@ def _init_from(path: str, head, meta: dict, data: E2EData) -> None:
     if data.output == "tokens" and not torch.allclose(src.token_base, data.T_ph.float().cpu(), atol=1e-5):
         raise HeadMismatchError(f"init_head {path} was trained against other placeholder embeddings than this "
                                 "run's text encoder has")
-    head.load_state_dict(src.state_dict())
+    missing, unexpected = head.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or set(missing) - {"slot_roles"}:
+        raise HeadMismatchError(f"init_head {path}: its weights do not fit this run's head (missing {missing}, "
+                                f"unexpected {unexpected}; slot_roles must be on in both, or only in this run)")
 
 
 def _optimise(head, opt, params, data: E2EData, batch, fm, cfg: E2EConfig, dtype, step: int, rank: int, world: int,
