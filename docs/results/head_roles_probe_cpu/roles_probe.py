@@ -72,7 +72,8 @@ for name, path in heads.items():
     attrs = [attributes_of(d) for d in dirs]
     m = B.two_slot(pipe, net, "cpu", attrs, B.residuals(head, fx, dirs), test_pairs(len(dirs), 24), 1.0, bcfg, neg,
                    False, head)
-    rows[name].update({k: m[k] for k in ("all_people_acc", "all_people_ci", "identity_acc", "leak", "leak_chance",
+    rows[name].update({k: m[k] for k in ("all_people_acc", "all_people_ci", "identity_acc", "identity_ci",
+                                         "identity_ci_people", "leak", "leak_chance",
                                          "people_count_acc", "n_images")}, seconds=time.time() - t)
     print(name, rows[name], flush=True)
 (out / "roles_probe.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
