@@ -92,6 +92,7 @@ def encode_tokenized(pipe, tps: list[TokenizedPrompt], device: torch.device | No
     attn = batch["attention_mask"].to(te_device)
     check_tensors({"input_ids": input_ids, "attention_mask": attn}, te_device, where="encode_prompts: ")
     grad = tokens is not None and any(t.requires_grad for t in tokens)
+    isolate = isolate and tokens is not None and len(tokens) >= 2  # one person: isolated is joint
     with torch.set_grad_enabled(grad):
         if tokens is None:
             out = pipe.text_encoder(input_ids=input_ids, attention_mask=attn, output_hidden_states=True)
@@ -104,16 +105,16 @@ def encode_tokenized(pipe, tps: list[TokenizedPrompt], device: torch.device | No
             starts = torch.tensor([[sl.start + drop for sl in tp.slots] for tp in tps], device=te_device)  # (B, K)
             x0 = pipe.text_encoder.get_input_embeddings()(input_ids)  # (B, T, H_in), the placeholder in every slot
             K = len(tokens)
-            if not isolate or K < 2:
+            if not isolate:
                 x = place_tokens(x0, starts, tokens)
                 out = pipe.text_encoder(inputs_embeds=x, attention_mask=attn, output_hidden_states=True)
             else:  # K passes in one batch (K*B, T, H_in): pass k has person k alone
                 x = torch.cat([place_tokens(x0, starts[:, k:k + 1], [tokens[k]]) for k in range(K)])
                 out = pipe.text_encoder(inputs_embeds=x, attention_mask=attn.repeat(K, 1), output_hidden_states=True)
         hidden = out.hidden_states[-1]  # (B, T, H), or (K*B, T, H) isolated
-        if tokens is not None and isolate and len(tokens) >= 2:
+        if isolate:
             B, T = input_ids.shape
-            passes = hidden.view(len(tokens), B, T, -1)  # (K, B, T, H)
+            passes = hidden.view(K, B, T, -1)  # (K, B, T, H)
             pos = torch.arange(T, device=hidden.device)
             owner = ((pos[None, None, :] >= starts[:, :, None].to(hidden.device)).sum(1) - 1).clamp(min=0)  # (B, T)
             hidden = passes.gather(0, owner[None, :, :, None].expand(1, -1, -1, passes.shape[3]))[0]  # (B, T, H)

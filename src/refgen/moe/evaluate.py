@@ -501,25 +501,19 @@ def run_matrix(cfg: EvalConfig, out: str | Path, dry_run: bool = False, progress
 
 # ---- reports ------------------------------------------------------------------------------------------
 
-def _ok_records(out: Path) -> list[dict]:
+def _latest_records(out: Path) -> tuple[list[dict], list[str]]:
+    """(the latest 'ok' record of every triple, the triples whose latest record failed), from one read of the raw
+    records: the reports name the failed ones, so a missing row is never silent (a later run's 'ok' clears one)."""
     from refgen.artifacts import read_jsonl
 
-    latest = {}
+    ok, latest = {}, {}
     for r in read_jsonl(out / RAW):
+        key = (r["setup"], r["seed"], r["split"])
+        latest[key] = r
         if r.get("status") == "ok":
-            latest[(r["setup"], r["seed"], r["split"])] = r
-    return list(latest.values())
-
-
-def _still_failed(out: Path) -> list[str]:
-    """The jobs whose latest record failed (a later run's 'ok' clears one): the reports name them, so a missing
-    row is never silent."""
-    from refgen.artifacts import read_jsonl
-
-    latest = {}
-    for r in read_jsonl(out / RAW):
-        latest[(r["setup"], r["seed"], r["split"])] = r
-    return [f"{k[0]} seed={k[1]} {k[2]}: {r['error']}" for k, r in latest.items() if r.get("status") == "failed"]
+            ok[key] = r
+    failed = [f"{k[0]} seed={k[1]} {k[2]}: {r['error']}" for k, r in latest.items() if r.get("status") == "failed"]
+    return list(ok.values()), failed
 
 
 def _cut(before: float, after: float) -> float:
@@ -645,12 +639,13 @@ def write_reports(cfg: EvalConfig, out: Path) -> dict:
     from refgen.artifacts import atomic_write_json, atomic_write_text, provenance
     from refgen.moe.plots import reliability_diagram, robustness_curves
 
-    s = {**summarize(cfg, _ok_records(out)), "failed": _still_failed(out)}
+    recs, failed = _latest_records(out)
+    s = {**summarize(cfg, recs), "failed": failed}
     rows = list(s["setups"].values())[:cfg.max_plot_setups]
     files = {}
     if rows:
         robustness_curves(rows, cfg.corruptions, cfg.severities, out / "robustness_curves.png")
-        clean = {r["setup"]: r for r in _ok_records(out) if r["split"] == "clean" and r["seed"] == cfg.seeds[0]}
+        clean = {r["setup"]: r for r in recs if r["split"] == "clean" and r["seed"] == cfg.seeds[0]}
         reliability_diagram([clean[r["setup"]] for r in rows if r["setup"] in clean], out / "reliability_diagram.png")
         files = {"robustness_curves": "robustness_curves.png", "reliability_diagram": "reliability_diagram.png"}
     atomic_write_text(out / "hypervolume.csv", "method,points,hypervolume\n" + "".join(
