@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call (nvidia-h200-x2, one call, ~9.5 min; resumable: a cut run continues from its last checkpoint when the
+# Device call (nvidia-h200-x2, one call, ~9.5 min; on one H200: two calls, ONLY=s2p6000f5 for the second; resumable: a cut run continues from its last checkpoint when the
 # call is repeated while the machine is warm). carry: [".whl", "bench/device"]
 # Issue 17, two people: pairs grew with the number of pair steps from `s2` (300 / 500 / 1,000 pair steps: 9 / 19-21 /
 # 36-37 %, docs/head.md) with no plateau in sight. 6,000 steps from `s2` at 50 % two-person steps (3,000 pair steps):
@@ -20,7 +20,11 @@ run() {  # name gpu steps roles
     --config $R/q$4.yaml >> $R/$1.log 2>&1
   echo "$1 rc=$?" >> $R/$1.log
 }
-run s2p6000f5 0 6000 false & run s2p6000f5roles 1 6000 true & wait
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  run s2p6000f5 0 6000 false & run s2p6000f5roles 1 6000 true & wait
+else  # one GPU (x2 not lent): one arm per call, roles first; ONLY=s2p6000f5 for the control
+  case ${ONLY:-s2p6000f5roles} in s2p6000f5) run s2p6000f5 0 6000 false;; *) run s2p6000f5roles 0 6000 true;; esac
+fi
 for n in s2p6000f5 s2p6000f5roles; do  # at most 8 files come back per call
   cp $R/$n/result.json $OUT/$n.json 2>/dev/null; gzip -c $R/$n/head/metrics.jsonl > $OUT/$n.metrics.jsonl.gz 2>/dev/null
   tail -c 3000 $R/$n.log | tr '\r' '\n' | grep -E "alpha|two people|rc=|ceiling|timings" | tail -n 9
