@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Device call (nvidia-h200-x2, one call, ~9.5 min). carry: [".whl", "bench/device"]
+# Device call (nvidia-h200-x2, one call, ~9.5 min). carry: [".site", "bench/device"]
 # Issue 22 follow-up (docs/dit.md, "Next"): is the base model's ~75 % caption plateau the learning rate, and is it
 # binding (the scorings split one- and two-person images)? The base yardstick at lr 3e-4 (GPU0) and 6e-4 (GPU1)
 # against the committed 1e-4 curve, each cut at 540 s (scorings are kept after every eval).
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=/tmp/site:$PWD/src
+. bench/device/site.sh || exit  # diffusers + webdataset (carry .site, made by bench/device/pack_site.sh)
 R=$PWD/.carry/run_d5; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT
 for x in "0 3e-4 lr3" "1 6e-4 lr6"; do
   set -- $x

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Starts from docs/results/head_e2e_idloss/s2_head_bf16, no longer in the tree: first `git checkout 80e51ce -- docs/results/head_e2e_idloss/s2_head_bf16`.
 # Device call (nvidia-h200-x2, one call, ~8 min). carry: [".whl", "bench/device"]
 # Issue 17, two people: two-person steps from the best one-person head (`s2`, docs/head.md: 81.6 % on 192 unseen
 # people; its bf16 copy is committed in docs/results/head_e2e_idloss/s2_head_bf16), the recipe that took `f2` from

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Starts from docs/results/head_e2e_idloss/s2_head_bf16, no longer in the tree: first `git checkout 80e51ce -- docs/results/head_e2e_idloss/s2_head_bf16`.
 # Device call (nvidia-h200-x2, one call, ~6 min). carry: [".whl", "bench/device"]
 # Issue 17, two people: the I12 recipe (two-person steps from the `s2` head, 50 % of the steps, lr 1e-3) with
 # `isolate_slots: true`: each person reaches only its own segment of the prompt in training and in scoring, so the

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Starts from docs/results/head_e2e_idloss/s2_head_bf16, no longer in the tree: first `git checkout 80e51ce -- docs/results/head_e2e_idloss/s2_head_bf16`.
 # Device call (nvidia-h200-x2, one call, ~9.5 min; on one H200: two calls, ONLY=s2p6000f5 for the second; resumable: a cut run continues from its last checkpoint when the
 # call is repeated while the machine is warm). carry: [".whl", "bench/device"]
 # Issue 17, two people: pairs grew with the number of pair steps from `s2` (300 / 500 / 1,000 pair steps: 9 / 19-21 /

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Device call (nvidia-h200-x2: one call, ~9.5 min; on one H200: one call per arm, ONLY=r5000p24k for the second).
-# carry: [".whl", "bench/device"]. Resumable: a cut run continues from its last checkpoint when repeated while warm.
+# carry: [".site", "bench/device"]. Resumable: a cut run continues from its last checkpoint when repeated while warm.
 # Issue 17, two people: `slot_roles` over 3,000 pair steps from `s2` gave 60.4 % both right (46.9 % without, one
 # person kept at 81.3 %; docs/head.md), the pair loss still falling. 5,000 more steps at 50 % two-person steps from
 # that head (its committed bf16 copy): GPU0 on the same 8,000 rendered training pairs (each pair was already seen
 # ~96 times), GPU1 on 24,000 (fresher pairs). 5,000 steps at ~11 steps/s fit one call with scoring.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-export PYTHONPATH=/tmp/site:$PWD/src
+. bench/device/site.sh || exit  # diffusers + webdataset (carry .site, made by bench/device/pack_site.sh)
 R=$PWD/.carry/run15; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-560}
 for np in 8000 24000; do
   printf 'refs_max: 4\ninit_head: %s\ntwo_person_fraction: 0.5\ntwo_person_images: %s\nslot_roles: true\ncheckpoint_every: 500\neval_every: 1000\n' \

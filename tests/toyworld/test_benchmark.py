@@ -186,14 +186,16 @@ def test_benchmark_reads_a_token_teacher_through_the_text_encoder(tmp_path):
 
 def test_short_inversions_start_from_a_head(tmp_path):
     """start_head: the short inversions run again from the head's prediction of each test person, and the
-    prediction alone is scored as 0 steps; a head of the other output kind is refused before any work."""
+    prediction alone is scored as 0 steps; a head with slot roles also renders every token source of the pair
+    rows with its offsets; a head of the other output kind is refused before any work."""
     from refgen.identity.train_e2e import E2EConfig, train_e2e
     from refgen.toyworld.identities import make_identities
 
     make_identities(tmp_path / "people", n=3, seed=100_000, progress=False)  # training-range people, not the test ones
     head = tmp_path / "head"
     train_e2e(tmp_path / "people", head, B.default_model(), B.default_vl_model(),
-              E2EConfig(head="linear", steps=2, batch_size=2, warmup_steps=0, eval_identities=0),
+              E2EConfig(head="linear", steps=2, batch_size=2, warmup_steps=0, eval_identities=0,
+                        two_person_fraction=1.0, two_person_images=2, slot_roles=True),
               device="cpu", dtype="fp32", progress=False)
     tok = {"steps": 3, "images_per_step": 1, "parametrisation": "tokens", "image_prompts": True}
     cfg = B.BenchmarkConfig.tiny(n_train=0, invert=tok, short_steps=[2], start_head=str(head), pair_alphas=[0.5])
@@ -207,5 +209,10 @@ def test_short_inversions_start_from_a_head(tmp_path):
     two = r["two_slot"]  # the teacher at an extra alpha, and the head's own prediction, in two-person prompts
     assert two["teacher_a0.5"]["alpha"] == 0.5 and two["start_head"]["n_images"] == two["teacher"]["n_images"]
     assert two["head_s2"]["n_images"] == two["teacher"]["n_images"]  # the refined head starts, in pairs too
+    # the head learnt slot roles (two pair steps): each source but the floor again with them, as IdentityPipeline
+    # would render it with this head loaded
+    assert {k for k in two if k.endswith("+roles")} == {"teacher+roles", "teacher_a0.5+roles", "start_head+roles",
+                                                        "head_s2+roles"}
+    assert two["start_head+roles"]["alpha"] == 1.0 and two["teacher_a0.5+roles"]["alpha"] == 0.5
     with pytest.raises(ValueError, match="outputs tokens, but the inversion's parametrisation is 'free'"):
         B.BenchmarkConfig.tiny(invert={**tok, "parametrisation": "free"}, start_head=str(head))

@@ -1,5 +1,7 @@
 """Re-score the committed bf16 copy of s2 on the 192 test people at alpha 1, on the CPU in fp32: the by-person
-interval the H200 run did not record. python docs/results/head_e2e_idloss/rescore_s2_cpu.py OUT   (from the repo root; 633 s on 2 CPU threads)"""
+interval the H200 run did not record. python docs/results/head_e2e_idloss/rescore_s2_cpu.py OUT   (from the repo root; 633 s on 2 CPU threads)
+The s2 head (docs/results/head_e2e_idloss/s2_head_bf16) left the tree: `git checkout 80e51ce -- docs/results/head_e2e_idloss/s2_head_bf16` first.
+"""
 import json
 import sys
 import time

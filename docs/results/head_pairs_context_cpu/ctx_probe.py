@@ -2,7 +2,9 @@
 head's tokens and for the person spelled out in words. The s2 head (bf16 copy), 8 validation people (400000+, never
 test people) in 4 pairs; the relative change ||E(swapped) - E|| / ||E|| of the encoder output over the person's
 window (3 tokens) or over the description's tokens when "left" and "right" trade places in the prompt.
-python docs/results/head_pairs_context_cpu/ctx_probe.py OUT.json   (from the repo root; ~1 min on 2 CPU threads)"""
+python docs/results/head_pairs_context_cpu/ctx_probe.py OUT.json   (from the repo root; ~1 min on 2 CPU threads)
+The s2 head (docs/results/head_e2e_idloss/s2_head_bf16) left the tree: `git checkout 80e51ce -- docs/results/head_e2e_idloss/s2_head_bf16` first.
+"""
 import sys, json
 from pathlib import Path
 import torch

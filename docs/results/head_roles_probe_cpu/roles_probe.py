@@ -4,7 +4,9 @@ slot_roles; then each head's validation-pair flow loss (fixed noise, 8 batches o
 400000-400023) and both-right on 24 pairs of 48 validation people (400000-400047; 5 scenes x 2 seeds = 240 images,
 alpha 1, fp32). Never test people.
 python docs/results/head_roles_probe_cpu/roles_probe.py OUT [--steps 150 --people 40 --pairs 256] [--threads 2]
-(from the repo root)"""
+(from the repo root)
+The s2 head (docs/results/head_e2e_idloss/s2_head_bf16) left the tree: `git checkout 80e51ce -- docs/results/head_e2e_idloss/s2_head_bf16` first.
+"""
 import argparse
 import json
 import sys

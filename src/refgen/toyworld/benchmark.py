@@ -463,6 +463,7 @@ class _Run:
     # two-slot source name -> (kind, one tensor per test identity): the start head's prediction and each short
     # inversion from it, read once by the teacher sweep and rendered again in pairs
     from_head: dict = field(default_factory=dict)
+    start_head_module: object = None  # the loaded start head: its `slot_roles` are also tried on the pair rows
 
     def save(self, partial: bool = True) -> None:
         _save(self.out, self.result, self.timings, partial)
@@ -529,12 +530,14 @@ def _ceiling(run: _Run) -> None:
 
 def _head_starts(run: _Run) -> dict[str, torch.Tensor]:
     """Test identity id -> the start head's prediction from all of its photos (what `residual` returns: tokens
-    (L, H_in) or a residual (L, H)), through the inference path with its checks (IdentityPipeline.load_head)."""
+    (L, H_in) or a residual (L, H)), through the inference path with its checks (IdentityPipeline.load_head).
+    Keeps the head on RUN for its slot roles."""
     from refgen.images import image_files
     from refgen.pipeline import IdentityPipeline
 
     ip = IdentityPipeline(run.pipe, run.model)
     ip.load_head(run.cfg.start_head, run.cfg.vl_model or default_vl_model())
+    run.start_head_module = ip.head
     return {d.name: ip.residual_from_refs(image_files(d)).tensor for d in run.test_dirs}
 
 
@@ -650,8 +653,11 @@ def _head(run: _Run, teach: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _two_slot(run: _Run, teach: list[torch.Tensor], pred: list[torch.Tensor] | None) -> None:
     """Pairs of test identities in one prompt (left, right): alpha 0 (the placeholders as plain text), teacher
-    residuals and head residuals, each at its best single-person alpha."""
+    residuals and head residuals, each at its best single-person alpha. With a start head that learnt
+    `slot_roles`, every source of its output kind is also rendered with those offsets ("+roles" rows: what
+    `IdentityPipeline` does with such a head loaded, the teacher's own people included)."""
     from refgen.grid import make_grid
+    from refgen.identity.head import with_slot_role
     from refgen.toyworld import recognizer as R
 
     cfg = run.cfg
@@ -663,14 +669,22 @@ def _two_slot(run: _Run, teach: list[torch.Tensor], pred: list[torch.Tensor] | N
     # the start head's own prediction, at alpha 1, then each refinement of it: a head trained on two-person images
     # holds pairs; does a short fit to one-person photos keep that?
     sources.update({name: (r, 1.0, k) for name, (k, r) in run.from_head.items()})
+    head = run.start_head_module
+    roles = {}
+    if getattr(head, "slot_roles", None) is not None:
+        roles = {f"{name}+roles": v for name, v in sources.items()
+                 if name != "floor" and ("tokens" if v[2] == "tokens" else "residual") == head.output}
     run.result["two_slot"] = {}
-    for name, (res, a, kind) in sources.items():
+    for name, (res, a, kind) in {**sources, **roles}.items():
         alpha = float(a) if a is not None else 1.0  # no alpha kept the scene: report alpha 1
+        role = name.endswith("+roles")
         jobs, rows = [], []
         for (i, j) in run.pairs:
+            people = [with_slot_role(head, "tokens" if kind == "tokens" else "residual", res[p], k, 2) if role
+                      else res[p] for k, p in enumerate((i, j))]
             for si, s in enumerate(cfg.scenes):
                 for seed in cfg.seeds:
-                    jobs.append({"prompt": si, kind: [res[i], res[j]], "alpha": alpha, "seed": seed})
+                    jobs.append({"prompt": si, kind: people, "alpha": alpha, "seed": seed})
                     rows.append({"people": [run.test_attrs[i], run.test_attrs[j]], "scene": s})
         images = render_rows(run.pipe, prompts, jobs, render_config(cfg), run.neg)
         run.result["two_slot"][name] = {"alpha": alpha, **score(R.predict(run.net, images, run.dev), rows)}
