@@ -548,7 +548,7 @@ def _add_report(sub) -> None:
     """report"""
     rp = sub.add_parser("report", help="monitoring: a head's offline metrics and toy-world KPIs, generate error "
                                        "counts")
-    rp.add_argument("--head", default=None, help="head.json (or its folder) from train-head")
+    rp.add_argument("--head", default=None, help="a head folder from train-head, its head.json or head.safetensors")
     rp.add_argument("--toyworld", default=None, help="result.json of bench/toyworld_head_e2e.py: identity, scene, "
                                                      "two people, copy-paste on unseen people against the ceiling")
     rp.add_argument("--runs", nargs="*", default=[], help="generate output folders or generate_log.jsonl files")

@@ -122,6 +122,13 @@ def test_head_training_learns_teacher_residuals(pipe, tiny_models, tmp_path):
     assert md["epoch"] == "30" and h(torch.randn(2, 32)).shape == (2, int(md["L"]), int(md["H"]))
     rep = build_report(tmp_path / "head" / "head.json")
     assert rep["head"]["val_cos"] == pytest.approx(summary["val_cos"])
+    # the weights file `generate --head` takes reads its record beside it; anything else is named
+    assert build_report(tmp_path / "head" / "head.safetensors")["head"] == rep["head"]
+    (tmp_path / "weights.json").write_bytes(b"\xc1\x00 not text")
+    with pytest.raises(ValueError, match="weights.json is not a head record"):
+        build_report(tmp_path / "weights.json")
+    with pytest.raises(FileNotFoundError, match="nohead/head.json not found"):
+        build_report(tmp_path / "nohead" / "head.safetensors")
 
 
 def test_head_training_refuses_incomplete_or_mixed_feature_settings(pipe, tiny_models, tmp_path):

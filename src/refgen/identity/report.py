@@ -9,14 +9,23 @@ from pathlib import Path
 
 def build_report(head_json: str | Path | None = None, logs: list[str | Path] = (),
                  toyworld: str | Path | None = None) -> dict:
-    """`head_json`: a head.json or head folder (regression heads: cosine / RMS error to the teachers; end-to-end
+    """`head_json`: a head folder, its head.json or its head.safetensors (regression heads: cosine / RMS error to the teachers; end-to-end
     heads: the fixed-noise flow loss of held-out and training people against the bare placeholder's).
     `toyworld`: the result.json of `bench/toyworld_head_e2e.py` for that head: what it draws on unseen people."""
     rep: dict = {}
     if head_json:
         path = Path(head_json)
-        path = path / "head.json" if path.is_dir() else path
-        h = json.loads(path.read_text())
+        if path.is_dir():
+            path = path / "head.json"
+        elif path.suffix == ".safetensors":  # the weights file `generate --head` takes: its record lies beside it
+            path = path.with_name("head.json")
+        if not path.is_file():
+            raise FileNotFoundError(f"head record {path} not found: give a head folder, its head.json or its "
+                                    f"head.safetensors (from `refgen train-head`)")
+        try:
+            h = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a head record (head.json from `refgen train-head`): {e}") from None
         m = h.get("metrics", {})
         rep["head"] = {"file": str(path), "kind": h.get("kind", "linear"), "output": h.get("output", "residual"),
                        "objective": h.get("objective", "teacher"), "epoch": h.get("epoch"), "step": h.get("step"),
