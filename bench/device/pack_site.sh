@@ -2,7 +2,7 @@
 # Run HERE (not on the device), from the repo root, after downloading the wheels into .whl/ (bench/device/ORDER.md):
 # packs what the device lacks (diffusers, webdataset, braceexpand, importlib_metadata) into .site/site.tar.xz.
 # Why: a call sends the working tree with what it carries, 64 MiB in all; the wheels are 6.5 MB (zip), the same
-# files as one xz archive 2.0 MB, and the tracked tree with the toy model and two heads is ~61 MB.
+# files as one xz archive 2.0 MB, and the tracked tree (the toy model, a toy head, the results) is ~61 MB.
 # A pure-Python wheel installs by unpacking (its .dist-info, which diffusers' version checks read, comes along).
 set -e
 rm -rf .site/tmp && mkdir -p .site/tmp/site

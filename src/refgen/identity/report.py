@@ -9,8 +9,9 @@ from pathlib import Path
 
 def build_report(head_json: str | Path | None = None, logs: list[str | Path] = (),
                  toyworld: str | Path | None = None) -> dict:
-    """`head_json`: a head folder, its head.json or its head.safetensors (regression heads: cosine / RMS error to the teachers; end-to-end
-    heads: the fixed-noise flow loss of held-out and training people against the bare placeholder's).
+    """`head_json`: a head folder, its head.json or its head.safetensors (regression heads: cosine / RMS error to
+    the teachers; end-to-end heads: the fixed-noise flow loss of held-out and training people against the bare
+    placeholder's).
     `toyworld`: the result.json of `bench/toyworld_head_e2e.py` for that head: what it draws on unseen people."""
     rep: dict = {}
     if head_json:
