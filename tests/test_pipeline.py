@@ -61,7 +61,7 @@ def test_readme_python_example_runs_verbatim(tmp_path, monkeypatch):
     im = Image.open(tmp_path / "two_people.png")
     assert im.size == (64, 64) and np.asarray(im).std() > 10  # a picture, not a flat or NaN-black square
     ip = IdentityPipeline.from_pretrained(default_model(), device="cpu", dtype="fp32")
-    anna = load_person(tmp_path / "anna.safetensors", ip)  # the saved identity fits the toy model
+    anna = load_person(tmp_path / "anna_inverted.safetensors", ip)  # the saved identity fits the toy model
     # the default inversion learns the placeholder's token embeddings (measured best: docs/benchmarks.md)
     assert isinstance(anna, SlotTokens) and not torch.equal(anna.tensor, anna.placeholder)
     assert anna.metadata["identity"].startswith("ref_")

@@ -9,7 +9,7 @@
 R=$PWD/.carry/run15; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-560}
 for np in 8000 24000; do
   printf 'refs_max: 4\ninit_head: %s\ntwo_person_fraction: 0.5\ntwo_person_images: %s\nslot_roles: true\ncheckpoint_every: 500\neval_every: 1000\n' \
-    "$PWD/docs/results/head_pairs_long/roles_head_bf16" $np > $R/q$np.yaml
+    "$PWD/src/refgen/assets/toyworld/head" $np > $R/q$np.yaml
 done
 run() {  # name gpu steps pairs
   [ -f $R/$1/result.json ] && return 0

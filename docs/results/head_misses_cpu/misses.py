@@ -1,4 +1,4 @@
-"""Which attribute does the two-person roles head (docs/results/head_pairs_long/roles_head_bf16) get wrong for one
+"""Which attribute does the two-person roles head (src/refgen/assets/toyworld/head) get wrong for one
 person, and as what? Its 96 validation people (400000-400095, the H200 run's; never test people), one person per
 prompt, 5 scenes x 2 seeds, alpha 1, fp32 on the CPU; per attribute value: images right, and the values drawn
 instead. python docs/results/head_misses_cpu/misses.py OUT   (from the repo root; ~10 min on 2 CPU threads)"""
@@ -22,7 +22,7 @@ out = Path(sys.argv[1])
 bcfg = BenchmarkConfig(device="cpu", dtype="fp32", n_train=0, n_test=2, n_pairs=0)
 make_identities(out / "val", n=96, seed=H.VAL_SEED, progress=False)
 pipe, head, fx, net, neg = H.scoring_setup(default_model(), default_vl_model(),
-                                           Path("docs/results/head_pairs_long/roles_head_bf16"), "cpu", "fp32")
+                                           Path("src/refgen/assets/toyworld/head"), "cpu", "fp32")
 dirs = H._dirs(out / "val")
 attrs = [attributes_of(d) for d in dirs]
 key, res = H.residuals(head, fx, dirs)

@@ -51,6 +51,17 @@ def default_vl_model() -> str:
     return str(vl.load_path())
 
 
+def default_head() -> str:
+    """The embedded toy head (head.safetensors, shipped in the package): a resampler token head trained end to end
+    through the toy model on 1,200 training people, with two-person steps and slot roles; it reads
+    `default_vl_model()`'s features (numbers and recipe: docs/head.md)."""
+    path = ASSETS / "head" / "head.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"the embedded toy head is missing at {path}; reinstall refgen or train one with "
+                                "`refgen train-head --objective e2e` (bench/toyworld_head_e2e.py)")
+    return str(path)
+
+
 def toy_invert_settings(**overrides) -> dict:
     """InvertConfig keys every inversion on the toy model shares (benchmark, `refgen demo`, `refgen app`): 64 px
     photos, lr 0.05, logit-normal sigmas (they weight the middle of the path, where attributes are decided; the
