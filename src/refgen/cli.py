@@ -600,9 +600,11 @@ def cmd_demo(args) -> int:
         line = ", ".join(f"alpha {a}: {m['identity_acc']:.0%} identity / {m['attribute_acc']:.0%} attributes"
                          for a, m in d["per_alpha"].items())
         print(f"{ident} ({', '.join(f'{v}' for v in d['attributes'].values())}): {line}")
-    t = s["two_people"]
-    print(f"two people (left, right): both recognised in {t['all_people_acc']:.0%} of {t['n_images']} images, "
-          f"{t['attribute_acc']:.0%} of attributes right")
+    for key, how in (("two_people", "inverted"), ("two_people_head", "from the toy head")):
+        if key in s:
+            t = s[key]
+            print(f"two people (left, right), {how}: both recognised in {t['all_people_acc']:.0%} of "
+                  f"{t['n_images']} images, {t['attribute_acc']:.0%} of attributes right")
     print("pictures:")
     for k, v in s["pictures"].items():
         print(f"  {k}: {v}")

@@ -22,6 +22,8 @@ def test_demo_writes_pictures_and_reuses_finished_inversions(tmp_path, capsys):
     grid = json.loads((out / "grids" / "seed_200003" / "grid.json").read_text())
     assert len(grid["images"]) == len(DemoConfig().alphas) * len(DemoConfig().seeds)
     assert rec["two_people"]["n_images"] == len(DemoConfig().seeds)
+    # the same two people from the shipped toy head, read like the inverted ones
+    assert rec["two_people_head"]["n_images"] == len(DemoConfig().seeds) and "from the toy head" in printed
     teacher = out / "teacher" / "seed_200003" / "teacher.json"
     assert json.loads(teacher.read_text())["steps_run"] == 3
     before = teacher.stat().st_mtime_ns
@@ -54,3 +56,6 @@ def test_demo_config_validation():
         DemoConfig(scene="moon")
     with pytest.raises(ValueError, match="threads"):
         DemoConfig(threads=-1)
+    with pytest.raises(ValueError, match="toy head was trained against the embedded toy model"):
+        DemoConfig(model="some/other/model")
+    DemoConfig(model="some/other/model", head=False)

@@ -2,7 +2,8 @@
 
 1. two people from the toy world become reference folders (`seed_<id>/`, 3-5 photos each)
 2. teacher inversion of both, briefly (the real `refgen invert` code, toy-sized settings)
-3. an alpha x seed grid per person, and one image with both people (left, right)
+3. an alpha x seed grid per person, and one image with both people (left, right); the same two people once more
+   from the shipped toy head's reading of their photos (no inversion)
 4. the recognizer reads every picture; the demo prints what it saw and where the pictures are
 
 Nothing here is special to the demo: it calls the functions behind `refgen invert`, `refgen render` and
@@ -36,6 +37,9 @@ class DemoConfig:
     render_steps: int = 20
     true_cfg: float = 4.0
     threads: int = 0                    # torch CPU threads; 0 = the cores other processes leave free
+    # Both people also from the shipped toy head (photos -> tokens, with its slot roles): per-person inversions
+    # do not compose in one prompt on the toy world, a head trained on two-person images does (docs/head.md).
+    head: bool = True
 
     def __post_init__(self):
         from refgen.toyworld import world
@@ -48,6 +52,9 @@ class DemoConfig:
             raise ValueError("invert_steps >= 1 and render_steps >= 2 required")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = pick from the free cores), got {self.threads}")
+        if self.head and self.model:
+            raise ValueError(f"head=True: the shipped toy head was trained against the embedded toy model's text "
+                             f"encoder, not {self.model!r}; set head=False")
 
 
 def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
@@ -90,9 +97,16 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
         summary["identities"][ident.id] = _alpha_grid(cfg, ip, net, ident, person, out, say, progress)
         summary["pictures"][f"alpha grid {ident.id}"] = str(out / "grids" / ident.id / "grid.png")
     pair_imgs, summary["two_people"] = _two_people(cfg, ip, net, chosen, people, say, progress)
+    rows, labels = [pair_imgs], ["inverted"]
+    if cfg.head:
+        from refgen.toyworld.benchmark import default_head, default_vl_model
+
+        ip.load_head(default_head(), default_vl_model())
+        by_head = [ip.residual_from_refs(i.path) for i in chosen]
+        head_imgs, summary["two_people_head"] = _two_people(cfg, ip, net, chosen, by_head, say, progress)
+        rows, labels = rows + [head_imgs], labels + ["toy head"]
     refs = [_ref_images(i) for i in chosen]
-    atomic_save_image(make_grid([pair_imgs], ["two people"], [f"seed {s}" for s in cfg.seeds]),
-                      out / "two_people.png")
+    atomic_save_image(make_grid(rows, labels, [f"seed {s}" for s in cfg.seeds]), out / "two_people.png")
     atomic_save_image(make_grid([r[:3] for r in refs], [i.id for i in chosen], ["ref 1", "ref 2", "ref 3"]),
                       out / "references.png")
     summary["pictures"]["two people"] = str(out / "two_people.png")
