@@ -1,9 +1,10 @@
 import json
+import shutil
 
 import pytest
 
 from refgen.hub import ModelNotFoundError
-from refgen.model_identity import identify_model
+from refgen.model_identity import ModelIdentity, identify_model
 
 
 def _model_dir(path, **config):
@@ -67,3 +68,13 @@ def test_hub_ids_are_fingerprinted_from_the_local_cache(tmp_path, monkeypatch):
     hub = identify_model("ns/vl")
     assert hub.location == "hub:ns/vl" and hub.config_sha256 == identify_model(str(folder)).config_sha256
     assert hub != identify_model(str(folder))  # equal configs, but another place: maybe other weights
+
+
+def test_a_model_shipped_in_the_package_is_named_by_its_place_there(tmp_path):
+    from refgen.toyworld.benchmark import default_vl_model
+
+    vl = identify_model(default_vl_model())
+    assert vl.location == "refgen:assets/toyworld/vl" and len(vl.config_sha256) == 64
+    copy = tmp_path / "vl"  # the same files outside the package are another folder, named by its path
+    shutil.copytree(default_vl_model(), copy)
+    assert identify_model(str(copy)) == ModelIdentity(str(copy.resolve()), vl.config_sha256)

@@ -2,7 +2,9 @@
 or a hub id) and a fingerprint of its config.
 
 Two spellings of one folder (`./tiny/qwen3-vl`, its absolute path) are one model; two folders, or a folder and
-a hub id, are two, even with equal configs (equal configs do not mean equal weights). The fingerprint catches
+a hub id, are two, even with equal configs (equal configs do not mean equal weights). A folder shipped inside the
+refgen package (the toy models in `assets/`) is named by its place in the package, `refgen:assets/...`, as a hub
+model is by its id: the same model wherever refgen is installed, so a toy head trained on one machine fits another. The fingerprint catches
 the other direction: the same folder or hub id now holding another architecture. Nothing here loads weights
 or touches the network: a hub id is looked up in the local Hugging Face cache only (one that a loader is
 about to download can be identified by location now and fingerprinted once it is there).
@@ -22,7 +24,7 @@ _WRITER_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "_diffu
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    location: str       # resolved absolute folder, or "hub:<id>"
+    location: str       # resolved absolute folder, "hub:<id>", or "refgen:assets/..." (shipped in the package)
     config_sha256: str | None  # of config.json without the writer's keys, canonical JSON; None: not downloaded yet
 
     def describe(self) -> str:
@@ -45,7 +47,11 @@ def identify_model(model: str, what: str = "model", *, allow_download: bool = Fa
         cfg = p / "config.json"
         if not cfg.is_file():
             raise ModelNotFoundError(f"{what} {s!r}: no config.json in that folder (not a from_pretrained model)")
-        return ModelIdentity(str(p.resolve()), config_fingerprint(cfg))
+        where = p.resolve()
+        package = Path(__file__).resolve().parent
+        if where.is_relative_to(package / "assets"):
+            return ModelIdentity(f"refgen:{where.relative_to(package).as_posix()}", config_fingerprint(cfg))
+        return ModelIdentity(str(where), config_fingerprint(cfg))
     looks_like_path = p.is_absolute() or s.startswith((".", "~")) or not _HUB_ID.match(s)
     if looks_like_path:
         raise ModelNotFoundError(f"{what} {s!r} not found: no such folder ({p.resolve()})")
