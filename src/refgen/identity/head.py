@@ -197,6 +197,9 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
                                                              metrics=rec, train_ids=[ids[i] for i in tr],
                                                              val_ids=[ids[i] for i in va]))
     if world > 1:
+        # Rank 0 is still writing the last epoch's files: a rank that tears gloo down alone can abort at exit
+        # ("terminate called without an active exception", seen once on 2 CPU ranks), so all leave together.
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
 
