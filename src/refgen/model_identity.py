@@ -5,9 +5,10 @@ Two spellings of one folder (`./tiny/qwen3-vl`, its absolute path) are one model
 a hub id, are two, even with equal configs (equal configs do not mean equal weights). A folder shipped inside the
 refgen package (the toy models in `assets/`) is named by its place in the package, `refgen:assets/...`, as a hub
 model is by its id: the same model wherever refgen is installed, so a toy head trained on one machine fits
-another. The fingerprint catches the other direction: the same folder or hub id now holding another architecture. Nothing here loads weights
-or touches the network: a hub id is looked up in the local Hugging Face cache only (one that a loader is
-about to download can be identified by location now and fingerprinted once it is there).
+another. The fingerprint catches the other direction: the same folder or hub id now holding another
+architecture. Nothing here loads weights or touches the network: a hub id is looked up in the local Hugging Face
+cache only (one that a loader is about to download can be identified by location now and fingerprinted once it
+is there).
 """
 
 from __future__ import annotations
