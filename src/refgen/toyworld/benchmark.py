@@ -681,18 +681,18 @@ def _two_slot(run: _Run, teach: list[torch.Tensor], pred: list[torch.Tensor] | N
     # holds pairs; does a short fit to one-person photos keep that?
     sources.update({name: (r, 1.0, k) for name, (k, r) in run.from_head.items()})
     head = run.start_head_module
+    output = {"tokens": "tokens", "residuals": "residual"}  # a render job's key -> the head output it holds
     roles = {}
     if getattr(head, "slot_roles", None) is not None:
-        roles = {f"{name}+roles": v for name, v in sources.items()
-                 if name != "floor" and ("tokens" if v[2] == "tokens" else "residual") == head.output}
+        roles = {f"{name}+roles": v for name, v in sources.items() if name != "floor" and output[v[2]] == head.output}
     run.result["two_slot"] = {}
     for name, (res, a, kind) in {**sources, **roles}.items():
         alpha = float(a) if a is not None else 1.0  # no alpha kept the scene: report alpha 1
         role = name.endswith("+roles")
         jobs, rows = [], []
         for (i, j) in run.pairs:
-            people = [with_slot_role(head, "tokens" if kind == "tokens" else "residual", res[p], k, 2) if role
-                      else res[p] for k, p in enumerate((i, j))]
+            people = [with_slot_role(head, output[kind], res[p], k, 2) if role else res[p]
+                      for k, p in enumerate((i, j))]
             for si, s in enumerate(cfg.scenes):
                 for seed in cfg.seeds:
                     jobs.append({"prompt": si, kind: people, "alpha": alpha, "seed": seed})
