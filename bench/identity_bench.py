@@ -208,13 +208,15 @@ def section_render(b: Bench, pipe, S: dict):
     neg = encode_prompts(pipe, " ")
     negt = (neg.embeds, neg.mask)
 
-    def one(prompt_, residuals, alphas, cfg_batch):  # encode (text encoder on the GPU), inject, render 1 image
+    def one(prompt_, residuals, alphas, cfg_batch, **kw):  # encode (text encoder on the GPU), inject, render 1 image
         enc_ = encode_prompts(pipe, prompt_, n_identities=len(residuals))
-        return one_pre(pipe, enc_, residuals, alphas, negt, rc(cfg_batch=cfg_batch), 1)
+        return one_pre(pipe, enc_, residuals, alphas, negt, rc(cfg_batch=cfg_batch, **kw), 1)
 
     for cb in (False, True):
         b.measure(f"refgen_1_cfgbatch{int(cb)}", f"refgen render, 1 image, CFG {'batched' if cb else '2 forwards'}",
                   lambda: one(PROMPT, [R], [1.0], cb), repeat=reps)
+    b.measure("refgen_1_id_guidance", "refgen render, 1 image, identity guidance 0.5 (3 rows per forward)",
+              lambda: one(PROMPT, [R], [1.0], True, id_guidance=0.5), repeat=reps)
     b.measure("refgen_two_slot", "refgen generate, two slots, 1 image, CFG batched",
               lambda: one("~ID~ and ~ID~ on a beach", [R, R], [1.2, 0.9], True), repeat=reps)
 
@@ -276,8 +278,9 @@ def one_pre(pipe, enc, residuals, alphas, negt, cfg, bs):
 
     E = inject(enc.embeds.expand(bs, -1, -1), enc.slots[0], residuals, alphas)
     dev = execution_device(pipe)
+    plain = enc.embeds.expand(bs, -1, -1).to(dev) if cfg.id_guidance else None  # the people at alpha 0
     return render_images(pipe, E.to(dev), enc.mask.expand(bs, -1).to(dev), list(range(bs)), cfg,
-                         (negt[0].to(dev), negt[1].to(dev)), progress=False)
+                         (negt[0].to(dev), negt[1].to(dev)), progress=False, plain=plain)
 
 
 def section_group(b: Bench, pipe, S: dict):

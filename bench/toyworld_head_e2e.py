@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "init_head): e.g. two-person steps on top of a one-person head")
     ap.add_argument("--eval-head", default=None, help="score this trained head folder instead of training one "
                                                       "(refused if it was trained on the test or validation people)")
+    ap.add_argument("--id-guidance", type=float, default=0.0,
+                    help="render every scored image with this identity guidance (SamplingConfig.id_guidance)")
     ap.add_argument("--tables", default=None, choices=["device", "mapped"],
                     help="the cache on the device, or memory-mapped with a step's rows moved to it")
     return ap
@@ -240,7 +242,7 @@ def main(argv=None) -> int:
     times: dict = {}
     model, vl = default_model(), default_vl_model()
     bcfg = BenchmarkConfig(device=a.device, dtype=a.dtype, n_train=a.n_train, n_test=a.n_test, n_pairs=a.n_pairs,
-                           head_alphas=alphas, **({"render_steps": 2, "seeds": [0], "scenes": ["beach", "city"]}
+                           head_alphas=alphas, id_guidance=a.id_guidance, **({"render_steps": 2, "seeds": [0], "scenes": ["beach", "city"]}
                                                   if a.tiny else {}))
     ranges = held_out_ranges(bcfg, model)
     if a.n_val:

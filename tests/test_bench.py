@@ -14,8 +14,8 @@ def test_identity_bench_runs_on_tiny_models(tmp_path):
                         "--id-loss", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
-    for k in ("plain_1", "refgen_1_cfgbatch0", "refgen_1_cfgbatch1", "refgen_two_slot", "refgen_2_cfgbatch1",
-              "grid", "features", "invert_K1", "invert_K2_ckpt", "head_e2e_K2", "head_e2e_K2_ckpt",
+    for k in ("plain_1", "refgen_1_cfgbatch0", "refgen_1_cfgbatch1", "refgen_1_id_guidance", "refgen_two_slot",
+              "refgen_2_cfgbatch1", "grid", "features", "invert_K1", "invert_K2_ckpt", "head_e2e_K2", "head_e2e_K2_ckpt",
               "head_e2e_K2_id", "head_e2e_K2_ckpt_id"):
         assert "error" not in res[k] and res[k]["s"] > 0, (k, res[k])
     assert res["inject_s"] > 0 and res["head_s"] > 0

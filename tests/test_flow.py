@@ -111,3 +111,18 @@ def test_guidance_combinations():
     assert torch.equal(flow.cfg(t, u, 1.0), t)                    # scale 1: the conditional prediction
     assert torch.equal(flow.dual_cfg(u, t, d, 2.0, 0.5), 3 * torch.ones(2))
     assert torch.equal(flow.dual_cfg(u, t, d, 1.0, 0.0), t)       # text only
+
+
+def test_identity_cfg_pushes_the_person_and_keeps_true_cfgs_norm():
+    g = torch.Generator().manual_seed(0)
+    v_id, v_plain, v_u = (torch.randn(2, 5, 8, generator=g) for _ in range(3))
+    assert torch.equal(flow.identity_cfg(v_id, v_plain, v_u, 4.0, 0.0), flow.true_cfg(v_id, v_u, 4.0))
+    # without a difference from the prompt as written there is nothing to push
+    assert torch.allclose(flow.identity_cfg(v_id, v_id.clone(), v_u, 4.0, 2.0), flow.true_cfg(v_id, v_u, 4.0))
+    out = flow.identity_cfg(v_id, v_plain, v_u, 4.0, 1.5)
+    assert torch.allclose(out.norm(dim=-1), v_id.norm(dim=-1), rtol=1e-5)  # per-token norm of the person's row
+    # direction: true CFG from the pushed conditional v_id + 1.5 (v_id - v_plain)
+    want = flow.cfg(v_id + 1.5 * (v_id - v_plain), v_u, 4.0)
+    cos = torch.nn.functional.cosine_similarity(out, want, dim=-1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+    assert not torch.allclose(out, flow.true_cfg(v_id, v_u, 4.0), atol=1e-3)

@@ -328,3 +328,23 @@ def test_invert_with_each_photos_own_prompt(ip, tmp_path):
     assert rec["started_from"] == "given"
     with pytest.raises(TypeError, match="starts from a SlotTokens"):
         ip.invert(folder, config=cfg, start=_random_residual(ip.pipe), progress=False)
+
+
+def test_identity_guidance_is_the_same_in_the_api_render_and_generate(pipe, ip, tmp_path):
+    a, b = _random_tokens(pipe), _random_residual(pipe, 1)
+    a.save(tmp_path / "a.safetensors")
+    b.save(tmp_path / "b.safetensors")
+    kw = dict(seeds=[3], steps=2, height=32, width=32)
+    img = np.asarray(ip(TWO, [a, b], id_guidance=8.0, **kw)[0]).astype(int)
+    # the push is visible (random tiny people move a 2-step image little: 8 makes it plain)
+    assert np.abs(img - np.asarray(ip(TWO, [a, b], **kw)[0]).astype(int)).max() > 8
+    # the people at alpha 0 are the prompt as written: nothing to push
+    no_people = np.asarray(ip(TWO, [a, b], alphas=[0.0, 0.0], **kw)[0]).astype(int)
+    assert np.abs(np.asarray(ip(TWO, [a, b], alphas=[0.0, 0.0], id_guidance=8.0, **kw)[0]) - no_people).max() <= 1
+    common = ["--model", pipe.name_or_path, "--prompt", TWO, "--residual", str(tmp_path / "a.safetensors"),
+              "--residual", str(tmp_path / "b.safetensors"), "--seeds", "3", "--steps", "2", "--height", "32",
+              "--width", "32", "--device", "cpu", "--dtype", "fp32", "--id-guidance", "8"]
+    assert main(["render", *common, "--alphas", "1", "--out", str(tmp_path / "cli")]) == 0
+    assert np.abs(np.asarray(Image.open(tmp_path / "cli" / "images" / "a1_s3.png")).astype(int) - img).max() <= 1
+    assert main(["generate", *common, "--out", str(tmp_path / "gen")]) == 0
+    assert np.abs(np.asarray(Image.open(tmp_path / "gen" / "seed3.png")).astype(int) - img).max() <= 1

@@ -94,7 +94,9 @@ def _add_speed(p: argparse.ArgumentParser, offload_modes=("none", "model", "grou
 
 
 _SAMPLING_HELP = {"seeds": "e.g. 0-7 or 1,5,9; seeds are >= 0", "batch_size": "images per pipeline call",
-                  "true_cfg": "true classifier-free guidance scale (1: off)"}
+                  "true_cfg": "true classifier-free guidance scale (1: off)",
+                  "id_guidance": "push the people further from the prompt without them (0: off; a third "
+                                 "forward per step; needs --true-cfg > 1)"}
 
 
 def _add_sampling(p: argparse.ArgumentParser, **defaults) -> None:

@@ -636,21 +636,25 @@ class IdentityPipeline:
     def __call__(self, prompt: str, people: Sequence = (), alphas=None, seeds: int | Sequence[int] = (0,),
                  steps: int = 28, true_cfg: float = 4.0, height: int = 768, width: int = 512,
                  negative_prompt: str = " ", batch_size: int = 4, cfg_batch: bool = True,
-                 progress: bool = False) -> list[Image.Image]:
+                 id_guidance: float = 0.0, progress: bool = False) -> list[Image.Image]:
         """One image per seed (PIL), person k in the k-th `~ID~`. The prompt is encoded once (and remembered);
         with true CFG the prompt and negative rows run as one batched forward (`cfg_batch`); each image has its
-        own seeded generator, so a seed gives the same image in any batch."""
+        own seeded generator, so a seed gives the same image in any batch. `id_guidance` > 0 adds the prompt
+        without the people (every alpha 0) as a third row and pushes the people that much further
+        (`refgen.flow.identity_cfg`)."""
         from refgen.identity.render import RenderConfig, render_images
 
         seeds = [seeds] if isinstance(seeds, int) else list(seeds)
         rc = RenderConfig(prompt=prompt, alphas=[1.0], seeds=seeds, steps=steps, true_cfg=true_cfg,
                           negative_prompt=negative_prompt, height=height, width=width, batch_size=batch_size,
-                          cfg_batch=cfg_batch)
-        E, M, _ = self._encode(prompt, people, alphas)
+                          cfg_batch=cfg_batch, id_guidance=id_guidance)
+        E, M, people = self._encode(prompt, people, alphas)
+        plain = self._encode(prompt, people, [0.0] * len(people))[0] if id_guidance else None
         neg = self._negative(rc)
         self._after_encoding()
         B = len(seeds)
-        return render_images(self.pipe, E.expand(B, -1, -1), M.expand(B, -1), seeds, rc, neg, progress)
+        return render_images(self.pipe, E.expand(B, -1, -1), M.expand(B, -1), seeds, rc, neg, progress,
+                             plain=None if plain is None else plain.expand(B, -1, -1))
 
     def render_grid(self, cfg, people: Sequence = (), out: str | Path = "grid", alphas=None,
                     residual_files: list[str] | None = None, progress: bool = True) -> dict:

@@ -243,3 +243,36 @@ def test_unpack_is_the_pipelines_own_layout():
     assert torch.equal(unpack(x, 12, 8)[:, :, 0], z)  # and it inverts pack
     with pytest.raises(ValueError, match="do not tile"):
         unpack(x, 10, 8)
+
+
+def test_identity_guidance_is_a_third_row_that_pushes_the_person(pipe):
+    # id_guidance renders the prompt without the people as a third block of rows: with those rows equal to the
+    # prompt it is plain true CFG (up to the rounding of a larger batch), with the placeholder's rows different it
+    # moves the image further than alpha 1 does; a missing plain block or CFG off is refused by name.
+    from refgen.identity.inject import inject
+    from refgen.identity.render import render_images
+    from refgen.identity.sampling import SamplingConfig
+
+    enc, ne = encode_prompts(pipe, "a portrait photo of ~ID~, studio lighting", n_identities=1), encode_prompts(pipe, " ")
+    neg = (ne.embeds, ne.mask)
+    L = enc.slots[0][0].length
+    r = torch.randn(L, pipe.transformer.config.joint_attention_dim, generator=torch.Generator().manual_seed(0)) * 3
+    E = inject(enc.embeds.expand(2, -1, -1), enc.slots[0], [r.expand(2, -1, -1).to(enc.embeds.dtype)],
+               [torch.ones(2)])
+    M, P = enc.mask.expand(2, -1), enc.embeds.expand(2, -1, -1)
+
+    def lat(g, plain):
+        cfg = RenderConfig(prompt="x", steps=3, true_cfg=4.0, height=32, width=32, batch_size=2, id_guidance=g)
+        return torch.stack(render_images(pipe, E, M, [5, 6], cfg, neg, progress=False, output_type="latent",
+                                         plain=plain))
+
+    base = lat(0.0, None)
+    assert (lat(2.0, E) - base).norm() / base.norm() < 1e-5          # nothing to push: true CFG
+    pushed = lat(2.0, P)
+    assert torch.isfinite(pushed).all() and (pushed - base).norm() / base.norm() > 1e-2
+    with pytest.raises(ValueError, match="plain"):
+        lat(2.0, None)
+    with pytest.raises(ValueError, match="true_cfg"):
+        SamplingConfig(id_guidance=1.0, true_cfg=1.0)
+    with pytest.raises(ValueError, match="id_guidance"):
+        SamplingConfig(id_guidance=-1.0)

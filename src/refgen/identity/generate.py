@@ -144,7 +144,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     alphas = [p.alpha for p in cfg.people]
     images = ip(cfg.prompt, residuals, alphas, seeds=rc.seeds, steps=rc.steps, true_cfg=rc.true_cfg,
                 height=rc.height, width=rc.width, negative_prompt=rc.negative_prompt, batch_size=rc.batch_size,
-                cfg_batch=rc.cfg_batch, progress=progress)
+                cfg_batch=rc.cfg_batch, id_guidance=rc.id_guidance, progress=progress)
     files = []
     for s, im in zip(cfg.seeds, images):
         atomic_save_image(im, out / f"seed{s}.png")

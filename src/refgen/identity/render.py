@@ -169,13 +169,21 @@ def encode_negative(pipe, cfg: RenderConfig) -> tuple[torch.Tensor, torch.Tensor
 
 def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[int], cfg: RenderConfig,
                   neg: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
-                  output_type: str = "pil"):
+                  output_type: str = "pil", plain: torch.Tensor | None = None):
     """Render one image per row of `embeds` (B, S, H) with seeds[b]; returns PIL images (or, with
-    output_type="latent", one packed latent (N, 4C) per image)."""
+    output_type="latent", one packed latent (N, 4C) per image). `plain` (B, S, H): the same prompts without
+    the people (alpha 0, the same mask), needed when cfg.id_guidance > 0."""
     from tqdm.auto import tqdm
 
     device, dtype = execution_device(pipe), pipe.transformer.dtype
     check_tensors({"prompt_embeds": embeds, "prompt_embeds_mask": mask}, device, dtype, where="render: ")
+    if cfg.id_guidance:
+        if plain is None or neg is None:
+            raise ValueError(f"id_guidance {cfg.id_guidance} needs the prompts without the people (plain) and a "
+                             "negative prompt (true CFG); got " + ("no plain rows" if plain is None else "no negative"))
+        if plain.shape != embeds.shape:
+            raise ValueError(f"render: plain rows {tuple(plain.shape)} must match prompt_embeds {tuple(embeds.shape)}")
+        check_tensors({"plain_embeds": plain}, device, dtype, where="render: ")
     images = []
     chunks = range(0, embeds.shape[0], cfg.batch_size)
     for i in tqdm(chunks, desc="render", disable=not progress, unit="batch"):
@@ -189,7 +197,8 @@ def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[in
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[sl]]
         if kw and cfg.cfg_batch:
             images += sample_batched_cfg(pipe, embeds[sl], mask[sl], kw["negative_prompt_embeds"],
-                                         kw["negative_prompt_embeds_mask"], gens, cfg, output_type)
+                                         kw["negative_prompt_embeds_mask"], gens, cfg, output_type,
+                                         None if plain is None or not cfg.id_guidance else plain[sl])
             continue
         # encode_prompt cuts BOTH prompt and negative embeddings to max_sequence_length: it must cover the
         # longer of the two, or a negative prompt longer than the prompt is silently truncated.
@@ -210,8 +219,10 @@ def _pad_to(x: torch.Tensor, S: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embeds: torch.Tensor,
                        neg_mask: torch.Tensor, generators: list[torch.Generator], cfg: RenderConfig,
-                       output_type: str = "pil"):
+                       output_type: str = "pil", plain_embeds: torch.Tensor | None = None):
     """QwenImagePipeline's denoising loop with true CFG, the prompt and negative rows in one forward.
+    With `plain_embeds` (B, S, H; the prompts without the people, the prompt's mask) a third block of rows
+    joins the forward and `refgen.flow.identity_cfg` replaces `true_cfg` (cfg.id_guidance).
 
     Everything but the batching is the pipeline's own: `prepare_latents` (so a seed gives the pipeline's
     noise), `calculate_shift` + `retrieve_timesteps` (Qwen-Image's shifted schedule), the guidance formula
@@ -223,7 +234,7 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
     import numpy as np
     from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
 
-    from refgen.flow import true_cfg
+    from refgen.flow import identity_cfg, true_cfg
     from refgen.identity.qwen_flow import decode_qwen_latents
 
     tr = pipe.transformer
@@ -231,8 +242,12 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
         raise ValueError("cfg_batch needs a model without guidance embeddings; set cfg_batch=False")
     B, device = embeds.shape[0], execution_device(pipe)
     S = max(embeds.shape[1], neg_embeds.shape[1])
-    E = torch.cat([_pad_to(embeds, S), _pad_to(neg_embeds, S)])                        # (2B, S, H)
-    M = torch.cat([_pad_to(mask, S), _pad_to(neg_mask, S)]).bool()                      # (2B, S)
+    E = [_pad_to(embeds, S), _pad_to(neg_embeds, S)]
+    M = [_pad_to(mask, S), _pad_to(neg_mask, S)]
+    if plain_embeds is not None:
+        E, M = E + [_pad_to(plain_embeds, S)], M + [M[0]]
+    R = len(E)                                   # 2 blocks of B rows, 3 with the plain prompts
+    E, M = torch.cat(E), torch.cat(M).bool()                                            # (R*B, S, H), (R*B, S)
     M = None if bool(M.all()) else M  # as encode_prompt does: no mask -> the unmasked attention kernel
     latents = pipe.prepare_latents(B, tr.config.in_channels // 4, cfg.height, cfg.width, embeds.dtype, device,
                                    generators)                                          # (B, h*w/4, 4C)
@@ -244,11 +259,16 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
     timesteps, _ = retrieve_timesteps(pipe.scheduler, cfg.steps, device, sigmas=sigmas, mu=mu)
     pipe.scheduler.set_begin_index(0)
     for t in timesteps:
-        x = torch.cat([latents, latents])                                                # (2B, N, 4C)
-        v = tr(hidden_states=x, timestep=t.expand(2 * B).to(x.dtype) / 1000, encoder_hidden_states=E,
-               encoder_hidden_states_mask=M, img_shapes=[[(1, h, w)]] * (2 * B), return_dict=False)[0]
-        v_cond, v_uncond = v.chunk(2)
-        latents = pipe.scheduler.step(true_cfg(v_cond, v_uncond, cfg.true_cfg), t, latents, return_dict=False)[0]
+        x = torch.cat([latents] * R)                                                     # (R*B, N, 4C)
+        v = tr(hidden_states=x, timestep=t.expand(R * B).to(x.dtype) / 1000, encoder_hidden_states=E,
+               encoder_hidden_states_mask=M, img_shapes=[[(1, h, w)]] * (R * B), return_dict=False)[0]
+        if R == 2:
+            v_cond, v_uncond = v.chunk(2)
+            v = true_cfg(v_cond, v_uncond, cfg.true_cfg)
+        else:
+            v_cond, v_uncond, v_plain = v.chunk(3)
+            v = identity_cfg(v_cond, v_plain, v_uncond, cfg.true_cfg, cfg.id_guidance)
+        latents = pipe.scheduler.step(v, t, latents, return_dict=False)[0]
     if output_type == "latent":
         return latents
     image = decode_qwen_latents(pipe.vae, latents, cfg.height // pipe.vae_scale_factor,
@@ -314,18 +334,21 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     if tokens:  # each row is read with its tokens: the plain prompt is never encoded, its slots come from the tokenizer
         slots = tokenize(pipe, cfg.prompt, len(tokens)).slots
         E, M = encode_with_tokens(pipe, [cfg.prompt] * B, [[t] * B for t in tokens], [a for a, _ in pairs])
+        plain = encode_with_tokens(pipe, [cfg.prompt], [[t] for t in tokens], [0.0])[0].expand(B, -1, -1) \
+            if cfg.id_guidance else None
     else:
         if encoded is None:
             enc = encode_prompts(pipe, cfg.prompt, n_identities=len(residuals) or None)
             encoded = (enc.embeds, enc.mask, enc.slots[0])
         embeds, mask, slots = encoded
         E, M = embeds.expand(B, -1, -1), mask.expand(B, -1)
+        plain = E if cfg.id_guidance else None
     if residuals:
         alpha = torch.tensor([a for a, _ in pairs], device=E.device)
         E = inject(E, slots, residuals, [alpha] * len(residuals))
     if neg is None:
         neg = encode_negative(pipe, cfg)
-    images = render_images(pipe, E, M, [s for _, s in pairs], cfg, neg, progress)
+    images = render_images(pipe, E, M, [s for _, s in pairs], cfg, neg, progress, plain=plain)
     files = []
     for (a, s), im in zip(pairs, images):
         f = out_dir / "images" / (f"a{a:g}_s{s}.png" if a is not None else f"s{s}.png")

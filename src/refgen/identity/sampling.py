@@ -6,6 +6,7 @@ Kept free of torch so the command line can build its flags from it without impor
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -24,6 +25,9 @@ class SamplingConfig:
     width: int = 512
     batch_size: int = 4  # images per pipeline call
     cfg_batch: bool = True  # true CFG's two forwards as one batched forward (see sample_batched_cfg)
+    # > 0: a third forward per step, the prompt without the people (alpha 0), and the person's direction pushed
+    # by this much (refgen.flow.identity_cfg); needs true CFG and cfg_batch
+    id_guidance: float = 0.0
 
     def __post_init__(self):
         if not self.seeds:
@@ -39,6 +43,11 @@ class SamplingConfig:
                              "terminal-shift schedule")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {self.batch_size})")
+        if not (self.id_guidance >= 0 and math.isfinite(self.id_guidance)):
+            raise ValueError(f"id_guidance must be a finite number >= 0, got {self.id_guidance}")
+        if self.id_guidance and (self.true_cfg <= 1 or not self.cfg_batch):
+            raise ValueError(f"id_guidance {self.id_guidance} needs true CFG (true_cfg > 1, got {self.true_cfg}) and "
+                             f"cfg_batch (got {self.cfg_batch}): it adds a third row to the batched CFG forward")
         if self.height % 16 or self.width % 16:
             raise ValueError(f"height and width must be multiples of 16 (VAE /8 x 2x2 packing), got "
                              f"{self.height}x{self.width}")

@@ -98,6 +98,7 @@ class BenchmarkConfig:
     scenes: list[str] = field(default_factory=lambda: list(world.SCENES))
     render_steps: int = 20
     true_cfg: float = 4.0
+    id_guidance: float = 0.0   # SamplingConfig.id_guidance for every rendered row (0: plain true CFG)
     render_batch: int = 256
     n_pairs: int = 24
     invert: dict = field(default_factory=dict)   # InvertConfig overrides on top of _invert_defaults()
@@ -346,7 +347,7 @@ def render_config(cfg: BenchmarkConfig):
     from refgen.identity.render import RenderConfig
 
     return RenderConfig(prompt="", steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=cfg.size, width=cfg.size,
-                        batch_size=cfg.render_batch)
+                        batch_size=cfg.render_batch, id_guidance=cfg.id_guidance)
 
 
 def render_rows(pipe, prompts: list[str], jobs: list[dict], rc, neg) -> list:
@@ -363,7 +364,7 @@ def render_rows(pipe, prompts: list[str], jobs: list[dict], rc, neg) -> list:
 
     enc = encode_prompts(pipe, prompts)
     dev, dt = execution_device(pipe), pipe.transformer.dtype
-    E_all, M_all, seeds, order = [], [], [], []
+    E_all, M_all, P_all, seeds, order = [], [], [], [], []
     for p in range(len(prompts)):
         idx = [i for i, j in enumerate(jobs) if j["prompt"] == p]
         if not idx:
@@ -383,10 +384,12 @@ def render_rows(pipe, prompts: list[str], jobs: list[dict], rc, neg) -> list:
             alpha = torch.tensor([float(jobs[i]["alpha"]) for i in idx], device=dev)
             E = inject(E, slots, res, [alpha] * len(slots))
         E_all.append(E)
+        P_all.append(enc.embeds[p:p + 1].expand(B, -1, -1))  # alpha 0: the prompt as written (rc.id_guidance)
         M_all.append(enc.mask[p:p + 1].expand(B, -1))
         seeds += [jobs[i]["seed"] for i in idx]
         order += idx
-    images = render_images(pipe, torch.cat(E_all), torch.cat(M_all), seeds, rc, neg, progress=False)
+    images = render_images(pipe, torch.cat(E_all), torch.cat(M_all), seeds, rc, neg, progress=False,
+                           plain=torch.cat(P_all) if rc.id_guidance else None)
     out = [None] * len(jobs)
     for i, im in zip(order, images):
         out[i] = im
