@@ -602,7 +602,8 @@ def cmd_demo(args) -> int:
         line = ", ".join(f"alpha {a}: {m['identity_acc']:.0%} identity / {m['attribute_acc']:.0%} attributes"
                          for a, m in d["per_alpha"].items())
         print(f"{ident} ({', '.join(f'{v}' for v in d['attributes'].values())}): {line}")
-    for key, how in (("two_people", "inverted"), ("two_people_head", "from the toy head")):
+    g = f" (identity guidance {cfg.head_id_guidance:g})" if cfg.head_id_guidance else ""
+    for key, how in (("two_people", "inverted"), ("two_people_head", f"from the toy head{g}")):
         if key in s:
             t = s[key]
             print(f"two people (left, right), {how}: both recognised in {t['all_people_acc']:.0%} of "

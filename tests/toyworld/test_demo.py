@@ -56,6 +56,8 @@ def test_demo_config_validation():
         DemoConfig(scene="moon")
     with pytest.raises(ValueError, match="threads"):
         DemoConfig(threads=-1)
+    with pytest.raises(ValueError, match="head_id_guidance"):
+        DemoConfig(head_id_guidance=-0.5)
     with pytest.raises(ValueError, match="toy head was trained against the embedded toy model"):
         DemoConfig(model="some/other/model")
     DemoConfig(model="some/other/model", head=False)

@@ -40,6 +40,9 @@ class DemoConfig:
     # Both people also from the shipped toy head (photos -> tokens, with its slot roles): per-person inversions
     # do not compose in one prompt on the toy world, a head trained on two-person images does (docs/head.md).
     head: bool = True
+    # The head's pair also rendered with identity guidance (SamplingConfig.id_guidance): 0.5 was chosen on validation
+    # people for the shipped head (docs/head.md); 0 renders it with plain true CFG like the inverted pair.
+    head_id_guidance: float = 0.5
 
     def __post_init__(self):
         from refgen.toyworld import world
@@ -50,6 +53,8 @@ class DemoConfig:
             raise ValueError(f"scene {self.scene!r} is not one of {world.SCENES}")
         if self.invert_steps < 1 or self.render_steps < 2:
             raise ValueError("invert_steps >= 1 and render_steps >= 2 required")
+        if not self.head_id_guidance >= 0:
+            raise ValueError(f"head_id_guidance must be >= 0, got {self.head_id_guidance}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = pick from the free cores), got {self.threads}")
         if self.head and self.model:
@@ -103,7 +108,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
 
         ip.load_head(default_head(), default_vl_model())
         by_head = [ip.residual_from_refs(i.path) for i in chosen]
-        head_imgs, summary["two_people_head"] = _two_people(cfg, ip, net, chosen, by_head, say, progress)
+        head_imgs, summary["two_people_head"] = _two_people(cfg, ip, net, chosen, by_head, say, progress,
+                                                            cfg.head_id_guidance)
         rows, labels = rows + [head_imgs], labels + ["toy head"]
     refs = [_ref_images(i) for i in chosen]
     atomic_save_image(make_grid(rows, labels, [f"seed {s}" for s in cfg.seeds]), out / "two_people.png")
@@ -159,7 +165,8 @@ def _alpha_grid(cfg: DemoConfig, ip, net, ident, person, out: Path, say, progres
     return {"attributes": attrs, "per_alpha": per_alpha}
 
 
-def _two_people(cfg: DemoConfig, ip, net, chosen: list, people: list, say, progress: bool) -> tuple[list, dict]:
+def _two_people(cfg: DemoConfig, ip, net, chosen: list, people: list, say, progress: bool,
+                id_guidance: float = 0.0) -> tuple[list, dict]:
     """Both people in one prompt, left then right, each with its own identity: (images, recognizer's score)."""
     from refgen.toyworld import recognizer as R
     from refgen.toyworld import world
@@ -168,7 +175,8 @@ def _two_people(cfg: DemoConfig, ip, net, chosen: list, people: list, say, progr
     where = world.SCENE_PHRASES[cfg.scene][0]
     say(f"rendering both people in one picture: {len(cfg.seeds)} seeds")
     imgs = ip(PAIR_PROMPT.format(where=where), people, [cfg.pair_alpha, cfg.pair_alpha], seeds=cfg.seeds,
-              steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64, progress=progress)
+              steps=cfg.render_steps, true_cfg=cfg.true_cfg, height=64, width=64, batch_size=64,
+              id_guidance=id_guidance, progress=progress)
     return imgs, score(R.predict(net, imgs, cfg.device),
                        [{"people": [attributes_of(i.path) for i in chosen], "scene": cfg.scene}] * len(cfg.seeds))
 
