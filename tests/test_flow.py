@@ -126,3 +126,10 @@ def test_identity_cfg_pushes_the_person_and_keeps_true_cfgs_norm():
     cos = torch.nn.functional.cosine_similarity(out, want, dim=-1)
     assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
     assert not torch.allclose(out, flow.true_cfg(v_id, v_u, 4.0), atol=1e-3)
+    # several references (one per person): the pushes add up
+    v_b = torch.randn(2, 5, 8, generator=g)
+    two = flow.identity_cfg(v_id, [v_plain, v_b], v_u, 4.0, 1.5)
+    want = flow.cfg(v_id + 1.5 * ((v_id - v_plain) + (v_id - v_b)), v_u, 4.0)
+    cos = torch.nn.functional.cosine_similarity(two, want, dim=-1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+    assert torch.equal(flow.identity_cfg(v_id, [v_plain], v_u, 4.0, 1.5), out)

@@ -112,18 +112,19 @@ def true_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torc
     return comb * (torch.norm(v_cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
 
-def identity_cfg(v_id: torch.Tensor, v_plain: torch.Tensor, v_uncond: torch.Tensor, scale: float,
-                 id_scale: float) -> torch.Tensor:
+def identity_cfg(v_id: torch.Tensor, v_plain: torch.Tensor | Sequence[torch.Tensor], v_uncond: torch.Tensor,
+                 scale: float, id_scale: float) -> torch.Tensor:
     """True CFG with the person's own direction pushed further: the conditional prediction is first moved
     away from the same prompt without the person (v_plain: the placeholder as written, alpha 0),
 
-        v_c = v_id + id_scale * (v_id - v_plain),
+        v_c = v_id + id_scale * (v_id - v_plain)      or, with several references, id_scale * sum_k (v_id - v_plain_k)
 
     then guided from v_uncond as `true_cfg` does, and rescaled to the norm of v_id (not of v_c: the push must
     change what is drawn, not how strongly). id_scale = 0 is `true_cfg(v_id, v_uncond, scale)` exactly. The same
     idea as InstructPix2Pix's two guidance scales, here with the prompt as written as the second reference;
     unlike a larger alpha it leaves the text encoder's input where the person was learnt."""
-    v_c = v_id + id_scale * (v_id - v_plain) if id_scale else v_id
+    plains = [v_plain] if isinstance(v_plain, torch.Tensor) else list(v_plain)
+    v_c = v_id + id_scale * sum(v_id - p for p in plains) if id_scale else v_id
     comb = cfg(v_c, v_uncond, scale)
     return comb * (torch.norm(v_id, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 

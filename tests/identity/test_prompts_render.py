@@ -270,6 +270,9 @@ def test_identity_guidance_is_a_third_row_that_pushes_the_person(pipe):
     assert (lat(2.0, E) - base).norm() / base.norm() < 1e-5          # nothing to push: true CFG
     pushed = lat(2.0, P)
     assert torch.isfinite(pushed).all() and (pushed - base).norm() / base.norm() > 1e-2
+    # a list of reference blocks: one block is the same as the tensor; the prompt itself as a second adds nothing
+    assert (lat(2.0, [P]) - pushed).norm() / pushed.norm() < 1e-5
+    assert (lat(2.0, [P, E]) - pushed).norm() / pushed.norm() < 1e-5
     with pytest.raises(ValueError, match="plain"):
         lat(2.0, None)
     with pytest.raises(ValueError, match="true_cfg"):

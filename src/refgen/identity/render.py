@@ -169,10 +169,11 @@ def encode_negative(pipe, cfg: RenderConfig) -> tuple[torch.Tensor, torch.Tensor
 
 def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[int], cfg: RenderConfig,
                   neg: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True,
-                  output_type: str = "pil", plain: torch.Tensor | None = None):
+                  output_type: str = "pil", plain: torch.Tensor | list[torch.Tensor] | None = None):
     """Render one image per row of `embeds` (B, S, H) with seeds[b]; returns PIL images (or, with
     output_type="latent", one packed latent (N, 4C) per image). `plain` (B, S, H): the same prompts without
-    the people (alpha 0, the same mask), needed when cfg.id_guidance > 0."""
+    the people (alpha 0, the same mask), needed when cfg.id_guidance > 0; or a list of such blocks, each a
+    reference the people are pushed from (`refgen.flow.identity_cfg` sums the pushes)."""
     from tqdm.auto import tqdm
 
     device, dtype = execution_device(pipe), pipe.transformer.dtype
@@ -181,9 +182,12 @@ def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[in
         if plain is None or neg is None:
             raise ValueError(f"id_guidance {cfg.id_guidance} needs the prompts without the people (plain) and a "
                              "negative prompt (true CFG); got " + ("no plain rows" if plain is None else "no negative"))
-        if plain.shape != embeds.shape:
-            raise ValueError(f"render: plain rows {tuple(plain.shape)} must match prompt_embeds {tuple(embeds.shape)}")
-        check_tensors({"plain_embeds": plain}, device, dtype, where="render: ")
+        plain = [plain] if isinstance(plain, torch.Tensor) else list(plain)
+        for k, p in enumerate(plain):
+            if p.shape != embeds.shape:
+                raise ValueError(f"render: plain rows #{k} {tuple(p.shape)} must match prompt_embeds "
+                                 f"{tuple(embeds.shape)}")
+            check_tensors({f"plain_embeds[{k}]": p}, device, dtype, where="render: ")
     images = []
     chunks = range(0, embeds.shape[0], cfg.batch_size)
     for i in tqdm(chunks, desc="render", disable=not progress, unit="batch"):
@@ -198,7 +202,7 @@ def render_images(pipe, embeds: torch.Tensor, mask: torch.Tensor, seeds: list[in
         if kw and cfg.cfg_batch:
             images += sample_batched_cfg(pipe, embeds[sl], mask[sl], kw["negative_prompt_embeds"],
                                          kw["negative_prompt_embeds_mask"], gens, cfg, output_type,
-                                         None if plain is None or not cfg.id_guidance else plain[sl])
+                                         None if plain is None or not cfg.id_guidance else [p[sl] for p in plain])
             continue
         # encode_prompt cuts BOTH prompt and negative embeddings to max_sequence_length: it must cover the
         # longer of the two, or a negative prompt longer than the prompt is silently truncated.
@@ -219,10 +223,10 @@ def _pad_to(x: torch.Tensor, S: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embeds: torch.Tensor,
                        neg_mask: torch.Tensor, generators: list[torch.Generator], cfg: RenderConfig,
-                       output_type: str = "pil", plain_embeds: torch.Tensor | None = None):
+                       output_type: str = "pil", plain_embeds: list[torch.Tensor] | None = None):
     """QwenImagePipeline's denoising loop with true CFG, the prompt and negative rows in one forward.
-    With `plain_embeds` (B, S, H; the prompts without the people, the prompt's mask) a third block of rows
-    joins the forward and `refgen.flow.identity_cfg` replaces `true_cfg` (cfg.id_guidance).
+    With `plain_embeds` (blocks of (B, S, H): the prompts without the people, the prompt's mask) one more block
+    of rows per entry joins the forward and `refgen.flow.identity_cfg` replaces `true_cfg` (cfg.id_guidance).
 
     Everything but the batching is the pipeline's own: `prepare_latents` (so a seed gives the pipeline's
     noise), `calculate_shift` + `retrieve_timesteps` (Qwen-Image's shifted schedule), the guidance formula
@@ -244,9 +248,9 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
     S = max(embeds.shape[1], neg_embeds.shape[1])
     E = [_pad_to(embeds, S), _pad_to(neg_embeds, S)]
     M = [_pad_to(mask, S), _pad_to(neg_mask, S)]
-    if plain_embeds is not None:
-        E, M = E + [_pad_to(plain_embeds, S)], M + [M[0]]
-    R = len(E)                                   # 2 blocks of B rows, 3 with the plain prompts
+    for p in plain_embeds or []:
+        E, M = E + [_pad_to(p, S)], M + [M[0]]
+    R = len(E)                                   # 2 blocks of B rows, + 1 per plain block
     E, M = torch.cat(E), torch.cat(M).bool()                                            # (R*B, S, H), (R*B, S)
     M = None if bool(M.all()) else M  # as encode_prompt does: no mask -> the unmasked attention kernel
     latents = pipe.prepare_latents(B, tr.config.in_channels // 4, cfg.height, cfg.width, embeds.dtype, device,
@@ -266,7 +270,7 @@ def sample_batched_cfg(pipe, embeds: torch.Tensor, mask: torch.Tensor, neg_embed
             v_cond, v_uncond = v.chunk(2)
             v = true_cfg(v_cond, v_uncond, cfg.true_cfg)
         else:
-            v_cond, v_uncond, v_plain = v.chunk(3)
+            v_cond, v_uncond, *v_plain = v.chunk(R)
             v = identity_cfg(v_cond, v_plain, v_uncond, cfg.true_cfg, cfg.id_guidance)
         latents = pipe.scheduler.step(v, t, latents, return_dict=False)[0]
     if output_type == "latent":
