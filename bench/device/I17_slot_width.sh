@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Device call (nvidia-h200, one call, ~6 min; carry [".site", "bench/device"]).
+# Issue 16: a CPU probe (8 tuning people, 600 steps) read token inversion at 38.8 % with the 3-token `~ID~` slot and
+# 97.5 % with the placeholder's ids three times (9 tokens). The GPU check on the 24 tuning people 500000-500023 with
+# the default teacher (1,500 steps x 8 images, image prompts), whose 3-token control read 63.7 % at alpha 1
+# (docs/benchmarks.md, "The ID loss in inversion", second call).
+. bench/device/site.sh || exit  # diffusers + webdataset (carry .site, made by bench/device/pack_site.sh)
+R=$PWD/.carry/run17; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-400}
+timeout $LIM python3 docs/results/token_capacity_cpu/wide_sweep.py ${K:-3} --out $R/k${K:-3} --test-seed 500000 \
+  --n-test 24 --n-pairs 12 --variant '{"image_prompts": true}' > $R/k.log 2>&1
+echo "rc=$?" >> $R/k.log
+cp $R/k${K:-3}/v0/benchmark.json $OUT/k${K:-3}.json 2>/dev/null
+tail -c 4000 $R/k.log | tr '\r' '\n' | grep -vE "Loading|it/s" | tail -n 14
