@@ -218,12 +218,12 @@ def _inject(enc, residuals: Sequence[SlotResidual], alphas: Sequence[float]) -> 
     return E, enc.mask
 
 
-def _people_by_kind(pipe, people: Sequence, alphas: Sequence[float]) -> tuple[list, list]:
+def _people_by_kind(pipe, people: Sequence, alphas: Sequence[float], repeat: int = 1) -> tuple[list, list]:
     """(tokens per slot, residuals per slot) for a prompt with at least one SlotTokens person: a token person's
     tokens at its alpha and a zero residual; a residual person's alpha * R and the placeholder's own embeddings."""
     from refgen.identity.tokens import at_alpha, placeholder_embeds
 
-    ph = placeholder_embeds(_diffusers_pipe(pipe))
+    ph = placeholder_embeds(_diffusers_pipe(pipe), repeat)
     H = _diffusers_pipe(pipe).transformer.config.joint_attention_dim
     toks, res = [], []
     for p, a in zip(people, alphas):
@@ -240,17 +240,20 @@ def _encode_people(pipe, prompt: str, people: Sequence, alphas: Sequence[float],
     """(prompt_embeds (1, S, H), prompt_embeds_mask (1, S)) with person k in slot k. Residual people only: the
     prompt (`encode_text`, which may cache it) plus alpha_k R_k. With token people the text encoder reads the
     prompt with their tokens in their slots (no cache serves that), then residual people are added; `isolate`:
-    each person reaches only its own segment of the prompt (heads trained with `isolate_slots`)."""
+    each person reaches only its own segment of the prompt (heads trained with `isolate_slots`). The slots are as
+    wide as the people (one slot repeat for all: identity/slots.py)."""
     from refgen.identity.inject import inject
     from refgen.identity.prompts import tokenize
     from refgen.identity.render import encode_with_tokens
+    from refgen.identity.slots import common_repeat
 
-    if not any(isinstance(p, SlotTokens) for p in people):
-        return _inject(encode_text(prompt, len(people) or None), people, alphas)
-    toks, res = _people_by_kind(pipe, people, alphas)
     dp = _diffusers_pipe(pipe)
+    repeat = common_repeat(dp.tokenizer, [p.tensor.shape[0] for p in people])
+    if not any(isinstance(p, SlotTokens) for p in people):
+        return _inject(encode_text(prompt, len(people) or None, repeat), people, alphas)
+    toks, res = _people_by_kind(pipe, people, alphas, repeat)
     E, M = encode_with_tokens(dp, [prompt], [[t] for t in toks], [1.0], isolate)
-    slots = tokenize(dp, prompt, len(people)).slots  # the tokenizer's windows: no second text-encoder pass
+    slots = tokenize(dp, prompt, len(people), repeat).slots  # the tokenizer's windows: no second text-encoder pass
     E = inject(E, slots, [r.to(E.device, E.dtype) for r in res], [1.0] * len(res))
     return E, M
 
@@ -274,8 +277,8 @@ def encode_identity(pipe, prompt: str, people: Sequence = (), alphas=None,
     tokenize(pipe, prompt, n_identities=len(people) or None)  # slot count first: it needs no model
     people = [_residual_of(p, pipe, k) for k, p in enumerate(people)]
     alphas = _alphas_for(len(people), alphas)
-    return _encode_people(pipe, prompt, people, alphas, lambda p, n: encode_prompts(pipe, p, n_identities=n),
-                          isolate)
+    return _encode_people(pipe, prompt, people, alphas,
+                          lambda p, n, r: encode_prompts(pipe, p, n_identities=n, repeat=r), isolate)
 
 
 def reference_photos(images) -> list[Image.Image]:
@@ -579,16 +582,16 @@ class IdentityPipeline:
         if self.free_text_encoder or self.offload == "group":
             release_text_encoder(self.pipe)
 
-    def _encode_text(self, prompt: str, n_identities: int | None = None):
+    def _encode_text(self, prompt: str, n_identities: int | None = None, repeat: int = 1):
         """refgen.identity.prompts.encode_prompts for one prompt, remembered (the text encoder never changes)."""
         from refgen.identity.prompts import encode_prompts
 
-        key = (prompt, n_identities)
+        key = (prompt, n_identities, repeat)
         if key in self._encoded:
             self._encoded.move_to_end(key)
             return self._encoded[key]
         self._text_encoder_ready()
-        enc = encode_prompts(self.pipe, prompt, n_identities=n_identities)
+        enc = encode_prompts(self.pipe, prompt, n_identities=n_identities, repeat=repeat)
         self._encoded[key] = enc
         while len(self._encoded) > ENCODE_CACHE_SIZE:
             self._encoded.popitem(last=False)
@@ -661,21 +664,23 @@ class IdentityPipeline:
         """An alpha x seed grid (`refgen render`): row alpha a gives person k a * alphas[k] * R_k. Writes OUT/grid.png,
         OUT/images/a{a}_s{seed}.png and OUT/grid.json; returns the JSON record. `cfg`: a RenderConfig."""
         from refgen.identity.render import render_grid
+        from refgen.identity.slots import common_repeat
 
         people = list(people)
         self.slots(cfg.prompt, len(people) or None)
         residuals = self._residuals(people)
         person_alphas = _alphas_for(len(residuals), alphas)
+        repeat = common_repeat(self.pipe.tokenizer, [p.tensor.shape[0] for p in residuals])
         neg = self._negative(cfg)
         if any(isinstance(p, SlotTokens) for p in residuals):  # rows are read by the text encoder, at their alpha
             self._text_encoder_ready()
-            toks, res = _people_by_kind(self, residuals, person_alphas)
+            toks, res = _people_by_kind(self, residuals, person_alphas, repeat)
             res = [r.to(self.device, self.dtype) for r in res] if any(isinstance(p, SlotResidual) for p in residuals) else []
             rec = render_grid(self.pipe, cfg, res, out, residual_files=residual_files, progress=progress, neg=neg,
                               model_id=self.model_id, tokens=toks)
             self._after_encoding()
             return rec
-        enc = self._encode_text(cfg.prompt, len(residuals) or None)
+        enc = self._encode_text(cfg.prompt, len(residuals) or None, repeat)
         self._after_encoding()
         scaled = [(a * r.tensor).to(self.device, self.dtype) for a, r in zip(person_alphas, residuals)]
         return render_grid(self.pipe, cfg, scaled, out, residual_files=residual_files, progress=progress,

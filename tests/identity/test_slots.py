@@ -80,3 +80,40 @@ def test_slots_cli(tiny_models, capsys):
     assert "".join(out["slots"][1]["tokens"]).replace("Ġ", " ") == PLACEHOLDER
     assert main(["slots", "--model", tiny_models["qwen_image"], "--prompt", "no slot", "--identities", "1"]) == 1
     assert "no placeholder" in capsys.readouterr().err
+
+
+def test_slot_repeat_fills_each_slot_with_the_placeholder_repeated(tok_pipe):
+    from refgen.identity.slots import common_repeat, repeat_of_length
+
+    tok = tok_pipe.tokenizer
+    ph = placeholder_ids(tok)
+    _, drop, _ = template_of(tok_pipe)
+    tp = tokenize(tok_pipe, "~ID~ and ~ID~ on a beach", n_identities=2, repeat=3)
+    one = tokenize(tok_pipe, "~ID~ and ~ID~ on a beach", n_identities=2)
+    for s in tp.slots:
+        assert s.length == 3 * len(ph) and tp.input_ids[drop + s.start: drop + s.start + s.length] == ph * 3
+    # the words between and after the slots are the same words
+    assert tp.slots[1].start - tp.slots[0].start == one.slots[1].start - one.slots[0].start + 2 * len(ph)
+    assert tp.input_ids[drop + tp.slots[1].start + 3 * len(ph):] == one.input_ids[drop + one.slots[1].start + len(ph):]
+    assert repeat_of_length(tok, 3 * len(ph)) == 3 and common_repeat(tok, []) == 1
+    with pytest.raises(SlotError, match="multiple of"):
+        repeat_of_length(tok, 3 * len(ph) + 1, "a residual")
+    with pytest.raises(SlotError, match="different slot repeats"):
+        common_repeat(tok, [len(ph), 2 * len(ph)])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(SlotError, match="slot repeat"):
+            placeholder_ids(tok, bad)
+
+
+def test_a_start_head_must_be_as_wide_as_the_inversions_slots():
+    from refgen.identity.head import check_start_head
+    from pathlib import Path
+
+    from refgen.toyworld.benchmark import default_head
+
+    head = Path(default_head()).parent
+    check_start_head(head, "tokens")  # the toy head: 3 tokens, the placeholder once
+    with pytest.raises(ValueError, match="slot_repeat 3"):
+        check_start_head(head, "tokens", 3)
+    with pytest.raises(ValueError, match="outputs tokens"):
+        check_start_head(head, "free")

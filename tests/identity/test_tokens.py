@@ -161,3 +161,43 @@ def test_start_weight_keeps_a_refinement_near_its_start_and_survives_a_resume(pi
     assert torch.equal(st.P.cpu(), held.P.detach().cpu())
     with pytest.raises(ValueError, match="start_weight"):
         InvertConfig(start_weight=-1.0)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "free"])
+def test_slot_repeat_inverts_wider_people_that_render_everywhere(pipe, tmp_path, mode):
+    """slot_repeat 2: every ~ID~ is the placeholder twice over; the file records it, and the API, `refgen render` and
+    `refgen generate` read such a person into slots as wide (the same picture), and refuse it beside a person of
+    another width."""
+    import numpy as np
+    from PIL import Image
+
+    from refgen.cli import main
+    from refgen.identity.slots import SlotError, placeholder_ids
+    from refgen.pipeline import IdentityPipeline
+
+    root = make_identities(tmp_path / "ids", n=1)
+    cfg = InvertConfig(**{**FAST, "parametrisation": mode, "steps": 20, "lr": 0.1, "slot_repeat": 2})
+    (rec,) = Inverter(pipe, cfg, tmp_path / "o", model_id="tiny", progress=False).run(scan(root).identities)
+    base = len(placeholder_ids(pipe.tokenizer))
+    assert rec["L"] == 2 * base and rec["eval_loss_teacher"] < rec["eval_loss_base"]
+    f = tmp_path / "o" / rec["identity"] / ("teacher_tokens.safetensors" if mode == "tokens"
+                                           else "teacher_residual.safetensors")
+    ip = IdentityPipeline(pipe)
+    person = ip.load_residual(f)
+    assert person.tensor.shape[0] == 2 * base and person.metadata["slot_repeat"] == "2"
+    assert json.loads(person.metadata["placeholder_token_ids"]) == placeholder_ids(pipe.tokenizer) * 2
+    prompt = "a photo of ~ID~ on a beach"
+    img = np.asarray(ip(prompt, [person], seeds=[3], steps=2, height=32, width=32)[0])
+    common = ["--model", pipe.name_or_path, "--prompt", prompt, "--residual", str(f), "--seeds", "3", "--steps", "2",
+              "--height", "32", "--width", "32", "--device", "cpu", "--dtype", "fp32"]
+    assert main(["render", *common, "--alphas", "1", "--out", str(tmp_path / "r")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "r" / "images" / "a1_s3.png")), img)
+    assert main(["generate", *common, "--out", str(tmp_path / "g")]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g" / "seed3.png")), img)
+    narrow = placeholder_embeds(pipe) + 0.5
+    from refgen.pipeline import SlotTokens
+    from refgen.identity.tokens import token_metadata
+
+    other = SlotTokens(narrow, placeholder_embeds(pipe), token_metadata(pipe, "tiny"))
+    with pytest.raises(SlotError, match="different slot repeats"):
+        ip("~ID~ and ~ID~", [person, other], seeds=[0], steps=2, height=32, width=32)

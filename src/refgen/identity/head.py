@@ -311,16 +311,22 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
     return head, md
 
 
-def check_start_head(head: str | Path, parametrisation: str) -> None:
+def check_start_head(head: str | Path, parametrisation: str, slot_repeat: int = 1) -> None:
     """A head whose prediction starts an inversion must make what the inversion optimises: token embeddings for
-    parametrisation 'tokens', a slot residual for the others. Reads head.json only (no model loads)."""
+    parametrisation 'tokens', a slot residual for the others, as wide as its slots (`slot_repeat` x the placeholder
+    ids the head recorded). Reads head.json only (no model loads)."""
     rec = Path(head) / HEAD_JSON
     if not rec.is_file():
         raise FileNotFoundError(f"start head {head} has no {HEAD_JSON} (a head folder from `refgen train-head`)")
-    output = json.loads(rec.read_text()).get("output", "residual")
+    d = json.loads(rec.read_text())
+    output = d.get("output", "residual")
     if (output == "tokens") != (parametrisation == "tokens"):
         raise ValueError(f"start head {head} outputs {output}, but the inversion's parametrisation is "
                          f"{parametrisation!r}: a token head starts token inversion, a residual head the others")
+    L, ids = d.get("L"), canonical("placeholder_token_ids", d.get("placeholder_token_ids"))
+    if L is not None and ids and int(L) != len(ids) * slot_repeat:
+        raise ValueError(f"start head {head} makes L = {L} tokens, but the inversion's slot_repeat {slot_repeat} makes "
+                         f"slots of {len(ids) * slot_repeat}: a head starts inversions of its own width")
 
 
 def canonical(key: str, v):

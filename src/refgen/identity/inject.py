@@ -67,9 +67,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def residual_metadata(pipe, model_id: str, extra: dict | None = None) -> dict[str, str]:
-    ids = placeholder_ids(pipe.tokenizer)
-    md = {"format": FORMAT, "placeholder": PLACEHOLDER, "L": str(len(ids)),
+def residual_metadata(pipe, model_id: str, extra: dict | None = None, repeat: int = 1) -> dict[str, str]:
+    ids = placeholder_ids(pipe.tokenizer, repeat)
+    md = {"format": FORMAT, "placeholder": PLACEHOLDER, "L": str(len(ids)), "slot_repeat": str(repeat),
           "H": str(pipe.transformer.config.joint_attention_dim), "placeholder_token_ids": json.dumps(ids),
           "tokenizer": str(pipe.tokenizer.name_or_path), "tokenizer_fingerprint": tokenizer_fingerprint(pipe.tokenizer),
           "model": str(model_id)}
@@ -118,10 +118,13 @@ def read_residual(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
 
 
 def tokenizer_problems(md: dict[str, str], pipe) -> list[str]:
-    """Why an identity file's placeholder ids or tokenizer fingerprint are not `pipe`'s; [] if they are."""
-    ids = placeholder_ids(pipe.tokenizer)
+    """Why an identity file's placeholder ids or tokenizer fingerprint are not `pipe`'s; [] if they are. The file's
+    ids may be the placeholder's repeated (slots.py, `repeat`): they are compared with as many repeats."""
+    theirs = json.loads(md.get("placeholder_token_ids", "null")) or []
+    base = placeholder_ids(pipe.tokenizer)
+    ids = base * max(1, len(theirs) // len(base))
     problems = []
-    if json.loads(md.get("placeholder_token_ids", "null")) != ids:
+    if theirs != ids:
         problems.append(f"placeholder token ids {md.get('placeholder_token_ids')} != this tokenizer's {ids}")
     if md.get("tokenizer_fingerprint") != tokenizer_fingerprint(pipe.tokenizer):
         problems.append(f"tokenizer fingerprint {md.get('tokenizer_fingerprint')} != this tokenizer's "
@@ -131,11 +134,11 @@ def tokenizer_problems(md: dict[str, str], pipe) -> list[str]:
 
 def residual_problems(r: torch.Tensor, md: dict[str, str], pipe) -> list[str]:
     """Why a residual (L, H) with its metadata does not fit `pipe` (L, H, placeholder ids, tokenizer); [] if it fits."""
-    ids = placeholder_ids(pipe.tokenizer)
+    ids = json.loads(md.get("placeholder_token_ids", "null")) or placeholder_ids(pipe.tokenizer)
     H = pipe.transformer.config.joint_attention_dim
     problems = tokenizer_problems(md, pipe)
     if int(md.get("L", -1)) != len(ids) or r.ndim != 2 or r.shape[0] != len(ids):
-        problems.append(f"L={md.get('L')} (tensor {tuple(r.shape)}) != this tokenizer's L={len(ids)}")
+        problems.append(f"L={md.get('L')} (tensor {tuple(r.shape)}) != its placeholder ids' L={len(ids)}")
     if int(md.get("H", -1)) != H or r.ndim != 2 or r.shape[1] != H:
         problems.append(f"H={md.get('H')} (tensor {tuple(r.shape)}) != this model's hidden size {H}")
     if not problems and not torch.isfinite(r).all():

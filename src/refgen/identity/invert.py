@@ -78,6 +78,9 @@ class InvertConfig:
     #               encoder stays loaded and is back-propagated through. Saved as teacher_tokens.safetensors.
     # Default: tokens, which measured best by far on the toy-world benchmark (docs/benchmarks.md).
     parametrisation: str = "tokens"
+    # Each ~ID~ is the placeholder's tokens this many times over (identity/slots.py): more room for the person. On
+    # the toy world 3 lifts token inversion by ~20 points (docs/benchmarks.md); 1 is the seed's one placeholder.
+    slot_repeat: int = 1
     # Prompts (each with exactly one ~ID~) the identity is optimised in besides base_prompt; each image of a step
     # draws one of base_prompt + contexts from the identity's own generator. A residual fitted in one sentence
     # is not read the same in another; scenes and a second person make it hold in the prompts users write.
@@ -136,6 +139,8 @@ class InvertConfig:
                 raise ValueError(f"{name} must contain exactly one ~ID~: {text!r}")
         if self.image_prompts and self.contexts:
             raise ValueError("image_prompts and contexts are two ways to choose each image's prompt: set one")
+        if isinstance(self.slot_repeat, bool) or not isinstance(self.slot_repeat, int) or self.slot_repeat < 1:
+            raise ValueError(f"slot_repeat must be an integer >= 1, got {self.slot_repeat!r}")
         if self.parametrisation not in PARAMETRISATIONS:
             raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, got {self.parametrisation!r}")
         if not (self.start_weight >= 0 and math.isfinite(self.start_weight)):
@@ -207,7 +212,7 @@ class Inverter:
         self.device = execution_device(pipe)
         self.dtype = pipe.transformer.dtype
         self.tokens = cfg.parametrisation == "tokens"
-        self.base_tp = tokenize(pipe, cfg.base_prompt, 1)
+        self.base_tp = tokenize(pipe, cfg.base_prompt, 1, cfg.slot_repeat)
         base = encode_tokenized(pipe, [self.base_tp])
         self.E_base, self.slot = base.embeds, base.slots[0][0]  # (1, S, H), Slot
         self.ctx, self.bank_tps = None, None
@@ -226,7 +231,7 @@ class Inverter:
             te.requires_grad_(False)
             te.eval()
             self.te_dtype = te.dtype
-            self.T_ph = placeholder_embeds(pipe).to(self.device)  # (L, H_in)
+            self.T_ph = placeholder_embeds(pipe, cfg.slot_repeat).to(self.device)  # (L, H_in)
             self.emb_rms = embed_rms(pipe)
         self.neg = None
         if cfg.true_cfg > 1 or (cfg.qa and cfg.qa_true_cfg > 1):
@@ -300,7 +305,7 @@ class Inverter:
         Every window must have base_prompt's length L: the residual is (L, H)."""
         from refgen.identity.prompts import encode_tokenized, tokenize
 
-        tps = [tokenize(self.pipe, t, 1) for t in texts]
+        tps = [tokenize(self.pipe, t, 1, self.cfg.slot_repeat) for t in texts]
         enc = encode_tokenized(self.pipe, tps)
         if self.tokens:  # the rows are encoded again every step, with the identity's tokens in the window
             self.bank_tps = tps
@@ -679,11 +684,13 @@ class Inverter:
             if self.tokens:
                 from refgen.identity.tokens import save_tokens, token_metadata
 
-                save_tokens(d / "teacher_tokens.safetensors", R, self.T_ph, token_metadata(self.pipe, self.model_id, extra))
+                save_tokens(d / "teacher_tokens.safetensors", R, self.T_ph,
+                            token_metadata(self.pipe, self.model_id, extra, cfg.slot_repeat))
                 record.update(tokens="teacher_tokens.safetensors",
                               token_shift_rms=((R - self.T_ph).pow(2).mean().sqrt() / self.emb_rms).item())
             else:
-                save_residual(d / "teacher_residual.safetensors", R, residual_metadata(self.pipe, self.model_id, extra))
+                save_residual(d / "teacher_residual.safetensors", R,
+                              residual_metadata(self.pipe, self.model_id, extra, cfg.slot_repeat))
                 record.update(residual="teacher_residual.safetensors")
             if cfg.qa:
                 rc = RenderConfig(prompt=cfg.base_prompt, alphas=cfg.qa_alphas, seeds=cfg.qa_seeds, steps=cfg.qa_steps,
@@ -784,7 +791,7 @@ def invert(root: str | Path, model: str, out: str | Path | None = None, only: li
     if start_head:
         from refgen.identity.head import check_start_head
 
-        check_start_head(start_head, cfg.parametrisation)  # before any model loads
+        check_start_head(start_head, cfg.parametrisation, cfg.slot_repeat)  # before any model loads
     if cfg.id_weight and not vl_model:
         raise ValueError("id_weight > 0 needs --vl-model: the Qwen3-VL model whose vision tower reads the person")
     ip = IdentityPipeline.from_pretrained(model, device=device, dtype=dtype, offload=offload)

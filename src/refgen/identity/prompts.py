@@ -36,9 +36,9 @@ def template_of(pipe) -> tuple[str, int, int]:
     return pipe.prompt_template_encode, drop, pipe.tokenizer_max_length + drop
 
 
-def tokenize(pipe, prompt: str, n_identities: int | None = None) -> TokenizedPrompt:
+def tokenize(pipe, prompt: str, n_identities: int | None = None, repeat: int = 1) -> TokenizedPrompt:
     template, drop, max_len = template_of(pipe)
-    return tokenize_with_slots(pipe.tokenizer, prompt, template, drop, max_len, n_identities)
+    return tokenize_with_slots(pipe.tokenizer, prompt, template, drop, max_len, n_identities, repeat)
 
 
 def text_encoder_device(pipe) -> torch.device:
@@ -52,8 +52,8 @@ def text_encoder_device(pipe) -> torch.device:
 
 def encode_prompts(pipe, prompts: str | list[str], n_identities: int | None = None,
                    device: torch.device | None = None, dtype: torch.dtype | None = None,
-                   tokens: list[torch.Tensor] | None = None, isolate: bool = False) -> Encoded:
-    """Encode prompts to E (B, S, H) + mask (B, S) with each prompt's slot windows.
+                   tokens: list[torch.Tensor] | None = None, isolate: bool = False, repeat: int = 1) -> Encoded:
+    """Encode prompts to E (B, S, H) + mask (B, S) with each prompt's slot windows (`repeat`: slots.py).
 
     `n_identities` (when given) is checked against each prompt's placeholder count.
     `tokens` (input-level identities): tokens[k] (B, L, H_in) replaces the input token embeddings of slot k
@@ -63,7 +63,7 @@ def encode_prompts(pipe, prompts: str | list[str], n_identities: int | None = No
     person reaches only its own segment of the prompt (`encode_tokenized`).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    tps = [tokenize(pipe, p, n_identities if tokens is None else len(tokens)) for p in prompts]
+    tps = [tokenize(pipe, p, n_identities if tokens is None else len(tokens), repeat) for p in prompts]
     return encode_tokenized(pipe, tps, device, dtype, tokens, isolate)
 
 

@@ -287,15 +287,18 @@ def encode_with_tokens(pipe, prompts: list[str], tokens: list[list[torch.Tensor]
     """(E (B, S, H), mask (B, S)) of prompts[b] with slot k read as T_ph + alphas[b] (tokens[k][b] - T_ph).
     tokens[k][b] (L, H_in) are learnt token embeddings (identity/tokens.py), any device and float dtype: they
     are moved to where the text encoder computes, in its dtype. `isolate`: each person reaches only its own
-    segment of the prompt (`prompts.encode_tokenized`; for heads trained with `isolate_slots`)."""
+    segment of the prompt (`prompts.encode_tokenized`; for heads trained with `isolate_slots`). The slots are as
+    wide as the tokens (identity/slots.py, `repeat`)."""
     from refgen.identity.prompts import encode_prompts, text_encoder_device
+    from refgen.identity.slots import common_repeat
     from refgen.identity.tokens import at_alpha, placeholder_embeds
 
     dev, dt = text_encoder_device(pipe), pipe.text_encoder.dtype
-    base = placeholder_embeds(pipe).to(dev)
+    repeat = common_repeat(pipe.tokenizer, [t.shape[0] for per_slot in tokens for t in per_slot], "the token people")
+    base = placeholder_embeds(pipe, repeat).to(dev)
     a = torch.tensor([float(x) for x in alphas], device=dev)
     toks = [at_alpha(torch.stack([t.to(dev, torch.float32) for t in per_slot]), base, a).to(dt) for per_slot in tokens]
-    enc = encode_prompts(pipe, prompts, n_identities=len(tokens), tokens=toks, isolate=isolate)
+    enc = encode_prompts(pipe, prompts, n_identities=len(tokens), tokens=toks, isolate=isolate, repeat=repeat)
     return enc.embeds, enc.mask
 
 
@@ -320,6 +323,7 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
     from refgen.grid import make_grid
     from refgen.identity.inject import inject
     from refgen.identity.prompts import encode_prompts, tokenize
+    from refgen.identity.slots import common_repeat
 
     out_dir = Path(out_dir)
     if tokens and encoded is not None:
@@ -335,14 +339,15 @@ def render_grid(pipe, cfg: RenderConfig, residuals: list[torch.Tensor], out_dir:
               f"{len(cfg.alphas)} identical rows")
     pairs = [(a, s) for a in alphas for s in cfg.seeds]  # row-major: alpha rows, seed columns
     B = len(pairs)
+    repeat = common_repeat(pipe.tokenizer, [t.shape[0] for t in identities or []])
     if tokens:  # each row is read with its tokens: the plain prompt is never encoded, its slots come from the tokenizer
-        slots = tokenize(pipe, cfg.prompt, len(tokens)).slots
+        slots = tokenize(pipe, cfg.prompt, len(tokens), repeat).slots
         E, M = encode_with_tokens(pipe, [cfg.prompt] * B, [[t] * B for t in tokens], [a for a, _ in pairs])
         plain = encode_with_tokens(pipe, [cfg.prompt], [[t] for t in tokens], [0.0])[0].expand(B, -1, -1) \
             if cfg.id_guidance else None
     else:
         if encoded is None:
-            enc = encode_prompts(pipe, cfg.prompt, n_identities=len(residuals) or None)
+            enc = encode_prompts(pipe, cfg.prompt, n_identities=len(residuals) or None, repeat=repeat)
             encoded = (enc.embeds, enc.mask, enc.slots[0])
         embeds, mask, slots = encoded
         E, M = embeds.expand(B, -1, -1), mask.expand(B, -1)

@@ -8,6 +8,11 @@ in context. The templated prompt is split at every `~ID~`, each text piece is to
 and the placeholder's one fixed id sequence (the tokenization of "~ID~" alone) is spliced in between.
 Every occurrence then has the same ids and the same length L, whatever stands around it, and its
 window is known exactly. A prompt without a placeholder tokenizes exactly as the pipeline does.
+
+`repeat` fills each slot with that sequence repeated: L = repeat x its length. Learnt token people then have
+`repeat` times the room (on the toy world three copies of the 3-token placeholder lift per-person token inversion
+by ~20 points: docs/benchmarks.md). A person file records its placeholder ids, so the repeat a person was made
+with is read back from it (`repeat_of_length`), and every person in one prompt must share it.
 """
 
 from __future__ import annotations
@@ -34,8 +39,10 @@ class TokenizedPrompt:
     slots: list[Slot]  # left to right, in E coordinates
 
 
-def placeholder_ids(tokenizer) -> list[int]:
-    """The placeholder's one fixed token sequence; refuses tokenizers that cannot give one."""
+def placeholder_ids(tokenizer, repeat: int = 1) -> list[int]:
+    """The placeholder's one fixed token sequence (`repeat` times over); refuses tokenizers that cannot give one."""
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise SlotError(f"slot repeat must be an integer >= 1, got {repeat!r}")
     ids = tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids
     if not ids:
         raise SlotError(f"tokenizer {tokenizer.name_or_path!r} maps {PLACEHOLDER!r} to no tokens")
@@ -47,12 +54,33 @@ def placeholder_ids(tokenizer) -> list[int]:
     if decoded != PLACEHOLDER:
         raise SlotError(f"tokenizer {tokenizer.name_or_path!r} cannot give {PLACEHOLDER!r} one fixed token "
                         f"sequence: its tokens {tokenizer.convert_ids_to_tokens(ids)} decode to {decoded!r}")
-    return list(ids)
+    return list(ids) * repeat
+
+
+def repeat_of_length(tokenizer, length: int, what: str = "a person") -> int:
+    """The slot repeat of a window of `length` tokens (a residual's or a token set's L): length / the
+    placeholder's own length; refuses a length that is not a multiple of it."""
+    base = len(placeholder_ids(tokenizer))
+    r, rest = divmod(int(length), base)
+    if rest or r < 1:
+        raise SlotError(f"{what} has L = {length} tokens; a slot is a multiple of {PLACEHOLDER!r}'s {base} tokens "
+                        "here (made with another tokenizer?)")
+    return r
+
+
+def common_repeat(tokenizer, lengths: list[int], what: str = "the people") -> int:
+    """The one slot repeat of windows of these lengths (1 for none); refuses people made with different repeats in
+    one prompt (their slots would differ in length, and the text between them would be read differently)."""
+    reps = [repeat_of_length(tokenizer, n, what) for n in lengths]
+    if len(set(reps)) > 1:
+        raise SlotError(f"{what} were made with different slot repeats {reps} (L = {list(lengths)}): one prompt "
+                        "takes people of one repeat")
+    return reps[0] if reps else 1
 
 
 def tokenize_with_slots(tokenizer, prompt: str, template: str, drop_idx: int, max_length: int,
-                        n_identities: int | None = None) -> TokenizedPrompt:
-    """Tokenize `template.format(prompt)` with every `~ID~` as the fixed placeholder ids.
+                        n_identities: int | None = None, repeat: int = 1) -> TokenizedPrompt:
+    """Tokenize `template.format(prompt)` with every `~ID~` as the fixed placeholder ids (`repeat` times over).
 
     `drop_idx` is the number of template-prefix tokens the pipeline drops from the embeddings;
     `max_length` the tokenizer truncation length (prefix included), as in QwenImagePipeline.
@@ -69,7 +97,7 @@ def tokenize_with_slots(tokenizer, prompt: str, template: str, drop_idx: int, ma
                             f"identit{'y was' if n_identities == 1 else 'ies were'} given: {prompt!r}")
     text = template.format(prompt)
     pieces = text.split(PLACEHOLDER)
-    ph = placeholder_ids(tokenizer) if n_slots else []
+    ph = placeholder_ids(tokenizer, repeat) if n_slots else []
     ids: list[int] = []
     starts: list[int] = []
     for i, piece in enumerate(pieces):

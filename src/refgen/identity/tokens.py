@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from refgen.identity.slots import placeholder_ids
+from refgen.identity.slots import SlotError, placeholder_ids, repeat_of_length
 
 FORMAT = "refgen.slot_tokens/1"
 
@@ -30,10 +30,11 @@ class TokensMismatchError(ValueError):
     pass
 
 
-def placeholder_embeds(pipe) -> torch.Tensor:
-    """(L, H_in) float32 on the CPU: the text encoder's input embeddings of the placeholder's token ids."""
+def placeholder_embeds(pipe, repeat: int = 1) -> torch.Tensor:
+    """(L, H_in) float32 on the CPU: the text encoder's input embeddings of the placeholder's token ids (`repeat`
+    times over: slots.py)."""
     table = pipe.text_encoder.get_input_embeddings().weight
-    ids = torch.tensor(placeholder_ids(pipe.tokenizer), device=table.device)
+    ids = torch.tensor(placeholder_ids(pipe.tokenizer, repeat), device=table.device)
     return table[ids].detach().to("cpu", torch.float32)
 
 
@@ -49,10 +50,10 @@ def at_alpha(tokens: torch.Tensor, base: torch.Tensor, alpha: float | torch.Tens
     return base + alpha * (tokens - base)
 
 
-def token_metadata(pipe, model_id: str, extra: dict | None = None) -> dict[str, str]:
+def token_metadata(pipe, model_id: str, extra: dict | None = None, repeat: int = 1) -> dict[str, str]:
     from refgen.identity.inject import residual_metadata
 
-    md = residual_metadata(pipe, model_id, extra)
+    md = residual_metadata(pipe, model_id, extra, repeat)
     md.update(format=FORMAT, H_in=str(pipe.text_encoder.get_input_embeddings().weight.shape[1]),
               text_encoder=str(getattr(pipe.text_encoder, "name_or_path", "")))
     return md
@@ -81,8 +82,11 @@ def token_problems(t: torch.Tensor, ph: torch.Tensor, md: dict[str, str], pipe) 
     """Why learnt tokens do not fit `pipe`; [] if they fit."""
     from refgen.identity.inject import tokenizer_problems
 
-    mine = placeholder_embeds(pipe)
     problems = tokenizer_problems(md, pipe)
+    try:
+        mine = placeholder_embeds(pipe, repeat_of_length(pipe.tokenizer, t.shape[0], "the token set"))
+    except SlotError as e:
+        return problems + [str(e)]
     if t.shape != mine.shape or ph.shape != mine.shape:
         problems.append(f"tokens {tuple(t.shape)} / placeholder {tuple(ph.shape)} != this text encoder's "
                         f"placeholder embeddings {tuple(mine.shape)}")

@@ -138,7 +138,7 @@ class BenchmarkConfig:
         if any(s < 1 for s in self.short_steps):
             raise ValueError(f"short_steps must be >= 1, got {self.short_steps} (the head alone is scored anyway)")
         if self.start_head:
-            check_start_head(self.start_head, ic.parametrisation)
+            check_start_head(self.start_head, ic.parametrisation, ic.slot_repeat)
 
     def invert_config(self, steps: int | None = None) -> dict:
         d = {**_invert_defaults(), **self.invert, "height": self.size, "width": self.size}
@@ -361,8 +361,11 @@ def render_rows(pipe, prompts: list[str], jobs: list[dict], rc, neg) -> list:
     from refgen.identity.inject import inject
     from refgen.identity.prompts import encode_prompts
     from refgen.identity.render import _pad_to, encode_with_tokens, execution_device, render_images
+    from refgen.identity.slots import common_repeat
 
-    enc = encode_prompts(pipe, prompts)
+    # one slot repeat for the call (identity/slots.py): the people's, read from their lengths
+    repeat = common_repeat(pipe.tokenizer, [t.shape[0] for j in jobs for t in j.get("tokens", j.get("residuals", []))])
+    enc = encode_prompts(pipe, prompts, repeat=repeat)
     dev, dt = execution_device(pipe), pipe.transformer.dtype
     E_all, M_all, P_all, seeds, order = [], [], [], [], []
     for p in range(len(prompts)):
