@@ -218,7 +218,7 @@ def cmd_invert(args) -> int:
                  "gradient_checkpointing": args.gradient_checkpointing or None, "compile": args.compile or None,
                  "checkpoint_every": args.checkpoint_every, "qa": False if args.no_qa else None,
                  "parametrisation": args.parametrisation, "image_prompts": args.image_prompts or None,
-                 "start_weight": args.start_weight, "id_weight": args.id_weight}
+                 "start_weight": args.start_weight, "id_weight": args.id_weight, "slot_repeat": args.slot_repeat}
     cfg = InvertConfig.from_yaml(args.config, **overrides) if args.config else InvertConfig(
         **{k: v for k, v in overrides.items() if v is not None})
     try:
@@ -422,6 +422,9 @@ def _add_invert(sub) -> None:
                         "on the encoder output's window (rms_scaled, the seed's; free). docs/benchmarks.md")
     v.add_argument("--image-prompts", action="store_true",
                    help="each photo in its own sentence from seed_<id>/prompts.json")
+    v.add_argument("--slot-repeat", type=int, default=None,
+                   help="each ~ID~ is the placeholder's tokens this many times over (default 1): more room for the "
+                        "person; files record it and render/generate read it back. docs/benchmarks.md")
     v.add_argument("--start-head", default=None,
                    help="a head folder (`refgen train-head`): each identity starts from its prediction, not noise "
                         "(needs --vl-model; its output must be the parametrisation's kind)")

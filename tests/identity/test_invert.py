@@ -226,8 +226,11 @@ def test_cli_turns_qa_off_and_sets_the_checkpoint_interval(tiny_models, tmp_path
     assert rec["config"]["parametrisation"] == "tokens" and (tmp_path / "o" / "seed_0" / "teacher_tokens.safetensors").exists()
     assert main(["invert", str(root), "--model", tiny_models["qwen_image"], "--device", "cpu", "--dtype", "fp32",
                  "--steps", "2", "--height", "32", "--width", "32", "--out", str(tmp_path / "free"), "--no-qa",
-                 "--parametrisation", "free"]) == 0
+                 "--parametrisation", "free", "--slot-repeat", "2"]) == 0
     assert (tmp_path / "free" / "seed_0" / "teacher_residual.safetensors").exists()
+    rec = json.loads((tmp_path / "free" / "seed_0" / "teacher.json").read_text())
+    assert rec["config"]["slot_repeat"] == 2 and rec["L"] == 2 * json.loads(
+        (tmp_path / "o" / "seed_0" / "teacher.json").read_text())["L"]
 
 
 def test_complete_identities_made_with_other_settings_are_refused_not_reused(tiny_models, tmp_path, capsys):
