@@ -6,10 +6,11 @@
 # (docs/benchmarks.md, "The ID loss in inversion", second call).
 . bench/device/site.sh || exit  # diffusers + webdataset (carry .site, made by bench/device/pack_site.sh)
 R=$PWD/.carry/run17; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-400}
-# STEPS=600 (second call, 2026-12-01): does a shorter fit keep the scene (93.3 % at 1,500 steps)?
+# The first call (1,500 steps) ran docs/results/token_capacity_cpu/wide_sweep.py 3 (the width patched in); refgen has
+# the setting now: InvertConfig.slot_repeat. STEPS=600: does a shorter fit keep the scene (93.3 % at 1,500 steps)?
 N=k${K:-3}${STEPS:+s$STEPS}
-timeout $LIM python3 docs/results/token_capacity_cpu/wide_sweep.py ${K:-3} --out $R/$N --test-seed 500000 \
-  --n-test 24 --n-pairs 12 --variant "{\"image_prompts\": true${STEPS:+, \"steps\": $STEPS}}" > $R/k.log 2>&1
+timeout $LIM python3 bench/toyworld_invert_sweep.py --out $R/$N --test-seed 500000 --n-test 24 --n-pairs 12 \
+  --variant "{\"image_prompts\": true, \"slot_repeat\": ${K:-3}${STEPS:+, \"steps\": $STEPS}}" > $R/k.log 2>&1
 echo "rc=$?" >> $R/k.log
 cp $R/$N/v0/benchmark.json $OUT/$N.json 2>/dev/null
 tail -c 4000 $R/k.log | tr '\r' '\n' | grep -vE "Loading|it/s" | tail -n 14

@@ -19,8 +19,8 @@ steps = int(sys.argv[4]) if len(sys.argv) > 4 else 600
 _orig = slots.placeholder_ids
 
 
-def wide(tokenizer):
-    return _orig(tokenizer) * K
+def wide(tokenizer, repeat=1):  # refgen has InvertConfig.slot_repeat since: this patch predates it
+    return _orig(tokenizer, repeat) * K
 
 
 for mod in (slots, tokens, inject):
