@@ -284,7 +284,7 @@ def cmd_train_head(args) -> int:
             "two_person_fraction": args.two_person_fraction, "val_identities": args.val_identities,
             "seed": args.seed, "gradient_checkpointing": args.gradient_checkpointing or None,
             "cache_dir": args.cache_dir, "tables": args.tables, "toyworld_identities": args.toyworld_identities,
-            "toyworld_first_id": args.toyworld_first_id, "init_head": args.init_head}
+            "toyworld_first_id": args.toyworld_first_id, "init_head": args.init_head, "slot_repeat": args.slot_repeat}
     over = {k: v for k, v in over.items() if v is not None}
     cfg = E2EConfig.from_yaml(args.config, **over) if args.config else E2EConfig(**over)
     summary = train_e2e(args.root, args.out, args.model, args.vl_model, cfg, device=device, dtype=args.dtype)
@@ -481,6 +481,8 @@ def _add_head(sub) -> None:
     h.add_argument("--two-person-fraction", type=float, default=None,
                    help="share of steps on two-person toy-world images (toy identities only)")
     h.add_argument("--val-identities", type=int, default=None, help="identities held out for the logged val loss")
+    h.add_argument("--slot-repeat", type=int, default=None,
+                   help="each ~ID~ is the placeholder's tokens this many times over: the head's window grows with it")
     h.add_argument("--gradient-checkpointing", action="store_true")
     h.add_argument("--cache-dir", default=None, help="with --model: the data cache (features, latents, prompt rows), "
                                                      "written once, reused by every rank and re-run (default OUT/cache)")

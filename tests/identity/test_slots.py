@@ -113,7 +113,7 @@ def test_a_start_head_must_be_as_wide_as_the_inversions_slots():
 
     head = Path(default_head()).parent
     check_start_head(head, "tokens")  # the toy head: 3 tokens, the placeholder once
-    with pytest.raises(ValueError, match="slot_repeat 3"):
+    with pytest.raises(ValueError, match="slot_repeat is 3"):
         check_start_head(head, "tokens", 3)
     with pytest.raises(ValueError, match="outputs tokens"):
         check_start_head(head, "free")

@@ -779,3 +779,35 @@ def test_soup_of_two_heads_from_one_start(toy_ids, tmp_path):
     with pytest.raises(ValueError, match=r"differ in L \('\d+' against '\d+'\)"):
         soup_heads([a, other], None, tmp_path / "bad")
     assert main(["soup-heads", str(a), "--out", str(tmp_path / "bad")]) == 1   # one head: a clear error, exit 1
+
+
+def test_a_head_with_wider_slots_trains_loads_and_renders(toy_ids, tmp_path):
+    """slot_repeat 2: the head's window is the placeholder twice over, its cache rows and record say so, and
+    IdentityPipeline reads its people into slots as wide; a 3-token inversion cannot start from it."""
+    from refgen.identity.head import check_start_head, load_head
+    from refgen.identity.slots import placeholder_ids
+    from refgen.images import scan
+    from refgen.pipeline import IdentityPipeline
+
+    from refgen.cli import main
+
+    cfg_file = tmp_path / "e2e.yaml"
+    cfg_file.write_text("warmup_steps: 0\neval_identities: 0\neval_every: 4\ncheckpoint_every: 4\n")
+    out = tmp_path / "head"
+    assert main(["train-head", str(toy_ids), "--objective", "e2e", "--head", "linear", "--output", "tokens",
+                 "--model", default_model(), "--vl-model", default_vl_model(), "--config", str(cfg_file),
+                 "--steps", "4", "--batch-size", "3", "--lr", "0.01", "--slot-repeat", "2", "--out", str(out),
+                 "--device", "cpu", "--dtype", "fp32"]) == 0
+    head, md = load_head(out, torch.device("cpu"), torch.float32)
+    assert json.loads((out / "head.json").read_text())["config"]["slot_repeat"] == 2
+    ip = IdentityPipeline.from_pretrained(default_model(), vl_model=default_vl_model(), head=str(out), device="cpu",
+                                          dtype="fp32")
+    base = placeholder_ids(ip.pipe.tokenizer)
+    assert int(md["L"]) == 2 * len(base) and json.loads(md["placeholder_token_ids"]) == base * 2
+    person = ip.residual_from_refs(sorted(scan(toy_ids).identities, key=lambda i: i.id)[0].images[:2])
+    assert person.tensor.shape[0] == 2 * len(base)
+    img = ip("A photo of ~ID~ at the beach.", [person], seeds=[0], steps=2, height=32, width=32)
+    assert img[0].size == (32, 32)
+    check_start_head(out, "tokens", 2)
+    with pytest.raises(ValueError, match="slot_repeat 2 .*slot_repeat is 1"):
+        check_start_head(out, "tokens")

@@ -159,9 +159,10 @@ def pipeline_identity(pipe, model_id: str) -> dict:
             "tokenizer_fingerprint": tokenizer_fingerprint(pipe.tokenizer)}
 
 
-def cache_key(source, pipe, model_id: str, features: dict, height: int, width: int) -> dict:
+def cache_key(source, pipe, model_id: str, features: dict, height: int, width: int, slot_repeat: int = 1) -> dict:
+    # slot_repeat widens every ~ID~ of the prompt rows (identity/slots.py); 1 is left out so earlier caches still fit
     return {"format": FORMAT, "identities": source.key(), "features": features, "qwen_image": pipeline_identity(
-        pipe, model_id), "height": height, "width": width}
+        pipe, model_id), "height": height, "width": width, **({"slot_repeat": slot_repeat} if slot_repeat != 1 else {})}
 
 
 def check_key(folder: Path, key: dict) -> None:
@@ -313,7 +314,7 @@ def build_cache(folder: str | Path, source, key: dict, pipe, load_tower, height:
             H = int(md["H"])
             bank.append({"file": path.name, "rows": len(rows)})
             continue
-        enc = encode_prompts(pipe, rows)
+        enc = encode_prompts(pipe, rows, repeat=key.get("slot_repeat", 1))
         L_c = {sl.length for slots in enc.slots for sl in slots}
         L |= L_c
         H = enc.embeds.shape[2]

@@ -323,10 +323,10 @@ def check_start_head(head: str | Path, parametrisation: str, slot_repeat: int = 
     if (output == "tokens") != (parametrisation == "tokens"):
         raise ValueError(f"start head {head} outputs {output}, but the inversion's parametrisation is "
                          f"{parametrisation!r}: a token head starts token inversion, a residual head the others")
-    L, ids = d.get("L"), canonical("placeholder_token_ids", d.get("placeholder_token_ids"))
-    if L is not None and ids and int(L) != len(ids) * slot_repeat:
-        raise ValueError(f"start head {head} makes L = {L} tokens, but the inversion's slot_repeat {slot_repeat} makes "
-                         f"slots of {len(ids) * slot_repeat}: a head starts inversions of its own width")
+    theirs = int(d.get("config", {}).get("slot_repeat", 1))  # E2EConfig.slot_repeat; heads before it: 1
+    if theirs != slot_repeat:
+        raise ValueError(f"start head {head} was trained with slot_repeat {theirs} (L = {d.get('L')} tokens), but the "
+                         f"inversion's slot_repeat is {slot_repeat}: a head starts inversions of its own width")
 
 
 def canonical(key: str, v):

@@ -121,6 +121,9 @@ class E2EConfig:
     # the head file): the window of a person's tokens carries almost nothing of the words around it (docs/head.md),
     # so it cannot tell the transformer which of the two people it is; the offset can.
     slot_roles: bool = False
+    # Each ~ID~ is the placeholder's tokens this many times over (identity/slots.py): the head's window L grows with
+    # it. Per-person token inversion gained ~20 points from 3 on the toy world (docs/benchmarks.md).
+    slot_repeat: int = 1
     val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
     eval_identities: int = 16         # training identities whose fixed-noise flow loss is logged (0 = none)
     eval_every: int = 200
@@ -196,6 +199,8 @@ class E2EConfig:
         if self.isolate_slots and self.output != "tokens":
             raise ValueError("isolate_slots is for output: tokens (a residual is added after the text encoder, where "
                              "no word reads it)")
+        if isinstance(self.slot_repeat, bool) or not isinstance(self.slot_repeat, int) or self.slot_repeat < 1:
+            raise ValueError(f"slot_repeat must be an integer >= 1, got {self.slot_repeat!r}")
         if self.slot_roles and not self.two_person_fraction:
             raise ValueError("slot_roles are learnt on two-person steps: set two_person_fraction > 0 too")
         if self.two_person_fraction and self.objective == "teacher":
@@ -304,7 +309,7 @@ def _teachers(troot: Path, ids: list[str], cfg: E2EConfig, L: int, H: int, pipe=
     if cfg.output == "tokens":
         from refgen.identity.tokens import placeholder_embeds
 
-        T_ph = placeholder_embeds(pipe)
+        T_ph = placeholder_embeds(pipe, cfg.slot_repeat)
         rs = [(read_checked_tokens(troot / i / name, pipe)[0].float() - T_ph) / e for i in ids]
     else:
         rs = [read_residual(troot / i / name)[0].float() for i in ids]
@@ -353,7 +358,7 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
     source = identity_source(root, cfg)
     model_id = str(model_id or getattr(pipe, "name_or_path", "") or "")
     settings = feature_settings(identify_model(fx.model_id, "--vl-model"), fx.cfg, _dtype_name(fx.dtype))
-    key = cache_key(source, pipe, model_id, settings, cfg.height, cfg.width)
+    key = cache_key(source, pipe, model_id, settings, cfg.height, cfg.width, cfg.slot_repeat)
     load = fx.load if hasattr(fx, "load") else (lambda: fx)
     man = ensure_cache(folder, source, key, pipe, load, cfg.height, cfg.width, rank, world, progress)
     t = open_cache(folder, man, dev)
@@ -370,7 +375,7 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
         latents = latents.extend(encode_qwen_latents(pipe.vae, [center_crop_resize(im, cfg.width, cfg.height)
                                                                 for im in ims], batch=64, device=dev))
         uniq = sorted({text for _, _, _, text in scenes})
-        enc = encode_prompts(pipe, uniq)
+        enc = encode_prompts(pipe, uniq, repeat=cfg.slot_repeat)
         if {sl.length for slots in enc.slots for sl in slots} != {t.L}:
             raise ValueError("~ID~ has windows of different lengths in the two-person prompts: a residual has one "
                              "length L")
@@ -392,9 +397,10 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
         tables = [r.materialise() for r in tables]
     tokens, tok_mask, means, latents, bank, bank_mask = tables
     data = E2EData(ids, t.photos, tokens, tok_mask, means, latents, t.photo_row, bank, bank_mask, starts, t.L, t.H,
-                   None, pair_t, pair_regions, settings, residual_metadata(pipe, model_id), cfg.output)
+                   None, pair_t, pair_regions, settings, residual_metadata(pipe, model_id, repeat=cfg.slot_repeat),
+                   cfg.output)
     if cfg.output == "tokens":
-        attach_text_encoder(data, pipe, texts)
+        attach_text_encoder(data, pipe, texts, cfg.slot_repeat)
     if cfg.objective != "e2e":
         troot = cfg.teacher_root or root
         if not troot:
@@ -407,14 +413,14 @@ def prepare_data(pipe, fx, root: str | Path | None, cfg: E2EConfig, progress: bo
     return data
 
 
-def attach_text_encoder(data: E2EData, pipe, texts: list[str]) -> None:
+def attach_text_encoder(data: E2EData, pipe, texts: list[str], repeat: int = 1) -> None:
     """Token output: `data` reads the head's tokens through `pipe`'s text encoder, in each bank row's sentence
     (texts[r] is row r's), against the placeholder's own embeddings T_ph in units of the table's RMS e."""
     from refgen.identity.prompts import text_encoder_device, tokenize
     from refgen.identity.tokens import embed_rms, placeholder_embeds
 
-    data.output, data.pipe, data.tps = "tokens", pipe, [tokenize(pipe, text) for text in texts]
-    data.T_ph = placeholder_embeds(pipe).to(text_encoder_device(pipe))
+    data.output, data.pipe, data.tps = "tokens", pipe, [tokenize(pipe, text, repeat=repeat) for text in texts]
+    data.T_ph = placeholder_embeds(pipe, repeat).to(text_encoder_device(pipe))
     data.e, data.H = embed_rms(pipe), data.T_ph.shape[1]
 
 
