@@ -71,9 +71,11 @@ def test_energy_window_subtracts_idle_power():
     r = energy_window(c.work, images_per_call=10, counter=c, min_seconds=5.0, min_calls=100, idle_seconds=0.3)
     assert r["seconds"] >= 5 and r["calls"] >= 100
     # 1 %: the counter and the clock are read a few µs apart, and a preemption between the two reads on a loaded
-    # 2-core machine moves the 0.3 s idle window by up to ~1 ms; without the idle subtraction the marginal would be 5x
+    # 2-core machine moves the 0.3 s idle window by up to ~1 ms. The marginal inherits that error magnified: idle
+    # power x 5 s is ~4x the work's energy, so 0.5 % off in idle is ~2 % off here (a clean-clone run read 0.0511);
+    # 10 % still tells it apart from no idle subtraction, which would read 5x
     assert r["idle_w"] == pytest.approx(100, rel=1e-2)
-    assert r["j_per_image_marginal"] == pytest.approx(0.05, rel=1e-2)
+    assert r["j_per_image_marginal"] == pytest.approx(0.05, rel=0.1)
     assert r["j_per_image_total"] > r["j_per_image_marginal"]
     with pytest.raises(ValueError, match=">= 5.0 s"):
         energy_window(c.work, 1, c, min_seconds=1.0)
