@@ -313,8 +313,8 @@ def load_head(path: str | Path, device: torch.device, dtype: torch.dtype, kind: 
 
 def check_start_head(head: str | Path, parametrisation: str, slot_repeat: int = 1) -> None:
     """A head whose prediction starts an inversion must make what the inversion optimises: token embeddings for
-    parametrisation 'tokens', a slot residual for the others, as wide as its slots (`slot_repeat` x the placeholder
-    ids the head recorded). Reads head.json only (no model loads)."""
+    parametrisation 'tokens', a slot residual for the others, of the inversion's width (the head's
+    E2EConfig.slot_repeat is the inversion's). Reads head.json only (no model loads)."""
     rec = Path(head) / HEAD_JSON
     if not rec.is_file():
         raise FileNotFoundError(f"start head {head} has no {HEAD_JSON} (a head folder from `refgen train-head`)")

@@ -78,8 +78,8 @@ class InvertConfig:
     #               encoder stays loaded and is back-propagated through. Saved as teacher_tokens.safetensors.
     # Default: tokens, which measured best by far on the toy-world benchmark (docs/benchmarks.md).
     parametrisation: str = "tokens"
-    # Each ~ID~ is the placeholder's tokens this many times over (identity/slots.py): more room for the person. On
-    # the toy world 3 lifts token inversion by ~20 points (docs/benchmarks.md); 1 is the seed's one placeholder.
+    # Each ~ID~ is the placeholder's tokens this many times over (identity/slots.py): more room for the person (what
+    # it buys: docs/benchmarks.md, "Wider slots"); 1 is the seed's one placeholder.
     slot_repeat: int = 1
     # Prompts (each with exactly one ~ID~) the identity is optimised in besides base_prompt; each image of a step
     # draws one of base_prompt + contexts from the identity's own generator. A residual fitted in one sentence

@@ -10,8 +10,8 @@ Every occurrence then has the same ids and the same length L, whatever stands ar
 window is known exactly. A prompt without a placeholder tokenizes exactly as the pipeline does.
 
 `repeat` fills each slot with that sequence repeated: L = repeat x its length. Learnt token people then have
-`repeat` times the room (on the toy world three copies of the 3-token placeholder lift per-person token inversion
-by ~20 points: docs/benchmarks.md). A person file records its placeholder ids, so the repeat a person was made
+`repeat` times the room (a 3-token placeholder holds less than the words that describe a person:
+docs/benchmarks.md, "Wider slots"). A person file records its placeholder ids, so the repeat a person was made
 with is read back from it (`repeat_of_length`), and every person in one prompt must share it.
 """
 

@@ -122,7 +122,7 @@ class E2EConfig:
     # so it cannot tell the transformer which of the two people it is; the offset can.
     slot_roles: bool = False
     # Each ~ID~ is the placeholder's tokens this many times over (identity/slots.py): the head's window L grows with
-    # it. Per-person token inversion gained ~20 points from 3 on the toy world (docs/benchmarks.md).
+    # it, and a person gets that much more room (what it bought per-person inversion: docs/benchmarks.md).
     slot_repeat: int = 1
     val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
     eval_identities: int = 16         # training identities whose fixed-noise flow loss is logged (0 = none)

@@ -40,8 +40,8 @@ class DemoConfig:
     # Both people also from the shipped toy head (photos -> tokens, with its slot roles): per-person inversions
     # do not compose in one prompt on the toy world, a head trained on two-person images does (docs/head.md).
     head: bool = True
-    # The head's pair also rendered with identity guidance (SamplingConfig.id_guidance): 0.5 was chosen on validation
-    # people for the shipped head (docs/head.md); 0 renders it with plain true CFG like the inverted pair.
+    # The head's pair also rendered with identity guidance (SamplingConfig.id_guidance), at the value chosen on
+    # validation people for the shipped head (docs/head.md); 0 renders it with plain true CFG like the inverted pair.
     head_id_guidance: float = 0.5
 
     def __post_init__(self):
