@@ -87,14 +87,11 @@ def check_vl_model(settings: dict[str, str], vl: ModelIdentity) -> list[str]:
 
 
 def check_head_fits(md: dict, pipe, vl: ModelIdentity, head_path) -> None:
-    from refgen.identity.inject import tokenizer_fingerprint
+    from refgen.identity.inject import tokenizer_problems
     from refgen.identity.slots import placeholder_ids
 
-    problems = []
-    theirs, base = json.loads(md.get("placeholder_token_ids", "null")) or [], placeholder_ids(pipe.tokenizer)
-    ids = base * max(1, len(theirs) // len(base))  # a head of wider slots records the placeholder repeated
-    if theirs != ids:
-        problems.append(f"placeholder ids {md.get('placeholder_token_ids')} != {ids}")
+    problems = tokenizer_problems(md, pipe)  # placeholder ids (repeated for wider slots) and tokenizer fingerprint
+    ids = json.loads(md.get("placeholder_token_ids", "null")) or placeholder_ids(pipe.tokenizer)
     if int(md["L"]) != len(ids):
         problems.append(f"L={md['L']} != {len(ids)}")
     if md.get("output", "residual") == "tokens":  # token embeddings: the text encoder's input width
@@ -103,8 +100,6 @@ def check_head_fits(md: dict, pipe, vl: ModelIdentity, head_path) -> None:
             problems.append(f"token head H={md['H']} != the text encoder's embedding width {h_in}")
     elif int(md["H"]) != pipe.transformer.config.joint_attention_dim:
         problems.append(f"H={md['H']} != {pipe.transformer.config.joint_attention_dim}")
-    if md.get("tokenizer_fingerprint") != tokenizer_fingerprint(pipe.tokenizer):
-        problems.append("tokenizer fingerprint differs")
     problems += check_vl_model(head_feature_settings(md, head_path), vl)
     if problems:
         raise HeadMismatchError(f"head {head_path} does not fit: " + "; ".join(problems))
