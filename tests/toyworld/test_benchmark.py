@@ -195,7 +195,8 @@ def test_short_inversions_start_from_a_head(tmp_path):
     head = tmp_path / "head"
     train_e2e(tmp_path / "people", head, B.default_model(), B.default_vl_model(),
               E2EConfig(head="linear", steps=2, batch_size=2, warmup_steps=0, eval_identities=0,
-                        two_person_fraction=1.0, two_person_images=2, slot_roles=True),
+                        two_person_fraction=1.0, two_person_images=2, slot_roles=True,
+                        slot_repeat=B.toy_invert_settings()["slot_repeat"]),  # as wide as the toy inversions
               device="cpu", dtype="fp32", progress=False)
     tok = {"steps": 3, "images_per_step": 1, "parametrisation": "tokens", "image_prompts": True}
     cfg = B.BenchmarkConfig.tiny(n_train=0, invert=tok, short_steps=[2], start_head=str(head), pair_alphas=[0.5])
@@ -216,3 +217,7 @@ def test_short_inversions_start_from_a_head(tmp_path):
     assert two["start_head+roles"]["alpha"] == 1.0 and two["teacher_a0.5+roles"]["alpha"] == 0.5
     with pytest.raises(ValueError, match="outputs tokens, but the inversion's parametrisation is 'free'"):
         B.BenchmarkConfig.tiny(invert={**tok, "parametrisation": "free"}, start_head=str(head))
+    shipped = str(Path(B.default_head()).parent)  # the toy head is the placeholder once; the toy inversions are wider
+    with pytest.raises(ValueError, match="slot_repeat"):
+        B.BenchmarkConfig.tiny(invert=tok, start_head=shipped)
+    B.BenchmarkConfig.tiny(invert={**tok, "slot_repeat": 1}, start_head=shipped)

@@ -65,16 +65,19 @@ def default_head() -> str:
 def toy_invert_settings(**overrides) -> dict:
     """InvertConfig keys every inversion on the toy model shares (benchmark, `refgen demo`, `refgen app`): 64 px
     photos, lr 0.05, logit-normal sigmas (they weight the middle of the path, where attributes are decided; the
-    sweep behind these numbers: docs/benchmarks.md), no plateau stop, no QA grid; `overrides` on top."""
+    sweep behind these numbers: docs/benchmarks.md), each `~ID~` the placeholder three times over (slot_repeat: the
+    3-token slot was what held token inversion back; docs/benchmarks.md, "Wider slots"), no plateau stop, no QA grid;
+    `overrides` on top. A start head for these inversions must be as wide (identity/head.py, check_start_head)."""
     return {"base_prompt": "A photo of ~ID~.", "height": 64, "width": 64, "lr": 0.05, "sigma_sampling": "logit_normal",
-            "plateau_window": 10_000, "qa": False, **overrides}
+            "slot_repeat": 3, "plateau_window": 10_000, "qa": False, **overrides}
 
 
 def _invert_defaults() -> dict:
-    # 64 px steps are cheap: more images per step (less gradient noise) and more steps than the seed's 600 at
-    # 768x512, all identities in one batch (the toy model is launch-bound)
+    # 64 px steps are cheap: more images per step (less gradient noise), all identities in one batch (the toy model
+    # is launch-bound); with the wide slot, longer fits than 600 steps hold more of the photos' scenes and less of
+    # the person (steps chosen on tuning people: docs/benchmarks.md, "Wider slots")
     # toy identities carry prompts.json: each photo in its own sentence (measured: docs/benchmarks.md)
-    return toy_invert_settings(steps=1500, images_per_step=8, identities_per_batch=256, image_prompts=True)
+    return toy_invert_settings(steps=600, images_per_step=8, identities_per_batch=256, image_prompts=True)
 
 
 @dataclass
