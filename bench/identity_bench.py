@@ -10,7 +10,8 @@ Two sections, each sized for one device call (< 10 min on an H100):
     python bench/identity_bench.py --section render --out render.json   # plain vs refgen, batched CFG, grid,
                                                                         # offload modes, features, head
     python bench/identity_bench.py --section invert --out invert.json   # inversion K/checkpointing/offload,
-                                                                        # torch.compile (inversion and render)
+                                                                        # torch.compile (inversion and render);
+                                                                        # --slot-repeat K: the wide-slot mode
     python bench/identity_bench.py --section head --out head.json       # one e2e head training step, K people
                                                                         # (--id-loss: also with the ID loss)
     python bench/identity_bench.py --tiny --section all --out /tmp/b.json   # tiny models on CPU: code runs
@@ -367,13 +368,15 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
     make_identities(root, 4, size=(W + 64, H + 64))
     idents = scan(root).identities
     cfg = InvertConfig(height=H, width=W, identities_per_batch=4, steps=10 ** 6, qa=False, checkpoint_every=10 ** 6,
-                       parametrisation=S["parametrisation"])
+                       parametrisation=S["parametrisation"], slot_repeat=S["slot_repeat"])
     peak_reset()
     # encodes; a residual mode then moves the text encoder off the GPU, tokens keep it there (it runs every step)
     inv = Inverter(pipe, cfg, root / "out", progress=False)
     states = [inv._new_state(i) for i in idents]
-    b.res["invert_setup"] = peaks()
-    b.row(f"inversion setup, parametrisation {cfg.parametrisation} (encode, 4 x 3 photos through the VAE)",
+    b.res["invert_setup"] = {**peaks(), "parametrisation": cfg.parametrisation, "slot_repeat": cfg.slot_repeat,
+                             "L": int(states[0].P.shape[0])}  # the window each person's step moves
+    b.row(f"inversion setup, parametrisation {cfg.parametrisation}, slot_repeat {cfg.slot_repeat} "
+          f"(L = {b.res['invert_setup']['L']}; encode, 4 x 3 photos through the VAE)",
           f"peak {b.res['invert_setup']['peak_gib']:.1f} GiB")
     n_rep = 1 if tiny else 3
 
@@ -595,6 +598,8 @@ def main():
     ap.add_argument("--parts", default=",".join(INVERT_PARTS), help=f"invert section: any of {INVERT_PARTS}")
     ap.add_argument("--parametrisation", default="tokens", help="invert section: InvertConfig.parametrisation "
                     "(tokens, free, rms_scaled); offload runs a residual mode")
+    ap.add_argument("--slot-repeat", type=int, default=1, help="invert section: InvertConfig.slot_repeat (each "
+                    "~ID~ the placeholder K times over)")
     ap.add_argument("--id-loss", action="store_true", help="head section: the same steps again with the ID loss "
                     "(id_weight 0.2: VAE decode + vision tower forward and backward per target)")
     args = ap.parse_args()
@@ -622,7 +627,7 @@ def main():
     else:
         pipe = build_full_pipeline(tok)
         S = dict(H=768, W=512, steps=28, grid_seeds=8, reps=2, grid_bs=8, group_steps=4)
-    S["parametrisation"] = args.parametrisation
+    S["parametrisation"], S["slot_repeat"] = args.parametrisation, args.slot_repeat
     import diffusers
     import transformers
 

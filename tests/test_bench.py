@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_identity_bench_runs_on_tiny_models(tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "identity_bench.py"), "--tiny", "--section", "all",
-                        "--id-loss", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--id-loss", "--slot-repeat", "2", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     for k in ("plain_1", "refgen_1_cfgbatch0", "refgen_1_cfgbatch1", "refgen_1_id_guidance", "refgen_two_slot",
@@ -19,6 +20,12 @@ def test_identity_bench_runs_on_tiny_models(tmp_path):
               "head_e2e_K2_id", "head_e2e_K2_ckpt_id"):
         assert "error" not in res[k] and res[k]["s"] > 0, (k, res[k])
     assert res["inject_s"] > 0 and res["head_s"] > 0
+    from refgen.identity.slots import placeholder_ids
+    from refgen.tiny_qwen import build_tokenizer
+
+    # the inversion rows ran with each ~ID~ the placeholder twice over: each person's window is twice as long
+    assert res["invert_setup"]["slot_repeat"] == 2 and res["invert_setup"]["L"] == 2 * len(placeholder_ids(
+        build_tokenizer()))
     assert res["grid"]["n"] == 8 and "| alpha grid 4x2" in r.stdout
     assert res["head_e2e_K2"]["n"] == 2 and res["head_e2e_K2"]["gpu_hours"]["20k_ids_x50"] > 0
 

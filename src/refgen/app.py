@@ -118,12 +118,21 @@ class IdentityApp:
         self.defaults = page_defaults(cfg)
 
     # ---- prompt ----------------------------------------------------------------------------------------
+    def slot_repeat(self) -> int:
+        """How wide the people made from photos will be: the head's window, or the page's inversion setting
+        (an uploaded residual file carries its own, and people of two widths in one prompt are refused)."""
+        if self.ip.head is not None:
+            from refgen.identity.slots import repeat_of_length
+
+            return repeat_of_length(self.ip.pipe.tokenizer, self.ip.head.L, f"head {self.ip.head_path}")
+        return invert_config(self.cfg, self.defaults.invert_steps).slot_repeat
+
     def slots_text(self, prompt: str) -> str:
         """What the slot box shows: each `~ID~`'s token window, or why the prompt cannot be read."""
         from refgen.identity.slots import SlotError
 
         try:
-            rows = self.ip.slots(prompt or "")
+            rows = self.ip.slots(prompt or "", slot_repeat=self.slot_repeat())
         except SlotError as e:
             return f"**Prompt:** {md_escape(e)}"
         if not rows:

@@ -173,7 +173,7 @@ def cmd_slots(args) -> int:
     from refgen.identity.slots import describe_slots
 
     pipe = load_tokenizer_only(args.model)
-    tp = tokenize(pipe, args.prompt, n_identities=args.identities)
+    tp = tokenize(pipe, args.prompt, n_identities=args.identities, repeat=args.slot_repeat)
     rows = describe_slots(pipe.tokenizer, tp, template_of(pipe)[1])
     if args.json:
         print(json.dumps({"prompt": args.prompt, "slots": rows, "tokens_after_prefix":
@@ -379,6 +379,7 @@ def _add_tools(sub) -> None:
     sl.add_argument("--model", required=True, help="Qwen-Image hub id or folder (only its tokenizer is read)")
     sl.add_argument("--prompt", required=True)
     sl.add_argument("--identities", type=int, default=None, help="check the prompt has this many placeholders")
+    sl.add_argument("--slot-repeat", type=int, default=1, help="the windows of people made with --slot-repeat K")
     sl.add_argument("--json", action="store_true")
     sl.set_defaults(func=cmd_slots)
 

@@ -441,14 +441,16 @@ class IdentityPipeline:
 
         return offload_mode(self.pipe)
 
-    def slots(self, prompt: str, n_people: int | None = None) -> list[dict]:
+    def slots(self, prompt: str, n_people: int | None = None, slot_repeat: int = 1) -> list[dict]:
         """Each `~ID~`'s window in the prompt embeddings (slot, start, length L, token ids, tokens), left to right;
-        with `n_people`, SlotError unless the prompt has exactly that many (0: it must have none). Tokenizer only."""
+        with `n_people`, SlotError unless the prompt has exactly that many (0: it must have none); `slot_repeat`:
+        the windows of people made with that repeat (InvertConfig / E2EConfig.slot_repeat). Tokenizer only."""
         from refgen.identity.prompts import template_of, tokenize
         from refgen.identity.slots import PLACEHOLDER, describe_slots
 
         n = n_people if n_people or (n_people == 0 and PLACEHOLDER in prompt) else None
-        return describe_slots(self.pipe.tokenizer, tokenize(self.pipe, prompt, n_identities=n), template_of(self.pipe)[1])
+        tp = tokenize(self.pipe, prompt, n_identities=n, repeat=slot_repeat)
+        return describe_slots(self.pipe.tokenizer, tp, template_of(self.pipe)[1])
 
     # ---- people ---------------------------------------------------------------------------------------------
     def load_residual(self, path: str | Path) -> "SlotResidual | SlotTokens":

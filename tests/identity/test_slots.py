@@ -80,6 +80,13 @@ def test_slots_cli(tiny_models, capsys):
     assert "".join(out["slots"][1]["tokens"]).replace("Ġ", " ") == PLACEHOLDER
     assert main(["slots", "--model", tiny_models["qwen_image"], "--prompt", "no slot", "--identities", "1"]) == 1
     assert "no placeholder" in capsys.readouterr().err
+    # the windows of people made with --slot-repeat 2: twice as long, the second slot pushed right by the first
+    assert main(["slots", "--model", tiny_models["qwen_image"], "--prompt", "~ID~ and ~ID~, hi", "--json",
+                 "--slot-repeat", "2"]) == 0
+    wide = json.loads(capsys.readouterr().out)["slots"]
+    L = out["slots"][0]["length"]
+    assert [w["length"] for w in wide] == [2 * L, 2 * L] and wide[1]["start"] == out["slots"][1]["start"] + L
+    assert wide[0]["token_ids"] == out["slots"][0]["token_ids"] * 2
 
 
 def test_slot_repeat_fills_each_slot_with_the_placeholder_repeated(tok_pipe):
