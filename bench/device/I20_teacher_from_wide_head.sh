@@ -9,11 +9,12 @@
 # head's place for the call and restore it after (as for I19 with W_HEAD):
 #   cp .carry/heads/w_bf16/head.* src/refgen/assets/toyworld/head/   ...   git checkout -- src/refgen/assets/toyworld/head
 . bench/device/site.sh || exit
-R=$PWD/.carry/run20; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-560}
+# RUN=wp: a second run (another start head, HEAD=...) beside the first
+R=$PWD/.carry/run20${RUN:+_$RUN}; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-560}
 H=${HEAD:-src/refgen/assets/toyworld/head}
 python3 -c "import json,sys; c=json.load(open(sys.argv[1]+'/head.json'))['config']; sys.exit(c.get('slot_repeat', 1) != 3)" $H \
   || { echo "$H is not a slot_repeat 3 head: copy .carry/heads/w_bf16 into it first"; exit 1; }
 timeout $LIM python3 bench/toyworld_invert_sweep.py --out $R/t --n-test 48 --n-pairs 24 --short-steps 50,150 \
   --start-head $H --variant '{"image_prompts": true, "slot_repeat": 3, "steps": 600, "start_weight": 1.0}' > $R/t.log 2>&1
-echo "rc=$?"; cp $R/t/v0/benchmark.json $OUT/test48_from_w.json 2>/dev/null
+echo "rc=$?"; cp $R/t/v0/benchmark.json $OUT/test48_from_${RUN:-w}.json 2>/dev/null
 tail -c 4000 $R/t.log | tr '\r' '\n' | grep -vE "Loading|it/s" | tail -n 16
