@@ -122,6 +122,7 @@ def test_head_training_learns_teacher_residuals(pipe, tiny_models, tmp_path):
     assert md["epoch"] == "30" and h(torch.randn(2, 32)).shape == (2, int(md["L"]), int(md["H"]))
     rep = build_report(tmp_path / "head" / "head.json")
     assert rep["head"]["val_cos"] == pytest.approx(summary["val_cos"])
+    assert rep["head"]["L"] == int(md["L"]) and rep["head"]["slot_repeat"] == 1
     # the weights file `generate --head` takes reads its record beside it; anything else is named
     assert build_report(tmp_path / "head" / "head.safetensors")["head"] == rep["head"]
     (tmp_path / "weights.json").write_bytes(b"\xc1\x00 not text")

@@ -811,3 +811,7 @@ def test_a_head_with_wider_slots_trains_loads_and_renders(toy_ids, tmp_path):
     check_start_head(out, "tokens", 2)
     with pytest.raises(ValueError, match="slot_repeat 2 .*slot_repeat is 1"):
         check_start_head(out, "tokens")
+    from refgen.identity.report import build_report
+
+    rep = build_report(out)["head"]  # `refgen report` shows the width
+    assert rep["slot_repeat"] == 2 and rep["L"] == 2 * len(base)

@@ -31,6 +31,9 @@ def build_report(head_json: str | Path | None = None, logs: list[str | Path] = (
         rep["head"] = {"file": str(path), "kind": h.get("kind", "linear"), "output": h.get("output", "residual"),
                        "objective": h.get("objective", "teacher"), "epoch": h.get("epoch"), "step": h.get("step"),
                        "n_train": len(h.get("train_ids", [])), "n_val": len(h.get("val_ids", [])),
+                       # the window it writes: people of one width per prompt, a start head as wide as the inversion
+                       "L": None if h.get("L") is None else int(h["L"]),  # e2e records keep it as text
+                       "slot_repeat": (h.get("config") or {}).get("slot_repeat", 1),
                        "qwen_image_model": h.get("qwen_image_model"), "vl_model": h.get("vl_model"),
                        "git_commit": h.get("git_commit"), "created": h.get("created")}
         keys = (("val_flow", "val_flow_zero", "train_flow", "train_flow_zero") if "objective" in h and
