@@ -241,9 +241,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     times: dict = {}
     model, vl = default_model(), default_vl_model()
+    tiny = {"render_steps": 2, "seeds": [0], "scenes": ["beach", "city"]} if a.tiny else {}
     bcfg = BenchmarkConfig(device=a.device, dtype=a.dtype, n_train=a.n_train, n_test=a.n_test, n_pairs=a.n_pairs,
-                           head_alphas=alphas, id_guidance=a.id_guidance, **({"render_steps": 2, "seeds": [0], "scenes": ["beach", "city"]}
-                                                  if a.tiny else {}))
+                           head_alphas=alphas, id_guidance=a.id_guidance, **tiny)
     ranges = held_out_ranges(bcfg, model)
     if a.n_val:
         ranges["validation identities (alpha)"] = [VAL_SEED, VAL_SEED + a.n_val]

@@ -16,7 +16,7 @@
 R=$PWD/.carry/run19; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-560}; T0=$(date +%s)
 W=${W_HEAD:+$PWD/$W_HEAD}; W=${W:-$R/w/head}
 if [ -n "$W_HEAD" ]; then  # refuse a head of the wrong width (e.g. the shipped head left in place)
-  python3 -c "import json,sys; c=json.load(open(sys.argv[1]+'/head.json'))['config']; sys.exit(c.get('slot_repeat', 1) != 3)" $W \
+  python3 -c "import sys; from refgen.identity.head import check_start_head; check_start_head(sys.argv[1], 'tokens', 3)" $W \
     || { echo "W_HEAD $W is not a slot_repeat 3 head: copy .carry/heads/w_bf16 into it first"; exit 1; }
   mkdir -p $R/w; echo '{"from": "'$W_HEAD'"}' > $R/w/result.json
 fi

@@ -12,7 +12,7 @@
 # RUN=wp: a second run (another start head, HEAD=...) beside the first
 R=$PWD/.carry/run20${RUN:+_$RUN}; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-560}
 H=${HEAD:-src/refgen/assets/toyworld/head}
-python3 -c "import json,sys; c=json.load(open(sys.argv[1]+'/head.json'))['config']; sys.exit(c.get('slot_repeat', 1) != 3)" $H \
+python3 -c "import sys; from refgen.identity.head import check_start_head; check_start_head(sys.argv[1], 'tokens', 3)" $H \
   || { echo "$H is not a slot_repeat 3 head: copy .carry/heads/w_bf16 into it first"; exit 1; }
 timeout $LIM python3 bench/toyworld_invert_sweep.py --out $R/t --n-test 48 --n-pairs 24 --short-steps 50,150 \
   --start-head $H --variant '{"image_prompts": true, "slot_repeat": 3, "steps": 600, "start_weight": 1.0}' > $R/t.log 2>&1

@@ -110,6 +110,13 @@ def test_slot_repeat_fills_each_slot_with_the_placeholder_repeated(tok_pipe):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(SlotError, match="slot repeat"):
             placeholder_ids(tok, bad)
+    from refgen.identity.invert import InvertConfig
+    from refgen.identity.train_e2e import E2EConfig
+
+    for make in (InvertConfig, E2EConfig):  # the configs refuse it before any model loads
+        for bad in (0, 2.0, True):
+            with pytest.raises(ValueError, match="slot_repeat must be an integer >= 1"):
+                make(slot_repeat=bad)
 
 
 def test_a_start_head_must_be_as_wide_as_the_inversions_slots():

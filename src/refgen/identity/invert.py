@@ -139,8 +139,9 @@ class InvertConfig:
                 raise ValueError(f"{name} must contain exactly one ~ID~: {text!r}")
         if self.image_prompts and self.contexts:
             raise ValueError("image_prompts and contexts are two ways to choose each image's prompt: set one")
-        if isinstance(self.slot_repeat, bool) or not isinstance(self.slot_repeat, int) or self.slot_repeat < 1:
-            raise ValueError(f"slot_repeat must be an integer >= 1, got {self.slot_repeat!r}")
+        from refgen.identity.slots import check_repeat
+
+        check_repeat(self.slot_repeat)  # SlotError, a ValueError
         if self.parametrisation not in PARAMETRISATIONS:
             raise ValueError(f"parametrisation must be one of {PARAMETRISATIONS}, got {self.parametrisation!r}")
         if not (self.start_weight >= 0 and math.isfinite(self.start_weight)):

@@ -39,10 +39,16 @@ class TokenizedPrompt:
     slots: list[Slot]  # left to right, in E coordinates
 
 
+def check_repeat(repeat) -> int:
+    """`repeat` if it is a slot repeat (an integer >= 1: InvertConfig / E2EConfig.slot_repeat), else SlotError."""
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise SlotError(f"slot_repeat must be an integer >= 1 (each ~ID~'s slot repeat), got {repeat!r}")
+    return repeat
+
+
 def placeholder_ids(tokenizer, repeat: int = 1) -> list[int]:
     """The placeholder's one fixed token sequence (`repeat` times over); refuses tokenizers that cannot give one."""
-    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-        raise SlotError(f"slot repeat must be an integer >= 1, got {repeat!r}")
+    check_repeat(repeat)
     ids = tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids
     if not ids:
         raise SlotError(f"tokenizer {tokenizer.name_or_path!r} maps {PLACEHOLDER!r} to no tokens")

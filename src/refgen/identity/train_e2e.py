@@ -199,8 +199,9 @@ class E2EConfig:
         if self.isolate_slots and self.output != "tokens":
             raise ValueError("isolate_slots is for output: tokens (a residual is added after the text encoder, where "
                              "no word reads it)")
-        if isinstance(self.slot_repeat, bool) or not isinstance(self.slot_repeat, int) or self.slot_repeat < 1:
-            raise ValueError(f"slot_repeat must be an integer >= 1, got {self.slot_repeat!r}")
+        from refgen.identity.slots import check_repeat
+
+        check_repeat(self.slot_repeat)  # SlotError, a ValueError
         if self.slot_roles and not self.two_person_fraction:
             raise ValueError("slot_roles are learnt on two-person steps: set two_person_fraction > 0 too")
         if self.two_person_fraction and self.objective == "teacher":
