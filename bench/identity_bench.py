@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from refgen.identity.slots import SLOT_REPEAT  # noqa: E402
 from refgen.runtime import H100_BF16_DENSE  # noqa: E402  (after the path insert)
 
 CUDA = torch.cuda.is_available()
@@ -454,10 +455,12 @@ def section_invert(b: Bench, pipe, S: dict, tiny: bool, parts=INVERT_PARTS):
             inv2 = Inverter(pipe, cfg_o, root / "out2", progress=False)
             states[:] = [inv2._new_state(i) for i in idents[:2]]
             inv = inv2
-            b.res["invert_offload_model_setup"] = peaks()
+            # compiled only when the compile part ran first (it compiles the transformer's blocks in place)
+            done = "compile" in parts
+            b.res["invert_offload_model_setup"] = {**peaks(), "compiled": done}
             for K in (1, 2):
-                steps(f"invert_offload_model_K{K}_ckpt",
-                      f"inversion step, offload=model ({cfg_o.parametrisation}), compiled", K, True, warmup=2)
+                steps(f"invert_offload_model_K{K}_ckpt", f"inversion step, offload=model ({cfg_o.parametrisation})"
+                      + (", compiled" if done else ", eager"), K, True, warmup=2)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             b.res["invert_offload_model"] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -494,7 +497,7 @@ def section_head(b: Bench, pipe, S: dict, tiny: bool, id_loss: bool = False):
     P = n_people * photos
     scale = 2 ** len(pipe.vae.temperal_downsample)
     g = torch.Generator().manual_seed(0)
-    enc = encode_prompts(pipe, [PROMPT])
+    enc = encode_prompts(pipe, [PROMPT], repeat=S["slot_repeat"])  # the window the head writes (L tokens)
     data = E2EData(
         ids=[f"seed_{i}" for i in range(n_people)],
         photos=[torch.arange(i * photos, (i + 1) * photos) for i in range(n_people)],
@@ -502,9 +505,9 @@ def section_head(b: Bench, pipe, S: dict, tiny: bool, id_loss: bool = False):
         means=torch.randn(P, D, generator=g).to(dev),
         latents=torch.randn(P, pipe.vae.config.z_dim, H // scale, W // scale, generator=g).to(dev, pipe.vae.dtype),
         photo_row=torch.zeros(P, dtype=torch.long, device=dev), bank=enc.embeds, bank_mask=enc.mask,
-        bank_starts=torch.tensor([[enc.slots[0][0].start, -1]], device=dev), L=S["L"], H=0, teachers=None,
-        pairs=None)
-    attach_text_encoder(data, pipe, [PROMPT])
+        bank_starts=torch.tensor([[enc.slots[0][0].start, -1]], device=dev), L=enc.slots[0][0].length, H=0,
+        teachers=None, pairs=None)
+    attach_text_encoder(data, pipe, [PROMPT], S["slot_repeat"])
     if id_loss:  # the ID loss reads the decoded estimate through the Qwen3-VL-8B vision tower (random weights)
         vis, Dv = build_vision_tower(tiny)
         if Dv != D:
@@ -512,7 +515,7 @@ def section_head(b: Bench, pipe, S: dict, tiny: bool, id_loss: bool = False):
         data.vae, data.vl = pipe.vae, TowerReader(vis.requires_grad_(False))
     for ckpt in (False, True):
         cfg = E2EConfig(height=H, width=W, refs_min=3, refs_max=3, gradient_checkpointing=ckpt,
-                        id_weight=0.2 if id_loss else 0.0)
+                        id_weight=0.2 if id_loss else 0.0, slot_repeat=S["slot_repeat"])
         fm = _frozen_flow_model(pipe, cfg)
         if not ckpt:
             pipe.transformer.disable_gradient_checkpointing()
@@ -598,8 +601,8 @@ def main():
     ap.add_argument("--parts", default=",".join(INVERT_PARTS), help=f"invert section: any of {INVERT_PARTS}")
     ap.add_argument("--parametrisation", default="tokens", help="invert section: InvertConfig.parametrisation "
                     "(tokens, free, rms_scaled); offload runs a residual mode")
-    ap.add_argument("--slot-repeat", type=int, default=1, help="invert section: InvertConfig.slot_repeat (each "
-                    "~ID~ the placeholder K times over)")
+    ap.add_argument("--slot-repeat", type=int, default=SLOT_REPEAT, help="invert and head sections: InvertConfig / "
+                    f"E2EConfig.slot_repeat (each ~ID~ the placeholder K times over; default {SLOT_REPEAT})")
     ap.add_argument("--id-loss", action="store_true", help="head section: the same steps again with the ID loss "
                     "(id_weight 0.2: VAE decode + vision tower forward and backward per target)")
     args = ap.parse_args()
@@ -634,7 +637,7 @@ def main():
     meta = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%d"), "size_WxH": f"{S['W']}x{S['H']}", "steps": S["steps"],
-            "true_cfg": 4.0, "build_s": time.perf_counter() - t,
+            "true_cfg": 4.0, "build_s": time.perf_counter() - t, "slot_repeat": args.slot_repeat,
             "params_transformer_B": sum(p.numel() for p in pipe.transformer.parameters()) / 1e9,
             "params_text_encoder_B": sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e9}
     b = Bench(args.out, meta)

@@ -35,6 +35,8 @@ def main(argv=None) -> int:
                     "150,375 (a quarter of 1,500 is 375)")
     ap.add_argument("--start-head", default="", help="a head folder: the short inversions also start from its "
                     "predictions, and the head alone is scored")
+    ap.add_argument("--start-head-alphas", default="", help="comma-separated alphas for the start head's rows "
+                    "(default: the teacher's best alpha)")
     ap.add_argument("--pair-alphas", default="", help="comma-separated extra alphas for the two-slot rows")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke settings")
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
         base.short_steps = [int(x) for x in a.short_steps.split(",") if x]
         base.start_head = a.start_head
         base.pair_alphas = [float(x) for x in a.pair_alphas.split(",") if x]
+        base.start_head_alphas = [float(x) for x in a.start_head_alphas.split(",") if x]
         cfg = BenchmarkConfig(**{**base.__dict__, "n_train": 0, "invert": {**base.invert, **over}})
         r = run_benchmark(cfg, Path(a.out) / f"v{k}", progress=False)
         best = r["teacher"]["best_alpha"]

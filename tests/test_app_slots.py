@@ -14,7 +14,7 @@ TWO = "A photo of two people on a beach: on the left, ~ID~; on the right, ~ID~."
 def test_slot_box_is_as_wide_as_the_people_the_page_makes(tmp_path):
     inverted = IdentityApp(load(AppConfig(threads=1)), AppConfig(), tmp_path)
     k = toy_invert_settings()["slot_repeat"]
-    ph = len(inverted.ip.slots("~ID~")[0]["token_ids"])  # the placeholder's own length
+    ph = len(inverted.ip.slots("~ID~", slot_repeat=1)[0]["token_ids"])  # the placeholder's own length
     assert inverted.slot_repeat() == k > 1
     assert f"L = {k * ph} tokens" in inverted.slots_text(TWO) and "**2 slots**" in inverted.slots_text(TWO)
     cfg = AppConfig(head=str(Path(default_head()).parent), vl_model=default_vl_model(), threads=1)

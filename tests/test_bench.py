@@ -23,8 +23,8 @@ def test_identity_bench_runs_on_tiny_models(tmp_path):
     from refgen.identity.slots import placeholder_ids
     from refgen.tiny_qwen import build_tokenizer
 
-    # the inversion rows ran with each ~ID~ the placeholder twice over: each person's window is twice as long
-    assert res["invert_setup"]["slot_repeat"] == 2 and res["invert_setup"]["L"] == 2 * len(placeholder_ids(
+    # the inversion and head rows ran with each ~ID~ the placeholder twice over: each person's window is twice as long
+    assert res["slot_repeat"] == 2 and res["invert_setup"]["slot_repeat"] == 2 and res["invert_setup"]["L"] == 2 * len(placeholder_ids(
         build_tokenizer()))
     assert res["grid"]["n"] == 8 and "| alpha grid 4x2" in r.stdout
     assert res["head_e2e_K2"]["n"] == 2 and res["head_e2e_K2"]["gpu_hours"]["20k_ids_x50"] > 0

@@ -75,7 +75,7 @@ def test_encode_identity_drives_a_stock_qwen_image_pipeline(pipe, ip):
     assert torch.equal(plain, pipe.encode_prompt("a dog on a beach", device="cpu")[0])
     # person k lands in the k-th window and nowhere else
     base, _ = encode_identity(pipe, TWO)
-    win = [(s["start"], s["start"] + s["length"]) for s in ip.slots(TWO, 2)]
+    win = [(s["start"], s["start"] + s["length"]) for s in ip.slots(TWO, 2, slot_repeat=1)]  # as _random_residual
     expected = base.clone()
     for (s, e), r, alpha in zip(win, (a, b), (1.5, 0.5)):
         expected[0, s:e] += alpha * r.tensor
@@ -267,7 +267,7 @@ def test_token_people_and_residual_people_share_a_prompt(pipe, ip, tmp_path):
     from refgen.identity.tokens import TokensMismatchError
 
     a, b = _random_tokens(pipe), _random_residual(pipe, 1)
-    win = [(s["start"], s["start"] + s["length"]) for s in ip.slots(TWO, 2)]
+    win = [(s["start"], s["start"] + s["length"]) for s in ip.slots(TWO, 2, slot_repeat=1)]  # one placeholder wide
     base, _ = encode_identity(pipe, TWO)
     # alpha 0 for the token person is the placeholder as written: only the residual person changes the prompt
     E0, _ = ip.encode(TWO, [a, b], [0.0, 1.0])

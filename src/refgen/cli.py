@@ -11,6 +11,8 @@ import math
 import sys
 from pathlib import Path
 
+from refgen.identity.slots import SLOT_REPEAT
+
 
 SEED_MAX = 2**64 - 1  # torch.Generator's range; it maps a negative seed s onto 2**64 + s, so -1 == SEED_MAX
 
@@ -379,7 +381,8 @@ def _add_tools(sub) -> None:
     sl.add_argument("--model", required=True, help="Qwen-Image hub id or folder (only its tokenizer is read)")
     sl.add_argument("--prompt", required=True)
     sl.add_argument("--identities", type=int, default=None, help="check the prompt has this many placeholders")
-    sl.add_argument("--slot-repeat", type=int, default=1, help="the windows of people made with --slot-repeat K")
+    sl.add_argument("--slot-repeat", type=int, default=SLOT_REPEAT,
+                    help=f"the windows of people made with --slot-repeat K (default {SLOT_REPEAT}, as they are made)")
     sl.add_argument("--json", action="store_true")
     sl.set_defaults(func=cmd_slots)
 

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from refgen.identity.inject import ResidualMismatchError
+from refgen.identity.slots import SLOT_REPEAT
 
 # Encoded prompts kept per IdentityPipeline: (1, S, H) each, a few hundred kB for Qwen-Image. Re-running a prompt
 # with other seeds, alphas or people then costs no text-encoder forward (and no 16 GB move back to the GPU).
@@ -441,7 +442,7 @@ class IdentityPipeline:
 
         return offload_mode(self.pipe)
 
-    def slots(self, prompt: str, n_people: int | None = None, slot_repeat: int = 1) -> list[dict]:
+    def slots(self, prompt: str, n_people: int | None = None, slot_repeat: int = SLOT_REPEAT) -> list[dict]:
         """Each `~ID~`'s window in the prompt embeddings (slot, start, length L, token ids, tokens), left to right;
         with `n_people`, SlotError unless the prompt has exactly that many (0: it must have none); `slot_repeat`:
         the windows of people made with that repeat (InvertConfig / E2EConfig.slot_repeat). Tokenizer only."""

@@ -229,8 +229,9 @@ def test_cli_turns_qa_off_and_sets_the_checkpoint_interval(tiny_models, tmp_path
                  "--parametrisation", "free", "--slot-repeat", "2"]) == 0
     assert (tmp_path / "free" / "seed_0" / "teacher_residual.safetensors").exists()
     rec = json.loads((tmp_path / "free" / "seed_0" / "teacher.json").read_text())
-    assert rec["config"]["slot_repeat"] == 2 and rec["L"] == 2 * json.loads(
-        (tmp_path / "o" / "seed_0" / "teacher.json").read_text())["L"]
+    wide = json.loads((tmp_path / "o" / "seed_0" / "teacher.json").read_text())  # the default slot_repeat
+    assert wide["config"]["slot_repeat"] == InvertConfig().slot_repeat
+    assert rec["config"]["slot_repeat"] == 2 and rec["L"] * wide["config"]["slot_repeat"] == 2 * wide["L"]
 
 
 def test_complete_identities_made_with_other_settings_are_refused_not_reused(tiny_models, tmp_path, capsys):
@@ -312,7 +313,7 @@ def test_image_prompts_give_each_photo_its_own_sentence(pipe, tmp_path):
     assert E.shape[0] == sum(len(i.images) for i in idents)
     from refgen.identity.prompts import encode_prompts
 
-    first = encode_prompts(pipe, table[idents[0].images[0].name], n_identities=1)
+    first = encode_prompts(pipe, table[idents[0].images[0].name], n_identities=1, repeat=cfg.slot_repeat)
     n = first.embeds.shape[1]
     assert torch.equal(E[0, :n], first.embeds[0]) and int(starts[0]) == first.slots[0][0].start
     lines = [json.loads(x) for x in (tmp_path / "o" / idents[0].id / "teacher_metrics.jsonl").read_text().splitlines()]

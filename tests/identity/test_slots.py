@@ -4,7 +4,8 @@ import pytest
 
 from refgen.cli import main
 from refgen.identity.prompts import template_of, tokenize
-from refgen.identity.slots import PLACEHOLDER, SlotError, placeholder_ids, tokenize_with_slots
+from refgen.identity.invert import InvertConfig
+from refgen.identity.slots import PLACEHOLDER, SLOT_REPEAT, SlotError, placeholder_ids, tokenize_with_slots
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +75,15 @@ def test_tokenizer_without_a_fixed_placeholder_sequence_is_refused():
 
 
 def test_slots_cli(tiny_models, capsys):
-    assert main(["slots", "--model", tiny_models["qwen_image"], "--prompt", "~ID~ and ~ID~, hi", "--json"]) == 0
+    assert main(["slots", "--model", tiny_models["qwen_image"], "--prompt", "~ID~ and ~ID~, hi", "--json",
+                 "--slot-repeat", "1"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["slots"]) == 2 and out["slots"][0]["start"] == 0
     assert "".join(out["slots"][1]["tokens"]).replace("Ġ", " ") == PLACEHOLDER
+    # by default the windows are as wide as the people refgen makes by default (InvertConfig / E2EConfig)
+    assert main(["slots", "--model", tiny_models["qwen_image"], "--prompt", "~ID~ and ~ID~, hi", "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)["slots"]
+    assert default[0]["length"] == SLOT_REPEAT * out["slots"][0]["length"] and SLOT_REPEAT == InvertConfig().slot_repeat
     assert main(["slots", "--model", tiny_models["qwen_image"], "--prompt", "no slot", "--identities", "1"]) == 1
     assert "no placeholder" in capsys.readouterr().err
     # the windows of people made with --slot-repeat 2: twice as long, the second slot pushed right by the first
@@ -126,8 +132,8 @@ def test_a_start_head_must_be_as_wide_as_the_inversions_slots():
     from refgen.toyworld.benchmark import default_head
 
     head = Path(default_head()).parent
-    check_start_head(head, "tokens")  # the toy head: 3 tokens, the placeholder once
-    with pytest.raises(ValueError, match="slot_repeat is 3"):
-        check_start_head(head, "tokens", 3)
+    check_start_head(head, "tokens", 3)  # the toy head: 9 tokens, the placeholder three times over
+    with pytest.raises(ValueError, match="slot_repeat is 1"):
+        check_start_head(head, "tokens", 1)
     with pytest.raises(ValueError, match="outputs tokens"):
         check_start_head(head, "free")

@@ -83,10 +83,11 @@ def test_tokens_inversion_learns_the_person_and_saves_a_checked_token_file(pipe,
         d = tmp_path / "o" / rec["identity"]
         assert not (d / "teacher_residual.safetensors").exists()
         T, md = read_checked_tokens(d / "teacher_tokens.safetensors", pipe)
-        assert T.shape == placeholder_embeds(pipe).shape and md["identity"] == rec["identity"]
+        assert T.shape == placeholder_embeds(pipe, cfg.slot_repeat).shape and md["identity"] == rec["identity"]
         # what is saved is what the model was optimised on: the base prompt read with these tokens
         E_t = torch.load(d / "teacher_prompt_embeds.pt")
-        E_again = encode_prompts(pipe, cfg.base_prompt, tokens=[T[None].to(pipe.text_encoder.dtype)]).embeds
+        E_again = encode_prompts(pipe, cfg.base_prompt, tokens=[T[None].to(pipe.text_encoder.dtype)],
+                                 repeat=cfg.slot_repeat).embeds
         assert torch.equal(E_t, E_again.cpu())
         s = rec["s"]
         E_b = torch.load(d / "base_prompt_embeds.pt")
@@ -124,7 +125,8 @@ def test_inversion_starts_from_a_given_identity_in_every_mode(pipe, tmp_path, mo
     ident = scan(root).identities[0]
     noise = inv.residual(inv._new_state(ident)).detach()
     g = torch.Generator().manual_seed(1)
-    start = torch.randn(noise.shape, generator=g) * 0.5 + (placeholder_embeds(pipe) if mode == "tokens" else 0)
+    start = torch.randn(noise.shape, generator=g) * 0.5 + (placeholder_embeds(pipe, cfg.slot_repeat) if mode == "tokens"
+                                                           else 0)
     st = inv._new_state(ident, start)
     torch.testing.assert_close(inv.residual(st).detach().cpu(), start)  # the optimisation begins where it was told
     (rec,) = inv.run([ident], start={ident.id: start})
@@ -139,8 +141,8 @@ def test_start_weight_keeps_a_refinement_near_its_start_and_survives_a_resume(pi
     root = make_identities(tmp_path / "ids", n=1)
     ident = scan(root).identities[0]
     base = {**FAST, "parametrisation": "tokens", "steps": 6, "lr": 0.2, "qa": False}
-    start = placeholder_embeds(pipe) + 0.3 * torch.randn(placeholder_embeds(pipe).shape,
-                                                          generator=torch.Generator().manual_seed(2))
+    T_ph = placeholder_embeds(pipe, InvertConfig(**base).slot_repeat)
+    start = T_ph + 0.3 * torch.randn(T_ph.shape, generator=torch.Generator().manual_seed(2))
 
     def final(weight, given, out):
         inv = Inverter(pipe, InvertConfig(**base, start_weight=weight), tmp_path / out, model_id="tiny",

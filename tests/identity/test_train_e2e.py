@@ -349,10 +349,10 @@ def test_cli_needs_the_models_for_e2e(tmp_path, capsys):
 def test_teacher_and_mixed_objectives(toy, toy_ids, tmp_path):
     from refgen.identity.inject import residual_metadata, save_residual
 
-    pipe, _, data, _ = toy
+    pipe, _, data, cfg = toy
     teachers = tmp_path / "teachers"
     g = torch.Generator().manual_seed(0)
-    md = residual_metadata(pipe, "toy")
+    md = residual_metadata(pipe, "toy", repeat=cfg.slot_repeat)  # teachers as wide as the head's slot
     def teacher(name):
         save_residual(teachers / name / "teacher_residual.safetensors", 0.5 * torch.randn(data.L, data.H, generator=g),
                       md)
@@ -391,13 +391,14 @@ def test_token_output_is_token_inversion_s_encoding(toy, toy_ids):
     tcfg = E2EConfig(**{**dataclasses.asdict(cfg), "output": "tokens"})
     tok = prepare_data(pipe, fx, toy_ids, tcfg, progress=False)
     assert tok.H == pipe.text_encoder.get_input_embeddings().weight.shape[1] and tok.e == embed_rms(pipe)
-    torch.testing.assert_close(tok.T_ph, placeholder_embeds(pipe))
+    torch.testing.assert_close(tok.T_ph, placeholder_embeds(pipe, tcfg.slot_repeat))
     g = step_generator(0, "step", 0)
     b = single_batch(tok, [0, 3], tcfg, g)
     R = torch.randn(2, tok.L, tok.H, generator=torch.Generator().manual_seed(1))
     E, M = condition(tok, b, R, torch.float32)
     for j in range(2):
-        want = encode_prompts(pipe, [tok.tps[b.row[j]].prompt], tokens=[(tok.T_ph + tok.e * R[j])[None]])
+        want = encode_prompts(pipe, [tok.tps[b.row[j]].prompt], tokens=[(tok.T_ph + tok.e * R[j])[None]],
+                              repeat=tcfg.slot_repeat)
         n = int(want.mask.sum())
         torch.testing.assert_close(E[j, :n], want.embeds[0, :n])
         assert int(M[j].sum()) == n
@@ -407,15 +408,17 @@ def test_token_output_is_token_inversion_s_encoding(toy, toy_ids):
     p = pair_batch(tok, 2, tcfg, g)  # two slots per target, in order
     R2 = torch.randn(4, tok.L, tok.H, generator=torch.Generator().manual_seed(2))
     E2, _ = condition(tok, p, R2, torch.float32)
-    want = encode_prompts(pipe, [tok.tps[p.row[0]].prompt], tokens=[(tok.T_ph + tok.e * R2[k])[None] for k in (0, 1)])
+    want = encode_prompts(pipe, [tok.tps[p.row[0]].prompt], tokens=[(tok.T_ph + tok.e * R2[k])[None] for k in (0, 1)],
+                          repeat=tcfg.slot_repeat)
     n = int(want.mask.sum())
     torch.testing.assert_close(E2[0, :n], want.embeds[0, :n])
-    swapped = encode_prompts(pipe, [tok.tps[p.row[0]].prompt], tokens=[(tok.T_ph + tok.e * R2[k])[None] for k in (1, 0)])
+    swapped = encode_prompts(pipe, [tok.tps[p.row[0]].prompt], tokens=[(tok.T_ph + tok.e * R2[k])[None] for k in (1, 0)],
+                             repeat=tcfg.slot_repeat)
     assert (swapped.embeds[0, :n] - E2[0, :n]).abs().max() > 1e-3
     # isolate_slots: each person's segment of the prompt is encoded without the other person (the inference path)
     E3, _ = condition(tok, p, R2, torch.float32, isolate=True)
     want = encode_prompts(pipe, [tok.tps[p.row[0]].prompt], tokens=[(tok.T_ph + tok.e * R2[k])[None] for k in (0, 1)],
-                          isolate=True)
+                          isolate=True, repeat=tcfg.slot_repeat)
     torch.testing.assert_close(E3[0, :n], want.embeds[0, :n])
     assert (E3[0, :n] - E2[0, :n]).abs().max() > 1e-3
 
@@ -515,8 +518,10 @@ def test_isolated_pair_training_reaches_the_head_and_the_pipeline(toy_ids, tmp_p
     a, b = (ip.residual_from_refs(i.images[:2]) for i in ids[:2])
     prompt = "~ID~ next to ~ID~ in the city."
     E, M = ip.encode(prompt, [a, b])
-    ph = placeholder_embeds(ip.pipe)
-    want = encode_prompts(ip.pipe, prompt, tokens=[at_alpha(t.tensor, ph, 1.0)[None] for t in (a, b)], isolate=True)
+    k = json.loads((out / "head.json").read_text())["config"]["slot_repeat"]  # the head's width
+    ph = placeholder_embeds(ip.pipe, k)
+    want = encode_prompts(ip.pipe, prompt, tokens=[at_alpha(t.tensor, ph, 1.0)[None] for t in (a, b)], isolate=True,
+                          repeat=k)
     n = int(M.sum())
     torch.testing.assert_close(E[0, :n], want.embeds[0, :n].to(E))
     ip.isolate_slots = False  # the user may still ask for the joint encoding
@@ -570,17 +575,19 @@ def test_slot_roles_are_learnt_on_pair_steps_and_read_at_inference(toy, toy_ids,
                                           dtype="fp32")
     ids = sorted(scan(toy_ids).identities, key=lambda i: i.id)
     a, b = (ip.residual_from_refs(i.images[:2]) for i in ids[:2])
-    ph = placeholder_embeds(ip.pipe)
+    k = json.loads((out / "head.json").read_text())["config"]["slot_repeat"]  # the head's width
+    ph = placeholder_embeds(ip.pipe, k)
     prompt = "~ID~ next to ~ID~ in the city."
     E, M = ip.encode(prompt, [a, b], [0.5])
     toks = [at_alpha(with_slot_role(h, "tokens", t.tensor, k, 2), ph, 0.5)[None] for k, t in enumerate((a, b))]
-    torch.testing.assert_close(E, encode_prompts(ip.pipe, prompt, tokens=toks).embeds.to(E), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(E, encode_prompts(ip.pipe, prompt, tokens=toks, repeat=k).embeds.to(E),
+                               atol=1e-5, rtol=1e-5)
     assert not torch.equal(with_slot_role(h, "tokens", a.tensor, 1, 2), a.tensor)
     assert torch.equal(with_slot_role(h, "tokens", a.tensor, 0, 1), a.tensor)              # one person: as made
     assert torch.equal(with_slot_role(h, "residual", a.tensor, 0, 2), a.tensor)            # another kind: as made
     one = "A photo of ~ID~ in the city."
     torch.testing.assert_close(ip.encode(one, [a])[0], encode_prompts(
-        ip.pipe, one, tokens=[a.tensor[None]]).embeds.to(E), atol=1e-5, rtol=1e-5)
+        ip.pipe, one, tokens=[a.tensor[None]], repeat=k).embeds.to(E), atol=1e-5, rtol=1e-5)
 
 
 def test_token_heads_regress_token_teachers(toy, toy_ids, tmp_path):
@@ -590,13 +597,13 @@ def test_token_heads_regress_token_teachers(toy, toy_ids, tmp_path):
     from refgen.identity.inject import residual_metadata, save_residual
     from refgen.identity.tokens import TokensMismatchError, embed_rms, placeholder_embeds, save_tokens, token_metadata
 
-    pipe, _, data, _ = toy
-    T_ph, e = placeholder_embeds(pipe), embed_rms(pipe)
+    pipe, _, data, cfg = toy
+    T_ph, e = placeholder_embeds(pipe, cfg.slot_repeat), embed_rms(pipe)  # teachers as wide as the head's slot
     g = torch.Generator().manual_seed(0)
     teachers = tmp_path / "teachers"
     for name in data.ids:
         save_tokens(teachers / name / "teacher_tokens.safetensors", T_ph + e * torch.randn(T_ph.shape, generator=g),
-                    T_ph, token_metadata(pipe, "toy"))
+                    T_ph, token_metadata(pipe, "toy", repeat=cfg.slot_repeat))
     base = dict(teacher_root=str(teachers), batch_size=5, lr=1e-2, warmup_steps=0, eval_identities=0,
                 resampler={"width": 32, "layers": 1, "heads": 2})
     train_e2e(toy_ids, tmp_path / "t", default_model(), default_vl_model(),
@@ -613,17 +620,26 @@ def test_token_heads_regress_token_teachers(toy, toy_ids, tmp_path):
     only_residuals = tmp_path / "res"
     for name in data.ids:
         save_residual(only_residuals / name / "teacher_residual.safetensors", torch.zeros(data.L, data.H),
-                      residual_metadata(pipe, "toy"))
+                      residual_metadata(pipe, "toy", repeat=cfg.slot_repeat))
     with pytest.raises(ValueError, match="has teacher_residual.safetensors: set output to residual"):
         train_e2e(toy_ids, tmp_path / "r", default_model(), default_vl_model(),
                   E2EConfig(objective="teacher", steps=1, **{**base, "teacher_root": str(only_residuals)}),
                   device="cpu", dtype="fp32", progress=False)
     other = tmp_path / "other"
     for name in data.ids:
-        save_tokens(other / name / "teacher_tokens.safetensors", T_ph + 1.0, T_ph + 1.0, token_metadata(pipe, "x"))
+        save_tokens(other / name / "teacher_tokens.safetensors", T_ph + 1.0, T_ph + 1.0,
+                    token_metadata(pipe, "x", repeat=cfg.slot_repeat))
     with pytest.raises(TokensMismatchError, match="placeholder embeddings differ"):
         train_e2e(toy_ids, tmp_path / "o", default_model(), default_vl_model(),
                   E2EConfig(objective="teacher", steps=1, **{**base, "teacher_root": str(other)}),
+                  device="cpu", dtype="fp32", progress=False)
+    narrow = tmp_path / "narrow"  # teachers inverted at the seed's one placeholder, for a wider head: named
+    T1 = placeholder_embeds(pipe)
+    for name in data.ids:
+        save_tokens(narrow / name / "teacher_tokens.safetensors", T1 + e, T1, token_metadata(pipe, "toy"))
+    with pytest.raises(ValueError, match=f"teacher of {data.ids[0]} .*slot_repeat {cfg.slot_repeat}"):
+        train_e2e(toy_ids, tmp_path / "n", default_model(), default_vl_model(),
+                  E2EConfig(objective="teacher", steps=1, **{**base, "teacher_root": str(narrow)}),
                   device="cpu", dtype="fp32", progress=False)
 
 

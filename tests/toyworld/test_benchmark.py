@@ -199,10 +199,12 @@ def test_short_inversions_start_from_a_head(tmp_path):
                         slot_repeat=B.toy_invert_settings()["slot_repeat"]),  # as wide as the toy inversions
               device="cpu", dtype="fp32", progress=False)
     tok = {"steps": 3, "images_per_step": 1, "parametrisation": "tokens", "image_prompts": True}
-    cfg = B.BenchmarkConfig.tiny(n_train=0, invert=tok, short_steps=[2], start_head=str(head), pair_alphas=[0.5])
+    cfg = B.BenchmarkConfig.tiny(n_train=0, invert=tok, short_steps=[2], start_head=str(head), pair_alphas=[0.5],
+                                 start_head_alphas=[0.5, 1.0])
     r = B.run_benchmark(cfg, tmp_path / "bench", progress=False)
-    rows = r["head_start"]["per_steps"]
-    assert set(rows) == {"0", "2"} and all(m["n_images"] == 4 for pa in rows.values() for m in pa.values())
+    rows = r["head_start"]["per_steps"]  # each start-head row at each of start_head_alphas
+    assert set(rows) == {"0", "2"} and all(set(pa) == {"0.5", "1"} for pa in rows.values())
+    assert all(m["n_images"] == 4 for pa in rows.values() for m in pa.values())
     assert r["inversion"]["test_s2_from_head"]["identities"] == cfg.n_test
     rec = json.loads((tmp_path / "bench" / "teacher_s2_head" / f"seed_{cfg.test_seed}" / "teacher.json").read_text())
     assert rec["started_from"] and rec["steps_run"] == 2
@@ -217,7 +219,9 @@ def test_short_inversions_start_from_a_head(tmp_path):
     assert two["start_head+roles"]["alpha"] == 1.0 and two["teacher_a0.5+roles"]["alpha"] == 0.5
     with pytest.raises(ValueError, match="outputs tokens, but the inversion's parametrisation is 'free'"):
         B.BenchmarkConfig.tiny(invert={**tok, "parametrisation": "free"}, start_head=str(head))
-    shipped = str(Path(B.default_head()).parent)  # the toy head is the placeholder once; the toy inversions are wider
+    shipped = str(Path(B.default_head()).parent)  # the toy head is as wide as the toy inversions, not the seed's one
     with pytest.raises(ValueError, match="slot_repeat"):
-        B.BenchmarkConfig.tiny(invert=tok, start_head=shipped)
-    B.BenchmarkConfig.tiny(invert={**tok, "slot_repeat": 1}, start_head=shipped)
+        B.BenchmarkConfig.tiny(invert={**tok, "slot_repeat": 1}, start_head=shipped)
+    B.BenchmarkConfig.tiny(invert=tok, start_head=shipped)
+    with pytest.raises(ValueError, match="start_head_alphas needs a start_head"):
+        B.BenchmarkConfig.tiny(invert=tok, start_head_alphas=[1.0])

@@ -38,6 +38,7 @@ from refgen import flow
 from refgen.artifacts import JsonlLogger, atomic_torch_save, atomic_write_json, drop_metrics_after, provenance
 from refgen.identity.qwen_flow import QwenFlowModel, encode_qwen_latents, images_to_tensor, pack
 from refgen.identity.render import execution_device, release_text_encoder
+from refgen.identity.slots import SLOT_REPEAT
 from refgen.images import Identity, center_crop_resize, load_rgb
 
 
@@ -79,8 +80,8 @@ class InvertConfig:
     # Default: tokens, which measured best by far on the toy-world benchmark (docs/benchmarks.md).
     parametrisation: str = "tokens"
     # Each ~ID~ is the placeholder's tokens this many times over (identity/slots.py): more room for the person (what
-    # it buys: docs/benchmarks.md, "Wider slots"); 1 is the seed's one placeholder.
-    slot_repeat: int = 1
+    # it buys: docs/benchmarks.md, "Wider slots"); 1 is the seed's one placeholder. A start head must be as wide.
+    slot_repeat: int = SLOT_REPEAT
     # Prompts (each with exactly one ~ID~) the identity is optimised in besides base_prompt; each image of a step
     # draws one of base_prompt + contexts from the identity's own generator. A residual fitted in one sentence
     # is not read the same in another; scenes and a second person make it hold in the prompts users write.

@@ -20,6 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PLACEHOLDER = "~ID~"
+# The repeat people are made with unless told otherwise (InvertConfig / E2EConfig.slot_repeat, `refgen slots`):
+# the wider window measured better for one person and for pairs (docs/benchmarks.md, docs/head.md); 1 is the
+# seed's one placeholder.
+SLOT_REPEAT = 3
 
 
 class SlotError(ValueError):

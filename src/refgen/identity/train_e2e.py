@@ -59,6 +59,7 @@ from refgen import flow
 from refgen.artifacts import (JsonlLogger, atomic_save_safetensors, atomic_torch_save, atomic_write_json,
                              drop_metrics_after, provenance)
 from refgen.identity.head import PLACEHOLDER_KEY
+from refgen.identity.slots import SLOT_REPEAT
 
 OBJECTIVES = ("e2e", "teacher", "mixed")
 OUTPUTS = ("residual", "tokens")
@@ -122,8 +123,9 @@ class E2EConfig:
     # so it cannot tell the transformer which of the two people it is; the offset can.
     slot_roles: bool = False
     # Each ~ID~ is the placeholder's tokens this many times over (identity/slots.py): the head's window L grows with
-    # it, and a person gets that much more room (what it bought per-person inversion: docs/benchmarks.md).
-    slot_repeat: int = 1
+    # it, and a person gets that much more room (what it bought the head and per-person inversion: docs/head.md,
+    # docs/benchmarks.md). An init_head must be as wide.
+    slot_repeat: int = SLOT_REPEAT
     val_identities: int = 0           # held out of training; their fixed-noise flow loss is logged
     eval_identities: int = 16         # training identities whose fixed-noise flow loss is logged (0 = none)
     eval_every: int = 200
@@ -308,16 +310,19 @@ def _teachers(troot: Path, ids: list[str], cfg: E2EConfig, L: int, H: int, pipe=
                             ": run `refgen invert` first (parametrisation tokens makes teacher tokens, rms_scaled "
                             "or free teacher residuals), or set teacher_root"))
     if cfg.output == "tokens":
-        from refgen.identity.tokens import placeholder_embeds
-
-        T_ph = placeholder_embeds(pipe, cfg.slot_repeat)
-        rs = [(read_checked_tokens(troot / i / name, pipe)[0].float() - T_ph) / e for i in ids]
+        rs = [read_checked_tokens(troot / i / name, pipe)[0].float() for i in ids]
     else:
         rs = [read_residual(troot / i / name)[0].float() for i in ids]
     bad = [i for i, r in zip(ids, rs) if tuple(r.shape) != (L, H)]
-    if bad:
-        raise ValueError(f"teacher of {bad[0]} ({name}) has shape {tuple(rs[ids.index(bad[0])].shape)}, this "
-                         f"model's slot needs ({L}, {H})")
+    if bad:  # most often a teacher inverted at another slot_repeat (its window is another number of tokens)
+        raise ValueError(f"teacher of {bad[0]} ({troot / bad[0] / name}) has shape "
+                         f"{tuple(rs[ids.index(bad[0])].shape)}, this run's slot needs ({L}, {H}) (slot_repeat "
+                         f"{cfg.slot_repeat}): invert the teachers at the head's slot_repeat")
+    if cfg.output == "tokens":
+        from refgen.identity.tokens import placeholder_embeds
+
+        T_ph = placeholder_embeds(pipe, cfg.slot_repeat)
+        rs = [(r - T_ph) / e for r in rs]
     return torch.stack(rs)
 
 

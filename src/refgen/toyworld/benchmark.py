@@ -111,6 +111,9 @@ class BenchmarkConfig:
     # time starting from the head's prediction of every test person (Cross-Initialization / E4T), and the
     # prediction alone is scored as 0 steps. Its output must be the teacher's kind (token head, token teacher).
     start_head: str = ""
+    # The start head's rows (its prediction, each short inversion from it) at these alphas; empty: the teacher's
+    # best alpha alone. A sweep shows whether a refined start still rises with alpha up to its best, as a teacher should.
+    start_head_alphas: list[float] = field(default_factory=list)
     # Two-slot rows of the teacher at these alphas too (besides its best single-person alpha): whether a person
     # fitted alone holds its place beside another one at a lower strength.
     pair_alphas: list[float] = field(default_factory=list)
@@ -142,6 +145,10 @@ class BenchmarkConfig:
             raise ValueError(f"short_steps must be >= 1, got {self.short_steps} (the head alone is scored anyway)")
         if self.start_head:
             check_start_head(self.start_head, ic.parametrisation, ic.slot_repeat)
+        if self.start_head_alphas and not self.start_head:
+            raise ValueError("start_head_alphas needs a start_head")
+        if any(a < 0 for a in self.start_head_alphas):
+            raise ValueError(f"start_head_alphas must be >= 0, got {self.start_head_alphas}")
 
     def invert_config(self, steps: int | None = None) -> dict:
         d = {**_invert_defaults(), **self.invert, "height": self.size, "width": self.size}
@@ -627,7 +634,7 @@ def _teacher_sweep(run: _Run) -> list[torch.Tensor]:
         pa, _ = _sweep(run.pipe, run.net, run.test_dirs, run.test_attrs, r, a, cfg, run.neg, run.dev, k)
         run.result.setdefault("short_steps", {})[str(steps)] = pa
     if cfg.start_head:  # the head's prediction alone (0 steps), then each short inversion from it
-        a = [float(best)] if best is not None else [a for a in cfg.alphas if a > 0]
+        a = cfg.start_head_alphas or ([float(best)] if best is not None else [a for a in cfg.alphas if a > 0])
         run.from_head["start_head"] = (kind, [run.head_start[d.name].float() for d in run.test_dirs])
         for steps in cfg.short_steps:
             run.from_head[f"head_s{steps}"] = _residuals(run.out / f"teacher_s{steps}_head", run.test_dirs)
