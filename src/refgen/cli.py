@@ -596,6 +596,8 @@ def _add_demo(sub) -> None:
     dm.add_argument("--device", default="cpu", help="cpu (default: the toy model is small) or cuda")
     dm.add_argument("--invert-steps", type=int, default=None)
     dm.add_argument("--render-steps", type=int, default=None)
+    dm.add_argument("--refine-steps", type=int, default=None,
+                    help="anchored inversion steps from the toy head's reading (default 50; 0: no such row)")
     dm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores other processes leave free)")
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=cmd_demo)
@@ -604,7 +606,8 @@ def _add_demo(sub) -> None:
 def cmd_demo(args) -> int:
     from refgen.toyworld.demo import DemoConfig, run_demo
 
-    over = {"invert_steps": args.invert_steps, "render_steps": args.render_steps, "threads": args.threads}
+    over = {"invert_steps": args.invert_steps, "render_steps": args.render_steps, "threads": args.threads,
+            "refine_steps": args.refine_steps}
     cfg = DemoConfig(device=args.device, **{k: v for k, v in over.items() if v is not None})
     s = run_demo(cfg, args.out, progress=not args.quiet)
     for ident, d in s["identities"].items():
@@ -612,7 +615,8 @@ def cmd_demo(args) -> int:
                          for a, m in d["per_alpha"].items())
         print(f"{ident} ({', '.join(f'{v}' for v in d['attributes'].values())}): {line}")
     g = f" (identity guidance {cfg.head_id_guidance:g})" if cfg.head_id_guidance else ""
-    for key, how in (("two_people", "inverted"), ("two_people_head", f"from the toy head{g}")):
+    for key, how in (("two_people", "inverted"), ("two_people_head", f"from the toy head{g}"),
+                     ("two_people_refined", f"from the toy head + {cfg.refine_steps} anchored inversion steps")):
         if key in s:
             t = s[key]
             print(f"two people (left, right), {how}: both recognised in {t['all_people_acc']:.0%} of "

@@ -12,7 +12,7 @@ from refgen.toyworld.demo import DemoConfig
 
 def test_demo_writes_pictures_and_reuses_finished_inversions(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--invert-steps", "3", "--render-steps", "2", "--quiet"]
+    argv = ["demo", "--out", str(out), "--invert-steps", "3", "--render-steps", "2", "--refine-steps", "2", "--quiet"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     rec = json.loads((out / "demo.json").read_text())
@@ -24,6 +24,11 @@ def test_demo_writes_pictures_and_reuses_finished_inversions(tmp_path, capsys):
     assert rec["two_people"]["n_images"] == len(DemoConfig().seeds)
     # the same two people from the shipped toy head, read like the inverted ones
     assert rec["two_people_head"]["n_images"] == len(DemoConfig().seeds) and "from the toy head" in printed
+    # and from the head's reading refined by anchored inversion steps, which started where the head put them
+    assert rec["two_people_refined"]["n_images"] == len(DemoConfig().seeds) and "anchored inversion steps" in printed
+    refined = json.loads((out / "teacher_from_head" / "seed_200003" / "teacher.json").read_text())
+    assert refined["started_from"] == "given" and refined["steps_run"] == 2
+    assert refined["config"]["start_weight"] == 1.0 and rec["config"]["refine_steps"] == 2
     teacher = out / "teacher" / "seed_200003" / "teacher.json"
     assert json.loads(teacher.read_text())["steps_run"] == 3
     before = teacher.stat().st_mtime_ns
@@ -60,4 +65,6 @@ def test_demo_config_validation():
         DemoConfig(head_id_guidance=-0.5)
     with pytest.raises(ValueError, match="toy head was trained against the embedded toy model"):
         DemoConfig(model="some/other/model")
-    DemoConfig(model="some/other/model", head=False)
+    with pytest.raises(ValueError, match="refine_steps"):
+        DemoConfig(head=False)  # the refined row starts from the head's reading
+    DemoConfig(model="some/other/model", head=False, refine_steps=0)

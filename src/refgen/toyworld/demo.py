@@ -3,7 +3,8 @@
 1. two people from the toy world become reference folders (`seed_<id>/`, 3-5 photos each)
 2. teacher inversion of both, briefly (the real `refgen invert` code, toy-sized settings)
 3. an alpha x seed grid per person, and one image with both people (left, right); the same two people once more
-   from the shipped toy head's reading of their photos (no inversion)
+   from the shipped toy head's reading of their photos (no inversion), and from that reading refined by a few
+   anchored inversion steps (the head as an inversion start)
 4. the recognizer reads every picture; the demo prints what it saw and where the pictures are
 
 Nothing here is special to the demo: it calls the functions behind `refgen invert`, `refgen render` and
@@ -43,6 +44,10 @@ class DemoConfig:
     # The head's pair also rendered with identity guidance (SamplingConfig.id_guidance), at the value chosen on
     # validation people for the shipped head (docs/head.md); 0 renders it with plain true CFG like the inverted pair.
     head_id_guidance: float = 0.5
+    # Both people once more from the head's reading refined by this many inversion steps anchored to it
+    # (start_weight 1): the teacher that held one person and pairs best on the toy world (docs/benchmarks.md). 0
+    # skips it. Redone on every run: it takes seconds, and a head's start is not a setting a finished run records.
+    refine_steps: int = 50
 
     def __post_init__(self):
         from refgen.toyworld import world
@@ -55,6 +60,9 @@ class DemoConfig:
             raise ValueError("invert_steps >= 1 and render_steps >= 2 required")
         if not self.head_id_guidance >= 0:
             raise ValueError(f"head_id_guidance must be >= 0, got {self.head_id_guidance}")
+        if self.refine_steps < 0 or (self.refine_steps and not self.head):
+            raise ValueError(f"refine_steps must be >= 0 and needs head=True (it refines the head's reading), got "
+                             f"{self.refine_steps} with head={self.head}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0 = pick from the free cores), got {self.threads}")
         if self.head and self.model:
@@ -111,6 +119,10 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
         head_imgs, summary["two_people_head"] = _two_people(cfg, ip, net, chosen, by_head, say, progress,
                                                             cfg.head_id_guidance)
         rows, labels = rows + [head_imgs], labels + ["toy head"]
+        if cfg.refine_steps:  # rendered with the head still loaded: its slot roles apply, as to any two people
+            refined = _refine(cfg, ip, chosen, by_head, out, say, progress)
+            imgs, summary["two_people_refined"] = _two_people(cfg, ip, net, chosen, refined, say, progress)
+            rows, labels = rows + [imgs], labels + [f"head + {cfg.refine_steps} steps"]
     refs = [_ref_images(i) for i in chosen]
     atomic_save_image(make_grid(rows, labels, [f"seed {s}" for s in cfg.seeds]), out / "two_people.png")
     atomic_save_image(make_grid([r[:3] for r in refs], [i.id for i in chosen], ["ref 1", "ref 2", "ref 3"]),
@@ -141,6 +153,22 @@ def _invert(cfg: DemoConfig, pipe, model: str, chosen: list, out: Path, say, pro
     say(f"inversion: {len(todo)} of {len(chosen)} identities to invert ({cfg.invert_steps} steps)"
         if todo else "inversion: both identities already inverted with these settings")
     inv.run(chosen)
+
+
+def _refine(cfg: DemoConfig, ip, chosen: list, starts: list, out: Path, say, progress: bool) -> list:
+    """Each person inverted from the head's reading of their photos, anchored to it (`refgen invert --start-head`),
+    into OUT/teacher_from_head/; the people it made."""
+    from refgen.identity.invert import InvertConfig, teacher_file
+    from refgen.toyworld.benchmark import toy_invert_settings
+
+    icfg = InvertConfig(**toy_invert_settings(steps=cfg.refine_steps, lr=cfg.lr, images_per_step=cfg.images_per_step,
+                                              sigma_sampling=cfg.sigma_sampling, identities_per_batch=2,
+                                              image_prompts=True, start_weight=1.0))
+    root = out / "teacher_from_head"
+    shutil.rmtree(root, ignore_errors=True)
+    say(f"refining the head's reading of both people: {cfg.refine_steps} anchored inversion steps")
+    ip.invert_identities(chosen, icfg, root, progress=progress, start={i.id: p.tensor for i, p in zip(chosen, starts)})
+    return [ip.load_residual(teacher_file(root / i.id)) for i in chosen]
 
 
 def _alpha_grid(cfg: DemoConfig, ip, net, ident, person, out: Path, say, progress: bool) -> dict:
