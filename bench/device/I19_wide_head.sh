@@ -12,6 +12,8 @@
 #   cp .carry/heads/w_bf16/head.* src/refgen/assets/toyworld/head/      (then, after the call)
 #   git checkout -- src/refgen/assets/toyworld/head
 # GS="0.5": wp is also scored with identity guidance G (the value chosen on validation for the shipped head).
+# Since the fourteenth session the shipped head IS wp (slot_repeat 3): W_HEAD must then be w's copy, never the shipped
+# head as it stands (the width check cannot tell w from wp).
 . bench/device/site.sh || exit  # diffusers + webdataset (carry .site, made by bench/device/pack_site.sh)
 R=$PWD/.carry/run19; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-560}; T0=$(date +%s)
 W=${W_HEAD:+$PWD/$W_HEAD}; W=${W:-$R/w/head}

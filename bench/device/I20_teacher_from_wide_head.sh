@@ -8,6 +8,7 @@
 # The head is not in the tree (no room beside the shipped one in a call's 64 MiB): put its kept copy in the shipped
 # head's place for the call and restore it after (as for I19 with W_HEAD):
 #   cp .carry/heads/w_bf16/head.* src/refgen/assets/toyworld/head/   ...   git checkout -- src/refgen/assets/toyworld/head
+# Since the fourteenth session the shipped head is wp itself: without the swap this script starts from wp.
 . bench/device/site.sh || exit
 # RUN=wp: a second run (another start head, HEAD=...) beside the first
 R=$PWD/.carry/run20${RUN:+_$RUN}; mkdir -p $R; OUT=${OUT:-$R/out}; mkdir -p $OUT; LIM=${LIM:-560}
