@@ -427,15 +427,17 @@ def _add_invert(sub) -> None:
     v.add_argument("--image-prompts", action="store_true",
                    help="each photo in its own sentence from seed_<id>/prompts.json")
     v.add_argument("--slot-repeat", type=int, default=None,
-                   help="each ~ID~ is the placeholder's tokens this many times over (default 1): more room for the "
-                        "person; files record it and render/generate read it back. docs/benchmarks.md")
+                   help=f"each ~ID~ is the placeholder's tokens this many times over (default {SLOT_REPEAT}; 1: the "
+                        "seed's one placeholder): more room for the person; files record it and render/generate read "
+                        "it back. docs/benchmarks.md")
     v.add_argument("--start-head", default=None,
                    help="a head folder (`refgen train-head`): each identity starts from its prediction, not noise "
                         "(needs --vl-model; its output must be the parametrisation's kind)")
     v.add_argument("--vl-model", default=None, help="the Qwen3-VL model the start head's features come from, and "
                    "that reads the estimates of --id-weight")
     v.add_argument("--start-weight", type=float, default=None,
-                   help="from a head's start: weight of mean((P - P_start)^2) keeping the inversion near it")
+                   help="from a head's start: weight of mean((P - P_start)^2) keeping the inversion near it "
+                        "(default 1; 0 lets it drift)")
     v.add_argument("--id-weight", type=float, default=None,
                    help="weight of the ID loss (1 - cos of the vision tower's features, estimate vs photo; needs "
                         "--vl-model); 0 = off")
@@ -486,7 +488,8 @@ def _add_head(sub) -> None:
                    help="share of steps on two-person toy-world images (toy identities only)")
     h.add_argument("--val-identities", type=int, default=None, help="identities held out for the logged val loss")
     h.add_argument("--slot-repeat", type=int, default=None,
-                   help="each ~ID~ is the placeholder's tokens this many times over: the head's window grows with it")
+                   help=f"each ~ID~ is the placeholder's tokens this many times over (default {SLOT_REPEAT}): the "
+                        "head's window grows with it")
     h.add_argument("--gradient-checkpointing", action="store_true")
     h.add_argument("--cache-dir", default=None, help="with --model: the data cache (features, latents, prompt rows), "
                                                      "written once, reused by every rank and re-run (default OUT/cache)")

@@ -94,8 +94,9 @@ class InvertConfig:
     # > 0: from a given start (Inverter.run's `start`, a head's prediction), add start_weight * mean((P - P_start)^2)
     # to each identity's loss, in P's own units (tokens: embedding-table RMS). On the toy world a head on unseen
     # people beats per-person inversion, and inversion from it drifts back down as it fits the few photos
-    # (docs/benchmarks.md); this anchors the refinement to the head. No effect on identities started from noise.
-    start_weight: float = 0.0
+    # (docs/benchmarks.md); this anchors the refinement to the head (1: the measured head-start recipe's weight).
+    # No effect on identities started from noise.
+    start_weight: float = 1.0
     # > 0: + id_weight * the ID loss (refgen.identity.id_loss) of each image's one-step estimate against the photo,
     # read by the Qwen3-VL vision tower (`refgen invert --vl-model`): the flow loss weighs every pixel of a few
     # photos alike, this what the tower sees of the person. Needs height/width multiples of 32. 0 = off, the steps
