@@ -470,14 +470,17 @@ class IdentityPipeline:
                              "inversion with .invert(photos)")
         from refgen.identity.head import person_from_photos
 
+        from refgen.identity.slots import repeat_of_length
+
         photos = reference_photos(images)
         kind, t = person_from_photos(self.head, self.features, photos)  # (L, H) or (L, H_in), either kind of head
         extra = {"source": "head", "head": self.head_path, "references": photos_id(photos)}
+        k = repeat_of_length(self.pipe.tokenizer, t.shape[0], f"head {self.head_path}")  # its window's slot repeat
         if kind == "tokens":
             from refgen.identity.tokens import token_metadata
 
-            return SlotTokens(t, self.head.token_base.clone(), token_metadata(self.pipe, self.model_id, extra))
-        return SlotResidual(t, residual_metadata(self.pipe, self.model_id, extra))
+            return SlotTokens(t, self.head.token_base.clone(), token_metadata(self.pipe, self.model_id, extra, k))
+        return SlotResidual(t, residual_metadata(self.pipe, self.model_id, extra, k))
 
     def invert(self, images, config=None, out: str | Path | None = None, identity: str | None = None,
                progress: bool = True, prompts: Sequence[str] | None = None,

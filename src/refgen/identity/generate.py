@@ -112,6 +112,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
     from refgen.identity.prompts import tokenize
     from refgen.identity.render import load_tokenizer_only
+    from refgen.identity.slots import common_repeat
     from refgen.images import resolve_refs
     from refgen.pipeline import IdentityPipeline, read_person_file
 
@@ -128,12 +129,16 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
             read_person_file(p.source[0])
     if refs and not (vl_model and head):
         raise ValueError("--ref needs --vl-model and --head (a head checkpoint from `refgen train-head`)")
-    if refs:
+    # A head is loaded whenever it is given, people from files included: a head trained with slot roles offsets
+    # both people of a two-person prompt, whoever made them (the measured teacher route: docs/benchmarks.md).
+    if head and not vl_model:
+        raise ValueError("--head needs --vl-model (the Qwen3-VL model its features came from), also with --residual "
+                         "people only: the head's slot roles apply to them")
+    if head:
         identify_model(vl_model, "--vl-model", allow_download=True)
 
-    ip = IdentityPipeline.from_pretrained(model, vl_model=vl_model if refs else None, head=head if refs else None,
-                                          device=device, dtype=dtype, offload=offload, compile=compile,
-                                          free_text_encoder=True)
+    ip = IdentityPipeline.from_pretrained(model, vl_model=vl_model if head else None, head=head, device=device,
+                                          dtype=dtype, offload=offload, compile=compile, free_text_encoder=True)
     residuals = [ip.load_residual(p.source[0]) if p.kind == "residual" else None for p in cfg.people]
     for k, files in refs.items():
         residuals[k] = ip.residual_from_refs(files)
@@ -145,7 +150,8 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     for s, im in zip(cfg.seeds, images):
         atomic_save_image(im, out / f"seed{s}.png")
         files.append(f"seed{s}.png")
-    slots = [{"start": s["start"], "length": s["length"]} for s in ip.slots(cfg.prompt)]
+    width = common_repeat(ip.pipe.tokenizer, [r.tensor.shape[0] for r in residuals])  # the windows these people fill
+    slots = [{"start": s["start"], "length": s["length"]} for s in ip.slots(cfg.prompt, slot_repeat=width)]
     record = provenance(dataclasses.asdict(cfg), kind="generate", model=model, vl_model=vl_model, head=head,
                         head_metadata=ip.head_metadata, dtype=str(ip.dtype).replace("torch.", ""),
                         device=str(ip.device), slots=slots, alphas=alphas, images=files)
