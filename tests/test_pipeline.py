@@ -75,7 +75,8 @@ def test_encode_identity_drives_a_stock_qwen_image_pipeline(pipe, ip):
     assert torch.equal(plain, pipe.encode_prompt("a dog on a beach", device="cpu")[0])
     # person k lands in the k-th window and nowhere else
     base, _ = encode_identity(pipe, TWO)
-    win = [(s["start"], s["start"] + s["length"]) for s in ip.slots(TWO, 2, slot_repeat=1)]  # as _random_residual
+    win = [(s["start"], s["start"] + s["length"]) for s in ip.slots_for(TWO, [a, b])]  # at these people's width
+    assert ip.slots_for(TWO, [a, b]) == ip.slots(TWO, 2, slot_repeat=1)  # _random_residual's: one placeholder
     expected = base.clone()
     for (s, e), r, alpha in zip(win, (a, b), (1.5, 0.5)):
         expected[0, s:e] += alpha * r.tensor

@@ -187,7 +187,7 @@ class IdentityApp:
         images = self.ip(prompt, residuals, alphas, progress=True, **kw)
         record = provenance(kind="app_generate", model=self.ip.model_id, head=self.ip.head_path,
                             device=str(self.ip.device), dtype=str(self.ip.dtype).replace("torch.", ""), prompt=prompt,
-                            people=described, slots=self.ip.slots(prompt), **kw,
+                            people=described, slots=self.ip.slots_for(prompt, residuals), **kw,
                             images=[f"seed{s}.png" for s in seed_list])
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as z:

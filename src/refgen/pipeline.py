@@ -453,6 +453,14 @@ class IdentityPipeline:
         tp = tokenize(self.pipe, prompt, n_identities=n, repeat=slot_repeat)
         return describe_slots(self.pipe.tokenizer, tp, template_of(self.pipe)[1])
 
+    def slots_for(self, prompt: str, people: Sequence) -> list[dict]:
+        """`slots` at the width these people fill (SlotResidual / SlotTokens: their one slot repeat), for a record of
+        where they went."""
+        from refgen.identity.slots import common_repeat
+
+        width = common_repeat(self.pipe.tokenizer, [p.tensor.shape[0] for p in people])
+        return self.slots(prompt, len(people) or None, slot_repeat=width)
+
     # ---- people ---------------------------------------------------------------------------------------------
     def load_residual(self, path: str | Path) -> "SlotResidual | SlotTokens":
         """A residual or token file from `refgen invert` (the format is read from the file), checked against

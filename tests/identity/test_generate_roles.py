@@ -34,12 +34,15 @@ def test_generate_applies_the_heads_slot_roles_to_people_from_files(tmp_path, ca
     assert main(cmd + ["--out", str(tmp_path / "without")]) == 0
     got, plain = (np.asarray(Image.open(tmp_path / d / "seed0.png")) for d in ("with", "without"))
     rc = GenerateConfig(prompt=PROMPT, people=[], seeds=[0], steps=2, height=64, width=64).render_config()
-    want = ip(PROMPT, [ip.load_residual(f) for f in files], seeds=rc.seeds, steps=rc.steps, true_cfg=rc.true_cfg,
+    people = [ip.load_residual(f) for f in files]
+    want = ip(PROMPT, people, seeds=rc.seeds, steps=rc.steps, true_cfg=rc.true_cfg,
               height=rc.height, width=rc.width, negative_prompt=rc.negative_prompt, batch_size=rc.batch_size,
               cfg_batch=rc.cfg_batch, progress=False)[0]
     assert np.array_equal(got, np.asarray(want))  # what IdentityPipeline renders with the head loaded
     assert not np.array_equal(got, plain)          # and not what the same files give without it
     rec = json.loads((tmp_path / "with" / "generate.json").read_text())
     assert rec["head_metadata"] and [s["length"] for s in rec["slots"]] == [ip.head.L, ip.head.L]
+    plain_rec = json.loads((tmp_path / "without" / "generate.json").read_text())["slots"]  # the same windows
+    assert plain_rec == rec["slots"] == [{k: s[k] for k in ("start", "length")} for s in ip.slots_for(PROMPT, people)]
     assert main(cmd + ["--head", default_head(), "--out", str(tmp_path / "x")]) == 1
     assert "--head needs --vl-model" in capsys.readouterr().err

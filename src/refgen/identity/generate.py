@@ -112,7 +112,6 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     from refgen.artifacts import atomic_save_image, atomic_write_json, provenance
     from refgen.identity.prompts import tokenize
     from refgen.identity.render import load_tokenizer_only
-    from refgen.identity.slots import common_repeat
     from refgen.images import resolve_refs
     from refgen.pipeline import IdentityPipeline, read_person_file
 
@@ -150,8 +149,7 @@ def generate(cfg: GenerateConfig, model: str, out: str | Path, vl_model: str | N
     for s, im in zip(cfg.seeds, images):
         atomic_save_image(im, out / f"seed{s}.png")
         files.append(f"seed{s}.png")
-    width = common_repeat(ip.pipe.tokenizer, [r.tensor.shape[0] for r in residuals])  # the windows these people fill
-    slots = [{"start": s["start"], "length": s["length"]} for s in ip.slots(cfg.prompt, slot_repeat=width)]
+    slots = [{"start": s["start"], "length": s["length"]} for s in ip.slots_for(cfg.prompt, residuals)]
     record = provenance(dataclasses.asdict(cfg), kind="generate", model=model, vl_model=vl_model, head=head,
                         head_metadata=ip.head_metadata, dtype=str(ip.dtype).replace("torch.", ""),
                         device=str(ip.device), slots=slots, alphas=alphas, images=files)
