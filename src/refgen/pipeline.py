@@ -477,7 +477,6 @@ class IdentityPipeline:
                              "head=...) (a head from `refgen train-head`); or make the residual by teacher "
                              "inversion with .invert(photos)")
         from refgen.identity.head import person_from_photos
-
         from refgen.identity.slots import repeat_of_length
 
         photos = reference_photos(images)

@@ -198,9 +198,8 @@ def train_head(root: str | Path, out: str | Path, cfg: HeadConfig | None = None,
                                                              val_ids=[ids[i] for i in va]))
     if world > 1:
         # Rank 0 is still writing the last epoch's files: a rank that tears gloo down alone can abort at exit
-        # ("terminate called without an active exception", seen on 2 CPU ranks), so all leave together, and DDP
-        # (its reducer holds work on the group) goes first: freed after the group, as it was, it tears down against
-        # a destroyed group (train_e2e and dit/train free theirs on return, before theirs is destroyed).
+        # ("terminate called without an active exception", seen on 2 CPU ranks), so all leave together; DDP, whose
+        # reducer holds work on the group, is freed before the group is destroyed (as train_e2e and dit/train do).
         del model, opt
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
