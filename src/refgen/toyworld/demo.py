@@ -134,16 +134,22 @@ def run_demo(cfg: DemoConfig, out: str | Path, progress: bool = True) -> dict:
     return summary
 
 
+def _invert_config(cfg: DemoConfig, steps: int, **extra):
+    """The demo's inversion settings (both people in one batch, each photo in its own sentence), `extra` on top."""
+    from refgen.identity.invert import InvertConfig
+    from refgen.toyworld.benchmark import toy_invert_settings
+
+    return InvertConfig(**toy_invert_settings(steps=steps, lr=cfg.lr, images_per_step=cfg.images_per_step,
+                                              sigma_sampling=cfg.sigma_sampling, identities_per_batch=2,
+                                              image_prompts=True, **extra))
+
+
 def _invert(cfg: DemoConfig, pipe, model: str, chosen: list, out: Path, say, progress: bool) -> None:
     """Both identities inverted (each photo in its own sentence); finished ones made with these settings are kept,
     ones made with other settings are redone, so demo.json never describes stale pictures."""
-    from refgen.identity.invert import InvertConfig, Inverter
-    from refgen.toyworld.benchmark import toy_invert_settings
+    from refgen.identity.invert import Inverter
 
-    icfg = InvertConfig(**toy_invert_settings(steps=cfg.invert_steps, lr=cfg.lr, images_per_step=cfg.images_per_step,
-                                              sigma_sampling=cfg.sigma_sampling, identities_per_batch=2,
-                                              image_prompts=True))
-    inv = Inverter(pipe, icfg, out / "teacher", model_id=model, progress=progress)
+    inv = Inverter(pipe, _invert_config(cfg, cfg.invert_steps), out / "teacher", model_id=model, progress=progress)
     for i in chosen:
         diff = inv.settings_diff(i)
         if diff:
@@ -158,12 +164,9 @@ def _invert(cfg: DemoConfig, pipe, model: str, chosen: list, out: Path, say, pro
 def _refine(cfg: DemoConfig, ip, chosen: list, starts: list, out: Path, say, progress: bool) -> list:
     """Each person inverted from the head's reading of their photos, anchored to it (`refgen invert --start-head`),
     into OUT/teacher_from_head/; the people it made."""
-    from refgen.identity.invert import InvertConfig, teacher_file
-    from refgen.toyworld.benchmark import toy_invert_settings
+    from refgen.identity.invert import teacher_file
 
-    icfg = InvertConfig(**toy_invert_settings(steps=cfg.refine_steps, lr=cfg.lr, images_per_step=cfg.images_per_step,
-                                              sigma_sampling=cfg.sigma_sampling, identities_per_batch=2,
-                                              image_prompts=True, start_weight=1.0))
+    icfg = _invert_config(cfg, cfg.refine_steps, start_weight=1.0)
     root = out / "teacher_from_head"
     shutil.rmtree(root, ignore_errors=True)
     say(f"refining the head's reading of both people: {cfg.refine_steps} anchored inversion steps")
